@@ -1,0 +1,3 @@
+from avss.cli import main
+
+main()

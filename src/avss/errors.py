@@ -1,0 +1,39 @@
+"""Exceptions for problems the user can fix.
+
+Every error that stems from bad input derives from :class:`AvssError`. The command line turns these into a
+one-line message and exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class AvssError(Exception):
+    """A problem with the user's input or environment, with a message that says how to fix it."""
+
+
+class ModelNotFoundError(AvssError):
+    """The model path, embedded short name or hub id could not be resolved."""
+
+
+class UnsupportedArchitectureError(AvssError):
+    """The model's architecture has no entry in the adapter table."""
+
+
+class DataError(AvssError):
+    """Calibration or evaluation data is missing, empty or malformed."""
+
+
+class PruneConfigError(AvssError):
+    """The requested pruning is impossible (bad fraction, removes every layer, ...)."""
+
+
+class OutputError(AvssError):
+    """An output location exists, is not writable, or writing to it failed."""
+
+
+class NonFiniteActivationError(AvssError):
+    """A layer produced NaN or Inf activations, so its statistics would be meaningless."""
+
+
+class DeviceError(AvssError):
+    """The requested device or dtype is not available on this machine."""

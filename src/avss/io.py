@@ -1,0 +1,111 @@
+"""Atomic output: every file and directory is written beside its target and renamed into place.
+
+A killed run therefore leaves either nothing or the previous complete result, never a half-written file that
+looks complete. ``os.replace`` is atomic on POSIX when source and target are on the same filesystem, which is
+why temporary paths are created in the target's own directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from avss.errors import OutputError
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(value)
+    raise TypeError(f"cannot serialize {type(value).__name__} to JSON")
+
+
+def to_json(obj: Any) -> str:
+    """Serialize to indented JSON, converting tensors, arrays, paths and dataclasses."""
+    return json.dumps(obj, indent=2, default=_json_default, allow_nan=True) + "\n"
+
+
+def ensure_parent_writable(path: Path) -> None:
+    """Create ``path``'s parent or raise :class:`OutputError` explaining why it cannot be written."""
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output directory {parent}: {exc.strerror or exc}") from exc
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"output directory {parent} is not writable; choose another --out")
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` and rename the result onto ``path``; remove the temporary file on failure."""
+    path = Path(path)
+    ensure_parent_writable(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"failed to write {path}: {exc.strerror or exc}") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, to_json(obj))
+
+
+def check_output_dir(path: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing non-empty output directory unless ``overwrite``; check that it can be created."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"--out {path} exists and is a file; choose a directory path")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise OutputError(f"--out {path} exists and is not empty; pass --overwrite or choose another path")
+    ensure_parent_writable(path)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory and move it onto ``path`` only when the block succeeds.
+
+    An existing ``path`` is replaced only after the new content is complete, so an interrupted run keeps the
+    previous result intact.
+    """
+    path = check_output_dir(path, overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "previous")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"failed to write {path}: {exc.strerror or exc}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

