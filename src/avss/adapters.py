@@ -1,0 +1,182 @@
+"""The one place that knows how architectures differ.
+
+A table maps ``config.model_type`` to where the block list lives, which module's *input* is the MLP's
+post-nonlinearity activation, which module is the attention sublayer, and which config fields depend on depth.
+Everything else in avss asks a :class:`LayerAdapter` and never branches on the model type. Adding a family is
+one line in :data:`ARCHITECTURES`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from avss.errors import UnsupportedArchitectureError
+
+SITES = ("block", "delta", "mlp", "attn")
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Module paths of one architecture family.
+
+    ``layers`` is relative to ``model.base_model``; ``mlp_down`` and ``attn`` are relative to one block.
+    ``mlp_down`` names the MLP's output projection: its input is the activation after the nonlinearity.
+    """
+
+    layers: str
+    mlp_down: str
+    attn: str
+    num_layers_field: str = "num_hidden_layers"
+    per_layer_fields: tuple[str, ...] = ("layer_types",)
+    causal: bool = True
+
+
+_DECODER = ArchitectureSpec(layers="layers", mlp_down="mlp.down_proj", attn="self_attn")
+_BERT_LIKE = ArchitectureSpec(
+    layers="encoder.layer", mlp_down="output.dense", attn="attention.output.dense", causal=False
+)
+
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    "llama": _DECODER,
+    "mistral": _DECODER,
+    "qwen2": _DECODER,
+    "qwen3": _DECODER,
+    "gemma": _DECODER,
+    "gemma2": _DECODER,
+    "gemma3_text": _DECODER,
+    "phi3": _DECODER,
+    "olmo2": _DECODER,
+    "gpt2": ArchitectureSpec(layers="h", mlp_down="mlp.c_proj", attn="attn", num_layers_field="n_layer"),
+    "gpt_neox": ArchitectureSpec(layers="layers", mlp_down="mlp.dense_4h_to_h", attn="attention"),
+    "opt": ArchitectureSpec(layers="decoder.layers", mlp_down="fc2", attn="self_attn"),
+    "bert": _BERT_LIKE,
+    "roberta": _BERT_LIKE,
+    "distilbert": ArchitectureSpec(
+        layers="transformer.layer",
+        mlp_down="ffn.lin2",
+        attn="attention",
+        num_layers_field="n_layers",
+        causal=False,
+    ),
+}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(ARCHITECTURES)
+
+
+def spec_for_model_type(model_type: str) -> ArchitectureSpec:
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        raise UnsupportedArchitectureError(
+            f"architecture {model_type!r} is not supported; supported model types: "
+            f"{', '.join(supported_model_types())}"
+        ) from None
+
+
+def resolve_adapter_for_config(config: Any) -> ArchitectureSpec:
+    return spec_for_model_type(getattr(config, "model_type", type(config).__name__))
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    """The hidden-state tensor of a module output.
+
+    In transformers 5 decoder layers return a tensor; older versions and attention modules return tuples
+    whose first element is the hidden state. Indexing a tensor with ``[0]`` would silently take batch row 0,
+    so the type is checked rather than assumed.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if hasattr(output, "last_hidden_state"):
+        return output.last_hidden_state
+    raise TypeError(f"cannot find a hidden-state tensor in a module output of type {type(output).__name__}")
+
+
+def block_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """The residual stream entering a block, whether passed positionally or by keyword."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    for name in ("hidden_states", "x", "hidden_state"):
+        if isinstance(kwargs.get(name), torch.Tensor):
+            return kwargs[name]
+    raise TypeError("cannot find the hidden-state input of a block")
+
+
+class LayerAdapter:
+    """Architecture-independent access to a model's blocks and measurement sites."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.model_type = model.config.model_type
+        self.spec = spec_for_model_type(self.model_type)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        blocks = self.model.base_model.get_submodule(self.spec.layers)
+        if not isinstance(blocks, nn.ModuleList):
+            raise UnsupportedArchitectureError(
+                f"{self.model_type}: expected a ModuleList at base_model.{self.spec.layers}"
+            )
+        return blocks
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def causal(self) -> bool:
+        return self.spec.causal
+
+    def site_module(self, layer: int, site: str) -> nn.Module:
+        """The module hooked for ``site`` of block ``layer`` (``block`` and ``delta`` hook the block itself)."""
+        block = self.blocks[layer]
+        if site in ("block", "delta"):
+            return block
+        if site == "mlp":
+            return block.get_submodule(self.spec.mlp_down)
+        if site == "attn":
+            return block.get_submodule(self.spec.attn)
+        raise ValueError(f"unknown site {site!r}; choose one of {', '.join(SITES)}")
+
+    def layer_name(self, layer: int, site: str = "block") -> str:
+        base = f"{self.model.base_model_prefix}.{self.spec.layers}.{layer}"
+        suffix = {"block": "", "delta": "", "mlp": f".{self.spec.mlp_down}", "attn": f".{self.spec.attn}"}
+        return base + suffix[site]
+
+    def keep_layers(self, keep: list[int]) -> None:
+        """Keep only the blocks ``keep`` (in order) and update every depth-dependent field.
+
+        Updates the ModuleList, the config's layer count and per-layer lists (e.g. ``layer_types``, which
+        decides sliding vs full attention), and each module's ``layer_idx`` so the KV cache indexes layers
+        by their new position.
+        """
+        blocks = self.blocks
+        kept = nn.ModuleList([blocks[i] for i in keep])
+        parent_path, _, attr = self.spec.layers.rpartition(".")
+        parent = self.model.base_model.get_submodule(parent_path) if parent_path else self.model.base_model
+        setattr(parent, attr, kept)
+        config = self.model.config
+        setattr(config, self.spec.num_layers_field, len(keep))
+        for field in self.spec.per_layer_fields:
+            values = getattr(config, field, None)
+            if isinstance(values, list) and len(values) == len(blocks):
+                setattr(config, field, [values[i] for i in keep])
+        for new_index, block in enumerate(kept):
+            for module in block.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = new_index
+
+
+def get_adapter(model: nn.Module) -> LayerAdapter:
+    """Resolve the adapter for ``model``; unsupported architectures raise a clear error."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise UnsupportedArchitectureError(f"{type(model).__name__} has no Hugging Face config")
+    return LayerAdapter(model)

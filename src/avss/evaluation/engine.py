@@ -1,0 +1,396 @@
+"""Model plumbing shared by every task: batched log-likelihoods, greedy generation, rolling NLL, embeddings.
+
+Tasks never call the model themselves. They hand :class:`LanguageModel` plain strings, so batching, padding,
+tokenization boundaries and memory limits are solved once, here, the way lm-evaluation-harness's ``HFLM`` does.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+from avss.evaluation.metrics import perplexity_from_nll
+
+# Upper bound on the float32 logits (and their log-softmax) held at once. Vocabularies reach 262k entries
+# (Gemma 3), so one 1024-token row already needs 1 GiB: the batch size alone cannot bound memory.
+LOGITS_BUDGET_BYTES = 2 << 30
+
+
+class Progress(Protocol):
+    """Receives work counts as the engine goes; the CLI draws them as a progress bar."""
+
+    def add_total(self, n: int) -> None: ...
+
+    def advance(self, n: int) -> None: ...
+
+
+class _NoProgress:
+    def add_total(self, n: int) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class LoglikelihoodRequest:
+    """Score ``continuation`` given ``context``: ``log p(continuation | context)``, summed over its tokens."""
+
+    context: str
+    continuation: str
+
+
+@dataclass(frozen=True)
+class Loglikelihood:
+    logprob: float
+    is_greedy: bool
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class NLL:
+    """Summed negative log-likelihood (nats) over ``num_tokens`` predicted tokens."""
+
+    total: float
+    num_tokens: int
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.num_tokens
+
+    @property
+    def perplexity(self) -> float:
+        return perplexity_from_nll(self.total, self.num_tokens)
+
+
+@dataclass(frozen=True)
+class _Row:
+    """Tokens fed to the model plus the one they predict last; the final ``n`` tokens are scored."""
+
+    tokens: list[int]
+    n: int
+
+    @classmethod
+    def truncated(cls, tokens: list[int], n: int, max_length: int) -> _Row:
+        """Drop context from the left so the model input fits ``max_length``; scored tokens are kept."""
+        tokens = tokens[-(max_length + 1) :]
+        return cls(tokens, min(n, len(tokens) - 1))
+
+    @property
+    def inputs(self) -> list[int]:
+        return self.tokens[:-1]
+
+    @property
+    def targets(self) -> list[int]:
+        return self.tokens[-self.n :]
+
+
+def _keep_width(rows: Sequence[_Row]) -> int:
+    """How many trailing positions of a right-padded batch hold every row's scoring positions."""
+    width = max(len(row.inputs) for row in rows)
+    return width - min(len(row.inputs) - row.n for row in rows)
+
+
+def is_causal_lm(model: Any) -> bool:
+    """True for models with a language-modelling head that can generate (not BERT-like encoders)."""
+    can_generate = getattr(model, "can_generate", None)
+    return bool(can_generate and can_generate()) and model.get_output_embeddings() is not None
+
+
+class LanguageModel:
+    """A Hugging Face model and tokenizer behind string-level scoring and generation.
+
+    Tokenization follows lm-evaluation-harness: a request's continuation tokens are those of
+    ``context + continuation`` beyond the tokens of ``context``, so word-boundary merges are scored the way
+    the model would actually see the text. Special tokens the tokenizer puts in front of every text (a BOS
+    token, for Llama and Gemma tokenizers) are prepended once to each sequence.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        batch_size: int = 16,
+        max_length: int | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = max_length or _model_max_length(model)
+        self.progress: Progress = progress or _NoProgress()
+        self.device = next(model.parameters()).device
+        self.prefix_ids = _leading_special_tokens(tokenizer)
+        self.pad_id = _pad_id(tokenizer)
+        self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # --- log-likelihood ------------------------------------------------------------------------------
+
+    def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[Loglikelihood]:
+        """Score every request; identical requests (a primer shared by many choices, say) are scored once."""
+        unique = list(dict.fromkeys(requests))
+        sequences = [self._encode_request(request) for request in unique]
+        scores = self._score_tails(sequences)
+        by_request = dict(zip(unique, scores))
+        return [by_request[request] for request in requests]
+
+    def _encode_request(self, request: LoglikelihoodRequest) -> tuple[list[int], int]:
+        context, continuation = request.context, request.continuation
+        # A trailing space belongs to the next word for BPE tokenizers ("A:" + " Paris", not "A: " + "Paris").
+        stripped = context.rstrip()
+        context, continuation = stripped, context[len(stripped) :] + continuation
+        context_ids = self.encode(context)
+        continuation_ids = self.encode(context + continuation)[len(context_ids) :]
+        if not continuation_ids:
+            raise ValueError(f"continuation {request.continuation!r} encodes to no tokens")
+        prefix = self.prefix_ids or ([] if context_ids else [self._fallback_prefix_id()])
+        return prefix + context_ids + continuation_ids, len(continuation_ids)
+
+    def _fallback_prefix_id(self) -> int:
+        """A token to condition on when the context is empty and the tokenizer adds no BOS of its own."""
+        for token_id in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id):
+            if token_id is not None:
+                return int(token_id)
+        raise ValueError("an empty context needs a tokenizer with a BOS or EOS token")
+
+    def _score_tails(self, sequences: Sequence[tuple[list[int], int]]) -> list[Loglikelihood]:
+        """For each ``(tokens, n)``, the summed log-probability of the last ``n`` tokens given the rest.
+
+        Sequences are sorted longest first so each batch pads little and the first batch hits any memory
+        problem at once; each batch is one right-padded forward with an attention mask, so positions of real
+        tokens are exactly those of an unpadded run. Only the logits that predict scored tokens are kept.
+        """
+        rows = [_Row.truncated(tokens, n, self.max_length) for tokens, n in sequences]
+        order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].tokens), rows[i].tokens))
+        results: dict[int, Loglikelihood] = {}
+        self.progress.add_total(len(rows))
+        start = 0
+        while start < len(order):
+            candidates = [rows[i] for i in order[start : start + self.batch_size]]
+            count = self._rows_within_budget(_keep_width(candidates))
+            batch = order[start : start + count]
+            results.update(zip(batch, self._forward_tails([rows[i] for i in batch])))
+            self.progress.advance(len(batch))
+            start += count
+        return [results[i] for i in range(len(rows))]
+
+    def _rows_within_budget(self, keep: int) -> int:
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        per_row = keep * vocab * 4 * 2  # float32 logits and their log-softmax
+        return max(1, min(self.batch_size, LOGITS_BUDGET_BYTES // per_row))
+
+    @torch.inference_mode()
+    def _forward_tails(self, rows: list[_Row]) -> list[Loglikelihood]:
+        width = max(len(row.inputs) for row in rows)
+        keep = _keep_width(rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for index, row in enumerate(rows):
+            input_ids[index, : len(row.inputs)] = torch.tensor(row.inputs)
+            attention_mask[index, : len(row.inputs)] = 1
+        kwargs: dict[str, Any] = {"logits_to_keep": keep} if self._accepts_logits_to_keep else {}
+        logits = self.model(
+            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), **kwargs
+        ).logits[:, -keep:]
+        logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
+        results = []
+        for index, row in enumerate(rows):
+            # Input position p predicts token p + 1, so the n targets are predicted by the last n inputs;
+            # in the kept window, row's last input sits at len(inputs) - 1 - (width - keep).
+            end = len(row.inputs) - (width - keep)
+            scored = logprobs[index, end - row.n : end]
+            targets = torch.tensor(row.targets)
+            picked = scored.gather(-1, targets[:, None]).squeeze(-1)
+            greedy = bool((scored.argmax(-1) == targets).all())
+            results.append(Loglikelihood(float(picked.sum()), greedy, row.n))
+        return results
+
+    # --- rolling log-likelihood (perplexity) -------------------------------------------------------------
+
+    def rolling_nll(self, texts: Sequence[str], max_length: int = 1024, stride: int | None = None) -> NLL:
+        """NLL of ``"\n\n".join(texts)`` scored in windows of ``max_length`` tokens moved by ``stride``.
+
+        Every token is scored exactly once; a window scores only the tokens past the previous window's end,
+        so with ``stride < max_length`` each token sees at least ``max_length - stride`` tokens of context
+        (the Hugging Face perplexity recipe). The default ``stride = max_length`` gives disjoint windows, the
+        convention of the pruning literature. Each window starts with the tokenizer's BOS token, if any.
+        """
+        tokens = self.encode("\n\n".join(texts))
+        body = max_length - len(self.prefix_ids)
+        stride = stride or body
+        if body < 1 or not 0 < stride <= body:
+            raise ValueError(f"need 0 < stride <= max_length - {len(self.prefix_ids)} (got {stride}, {max_length})")
+        sequences = []
+        scored_until = 0
+        for begin in range(0, len(tokens), stride):
+            end = min(begin + body, len(tokens))
+            window = self.prefix_ids + tokens[begin:end]
+            sequences.append((window, min(end - scored_until, len(window) - 1)))
+            scored_until = end
+            if end == len(tokens):
+                break
+        sequences = [(window, n) for window, n in sequences if n > 0]
+        if not sequences:
+            raise ValueError("the text is too short to score: it needs at least two tokens")
+        results = self._score_tails(sequences)
+        return NLL(-sum(r.logprob for r in results), sum(r.num_tokens for r in results))
+
+    # --- greedy generation -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str], *, until: Sequence[str] = (), max_new_tokens: int = 32) -> list[str]:
+        """Greedy continuations of ``prompts``, cut before the first of the ``until`` strings.
+
+        Batches are left-padded, so every row's next token sits in the last column and ``generate`` runs one
+        KV-cached step per new token for the whole batch; a row stops at EOS or once it contains a stop string.
+        """
+        room = self.max_length - max_new_tokens
+        encoded = [(self.prefix_ids + self.encode(prompt))[-room:] for prompt in prompts]
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        config = GenerationConfig(
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        outputs: dict[int, str] = {}
+        self.progress.add_total(len(encoded))
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            width = max(len(encoded[i]) for i in batch)
+            input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                input_ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                attention_mask[row, width - len(encoded[i]) :] = 1
+            criteria = StoppingCriteriaList([_StopOnStrings(self.tokenizer, until, width)] if until else [])
+            generated = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                generation_config=config,
+                stopping_criteria=criteria,
+            )
+            texts = self.tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+            outputs.update((i, cut_at_stop_strings(text, until)) for i, text in zip(batch, texts))
+            self.progress.advance(len(batch))
+        return [outputs[i] for i in range(len(encoded))]
+
+    # --- embeddings (probes) -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str], max_length: int = 512) -> np.ndarray:
+        """Mean of the final hidden states over each text's real tokens: one float32 row per text.
+
+        Texts are tokenized with the tokenizer's own special tokens ([CLS] ... [SEP] for BERT), as the encoder
+        saw them in training.
+        """
+        encoded = [
+            list(self.tokenizer(text, truncation=True, max_length=min(max_length, self.max_length))["input_ids"])
+            for text in texts
+        ]
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        kwargs: dict[str, Any] = {"logits_to_keep": 1} if self._accepts_logits_to_keep else {}
+        features: dict[int, np.ndarray] = {}
+        self.progress.add_total(len(encoded))
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            width = max(len(encoded[i]) for i in batch)
+            input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                input_ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+                attention_mask[row, : len(encoded[i])] = 1
+            outputs = self.model(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                output_hidden_states=True,
+                **kwargs,
+            )
+            hidden = outputs.hidden_states[-1].float().cpu()
+            mask = attention_mask[..., None].float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1)
+            features.update(zip(batch, pooled.numpy()))
+            self.progress.advance(len(batch))
+        return np.stack([features[i] for i in range(len(encoded))])
+
+
+class _StopOnStrings(StoppingCriteria):
+    """Marks a row finished once its generated text contains any stop string (per-row, so batches shrink)."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str], prompt_width: int) -> None:
+        self.tokenizer = tokenizer
+        self.stops = tuple(stops)
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width :], skip_special_tokens=True)
+        done = [any(stop in text for stop in self.stops) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def cut_at_stop_strings(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to (not including) the earliest occurrence of any stop string."""
+    cut = min((index for stop in stops if (index := text.find(stop)) >= 0), default=len(text))
+    return text[:cut]
+
+
+def perplexity(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_length: int = 1024,
+    stride: int | None = None,
+    batch_size: int = 8,
+) -> float:
+    """Token-level perplexity of ``texts`` (joined by blank lines) under an in-memory causal LM.
+
+    The function the pruning study and demo call on pruned models; see :meth:`LanguageModel.rolling_nll`.
+    """
+    lm = LanguageModel(model, tokenizer, batch_size=batch_size)
+    return lm.rolling_nll(texts, max_length=max_length, stride=stride).perplexity
+
+
+def _model_max_length(model: Any) -> int:
+    config = model.config
+    for field_name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, field_name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def _leading_special_tokens(tokenizer: Any) -> list[int]:
+    """The token ids the tokenizer puts before every text by default (e.g. ``[bos]``), found empirically.
+
+    Tokenizers disagree on whether they add a BOS token (Llama and Gemma do, GPT-2 does not), and the model
+    was trained with whatever its tokenizer does; asking the tokenizer is more reliable than a flag.
+    """
+    probe = "a"
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return 0

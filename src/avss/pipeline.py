@@ -1,0 +1,141 @@
+"""The score and prune workflows shared by the CLI, the demo and the study: load text, stream statistics,
+score, select, remove, save. Each step is a library function; this module only composes them and records
+provenance.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from avss import __version__
+from avss.collect import DEFAULT_THRESHOLDS, collect_statistics
+from avss.data import TextSource, tokenize_texts
+from avss.io import atomic_write_json
+from avss.models import LoadedModel
+from avss.prune import PruneSpec, PruningRecord, remove_layers, save_pruned
+from avss.scores import LayerScores, score_layers
+from avss.stats import ActivationStats
+
+
+@dataclass
+class CalibrationOptions:
+    """How calibration text becomes batches."""
+
+    samples: int | None = 64
+    max_length: int = 256
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass
+class ScoreOptions:
+    """Which AVSS variant to compute; ``measure_sites`` may include more sites to keep in the statistics."""
+
+    site: str = "block"
+    variance: str = "elements"
+    threshold: str = "rel:0.01"
+    measure_sites: tuple[str, ...] = ()
+    thresholds: tuple[str, ...] = DEFAULT_THRESHOLDS
+
+    def sites(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((self.site, *self.measure_sites)))
+
+    def all_thresholds(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((*self.thresholds, self.threshold)))
+
+
+@dataclass
+class ScoreRun:
+    """The statistics and AVSS scores of one model, with everything needed to reproduce them."""
+
+    stats: ActivationStats
+    scores: LayerScores
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.provenance, **self.scores.to_dict()}
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_json(path, self.to_dict())
+
+
+def score(
+    loaded: LoadedModel,
+    source: TextSource | None = None,
+    calibration: CalibrationOptions | None = None,
+    options: ScoreOptions | None = None,
+    progress: bool = True,
+) -> ScoreRun:
+    """Stream calibration text through the model and compute AVSS for every layer."""
+    source = source or TextSource()
+    calibration = calibration or CalibrationOptions()
+    options = options or ScoreOptions()
+    started = time.perf_counter()
+    batches = tokenize_texts(
+        loaded.tokenizer,
+        source.load(),
+        samples=calibration.samples,
+        max_length=calibration.max_length,
+        batch_size=calibration.batch_size,
+        seed=calibration.seed,
+    )
+    stats = collect_statistics(
+        loaded.model,
+        batches,
+        sites=options.sites(),
+        thresholds=options.all_thresholds(),
+        progress=progress,
+    )
+    scores = score_layers(stats, options.site, options.variance, options.threshold)
+    provenance = {
+        "avss_version": __version__,
+        "model": loaded.source,
+        "data": source.describe(),
+        "calibration": asdict(calibration),
+        "score_options": asdict(options),
+        "num_tokens": batches.num_tokens,
+        "num_sequences": batches.num_sequences,
+        "wall_time_s": round(time.perf_counter() - started, 3),
+        "versions": package_versions(),
+    }
+    return ScoreRun(stats, scores, provenance)
+
+
+def package_versions() -> dict[str, str]:
+    import transformers
+
+    return {"avss": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+@dataclass
+class PruneResult:
+    removed: list[int]
+    kept: list[int]
+    record: PruningRecord
+
+
+def prune(loaded: LoadedModel, run: ScoreRun, spec: PruneSpec) -> PruneResult:
+    """Remove the layers ``spec`` selects by AVSS from ``loaded.model`` in place."""
+    original = run.scores.num_layers
+    removed = spec.select(run.scores.avss)
+    kept = remove_layers(loaded.model, removed)
+    record = PruningRecord(
+        source_model=loaded.source,
+        removed_layers=removed,
+        kept_layers=kept,
+        original_num_layers=original,
+        method="avss",
+        selection=asdict(spec),
+        scores=run.scores.avss.tolist(),
+        options={k: v for k, v in run.provenance.items() if k not in ("model",)},
+    )
+    return PruneResult(removed, kept, record)
+
+
+def save(loaded: LoadedModel, result: PruneResult, out: str | Path, overwrite: bool = False) -> Path:
+    return save_pruned(loaded.model, loaded.tokenizer, out, result.record, overwrite=overwrite)

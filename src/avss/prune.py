@@ -1,0 +1,156 @@
+"""Choose layers to remove, remove them from a model, and save a pruned model that reloads anywhere.
+
+Selection rules are pure functions of a score vector (low score = remove first):
+``count`` removes ``round(f x M)`` (or ``n``) layers; ``mass`` sorts ascending and removes layers while the
+cumulative normalized score stays within ``tau``. Protected layers are never removed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from avss import __version__
+from avss.adapters import get_adapter
+from avss.errors import PruneConfigError
+from avss.io import atomic_directory
+
+RULES = ("count", "mass")
+PROVENANCE_FILE = "avss_pruning.json"
+
+
+def protected_layers(num_layers: int, protect: tuple[str, ...] | list[str] = ()) -> set[int]:
+    """Layer indices named by ``protect`` (``first``, ``last`` or explicit integers)."""
+    named = {"first": 0, "last": num_layers - 1}
+    result = set()
+    for item in protect:
+        item = str(item).strip()
+        if item in named:
+            result.add(named[item])
+        elif item.lstrip("-").isdigit() and -num_layers <= int(item) < num_layers:
+            result.add(int(item) % num_layers)
+        elif item:
+            raise PruneConfigError(f"cannot protect {item!r}: use first, last or a layer index < {num_layers}")
+    return result
+
+
+def layers_for_fraction(fraction: float, num_layers: int) -> int:
+    if not 0 < fraction < 1:
+        raise PruneConfigError(f"--fraction must be strictly between 0 and 1, got {fraction}")
+    count = round(fraction * num_layers)
+    if count == 0:
+        raise PruneConfigError(
+            f"--fraction {fraction} of {num_layers} layers rounds to 0 layers; use a larger fraction"
+        )
+    return count
+
+
+def select_count(scores: torch.Tensor, n_remove: int, protect: set[int] | None = None) -> list[int]:
+    """The ``n_remove`` lowest-scoring unprotected layers, in ascending layer order."""
+    protect = protect or set()
+    num_layers = scores.numel()
+    available = num_layers - len(protect)
+    if n_remove < 1:
+        raise PruneConfigError(f"number of layers to remove must be at least 1, got {n_remove}")
+    if n_remove >= num_layers or n_remove > available:
+        raise PruneConfigError(
+            f"cannot remove {n_remove} of {num_layers} layers ({len(protect)} protected): "
+            "at least one layer must remain"
+        )
+    order = [layer for layer in torch.argsort(scores, stable=True).tolist() if layer not in protect]
+    return sorted(order[:n_remove])
+
+
+def select_mass(scores: torch.Tensor, tau: float, protect: set[int] | None = None) -> list[int]:
+    """Remove layers in ascending score order while the cumulative normalized score is <= ``tau``.
+
+    Sorting happens *before* the cumulative sum; summing in layer order (as the published AVSS.py does)
+    would select the shallowest layers instead of the lowest-scoring ones.
+    """
+    if not 0 < tau <= 1:
+        raise PruneConfigError(f"--tau must be in (0, 1], got {tau}")
+    protect = protect or set()
+    normalized = scores.to(torch.float64) / scores.sum()
+    order = [layer for layer in torch.argsort(normalized, stable=True).tolist() if layer not in protect]
+    cumulative = torch.cumsum(normalized[order], dim=0)
+    chosen = [layer for layer, total in zip(order, cumulative.tolist(), strict=True) if total <= tau + 1e-12]
+    if not chosen:
+        raise PruneConfigError(
+            f"--tau {tau} is below the lowest layer's share ({float(normalized[order[0]]):.4f}); nothing to remove"
+        )
+    if len(chosen) >= scores.numel():
+        raise PruneConfigError(f"--tau {tau} would remove every layer; use a smaller tau")
+    return sorted(chosen)
+
+
+@dataclass
+class PruneSpec:
+    """How many layers to remove and how to choose them."""
+
+    rule: str = "count"
+    fraction: float | None = 0.25
+    n_layers: int | None = None
+    tau: float | None = None
+    protect: tuple[str, ...] = ()
+
+    def select(self, scores: torch.Tensor) -> list[int]:
+        num_layers = scores.numel()
+        protect = protected_layers(num_layers, self.protect)
+        if self.rule == "count":
+            if self.n_layers is not None:
+                if not 0 < self.n_layers < num_layers:
+                    raise PruneConfigError(
+                        f"--n-layers must be between 1 and {num_layers - 1} for a {num_layers}-layer model, "
+                        f"got {self.n_layers}"
+                    )
+                n_remove = self.n_layers
+            else:
+                n_remove = layers_for_fraction(self.fraction if self.fraction is not None else 0.25, num_layers)
+            return select_count(scores, n_remove, protect)
+        if self.rule == "mass":
+            return select_mass(scores, self.tau if self.tau is not None else 0.25, protect)
+        raise PruneConfigError(f"unknown --rule {self.rule!r}; choose one of {', '.join(RULES)}")
+
+
+def remove_layers(model: nn.Module, remove: list[int]) -> list[int]:
+    """Remove blocks ``remove`` from ``model`` in place; returns the original indices of the kept blocks."""
+    adapter = get_adapter(model)
+    num_layers = adapter.num_layers
+    bad = [layer for layer in remove if not 0 <= layer < num_layers]
+    if bad:
+        raise PruneConfigError(f"layer index {bad[0]} out of range for a {num_layers}-layer model")
+    keep = [layer for layer in range(num_layers) if layer not in set(remove)]
+    if not keep:
+        raise PruneConfigError("cannot remove every layer; at least one must remain")
+    adapter.keep_layers(keep)
+    return keep
+
+
+@dataclass
+class PruningRecord:
+    """Provenance written beside a pruned model as ``avss_pruning.json``."""
+
+    source_model: dict[str, Any]
+    removed_layers: list[int]
+    kept_layers: list[int]
+    original_num_layers: int
+    method: str
+    selection: dict[str, Any]
+    scores: list[float] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    avss_version: str = __version__
+
+
+def save_pruned(model: nn.Module, tokenizer: Any, out: str | Path, record: PruningRecord, overwrite: bool = False) -> Path:
+    """Save model, tokenizer and provenance atomically; the folder reloads with ``from_pretrained``."""
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(asdict(record), indent=2) + "\n", encoding="utf-8")
+    return Path(out)

@@ -1,0 +1,332 @@
+"""Streaming, mergeable per-layer activation statistics.
+
+Nothing here keeps activations: each batch is reduced on its own device to a handful of float64 numbers per
+layer (count, mean, M2, near-zero counts, ...) which are folded into running totals with Chan et al.'s parallel
+update. The same merge combines shards from many GPUs or machines, so memory stays flat as data grows and a
+sharded run gives exactly the single-process answer.
+
+Everything in this module is a pure function of tensors, testable without a model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+ACCUMULATOR_DTYPE = torch.float64
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A near-zero rule: ``abs:EPS`` (|a| < EPS) or ``rel:RHO`` (|a| < RHO x RMS of the token's vector)."""
+
+    kind: str
+    value: float
+
+    @classmethod
+    def parse(cls, text: str) -> Threshold:
+        kind, sep, value = text.partition(":")
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not sep or kind not in ("abs", "rel") or not number > 0 or not math.isfinite(number):
+            raise ValueError(f"invalid threshold {text!r}; use abs:EPS or rel:RHO with a positive number")
+        return cls(kind, number)
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.value:g}"
+
+
+def chan_merge(
+    count_a: torch.Tensor,
+    mean_a: torch.Tensor,
+    m2_a: torch.Tensor,
+    count_b: torch.Tensor,
+    mean_b: torch.Tensor,
+    m2_b: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chan, Golub & LeVeque's pairwise merge of (count, mean, M2); exact for any split of the data.
+
+    Empty sides (count 0) are handled without division by zero, elementwise, so the function vectorizes over
+    layers.
+    """
+    count = count_a + count_b
+    safe = torch.where(count > 0, count, torch.ones_like(count))
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (count_b / safe)
+    m2 = m2_a + m2_b + delta.square() * (count_a * count_b / safe)
+    return count, mean, m2
+
+
+def batch_moments(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(count, mean, M2) of all elements of ``values``, computed in float64 with a two-pass formula."""
+    x = values.to(ACCUMULATOR_DTYPE)
+    count = torch.tensor(float(x.numel()), dtype=ACCUMULATOR_DTYPE, device=x.device)
+    if x.numel() == 0:
+        zero = torch.zeros((), dtype=ACCUMULATOR_DTYPE, device=x.device)
+        return count, zero, zero.clone()
+    mean = x.mean()
+    m2 = (x - mean).square().sum()
+    return count, mean, m2
+
+
+def near_zero_counts(tokens: torch.Tensor, thresholds: tuple[Threshold, ...]) -> torch.Tensor:
+    """How many elements of ``tokens`` (N, D) fall under each threshold; float64 tensor of shape (K,)."""
+    magnitude = tokens.abs()
+    counts = []
+    rms = None
+    for threshold in thresholds:
+        if threshold.kind == "abs":
+            limit: torch.Tensor | float = threshold.value
+        else:
+            if rms is None:
+                rms = tokens.float().square().mean(dim=-1, keepdim=True).sqrt()
+            limit = threshold.value * rms
+        counts.append((magnitude < limit).sum())
+    if not counts:
+        return torch.zeros(0, dtype=ACCUMULATOR_DTYPE, device=tokens.device)
+    return torch.stack(counts).to(ACCUMULATOR_DTYPE)
+
+
+def pooled_variance_sum(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The published AVSS code's variance: mean-pool each sequence over its real tokens, take the variance
+    across channels (population variance), and return the sum over sequences with the number of sequences.
+    """
+    weights = mask.to(ACCUMULATOR_DTYPE).unsqueeze(-1)
+    lengths = weights.sum(dim=1)
+    keep = lengths.squeeze(-1) > 0
+    pooled = (hidden.to(ACCUMULATOR_DTYPE) * weights).sum(dim=1) / lengths.clamp_min(1)
+    per_sequence = pooled.var(dim=-1, unbiased=False)
+    return per_sequence[keep].sum(), keep.sum().to(ACCUMULATOR_DTYPE)
+
+
+@dataclass
+class SiteStats:
+    """Running statistics of one site (e.g. ``block``) for every layer; tensors have a leading layer axis."""
+
+    num_layers: int
+    thresholds: tuple[Threshold, ...]
+    count: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    mean: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    m2: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    near_zero: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    pooled_sum: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    pooled_count: torch.Tensor = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        zeros = lambda *shape: torch.zeros(shape, dtype=ACCUMULATOR_DTYPE)  # noqa: E731
+        for name, shape in self._shapes().items():
+            if getattr(self, name) is None:
+                setattr(self, name, zeros(*shape))
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        layers = self.num_layers
+        return {
+            "count": (layers,),
+            "mean": (layers,),
+            "m2": (layers,),
+            "near_zero": (layers, len(self.thresholds)),
+            "pooled_sum": (layers,),
+            "pooled_count": (layers,),
+        }
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self._shapes()}
+
+    def to(self, device: torch.device | str) -> SiteStats:
+        for name, tensor in self.tensors().items():
+            setattr(self, name, tensor.to(device))
+        return self
+
+    def update(self, layer: int, tokens: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor) -> None:
+        """Fold one batch of one layer in: ``tokens`` (N, D) are the real tokens, ``hidden`` (B, T, D)."""
+        device = self.count.device
+        count, mean, m2 = (value.to(device) for value in batch_moments(tokens))
+        merged = chan_merge(self.count[layer], self.mean[layer], self.m2[layer], count, mean, m2)
+        self.count[layer], self.mean[layer], self.m2[layer] = merged
+        self.near_zero[layer] += near_zero_counts(tokens, self.thresholds).to(device)
+        pooled, sequences = pooled_variance_sum(hidden, mask)
+        self.pooled_sum[layer] += pooled.to(device)
+        self.pooled_count[layer] += sequences.to(device)
+
+    def merge(self, other: SiteStats) -> SiteStats:
+        """Statistics of the union of both shards' data (``self`` and ``other`` are left unchanged)."""
+        if self.num_layers != other.num_layers or self.thresholds != other.thresholds:
+            raise ValueError("cannot merge statistics with different layers or thresholds")
+        other = SiteStats(other.num_layers, other.thresholds, **other.tensors()).to(self.count.device)
+        count, mean, m2 = chan_merge(self.count, self.mean, self.m2, other.count, other.mean, other.m2)
+        return SiteStats(
+            self.num_layers,
+            self.thresholds,
+            count=count,
+            mean=mean,
+            m2=m2,
+            near_zero=self.near_zero + other.near_zero,
+            pooled_sum=self.pooled_sum + other.pooled_sum,
+            pooled_count=self.pooled_count + other.pooled_count,
+        )
+
+    @property
+    def variance_elements(self) -> torch.Tensor:
+        """Population variance over all measured values of each layer: M2 / N."""
+        return self.m2 / self.count.clamp_min(1)
+
+    @property
+    def variance_pooled(self) -> torch.Tensor:
+        """Mean over sequences of the across-channel variance of the mean-pooled sequence."""
+        return self.pooled_sum / self.pooled_count.clamp_min(1)
+
+    def variance(self, kind: str = "elements") -> torch.Tensor:
+        if kind == "elements":
+            return self.variance_elements
+        if kind == "pooled":
+            return self.variance_pooled
+        raise ValueError(f"unknown variance kind {kind!r}; choose elements or pooled")
+
+    def sparsity_counts(self, threshold: Threshold | str) -> torch.Tensor:
+        if isinstance(threshold, str):
+            threshold = Threshold.parse(threshold)
+        if threshold not in self.thresholds:
+            measured = ", ".join(str(t) for t in self.thresholds)
+            raise ValueError(f"threshold {threshold} was not measured (measured: {measured})")
+        return self.near_zero[:, self.thresholds.index(threshold)]
+
+
+@dataclass
+class RelationStats:
+    """Statistics that relate layers to each other, for the baselines sharing the AVSS pass.
+
+    ``cosine_sum``/``cosine_count``: per block, sum over real tokens of cos(h_l, h_{l+1}) (ShortGPT block
+    influence). ``angular_sum``/``angular_count``: over sequences, sum of arccos(cos(h_i, h_j)) / pi between the
+    last real token's residual states at every pair of depths 0..L (Gromov et al.).
+    """
+
+    num_layers: int
+    cosine_sum: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    cosine_count: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    angular_sum: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    angular_count: torch.Tensor = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        layers = self.num_layers
+        defaults = {
+            "cosine_sum": (layers,),
+            "cosine_count": (layers,),
+            "angular_sum": (layers + 1, layers + 1),
+            "angular_count": (),
+        }
+        for name, shape in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, torch.zeros(shape, dtype=ACCUMULATOR_DTYPE))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in ("cosine_sum", "cosine_count", "angular_sum", "angular_count")}
+
+    def to(self, device: torch.device | str) -> RelationStats:
+        for name, tensor in self.tensors().items():
+            setattr(self, name, tensor.to(device))
+        return self
+
+    def update_cosine(self, layer: int, before: torch.Tensor, after: torch.Tensor) -> None:
+        """Add the per-token cosines between a block's input and output (both (N, D), real tokens only)."""
+        cosine = torch.nn.functional.cosine_similarity(before.float(), after.float(), dim=-1)
+        self.cosine_sum[layer] += cosine.to(ACCUMULATOR_DTYPE).sum().to(self.cosine_sum.device)
+        self.cosine_count[layer] += cosine.numel()
+
+    def update_angular(self, last_tokens: torch.Tensor) -> None:
+        """Add angular distances between all depths for one batch; ``last_tokens`` is (L+1, B, D)."""
+        unit = torch.nn.functional.normalize(last_tokens.to(ACCUMULATOR_DTYPE), dim=-1)
+        cosine = torch.einsum("ibd,jbd->bij", unit, unit).clamp(-1.0, 1.0)
+        self.angular_sum += (torch.arccos(cosine) / math.pi).sum(dim=0)
+        self.angular_count += last_tokens.shape[1]
+
+    def merge(self, other: RelationStats) -> RelationStats:
+        device = self.cosine_sum.device
+        return RelationStats(
+            self.num_layers,
+            **{name: mine + other.tensors()[name].to(device) for name, mine in self.tensors().items()},
+        )
+
+    @property
+    def block_influence(self) -> torch.Tensor:
+        """ShortGPT BI_l = 1 - mean token cosine between block input and output; low = redundant."""
+        return 1.0 - self.cosine_sum / self.cosine_count.clamp_min(1)
+
+    @property
+    def angular_distance(self) -> torch.Tensor:
+        """(L+1, L+1) mean angular distance between the last-token states at depths i and j."""
+        return self.angular_sum / self.angular_count.clamp_min(1)
+
+
+@dataclass
+class ActivationStats:
+    """All statistics of one calibration pass: one :class:`SiteStats` per site plus layer relations."""
+
+    sites: dict[str, SiteStats]
+    relations: RelationStats
+    num_sequences: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return self.relations.num_layers
+
+    @property
+    def thresholds(self) -> tuple[Threshold, ...]:
+        return next(iter(self.sites.values())).thresholds
+
+    def merge(self, other: ActivationStats) -> ActivationStats:
+        if set(self.sites) != set(other.sites):
+            raise ValueError("cannot merge statistics measured at different sites")
+        return ActivationStats(
+            sites={name: site.merge(other.sites[name]) for name, site in self.sites.items()},
+            relations=self.relations.merge(other.relations),
+            num_sequences=self.num_sequences + other.num_sequences,
+            meta=dict(self.meta),
+        )
+
+    def to(self, device: torch.device | str) -> ActivationStats:
+        for site in self.sites.values():
+            site.to(device)
+        self.relations.to(device)
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        """A JSON-serializable snapshot (float64 values round-trip exactly through Python floats)."""
+        return {
+            "num_layers": self.num_layers,
+            "thresholds": [str(t) for t in self.thresholds],
+            "num_sequences": self.num_sequences,
+            "meta": self.meta,
+            "sites": {
+                name: {key: value.cpu().tolist() for key, value in site.tensors().items()}
+                for name, site in self.sites.items()
+            },
+            "relations": {key: value.cpu().tolist() for key, value in self.relations.tensors().items()},
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> ActivationStats:
+        thresholds = tuple(Threshold.parse(t) for t in state["thresholds"])
+        as_tensor = lambda value: torch.tensor(value, dtype=ACCUMULATOR_DTYPE)  # noqa: E731
+        sites = {
+            name: SiteStats(state["num_layers"], thresholds, **{k: as_tensor(v) for k, v in values.items()})
+            for name, values in state["sites"].items()
+        }
+        relations = RelationStats(
+            state["num_layers"], **{k: as_tensor(v) for k, v in state["relations"].items()}
+        )
+        return cls(sites, relations, state["num_sequences"], dict(state.get("meta", {})))
+
+    @classmethod
+    def empty(
+        cls, num_layers: int, sites: tuple[str, ...], thresholds: tuple[Threshold, ...]
+    ) -> ActivationStats:
+        return cls(
+            sites={name: SiteStats(num_layers, thresholds) for name in sites},
+            relations=RelationStats(num_layers),
+        )
