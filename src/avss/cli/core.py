@@ -1,0 +1,174 @@
+"""``avss models``, ``avss score`` and ``avss prune``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from avss.adapters import supported_model_types
+from avss.cli._app import app, console, console_err
+from avss.cli.options import (
+    AllowPickle,
+    BatchSize,
+    Data,
+    DataDir,
+    Dataset,
+    Device,
+    Dtype,
+    MaxLength,
+    ModelArg,
+    Out,
+    Overwrite,
+    Samples,
+    Seed,
+    Site,
+    Threshold,
+    TrustRemoteCode,
+    Variance,
+    calibration,
+    text_source,
+)
+from avss.io import check_output_dir, ensure_parent_writable
+from avss.models import DEFAULT_MODEL, EMBEDDED_MODELS, load_model
+from avss.pipeline import ScoreOptions, ScoreRun, prune, save, score
+from avss.prune import PruneSpec
+
+
+@app.command()
+def models() -> None:
+    """List the embedded default models and the supported architectures."""
+    table = Table(title="Embedded models (installed offline from PyPI packages)")
+    table.add_column("name")
+    table.add_column("package")
+    table.add_column("description")
+    for model in EMBEDDED_MODELS.values():
+        table.add_row(model.name, model.package.replace("_", "-"), model.description)
+    console.print(table)
+    console.print("Supported architectures (config.model_type): " + ", ".join(supported_model_types()))
+
+
+def scores_table(run: ScoreRun, removed: list[int] | None = None) -> Table:
+    removed = removed or []
+    options = run.scores.options
+    table = Table(
+        title=f"AVSS per layer (site={options['site']}, variance={options['variance']}, "
+        f"threshold={options['threshold']})"
+    )
+    for column in ("layer", "variance", "sparsity", "AVSS", "AVSS~", "rank"):
+        table.add_column(column, justify="right")
+    ranks = {layer: rank for rank, layer in enumerate(run.scores.ranking())}
+    for row in run.scores.to_dict()["layers"]:
+        layer = row["layer"]
+        style = "red" if layer in removed else None
+        table.add_row(
+            str(layer),
+            f"{row['variance']:.4g}",
+            f"{row['sparsity']:.4g}",
+            f"{row['avss']:.4f}",
+            f"{row['avss_normalized']:.4f}",
+            str(ranks[layer]),
+            style=style,
+        )
+    return table
+
+
+def print_warnings(run: ScoreRun) -> None:
+    for warning in run.scores.warnings():
+        console_err.print(f"[yellow]warning:[/] {warning}")
+
+
+@app.command("score")
+def score_command(
+    model: ModelArg = DEFAULT_MODEL,
+    out: Annotated[Path | None, typer.Option(help="Write per-layer scores as JSON")] = None,
+    data: Data = None,
+    data_dir: DataDir = None,
+    dataset: Dataset = None,
+    samples: Samples = 64,
+    max_length: MaxLength = 256,
+    batch_size: BatchSize = 8,
+    seed: Seed = 0,
+    site: Site = "block",
+    variance: Variance = "elements",
+    threshold: Threshold = "rel:0.01",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    trust_remote_code: TrustRemoteCode = False,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Score every layer of MODEL with AVSS on calibration text."""
+    options = ScoreOptions(site=site, variance=variance, threshold=threshold)
+    if out is not None:
+        ensure_parent_writable(out)
+    loaded = load_model(
+        model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+    )
+    run = score(
+        loaded,
+        text_source(data, dataset, data_dir),
+        calibration(samples, max_length, batch_size, seed),
+        options,
+    )
+    console.print(scores_table(run))
+    print_warnings(run)
+    if out is not None:
+        run.save(out)
+        console.print(f"scores written to {out}")
+
+
+@app.command("prune")
+def prune_command(
+    model: ModelArg = DEFAULT_MODEL,
+    out: Out = Path("pruned"),
+    fraction: Annotated[float, typer.Option(help="Share of layers to remove (rule count)")] = 0.25,
+    n_layers: Annotated[
+        int | None, typer.Option(help="Number of layers to remove (overrides --fraction)")
+    ] = None,
+    rule: Annotated[str, typer.Option(help="count or mass")] = "count",
+    tau: Annotated[float, typer.Option(help="Cumulative normalized-AVSS budget for rule mass")] = 0.25,
+    protect: Annotated[
+        str, typer.Option(help="Comma-separated layers never removed: first,last or indices")
+    ] = "",
+    overwrite: Overwrite = False,
+    data: Data = None,
+    data_dir: DataDir = None,
+    dataset: Dataset = None,
+    samples: Samples = 64,
+    max_length: MaxLength = 256,
+    batch_size: BatchSize = 8,
+    seed: Seed = 0,
+    site: Site = "block",
+    variance: Variance = "elements",
+    threshold: Threshold = "rel:0.01",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    trust_remote_code: TrustRemoteCode = False,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Remove the lowest-AVSS layers of MODEL and save a model that reloads with from_pretrained."""
+    spec = PruneSpec(
+        rule=rule,
+        fraction=fraction,
+        n_layers=n_layers,
+        tau=tau,
+        protect=tuple(p for p in protect.split(",") if p),
+    )
+    check_output_dir(out, overwrite)
+    loaded = load_model(
+        model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+    )
+    run = score(
+        loaded,
+        text_source(data, dataset, data_dir),
+        calibration(samples, max_length, batch_size, seed),
+        ScoreOptions(site=site, variance=variance, threshold=threshold),
+    )
+    spec.select(run.scores.avss)  # validate before touching the model
+    result = prune(loaded, run, spec)
+    console.print(scores_table(run, result.removed))
+    print_warnings(run)
+    save(loaded, result, out, overwrite=overwrite)
+    console.print(f"removed layers {result.removed}; {len(result.kept)} remain. Saved to {out}")
