@@ -1,21 +1,20 @@
 """Model plumbing shared by every task: batched log-likelihoods, greedy generation, rolling NLL, embeddings.
 
-Tasks never call the model themselves. They hand :class:`LanguageModel` plain strings, so batching, padding,
-tokenization boundaries and memory limits are solved once, here, the way lm-evaluation-harness's ``HFLM`` does.
+Tasks never call the model themselves. They hand :class:`LanguageModel` plain strings, so batching,
+padding, tokenization boundaries and memory limits are solved once, here, as lm-evaluation-harness's ``HFLM``
+does.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from avss.evaluation.metrics import perplexity_from_nll
@@ -146,7 +145,7 @@ class LanguageModel:
         unique = list(dict.fromkeys(requests))
         sequences = [self._encode_request(request) for request in unique]
         scores = self._score_tails(sequences)
-        by_request = dict(zip(unique, scores))
+        by_request = dict(zip(unique, scores, strict=True))
         return [by_request[request] for request in requests]
 
     def _encode_request(self, request: LoglikelihoodRequest) -> tuple[list[int], int]:
@@ -184,7 +183,7 @@ class LanguageModel:
             candidates = [rows[i] for i in order[start : start + self.batch_size]]
             count = self._rows_within_budget(_keep_width(candidates))
             batch = order[start : start + count]
-            results.update(zip(batch, self._forward_tails([rows[i] for i in batch])))
+            results.update(zip(batch, self._forward_tails([rows[i] for i in batch]), strict=True))
             self.progress.advance(len(batch))
             start += count
         return [results[i] for i in range(len(rows))]
@@ -234,7 +233,7 @@ class LanguageModel:
         body = max_length - len(self.prefix_ids)
         stride = stride or body
         if body < 1 or not 0 < stride <= body:
-            raise ValueError(f"need 0 < stride <= max_length - {len(self.prefix_ids)} (got {stride}, {max_length})")
+            raise ValueError(f"need 0 < stride <= {body} for max_length {max_length} (got stride {stride})")
         sequences = []
         scored_until = 0
         for begin in range(0, len(tokens), stride):
@@ -253,11 +252,13 @@ class LanguageModel:
     # --- greedy generation -------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[str], *, until: Sequence[str] = (), max_new_tokens: int = 32) -> list[str]:
+    def generate(
+        self, prompts: Sequence[str], *, until: Sequence[str] = (), max_new_tokens: int = 32
+    ) -> list[str]:
         """Greedy continuations of ``prompts``, cut before the first of the ``until`` strings.
 
-        Batches are left-padded, so every row's next token sits in the last column and ``generate`` runs one
-        KV-cached step per new token for the whole batch; a row stops at EOS or once it contains a stop string.
+        Batches are left-padded, so every row's next token sits in the last column and ``generate`` runs
+        one KV-cached step per new token for the whole batch; a row stops at EOS or at a stop string.
         """
         room = self.max_length - max_new_tokens
         encoded = [(self.prefix_ids + self.encode(prompt))[-room:] for prompt in prompts]
@@ -286,7 +287,8 @@ class LanguageModel:
                 stopping_criteria=criteria,
             )
             texts = self.tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
-            outputs.update((i, cut_at_stop_strings(text, until)) for i, text in zip(batch, texts))
+            for i, text in zip(batch, texts, strict=True):
+                outputs[i] = cut_at_stop_strings(text, until)
             self.progress.advance(len(batch))
         return [outputs[i] for i in range(len(encoded))]
 
@@ -299,9 +301,9 @@ class LanguageModel:
         Texts are tokenized with the tokenizer's own special tokens ([CLS] ... [SEP] for BERT), as the encoder
         saw them in training.
         """
+        limit = min(max_length, self.max_length)
         encoded = [
-            list(self.tokenizer(text, truncation=True, max_length=min(max_length, self.max_length))["input_ids"])
-            for text in texts
+            list(self.tokenizer(text, truncation=True, max_length=limit)["input_ids"]) for text in texts
         ]
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         kwargs: dict[str, Any] = {"logits_to_keep": 1} if self._accepts_logits_to_keep else {}
@@ -324,7 +326,7 @@ class LanguageModel:
             hidden = outputs.hidden_states[-1].float().cpu()
             mask = attention_mask[..., None].float()
             pooled = (hidden * mask).sum(1) / mask.sum(1)
-            features.update(zip(batch, pooled.numpy()))
+            features.update(zip(batch, pooled.numpy(), strict=True))
             self.progress.advance(len(batch))
         return np.stack([features[i] for i in range(len(encoded))])
 
@@ -337,7 +339,7 @@ class _StopOnStrings(StoppingCriteria):
         self.stops = tuple(stops)
         self.prompt_width = prompt_width
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width :], skip_special_tokens=True)
         done = [any(stop in text for stop in self.stops) for text in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)

@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy.special import logsumexp
 
-# Metrics where smaller is better; `retained` inverts their ratio so that 100% always means "as good as the base".
-LOWER_IS_BETTER = frozenset({"perplexity", "nll"})
+# Metrics where smaller is better: `retained` inverts their ratio, so 100% always means "as good as the base".
+LOWER_IS_BETTER = frozenset({"perplexity"})
 
 
 # --- multiple choice -------------------------------------------------------------------------------------
@@ -25,7 +25,7 @@ LOWER_IS_BETTER = frozenset({"perplexity", "nll"})
 def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
     if len(predictions) != len(labels) or not labels:
         raise ValueError("accuracy needs equally long, non-empty predictions and labels")
-    return sum(int(p == y) for p, y in zip(predictions, labels)) / len(labels)
+    return sum(int(p == y) for p, y in zip(predictions, labels, strict=True)) / len(labels)
 
 
 def argmax(scores: Sequence[float]) -> int:
@@ -35,7 +35,7 @@ def argmax(scores: Sequence[float]) -> int:
 
 def length_normalized(scores: Sequence[float], choices: Sequence[str]) -> list[float]:
     """Log-likelihood per character of the choice text (lm-evaluation-harness ``acc_norm``)."""
-    return [score / max(len(choice), 1) for score, choice in zip(scores, choices)]
+    return [score / max(len(choice), 1) for score, choice in zip(scores, choices, strict=True)]
 
 
 def mc1(scores: Sequence[float], labels: Sequence[int]) -> float:
@@ -78,7 +78,7 @@ def _ranked_relevance(scores: Sequence[float], labels: Sequence[int]) -> np.ndar
 
 
 def average_precision(scores: Sequence[float], labels: Sequence[int]) -> float:
-    """Mean of precision@k over the ranks k of the relevant candidates (one question's AP; MAP averages it)."""
+    """Mean of precision@k over the ranks k of the relevant candidates (a question's AP; MAP averages it)."""
     relevance = _ranked_relevance(scores, labels)
     hits = np.cumsum(relevance)
     ranks = np.flatnonzero(relevance) + 1

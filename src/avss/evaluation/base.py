@@ -1,0 +1,179 @@
+"""Tasks and their registry.
+
+A task is a small dataclass: its fields are its options (``num_fewshot``, ``stride``, ...), ``load`` reads
+its documents from the data directory, and ``run`` turns documents into metrics through a
+:class:`LanguageModel`. Two families cover most tasks: :class:`MultipleChoiceTask` (score fixed continuations,
+compare log-likelihoods) and :class:`GenerationTask` (greedy answer, compare strings). Tasks register
+themselves by name, and ``avss eval --tasks`` only looks names up, as in lm-evaluation-harness.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from avss.data import DATA_DIR_ENV, file_sha256, read_jsonl
+from avss.errors import DataError
+from avss.evaluation.engine import LanguageModel, Loglikelihood, LoglikelihoodRequest
+
+Doc = dict[str, Any]
+
+TASKS: dict[str, type[Task]] = {}
+
+T = TypeVar("T", bound="type[Task]")
+
+
+def register_task(name: str) -> Callable[[T], T]:
+    """Class decorator: make a task available under ``name`` to ``evaluate`` and ``avss eval``."""
+
+    def decorator(cls: T) -> T:
+        if name in TASKS:
+            raise ValueError(f"task {name!r} is already registered by {TASKS[name].__qualname__}")
+        cls.name = name
+        TASKS[name] = cls
+        return cls
+
+    return decorator
+
+
+def get_task(name: str) -> type[Task]:
+    if name not in TASKS:
+        raise DataError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """A data file a task read, recorded in results so a number can be traced to its exact input."""
+
+    path: str
+    sha256: str
+
+    @classmethod
+    def of(cls, path: Path) -> DataFile:
+        return cls(str(path), file_sha256(path))
+
+
+@dataclass
+class Task(ABC):
+    """One benchmark. Subclasses are dataclasses whose fields are the task's options."""
+
+    name: ClassVar[str]
+    # Relative path of each split's file inside the data directory; the first split is the default.
+    files: ClassVar[dict[str, str]] = {}
+    required_fields: ClassVar[tuple[str, ...]] = ()
+    # Whether the task scores text with a language-modelling head (all but the encoder probes).
+    needs_causal_lm: ClassVar[bool] = True
+
+    def data_path(self, data_dir: Path | None, split: str | None = None) -> Path:
+        """The file for ``split`` under ``data_dir``, or a :class:`DataError` saying where it looked."""
+        split = split or next(iter(self.files))
+        relative = self.files[split]
+        hint = f"pass --data-dir DIR (a directory holding {relative}) or set {DATA_DIR_ENV}"
+        if data_dir is None:
+            raise DataError(
+                f"task {self.name} needs {relative}, but no data directory was found "
+                f"(looked for $AVSS_DATA_DIR and ../shared/data); {hint}"
+            )
+        path = data_dir / relative
+        if not path.is_file():
+            raise DataError(f"task {self.name} needs {path}, which does not exist; {hint}")
+        return path
+
+    def load(self, data_dir: Path | None) -> tuple[list[Doc], list[DataFile]]:
+        """All documents of the task (before ``limit``) and the files they came from."""
+        path = self.data_path(data_dir, getattr(self, "split", None))
+        return self.read_docs(path), [DataFile.of(path)]
+
+    def read_docs(self, path: Path) -> list[Doc]:
+        """Rows of a JSON-lines file, checked for the fields the task uses."""
+        rows = read_jsonl(path)
+        for number, row in enumerate(rows, start=1):
+            missing = [name for name in self.required_fields if name not in row]
+            if missing:
+                raise DataError(f"{path}: row {number} ({row.get('id', 'no id')}) lacks {', '.join(missing)}")
+        return rows
+
+    @abstractmethod
+    def run(self, lm: LanguageModel, docs: list[Doc], pool: list[Doc], seed: int) -> dict[str, float]:
+        """Metrics of the model on ``docs``, the first ``limit`` documents of ``pool`` (all documents)."""
+
+    def fewshot(self, pool: list[Doc], seed: int) -> FewShotSampler:
+        """Few-shot examples for tasks with a ``num_fewshot`` option; none for the others."""
+        return FewShotSampler(pool, getattr(self, "num_fewshot", 0), seed)
+
+
+@dataclass
+class MultipleChoiceTask(Task):
+    """Scores every document's (context, continuation) pairs in one batched pass; averages per-doc metrics."""
+
+    @abstractmethod
+    def requests(self, doc: Doc, shots: list[Doc]) -> list[LoglikelihoodRequest]: ...
+
+    @abstractmethod
+    def score(self, doc: Doc, results: list[Loglikelihood]) -> dict[str, float]: ...
+
+    def run(self, lm: LanguageModel, docs: list[Doc], pool: list[Doc], seed: int) -> dict[str, float]:
+        sampler = self.fewshot(pool, seed)
+        per_doc = [self.requests(doc, sampler.shots(index)) for index, doc in enumerate(docs)]
+        flat = lm.loglikelihood([request for requests in per_doc for request in requests])
+        scores, start = [], 0
+        for doc, requests in zip(docs, per_doc, strict=True):
+            scores.append(self.score(doc, flat[start : start + len(requests)]))
+            start += len(requests)
+        return average(scores)
+
+
+@dataclass
+class GenerationTask(Task):
+    """Greedy-decodes an answer per document and compares it with the references."""
+
+    until: ClassVar[tuple[str, ...]] = ("\n",)
+    max_new_tokens: ClassVar[int] = 32
+
+    @abstractmethod
+    def prompt(self, doc: Doc, shots: list[Doc]) -> str: ...
+
+    @abstractmethod
+    def score(self, doc: Doc, completion: str) -> dict[str, float]: ...
+
+    def run(self, lm: LanguageModel, docs: list[Doc], pool: list[Doc], seed: int) -> dict[str, float]:
+        sampler = self.fewshot(pool, seed)
+        prompts = [self.prompt(doc, sampler.shots(index)) for index, doc in enumerate(docs)]
+        completions = lm.generate(prompts, until=self.until, max_new_tokens=self.max_new_tokens)
+        return average(
+            [self.score(doc, completion) for doc, completion in zip(docs, completions, strict=True)]
+        )
+
+
+class FewShotSampler:
+    """Deterministic few-shot examples for document ``i``: ``k`` other documents, drawn with a per-doc seed.
+
+    The shared files have no training split, so shots come from the same file; a document never serves as its
+    own example, and its draw depends only on the seed and its index, not on ``limit``.
+    """
+
+    def __init__(self, docs: Sequence[Doc], k: int, seed: int) -> None:
+        if k < 0:
+            raise ValueError("num_fewshot must be >= 0")
+        if k and len(docs) <= k:
+            raise DataError(f"{k}-shot prompts need more than {k} documents (got {len(docs)})")
+        self.docs, self.k, self.seed = docs, k, seed
+
+    def shots(self, index: int) -> list[Doc]:
+        if not self.k:
+            return []
+        rng = random.Random(f"{self.seed}:{index}")
+        others = rng.sample(range(len(self.docs) - 1), self.k)
+        return [self.docs[i if i < index else i + 1] for i in others]
+
+
+def average(per_doc: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Mean of each metric over documents (every document reports the same metrics)."""
+    if not per_doc:
+        raise DataError("no documents to evaluate")
+    return {name: sum(doc[name] for doc in per_doc) / len(per_doc) for name in per_doc[0]}

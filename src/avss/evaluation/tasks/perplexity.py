@@ -1,0 +1,52 @@
+"""Perplexity over WikiText-2 or any text, scored in strided windows (:meth:`LanguageModel.rolling_nll`)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from avss.data import bundled_text, read_text_file, split_paragraphs
+from avss.evaluation.base import DataFile, Doc, Task, register_task
+from avss.evaluation.engine import LanguageModel
+
+
+@dataclass
+class PerplexityTask(Task):
+    """Documents are paragraphs joined by blank lines into one token stream; ``limit`` keeps the first."""
+
+    max_length: int = 1024
+    stride: int | None = None
+
+    def run(self, lm: LanguageModel, docs: list[Doc], pool: list[Doc], seed: int) -> dict[str, float]:
+        nll = lm.rolling_nll([doc["text"] for doc in docs], max_length=self.max_length, stride=self.stride)
+        return {"perplexity": nll.perplexity}
+
+
+@register_task("wikitext2")
+@dataclass
+class WikiText2(PerplexityTask):
+    """WikiText-2 raw test split, one document per non-blank line, as in the Hugging Face recipe
+    (``"\\n\\n".join(dataset["text"])``; the shared file already dropped the blank rows)."""
+
+    files: ClassVar[dict[str, str]] = {"test": "wikitext2/wiki.test.raw"}
+
+    def read_docs(self, path: Path) -> list[Doc]:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return [{"text": line} for line in lines if line.strip()]
+
+
+@register_task("perplexity")
+@dataclass
+class TextPerplexity(PerplexityTask):
+    """Any ``.txt`` (paragraphs) or ``.jsonl`` (``text`` field); by default the bundled evaluation corpus."""
+
+    data: str | None = None
+
+    def load(self, data_dir: Path | None) -> tuple[list[Doc], list[DataFile]]:
+        if self.data is not None:
+            return [{"text": text} for text in read_text_file(self.data)], [DataFile.of(Path(self.data))]
+        text = bundled_text("evaluation")
+        source = DataFile("avss.corpus:evaluation.txt", hashlib.sha256(text.encode("utf-8")).hexdigest())
+        return [{"text": paragraph} for paragraph in split_paragraphs(text)], [source]

@@ -1,0 +1,89 @@
+"""Binary sentiment (SST-2, Rotten Tomatoes): label-word log-likelihoods for LMs, probes for encoders."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import ClassVar
+
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from avss.errors import DataError
+from avss.evaluation.base import Doc, MultipleChoiceTask, register_task
+from avss.evaluation.engine import LanguageModel, Loglikelihood, LoglikelihoodRequest, is_causal_lm
+from avss.evaluation.metrics import accuracy, argmax
+
+METHODS = ("auto", "prompt", "probe")
+
+
+@dataclass
+class SentimentTask(MultipleChoiceTask):
+    """``method="prompt"`` compares the log-likelihoods of " negative" and " positive" after the GLUE prompt
+    of lm-evaluation-harness (``num_fewshot`` solved examples first) and reports ``accuracy``.
+
+    ``method="probe"`` fits a logistic regression on mean-pooled final hidden states of one part of the
+    documents (a seeded shuffle, ``probe_train_fraction`` of them) and reports ``probe_accuracy`` on the rest:
+    an encoder has no head to prompt, and the probe measures what its representations still encode.
+    ``auto`` prompts causal LMs and probes everything else.
+    """
+
+    num_fewshot: int = 0
+    method: str = "auto"
+    probe_train_fraction: float = 0.5
+
+    label_words: ClassVar[tuple[str, str]] = ("negative", "positive")
+    required_fields = ("text", "label")
+    needs_causal_lm = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise DataError(f"{self.name}: method must be one of {', '.join(METHODS)}, not {self.method!r}")
+
+    def format(self, doc: Doc) -> str:
+        return f"{doc['text']}\nQuestion: Is this sentence positive or negative?\nAnswer:"
+
+    def requests(self, doc: Doc, shots: list[Doc]) -> list[LoglikelihoodRequest]:
+        examples = "".join(f"{self.format(shot)} {self.label_words[shot['label']]}\n\n" for shot in shots)
+        context = examples + self.format(doc)
+        return [LoglikelihoodRequest(context, f" {word}") for word in self.label_words]
+
+    def score(self, doc: Doc, results: list[Loglikelihood]) -> dict[str, float]:
+        return {"accuracy": float(argmax([result.logprob for result in results]) == doc["label"])}
+
+    def run(self, lm: LanguageModel, docs: list[Doc], pool: list[Doc], seed: int) -> dict[str, float]:
+        method = self.method
+        if method == "auto":
+            method = "prompt" if is_causal_lm(lm.model) else "probe"
+        if method == "prompt":
+            return super().run(lm, docs, pool, seed)
+        return {"probe_accuracy": self.probe(lm, docs, seed)}
+
+    def probe(self, lm: LanguageModel, docs: list[Doc], seed: int) -> float:
+        order = list(range(len(docs)))
+        random.Random(seed).shuffle(order)
+        cut = int(len(order) * self.probe_train_fraction)
+        train, test = order[:cut], order[cut:]
+        labels = [doc["label"] for doc in docs]
+        if not test or len({labels[i] for i in train}) < 2:
+            raise DataError(
+                f"{self.name}: the probe needs both labels among its {len(train)} training documents and at "
+                f"least one test document; raise --limit (now {len(docs)} documents)"
+            )
+        features = lm.embed([doc["text"] for doc in docs])
+        classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        classifier.fit(features[train], [labels[i] for i in train])
+        return accuracy(classifier.predict(features[test]).tolist(), [labels[i] for i in test])
+
+
+@register_task("sst2")
+@dataclass
+class SST2(SentimentTask):
+    files: ClassVar[dict[str, str]] = {"dev": "sst2/sst2_dev.jsonl"}
+
+
+@register_task("rotten_tomatoes")
+@dataclass
+class RottenTomatoes(SentimentTask):
+    files: ClassVar[dict[str, str]] = {"test": "rotten_tomatoes/rotten_tomatoes_test.jsonl"}
