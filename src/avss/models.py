@@ -1,7 +1,7 @@
 """Load a causal LM (or encoder) from an embedded short name, a local directory, a ``.gguf`` file or a hub id.
 
-GGUF weights are dequantized by transformers on every load (30-60 s on a small CPU), so the first load writes a
-plain safetensors copy under the user cache directory and later loads read that copy (a few seconds).
+GGUF weights are dequantized by transformers on every load (30-60 s on a small CPU), so the first load writes
+a plain safetensors copy under the user cache directory and later loads read that copy (a few seconds).
 """
 
 from __future__ import annotations
@@ -129,8 +129,21 @@ def _is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
-def _has_safetensors(path: Path) -> bool:
-    return any(path.glob("*.safetensors"))
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def check_local_weights(path: Path, allow_pickle: bool) -> None:
+    """Refuse a folder without safetensors weights: pickle checkpoints can run arbitrary code when loaded."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not pickles:
+        raise ModelNotFoundError(f"{path} has no weights (no *.safetensors file)")
+    if not allow_pickle:
+        raise ModelNotFoundError(
+            f"{path} has only pickle weights ({', '.join(pickles)}), which can run code when loaded. "
+            "Convert them to safetensors or pass --allow-pickle if you trust the source"
+        )
 
 
 def _strip_gguf_quantization(model: Any) -> None:
@@ -193,7 +206,7 @@ def resolve_model_path(spec: str) -> tuple[Path | str, dict[str, Any]]:
         if not _is_model_dir(path):
             raise ModelNotFoundError(f"{path} is not a model directory (no config.json)")
         return path, {"name": path.name, "kind": "directory", "path": str(path.resolve())}
-    looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1
+    looks_like_path = spec.startswith((".", "/", "~")) or (os.sep in spec and spec.count("/") > 1)
     if looks_like_path or "/" not in spec:
         known = ", ".join(EMBEDDED_MODELS)
         raise ModelNotFoundError(
@@ -222,13 +235,13 @@ def load_model(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     location, source = resolve_model_path(spec)
-    if isinstance(location, Path) and not _has_safetensors(location) and not allow_pickle:
-        raise ModelNotFoundError(
-            f"{location} has no .safetensors weights; pickle checkpoints (.bin) can run code when loaded. "
-            "Convert them to safetensors or pass --allow-pickle if you trust the source"
-        )
+    local = isinstance(location, Path)
+    if local:
+        check_local_weights(location, allow_pickle)
     try:
-        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            location, trust_remote_code=trust_remote_code, local_files_only=local
+        )
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise ModelNotFoundError(
@@ -237,6 +250,13 @@ def load_model(
         raise ModelNotFoundError(f"cannot read the config of {spec}: {exc}") from exc
     except OSError as exc:
         raise ModelNotFoundError(f"cannot load model {spec!r}: {exc}") from exc
+    except (AttributeError, TypeError, KeyError) as exc:
+        raise ModelNotFoundError(f"cannot read the config of {spec}: invalid field ({exc})") from exc
+    if getattr(config, "auto_map", None) and not trust_remote_code:
+        raise ModelNotFoundError(
+            f"{spec} declares custom model code (auto_map in config.json); "
+            "pass --trust-remote-code if you trust its repository"
+        )
     from avss.adapters import resolve_adapter_for_config
 
     adapter = resolve_adapter_for_config(config)
@@ -245,14 +265,20 @@ def load_model(
         "dtype": torch_dtype,
         "trust_remote_code": trust_remote_code,
         "use_safetensors": not allow_pickle or None,
+        "local_files_only": local,
     }
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = auto_class.from_pretrained(location, **kwargs)
+    try:
+        model = auto_class.from_pretrained(location, **kwargs)
+    except OSError as exc:
+        raise ModelNotFoundError(f"cannot load the weights of {spec!r}: {exc}") from exc
     if device_map is None:
         model.to(torch_device)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        location, trust_remote_code=trust_remote_code, local_files_only=local
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     source.update({"dtype": str(torch_dtype).removeprefix("torch."), "device": str(torch_device)})
