@@ -37,3 +37,7 @@ class NonFiniteActivationError(AvssError):
 
 class DeviceError(AvssError):
     """The requested device or dtype is not available on this machine."""
+
+
+class OptionError(AvssError):
+    """An option has a value outside its allowed set (unknown site, variance kind, malformed threshold)."""

@@ -13,13 +13,15 @@ from typing import Any
 import torch
 
 from avss import __version__
+from avss.adapters import SITES
 from avss.collect import DEFAULT_THRESHOLDS, collect_statistics
 from avss.data import TextSource, tokenize_texts
+from avss.errors import OptionError
 from avss.io import atomic_write_json
 from avss.models import LoadedModel
 from avss.prune import PruneSpec, PruningRecord, remove_layers, save_pruned
 from avss.scores import LayerScores, score_layers
-from avss.stats import ActivationStats
+from avss.stats import VARIANCE_KINDS, ActivationStats, Threshold
 
 
 @dataclass
@@ -41,6 +43,20 @@ class ScoreOptions:
     threshold: str = "rel:0.01"
     measure_sites: tuple[str, ...] = ()
     thresholds: tuple[str, ...] = DEFAULT_THRESHOLDS
+
+    def __post_init__(self) -> None:
+        """Reject bad options before minutes are spent loading a model and streaming data."""
+        unknown = [site for site in self.sites() if site not in SITES]
+        if unknown:
+            raise OptionError(f"invalid --site {unknown[0]!r}; choose one of {', '.join(SITES)}")
+        if self.variance not in VARIANCE_KINDS:
+            choices = ", ".join(VARIANCE_KINDS)
+            raise OptionError(f"invalid --variance {self.variance!r}; choose one of {choices}")
+        for text in self.all_thresholds():
+            try:
+                Threshold.parse(text)
+            except ValueError as exc:
+                raise OptionError(f"--threshold: {exc}") from None
 
     def sites(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys((self.site, *self.measure_sites)))

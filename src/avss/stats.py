@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 ACCUMULATOR_DTYPE = torch.float64
+VARIANCE_KINDS = ("elements", "pooled")
 
 
 @dataclass(frozen=True)
