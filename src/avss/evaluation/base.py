@@ -72,6 +72,8 @@ class Task(ABC):
     def data_path(self, data_dir: Path | None, split: str | None = None) -> Path:
         """The file for ``split`` under ``data_dir``, or a :class:`DataError` saying where it looked."""
         split = split or next(iter(self.files))
+        if split not in self.files:
+            raise DataError(f"task {self.name} has no split {split!r}; choose one of {', '.join(self.files)}")
         relative = self.files[split]
         hint = f"pass --data-dir DIR (a directory holding {relative}) or set {DATA_DIR_ENV}"
         if data_dir is None:

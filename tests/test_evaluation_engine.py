@@ -1,0 +1,185 @@
+"""The batched engine against direct, one-sequence-at-a-time computations on tiny random models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from _tiny import tiny_model, tiny_tokenizer
+from _tiny_eval import bpe_llama, bpe_tokenizer
+from avss.evaluation import engine
+from avss.evaluation.engine import LanguageModel, LoglikelihoodRequest, cut_at_stop_strings, perplexity
+
+REQUESTS = [
+    LoglikelihoodRequest("Q: What is the capital of France?\nA:", " Paris"),
+    LoglikelihoodRequest("Q: What is the capital of France?\nA:", " Paris is the capital of France."),
+    LoglikelihoodRequest("The quick brown fox", " jumps over the lazy dog."),
+    LoglikelihoodRequest("Water boils at ", "100 degrees"),  # trailing space moves to the continuation
+    LoglikelihoodRequest("It was a", " lovely film"),
+    LoglikelihoodRequest("", "Telescopes use lenses."),  # empty context: conditioned on the BOS token
+]
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return bpe_llama(), bpe_tokenizer()
+
+
+def direct_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
+    """Reference: one unpadded forward over BOS + context + continuation, continuation logprobs summed."""
+    stripped = context.rstrip()
+    continuation = context[len(stripped) :] + continuation
+    context_ids = tokenizer(stripped, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(stripped + continuation, add_special_tokens=False)["input_ids"]
+    ids = [tokenizer.bos_token_id, *whole]
+    n = len(whole) - len(context_ids)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    return sum(float(logprobs[p - 1, ids[p]]) for p in range(len(ids) - n, len(ids)))
+
+
+def test_loglikelihood_matches_direct_computation(bpe):
+    model, tokenizer = bpe
+    results = LanguageModel(model, tokenizer, batch_size=4).loglikelihood(REQUESTS)
+    for request, result in zip(REQUESTS, results, strict=True):
+        expected = direct_loglikelihood(model, tokenizer, request.context, request.continuation)
+        assert result.logprob == pytest.approx(expected, abs=1e-5)
+        assert result.logprob < 0
+
+
+def test_continuation_tokens_are_those_beyond_the_context(bpe):
+    model, tokenizer = bpe
+    lm = LanguageModel(model, tokenizer)
+    assert lm.prefix_ids == [tokenizer.bos_token_id]
+    tokens, n = lm._encode_request(LoglikelihoodRequest("A:", " Paris"))
+    assert tokens[-n:] == tokenizer(" Paris", add_special_tokens=False)["input_ids"]
+    assert tokens[0] == tokenizer.bos_token_id
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_batched_and_unbatched_loglikelihoods_agree(kind):
+    model, tokenizer = (bpe_llama(), bpe_tokenizer()) if kind == "bpe" else (tiny_model(), tiny_tokenizer())
+    one = LanguageModel(model, tokenizer, batch_size=1).loglikelihood(REQUESTS)
+    many = LanguageModel(model, tokenizer, batch_size=8).loglikelihood(REQUESTS)
+    for a, b in zip(one, many, strict=True):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert (a.is_greedy, a.num_tokens) == (b.is_greedy, b.num_tokens)
+
+
+def test_memory_budget_splits_batches_without_changing_results(bpe, monkeypatch):
+    model, tokenizer = bpe
+    expected = LanguageModel(model, tokenizer, batch_size=8).loglikelihood(REQUESTS)
+    monkeypatch.setattr(engine, "LOGITS_BUDGET_BYTES", 1)
+    forwards = []
+    lm = LanguageModel(model, tokenizer, batch_size=8)
+    original = lm._forward_tails
+    monkeypatch.setattr(lm, "_forward_tails", lambda rows: forwards.append(len(rows)) or original(rows))
+    for a, b in zip(lm.loglikelihood(REQUESTS), expected, strict=True):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+    assert set(forwards) == {1}
+
+
+def test_duplicate_requests_are_scored_once(bpe):
+    model, tokenizer = bpe
+    calls = []
+
+    class Counting:
+        def add_total(self, n):
+            calls.append(n)
+
+        def advance(self, n):
+            pass
+
+    lm = LanguageModel(model, tokenizer, progress=Counting())
+    results = lm.loglikelihood([REQUESTS[0], REQUESTS[1], REQUESTS[0]])
+    assert calls == [2]
+    assert results[0] == results[2]
+
+
+def test_long_context_is_truncated_from_the_left(bpe):
+    model, tokenizer = bpe
+    lm = LanguageModel(model, tokenizer, max_length=8)
+    (result,) = lm.loglikelihood([LoglikelihoodRequest("The quick brown fox " * 10, "jumps")])
+    assert math.isfinite(result.logprob)
+
+
+def test_perplexity_is_exp_of_mean_nll(bpe):
+    model, tokenizer = bpe
+    texts = ["The quick brown fox jumps over the lazy dog.", "Water boils at 100 degrees Celsius."]
+    ids = tokenizer("\n\n".join(texts))["input_ids"]  # starts with BOS, as each window does
+    with torch.no_grad():
+        loss = model(torch.tensor([ids]), labels=torch.tensor([ids])).loss  # mean NLL of tokens 1..n-1
+    expected = math.exp(float(loss))
+    assert perplexity(model, tokenizer, texts, max_length=256) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("stride", [None, 5])
+def test_strided_windows_score_every_token_once(bpe, stride):
+    model, tokenizer = bpe
+    texts = ["Telescopes use lenses or mirrors to focus light and make objects appear closer."] * 2
+    lm = LanguageModel(model, tokenizer, batch_size=3)
+    tokens = lm.encode("\n\n".join(texts))
+    nll = lm.rolling_nll(texts, max_length=12, stride=stride)
+    assert nll.num_tokens == len(tokens)
+
+    # Reference: the Hugging Face loop, one window at a time, scoring tokens past the previous window's end.
+    body, step, total, previous_end = 11, stride or 11, 0.0, 0
+    for begin in range(0, len(tokens), step):
+        end = min(begin + body, len(tokens))
+        window = [tokenizer.bos_token_id, *tokens[begin:end]]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([window])).logits[0], -1)
+        for position in range(len(window) - (end - previous_end), len(window)):
+            total -= float(logprobs[position - 1, window[position]])
+        previous_end = end
+        if end == len(tokens):
+            break
+    assert nll.total == pytest.approx(total, rel=1e-5)
+
+
+def test_rolling_nll_rejects_bad_stride(bpe):
+    model, tokenizer = bpe
+    with pytest.raises(ValueError, match="stride"):
+        LanguageModel(model, tokenizer).rolling_nll(["some text here"], max_length=8, stride=9)
+
+
+def test_batched_greedy_generation_matches_one_at_a_time(bpe):
+    model, tokenizer = bpe
+    prompts = ["Q: What is the capital of France?\nA:", "The quick", "Water boils at", "It was a lovely film"]
+    one = LanguageModel(model, tokenizer, batch_size=1).generate(prompts, max_new_tokens=6)
+    many = LanguageModel(model, tokenizer, batch_size=4).generate(prompts, max_new_tokens=6)
+    assert one == many
+    assert all(isinstance(text, str) for text in many)
+
+
+def test_generation_stops_at_stop_strings(bpe):
+    model, tokenizer = bpe
+    lm = LanguageModel(model, tokenizer, batch_size=2)
+    free = lm.generate(["The quick", "Water"], max_new_tokens=12)
+    stops = sorted({ch for text in free for ch in text if not ch.isspace()})[:3]
+    cut = lm.generate(["The quick", "Water"], until=stops, max_new_tokens=12)
+    for full, short in zip(free, cut, strict=True):
+        assert full.startswith(short)
+        assert not any(stop in short for stop in stops)
+
+
+def test_cut_at_stop_strings():
+    assert cut_at_stop_strings("Paris, France. And more", [".", ","]) == "Paris"
+    assert cut_at_stop_strings("Paris", ["\n"]) == "Paris"
+    assert cut_at_stop_strings("\nParis", ["\n"]) == ""
+
+
+def test_embeddings_do_not_depend_on_batching():
+    model, tokenizer = tiny_model("bert"), tiny_tokenizer()
+    texts = ["a lovely film", "dull", "the story is bright and warm"]
+    one = LanguageModel(model, tokenizer, batch_size=1).embed(texts)
+    many = LanguageModel(model, tokenizer, batch_size=3).embed(texts)
+    assert one.shape == (3, model.config.hidden_size)
+    assert torch.allclose(torch.from_numpy(one), torch.from_numpy(many), atol=1e-5)
+
+
+def test_is_causal_lm():
+    assert engine.is_causal_lm(tiny_model("llama"))
+    assert not engine.is_causal_lm(tiny_model("bert"))
