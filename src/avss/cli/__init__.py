@@ -14,6 +14,7 @@ from avss.errors import AvssError
 
 # Importing a command module registers its commands on `app`.
 from avss.cli import core  # noqa: E402, F401  (registration side effect)
+from avss.cli import evaluate_cmd  # noqa: E402, F401
 
 
 def main() -> None:
