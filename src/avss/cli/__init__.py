@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import sys
 
+# Importing a command module registers its commands on `app`.
+from avss.cli import (
+    core,  # noqa: F401  (registration side effect)
+    demo_cmd,  # noqa: F401
+    evaluate_cmd,  # noqa: F401
+)
 from avss.cli._app import app, console_err
 from avss.errors import AvssError
-
-# Importing a command module registers its commands on `app`.
-from avss.cli import core  # noqa: E402, F401  (registration side effect)
-from avss.cli import evaluate_cmd  # noqa: E402, F401
 
 
 def main() -> None:
