@@ -17,7 +17,7 @@ from torch import nn
 from avss.adapters import SITES, LayerAdapter, block_input, first_tensor, get_adapter
 from avss.errors import NonFiniteActivationError
 from avss.progress import track
-from avss.stats import ActivationStats, Threshold
+from avss.stats import ActivationStats, SiteBatch, Threshold, masked_cosine_sum, reduce_site
 
 DEFAULT_THRESHOLDS = ("abs:1e-5", "rel:0.01")
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -30,7 +30,13 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
 
 
 class StatisticsCollector:
-    """Attach statistic hooks to a model's blocks; see the module docstring."""
+    """Attach statistic hooks to a model's blocks; see the module docstring.
+
+    Each hook reduces its activation on the activation's own device (layers of a ``device_map`` model may sit
+    on different GPUs) into a :class:`~avss.stats.SiteBatch` and moves only those few numbers to the
+    accumulators' device. After the forward pass the per-layer reductions are stacked and folded in with one
+    vectorized Chan merge per site. Nothing is read back to the host, so GPU kernels never wait for Python.
+    """
 
     def __init__(
         self,
@@ -53,15 +59,14 @@ class StatisticsCollector:
             stats = ActivationStats.empty(self.adapter.num_layers, self.sites, self.thresholds)
         self.stats = stats.to(self.device)
         self._handles: list[Any] = []
-        self._mask: torch.Tensor | None = None
-        self._inputs: dict[int, torch.Tensor] = {}
-        self._last_tokens: dict[int, torch.Tensor] = {}
+        self._batch: _BatchState | None = None
 
     def __enter__(self) -> StatisticsCollector:
         needs_input = self.relations or "delta" in self.sites
         for layer, block in enumerate(self.adapter.blocks):
             if needs_input:
-                self._handles.append(block.register_forward_pre_hook(self._block_pre_hook(layer), with_kwargs=True))
+                pre_hook = self._block_pre_hook(layer)
+                self._handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
             self._handles.append(block.register_forward_hook(self._block_hook(layer)))
             if "mlp" in self.sites:
                 module = self.adapter.site_module(layer, "mlp")
@@ -75,44 +80,47 @@ class StatisticsCollector:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._inputs.clear()
-        self._last_tokens.clear()
+        self._batch = None
 
-    def _real(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self._mask is not None, "observe() sets the token mask before the forward pass"
-        mask = self._mask.to(hidden.device)
-        return hidden[mask], mask
+    @property
+    def _state(self) -> _BatchState:
+        assert self._batch is not None, "observe() sets up the batch before the forward pass"
+        return self._batch
 
-    def _update_site(self, site: str, layer: int, hidden: torch.Tensor) -> None:
-        if hidden.dim() == 2 and self._mask is not None and hidden.shape[0] == self._mask.numel():
-            hidden = hidden.view(*self._mask.shape, -1)  # OPT flattens (B, T) inside its MLP
-        tokens, mask = self._real(hidden)
-        self.stats.sites[site].update(layer, tokens, hidden, mask)
+    def _update_site(self, site: str, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Reduce ``hidden`` for ``site`` and stage the result; returns the token norms for reuse."""
+        state = self._state
+        if hidden.dim() == 2 and hidden.shape[0] == state.mask.numel():
+            hidden = hidden.view(*state.mask.shape, -1)  # OPT flattens (B, T) inside its MLP
+        reduced, norms = reduce_site(hidden, state.mask_on(hidden.device), self.thresholds)
+        state.sites[site][layer] = reduced
+        return norms
 
     def _block_pre_hook(self, layer: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            self._inputs[layer] = block_input(args, kwargs)
+            self._state.inputs[layer] = block_input(args, kwargs)
 
         return hook
 
     def _block_hook(self, layer: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            state = self._state
             hidden = first_tensor(output)
-            before = self._inputs.pop(layer, None)
-            if "block" in self.sites:
-                self._update_site("block", layer, hidden)
+            before = state.inputs.pop(layer, None)
+            norms = self._update_site("block", layer, hidden) if "block" in self.sites else None
             if "delta" in self.sites:
                 assert before is not None
                 self._update_site("delta", layer, hidden - before.to(hidden.device))
             if self.relations:
-                assert before is not None and self._mask is not None
-                tokens, mask = self._real(hidden)
-                self.stats.relations.update_cosine(layer, before.to(hidden.device)[mask], tokens)
-                rows = torch.arange(hidden.shape[0], device=hidden.device)
-                last = last_token_index(mask)
+                assert before is not None
+                before = before.to(hidden.device)
+                mask = state.mask_on(hidden.device)
+                state.cosines[layer] = masked_cosine_sum(before, hidden, mask, state.norms_of(before), norms)
+                last = state.last_on(hidden.device)
                 if layer == 0:
-                    self._last_tokens[-1] = before.to(hidden.device)[rows, last].to(self.device)
-                self._last_tokens[layer] = hidden[rows, last].to(self.device)
+                    state.last_tokens[-1] = before[last].to(self.device)
+                state.last_tokens[layer] = hidden[last].to(self.device)
+            state.remember(hidden, norms)
 
         return hook
 
@@ -134,17 +142,64 @@ class StatisticsCollector:
         if not self._handles:
             raise RuntimeError("use StatisticsCollector as a context manager before calling observe()")
         mask = batch.get("stat_mask", batch["attention_mask"])
-        self._mask = mask.to(self.device).bool()
         inputs = {key: batch[key].to(self.device) for key in MODEL_INPUTS if key in batch}
+        self._batch = _BatchState(mask.to(self.device).bool(), self.sites)
         try:
             self.model.base_model(**inputs)
+            self._fold(self._batch)
         finally:
-            self._inputs.clear()
-        if self.relations:
-            depths = [self._last_tokens[-1]] + [self._last_tokens[i] for i in range(self.adapter.num_layers)]
-            self.stats.relations.update_angular(torch.stack(depths))
-            self._last_tokens.clear()
+            self._batch = None
         self.stats.num_sequences += int(inputs["input_ids"].shape[0])
+
+    def _fold(self, state: _BatchState) -> None:
+        layers = range(self.adapter.num_layers)
+        for site, staged in state.sites.items():
+            self.stats.sites[site].fold(SiteBatch.stack([staged[layer] for layer in layers], self.device))
+        if self.relations:
+            sums = torch.stack([state.cosines[layer][0].to(self.device) for layer in layers])
+            counts = torch.stack([state.cosines[layer][1].to(self.device) for layer in layers])
+            self.stats.relations.fold_cosine(sums, counts)
+            depths = [state.last_tokens[-1]] + [state.last_tokens[layer] for layer in layers]
+            self.stats.relations.update_angular(torch.stack(depths))
+
+
+class _BatchState:
+    """Everything the hooks share during one forward pass, dropped as soon as the batch is folded in.
+
+    Masks and last-token indices are moved to each device once (not once per layer), and the token norms of
+    a block's output are kept so the next block, whose input is that very tensor, does not recompute them.
+    """
+
+    def __init__(self, mask: torch.Tensor, sites: tuple[str, ...]):
+        self.mask = mask
+        self.sites: dict[str, dict[int, SiteBatch]] = {site: {} for site in sites}
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.cosines: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.last_tokens: dict[int, torch.Tensor] = {}
+        self._masks: dict[torch.device, torch.Tensor] = {mask.device: mask}
+        self._last: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._previous: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def mask_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._masks:
+            self._masks[device] = self.mask.to(device)
+        return self._masks[device]
+
+    def last_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, positions) indexing each sequence's last selected token on ``device``."""
+        if device not in self._last:
+            mask = self.mask_on(device)
+            rows = torch.arange(mask.shape[0], device=device)
+            self._last[device] = (rows, last_token_index(mask))
+        return self._last[device]
+
+    def remember(self, hidden: torch.Tensor, norms: torch.Tensor | None) -> None:
+        self._previous = (hidden, norms) if norms is not None else None
+
+    def norms_of(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        if self._previous is not None and self._previous[0] is hidden:
+            return self._previous[1]
+        return None
 
 
 def check_finite(stats: ActivationStats, adapter: LayerAdapter) -> None:

@@ -1,9 +1,9 @@
 """Streaming, mergeable per-layer activation statistics.
 
-Nothing here keeps activations: each batch is reduced on its own device to a handful of float64 numbers per
-layer (count, mean, M2, near-zero counts, ...) which are folded into running totals with Chan et al.'s parallel
-update. The same merge combines shards from many GPUs or machines, so memory stays flat as data grows and a
-sharded run gives exactly the single-process answer.
+Nothing here keeps activations: each batch is reduced on its own device to a handful of float64 numbers
+per layer (count, mean, M2, near-zero counts, ...) which are folded into running totals with Chan et al.'s
+parallel update. The same merge combines shards from many GPUs or machines, so memory stays flat as data
+grows and a sharded run gives exactly the single-process answer.
 
 Everything in this module is a pure function of tensors, testable without a model.
 """
@@ -11,7 +11,7 @@ Everything in this module is a pure function of tensors, testable without a mode
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -75,34 +75,132 @@ def batch_moments(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return count, mean, m2
 
 
-def near_zero_counts(tokens: torch.Tensor, thresholds: tuple[Threshold, ...]) -> torch.Tensor:
-    """How many elements of ``tokens`` (N, D) fall under each threshold; float64 tensor of shape (K,)."""
+def near_zero_counts(
+    tokens: torch.Tensor,
+    thresholds: tuple[Threshold, ...],
+    mask: torch.Tensor | None = None,
+    norms: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """How many elements of the selected tokens fall under each threshold; float64 tensor of shape (K,).
+
+    ``tokens`` is (..., D); ``mask`` (...) selects tokens (all when None) and ``norms`` (...) may pass their
+    precomputed L2 norms. Unselected tokens get a limit of -1, which no magnitude is below, so padding is
+    excluded without gathering the real tokens (a boolean gather would force a host sync on GPU).
+    """
+    if not thresholds:
+        return torch.zeros(0, dtype=ACCUMULATOR_DTYPE, device=tokens.device)
     magnitude = tokens.abs()
+    if norms is None and any(threshold.kind == "rel" for threshold in thresholds):
+        norms = torch.linalg.vector_norm(tokens.float(), dim=-1)
+    rms_scale = 1.0 / math.sqrt(tokens.shape[-1])
     counts = []
-    rms = None
     for threshold in thresholds:
         if threshold.kind == "abs":
-            limit: torch.Tensor | float = threshold.value
+            limit = torch.full_like(magnitude[..., 0], threshold.value)
         else:
-            if rms is None:
-                rms = tokens.float().square().mean(dim=-1, keepdim=True).sqrt()
-            limit = threshold.value * rms
-        counts.append((magnitude < limit).sum())
-    if not counts:
-        return torch.zeros(0, dtype=ACCUMULATOR_DTYPE, device=tokens.device)
+            assert norms is not None
+            limit = (norms * (threshold.value * rms_scale)).to(magnitude.dtype)
+        if mask is not None:
+            limit = torch.where(mask, limit, -1.0)
+        counts.append((magnitude < limit.unsqueeze(-1)).sum())
     return torch.stack(counts).to(ACCUMULATOR_DTYPE)
 
 
 def pooled_variance_sum(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The published AVSS code's variance: mean-pool each sequence over its real tokens, take the variance
     across channels (population variance), and return the sum over sequences with the number of sequences.
+
+    The pooling is one batched matrix product in the activations' precision (at least float32); only the
+    (B, D) pooled vectors are reduced in float64.
     """
-    weights = mask.to(ACCUMULATOR_DTYPE).unsqueeze(-1)
-    lengths = weights.sum(dim=1)
+    compute = torch.promote_types(hidden.dtype, torch.float32)
+    weights = mask.to(compute).unsqueeze(1)
+    lengths = weights.sum(dim=-1)
+    pooled = torch.bmm(weights, hidden.to(compute)).squeeze(1) / lengths.clamp_min(1)
+    per_sequence = pooled.to(ACCUMULATOR_DTYPE).var(dim=-1, unbiased=False)
     keep = lengths.squeeze(-1) > 0
-    pooled = (hidden.to(ACCUMULATOR_DTYPE) * weights).sum(dim=1) / lengths.clamp_min(1)
-    per_sequence = pooled.var(dim=-1, unbiased=False)
-    return per_sequence[keep].sum(), keep.sum().to(ACCUMULATOR_DTYPE)
+    return torch.where(keep, per_sequence, 0.0).sum(), keep.sum().to(ACCUMULATOR_DTYPE)
+
+
+def token_moments(
+    hidden: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused (count, mean, M2) of the elements of the selected tokens, plus every token's L2 norm.
+
+    One upcast to float64 per activation feeds two row reductions (sum and sum of squares, exact for float32
+    and bfloat16 inputs up to float64 rounding); everything after works on (B, T) per-token values. Tokens are
+    combined with Chan's formula (within-token M2 plus the spread of token means), which avoids the
+    cancellation of a global sum-of-squares formula. Returns float64 scalars and (B, T) norms.
+    """
+    values = hidden.to(ACCUMULATOR_DTYPE)
+    width = hidden.shape[-1]
+    sums = torch.where(mask, values.sum(dim=-1), 0.0)
+    squares = torch.where(mask, torch.linalg.vecdot(values, values), 0.0)
+    count = mask.sum(dtype=ACCUMULATOR_DTYPE) * width
+    mean = sums.sum() / count.clamp_min(1)
+    token_means = sums / width
+    within = (squares - sums * token_means).clamp_min(0.0)
+    between = torch.where(mask, (token_means - mean).square(), 0.0) * width
+    return count, mean, (within + between).sum(), squares.sqrt()
+
+
+@dataclass
+class SiteBatch:
+    """What one batch contributes to a :class:`SiteStats`; fields may carry a leading layer axis.
+
+    Hooks produce one per layer; :meth:`stack` joins them so a whole batch is folded in with a handful of
+    vectorized operations instead of Python work per layer.
+    """
+
+    count: torch.Tensor
+    mean: torch.Tensor
+    m2: torch.Tensor
+    near_zero: torch.Tensor
+    pooled_sum: torch.Tensor
+    pooled_count: torch.Tensor
+
+    @classmethod
+    def stack(cls, batches: list[SiteBatch], device: torch.device | str) -> SiteBatch:
+        names = [f.name for f in fields(cls)]
+        return cls(**{name: torch.stack([getattr(b, name).to(device) for b in batches]) for name in names})
+
+
+def reduce_site(
+    hidden: torch.Tensor, mask: torch.Tensor, thresholds: tuple[Threshold, ...]
+) -> tuple[SiteBatch, torch.Tensor]:
+    """Reduce one activation (B, T, D) with token mask (B, T) to its :class:`SiteBatch` and the token norms.
+
+    Runs on the activation's device without host synchronization; the norms are returned so the caller can
+    reuse them (relative thresholds and block-influence cosines need them too).
+    """
+    mask = mask.to(device=hidden.device, dtype=torch.bool)
+    count, mean, m2, norms = token_moments(hidden, mask)
+    near_zero = near_zero_counts(hidden, thresholds, mask, norms)
+    pooled_sum, pooled_count = pooled_variance_sum(hidden, mask)
+    return SiteBatch(count, mean, m2, near_zero, pooled_sum, pooled_count), norms
+
+
+def masked_cosine_sum(
+    before: torch.Tensor,
+    after: torch.Tensor,
+    mask: torch.Tensor,
+    before_norms: torch.Tensor | None = None,
+    after_norms: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over selected tokens of cos(before, after) and the number of tokens, as float64 scalars.
+
+    Matches ``torch.nn.functional.cosine_similarity`` (norms clamped at 1e-8); precomputed norms skip a pass.
+    """
+    compute = torch.promote_types(after.dtype, torch.float32)
+    before, after = before.to(compute), after.to(compute)
+    if before_norms is None:
+        before_norms = torch.linalg.vector_norm(before, dim=-1)
+    if after_norms is None:
+        after_norms = torch.linalg.vector_norm(after, dim=-1)
+    eps = 1e-8
+    denominator = before_norms.to(compute).clamp_min(eps) * after_norms.to(compute).clamp_min(eps)
+    cosine = torch.linalg.vecdot(before, after) / denominator
+    return torch.where(mask, cosine.to(ACCUMULATOR_DTYPE), 0.0).sum(), mask.sum(dtype=ACCUMULATOR_DTYPE)
 
 
 @dataclass
@@ -144,15 +242,24 @@ class SiteStats:
         return self
 
     def update(self, layer: int, tokens: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor) -> None:
-        """Fold one batch of one layer in: ``tokens`` (N, D) are the real tokens, ``hidden`` (B, T, D)."""
-        device = self.count.device
-        count, mean, m2 = (value.to(device) for value in batch_moments(tokens))
-        merged = chan_merge(self.count[layer], self.mean[layer], self.m2[layer], count, mean, m2)
-        self.count[layer], self.mean[layer], self.m2[layer] = merged
-        self.near_zero[layer] += near_zero_counts(tokens, self.thresholds).to(device)
-        pooled, sequences = pooled_variance_sum(hidden, mask)
-        self.pooled_sum[layer] += pooled.to(device)
-        self.pooled_count[layer] += sequences.to(device)
+        """Fold one batch of one layer in: ``hidden`` (B, T, D) with token ``mask`` (B, T).
+
+        ``tokens`` (= ``hidden[mask]``) is part of the original signature; the reduction reads ``hidden`` and
+        ``mask`` so that it never gathers (a boolean gather synchronizes GPU and host).
+        """
+        del tokens
+        batch, _ = reduce_site(hidden, mask, self.thresholds)
+        self.fold(SiteBatch.stack([batch], self.count.device), layers=[layer])
+
+    def fold(self, batch: SiteBatch, layers: list[int] | None = None) -> None:
+        """Fold a stacked :class:`SiteBatch` in, vectorized over ``layers`` (default: all, in order)."""
+        index = slice(None) if layers is None else torch.tensor(layers, device=self.count.device)
+        running = (self.count[index], self.mean[index], self.m2[index])
+        merged = chan_merge(*running, batch.count, batch.mean, batch.m2)
+        self.count[index], self.mean[index], self.m2[index] = merged
+        self.near_zero[index] += batch.near_zero
+        self.pooled_sum[index] += batch.pooled_sum
+        self.pooled_count[index] += batch.pooled_count
 
     def merge(self, other: SiteStats) -> SiteStats:
         """Statistics of the union of both shards' data (``self`` and ``other`` are left unchanged)."""
@@ -202,8 +309,8 @@ class RelationStats:
     """Statistics that relate layers to each other, for the baselines sharing the AVSS pass.
 
     ``cosine_sum``/``cosine_count``: per block, sum over real tokens of cos(h_l, h_{l+1}) (ShortGPT block
-    influence). ``angular_sum``/``angular_count``: over sequences, sum of arccos(cos(h_i, h_j)) / pi between the
-    last real token's residual states at every pair of depths 0..L (Gromov et al.).
+    influence). ``angular_sum``/``angular_count``: over sequences, sum of arccos(cos(h_i, h_j)) / pi between
+    the last real token's residual states at every pair of depths 0..L (Gromov et al.).
     """
 
     num_layers: int
@@ -225,7 +332,8 @@ class RelationStats:
                 setattr(self, name, torch.zeros(shape, dtype=ACCUMULATOR_DTYPE))
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in ("cosine_sum", "cosine_count", "angular_sum", "angular_count")}
+        names = ("cosine_sum", "cosine_count", "angular_sum", "angular_count")
+        return {name: getattr(self, name) for name in names}
 
     def to(self, device: torch.device | str) -> RelationStats:
         for name, tensor in self.tensors().items():
@@ -234,9 +342,15 @@ class RelationStats:
 
     def update_cosine(self, layer: int, before: torch.Tensor, after: torch.Tensor) -> None:
         """Add the per-token cosines between a block's input and output (both (N, D), real tokens only)."""
-        cosine = torch.nn.functional.cosine_similarity(before.float(), after.float(), dim=-1)
-        self.cosine_sum[layer] += cosine.to(ACCUMULATOR_DTYPE).sum().to(self.cosine_sum.device)
-        self.cosine_count[layer] += cosine.numel()
+        mask = torch.ones(before.shape[:-1], dtype=torch.bool, device=before.device)
+        total, count = masked_cosine_sum(before, after, mask)
+        self.fold_cosine(total.reshape(1), count.reshape(1), layers=[layer])
+
+    def fold_cosine(self, sums: torch.Tensor, counts: torch.Tensor, layers: list[int] | None = None) -> None:
+        """Add per-layer cosine sums and token counts, vectorized over ``layers`` (default: all)."""
+        index = slice(None) if layers is None else torch.tensor(layers, device=self.cosine_sum.device)
+        self.cosine_sum[index] += sums.to(self.cosine_sum.device)
+        self.cosine_count[index] += counts.to(self.cosine_count.device)
 
     def update_angular(self, last_tokens: torch.Tensor) -> None:
         """Add angular distances between all depths for one batch; ``last_tokens`` is (L+1, B, D)."""
