@@ -37,20 +37,34 @@ def to_json(obj: Any) -> str:
 
 
 def ensure_parent_writable(path: Path) -> None:
-    """Create ``path``'s parent or raise :class:`OutputError` explaining why it cannot be written."""
-    parent = path.parent
+    """Raise :class:`OutputError` unless ``path`` can be written: its nearest existing ancestor must be a
+    writable directory.
+
+    Nothing is created, so a command that checks its ``--out`` first and then fails leaves no trace.
+    """
+    parent = Path(path).parent
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot create output directory {parent}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"output directory {existing} is not writable; choose another --out")
+
+
+def make_parent(path: Path) -> None:
+    """Create ``path``'s parent directories, right before the first write."""
+    ensure_parent_writable(path)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"cannot create output directory {parent}: {exc.strerror or exc}") from exc
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"output directory {parent} is not writable; choose another --out")
+        raise OutputError(f"cannot create output directory {path.parent}: {exc.strerror or exc}") from exc
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` and rename the result onto ``path``; remove the temporary file on failure."""
     path = Path(path)
-    ensure_parent_writable(path)
+    make_parent(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -93,6 +107,7 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
     previous result intact.
     """
     path = check_output_dir(path, overwrite)
+    make_parent(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp

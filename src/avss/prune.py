@@ -39,9 +39,18 @@ def protected_layers(num_layers: int, protect: tuple[str, ...] | list[str] = ())
     return result
 
 
-def layers_for_fraction(fraction: float, num_layers: int) -> int:
+def check_fraction(fraction: float) -> None:
     if not 0 < fraction < 1:
         raise PruneConfigError(f"--fraction must be strictly between 0 and 1, got {fraction}")
+
+
+def check_tau(tau: float) -> None:
+    if not 0 < tau <= 1:
+        raise PruneConfigError(f"--tau must be in (0, 1], got {tau}")
+
+
+def layers_for_fraction(fraction: float, num_layers: int) -> int:
+    check_fraction(fraction)
     count = round(fraction * num_layers)
     if count == 0:
         raise PruneConfigError(
@@ -72,8 +81,7 @@ def select_mass(scores: torch.Tensor, tau: float, protect: set[int] | None = Non
     Sorting happens *before* the cumulative sum; summing in layer order (as the published AVSS.py does)
     would select the shallowest layers instead of the lowest-scoring ones.
     """
-    if not 0 < tau <= 1:
-        raise PruneConfigError(f"--tau must be in (0, 1], got {tau}")
+    check_tau(tau)
     protect = protect or set()
     normalized = scores.to(torch.float64) / scores.sum()
     order = [layer for layer in torch.argsort(normalized, stable=True).tolist() if layer not in protect]
@@ -97,6 +105,18 @@ class PruneSpec:
     n_layers: int | None = None
     tau: float | None = None
     protect: tuple[str, ...] = ()
+
+    def check(self) -> PruneSpec:
+        """Check what does not depend on the model, so a bad option fails before minutes of scoring."""
+        if self.rule not in RULES:
+            raise PruneConfigError(f"unknown --rule {self.rule!r}; choose one of {', '.join(RULES)}")
+        if self.rule == "count" and self.n_layers is None and self.fraction is not None:
+            check_fraction(self.fraction)
+        if self.rule == "count" and self.n_layers is not None and self.n_layers < 1:
+            raise PruneConfigError(f"--n-layers must be at least 1, got {self.n_layers}")
+        if self.rule == "mass" and self.tau is not None:
+            check_tau(self.tau)
+        return self
 
     def select(self, scores: torch.Tensor) -> list[int]:
         num_layers = scores.numel()

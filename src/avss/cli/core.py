@@ -155,7 +155,7 @@ def prune_command(
         n_layers=n_layers,
         tau=tau,
         protect=tuple(p for p in protect.split(",") if p),
-    )
+    ).check()
     check_output_dir(out, overwrite)
     loaded = load_model(
         model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
