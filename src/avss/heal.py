@@ -20,9 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import resource
-import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
@@ -38,8 +35,8 @@ from avss.adapters import block_input, first_tensor, get_adapter
 from avss.data import TextSource, tokenize_texts
 from avss.errors import AvssError, DataError, PruneConfigError
 from avss.io import atomic_directory, check_output_dir, to_json
-from avss.progress import track
 from avss.prune import PROVENANCE_FILE
+from avss.training import ParamPredicate, TrainConfig, prefix_selector, substring_selector, train
 
 HEALING_FILE = "avss_healing.json"
 ADAPTER_DIR = "adapter"
@@ -47,7 +44,7 @@ EVALUATION_FILES = ("wiki.test.raw", "test.tokens.txt")
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)  # GPT-2 projections are Conv1D
 
 Batch = dict[str, torch.Tensor]
-LossFn = Callable[[Batch], torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
 
 class HealConfigError(AvssError):
@@ -61,10 +58,12 @@ class HealConfigError(AvssError):
 class HealConfig:
     """How to heal: the method, its training budget, and the method-specific knobs.
 
-    ``learning_rate=None`` uses the method's default. ``neighbours`` is how many kept blocks on each side of
-    a removed span ``lora`` and ``full`` train. ``target_modules=None`` takes peft's table for the
-    architecture, or every linear layer of the block where peft has no entry; ``("all-linear",)`` asks for
-    every linear layer explicitly.
+    ``steps`` optimizer steps are split over ``epochs`` passes over the same training windows; the validation
+    loss is measured and a checkpoint written after each epoch, and the best epoch's weights are kept
+    (:func:`avss.training.train`). ``learning_rate=None`` uses the method's default. ``neighbours`` is how
+    many kept blocks on each side of a removed span ``lora`` and ``full`` train. ``target_modules=None``
+    takes peft's table for the architecture, or every linear layer of the block where peft has no entry;
+    ``("all-linear",)`` asks for every linear layer explicitly.
     """
 
     method: str = "lora"
@@ -72,10 +71,9 @@ class HealConfig:
     learning_rate: float | None = None
     batch_size: int = 4
     max_length: int = 128
-    samples: int | None = None
+    epochs: int = 2
     validation_samples: int = 16
-    eval_every: int = 50
-    patience: int | None = None
+    patience: int | None = 1
     weight_decay: float = 0.0
     gradient_accumulation: int = 1
     seed: int = 0
@@ -85,28 +83,14 @@ class HealConfig:
     dropout: float = 0.0
     target_modules: tuple[str, ...] | None = None
     merge: bool = True
+    checkpoint_dir: str | None = None
+    resume: bool = False
 
     def train_samples(self) -> int:
-        """Enough training windows that ``steps`` optimizer steps see each window about once."""
-        if self.samples is not None:
-            return self.samples
-        return self.steps * self.batch_size * self.gradient_accumulation
-
-
-@dataclass
-class TrainingReport:
-    """What a training run measured: losses, time, memory and how it stopped."""
-
-    steps: int
-    initial_train_loss: float
-    final_train_loss: float
-    initial_validation_loss: float
-    final_validation_loss: float
-    best_validation_loss: float
-    validation_history: list[tuple[int, float]] = field(default_factory=list)
-    stopped_early: bool = False
-    wall_time_s: float = 0.0
-    peak_memory_mb: float = 0.0
+        """Training windows per epoch: enough for ``steps / epochs`` optimizer steps."""
+        if self.steps < 1 or self.epochs < 1 or self.steps < self.epochs:
+            raise HealConfigError(f"need steps >= epochs >= 1, got steps={self.steps}, epochs={self.epochs}")
+        return math.ceil(self.steps / self.epochs) * self.batch_size * self.gradient_accumulation
 
 
 @dataclass
@@ -206,16 +190,14 @@ def lm_labels(batch: Batch) -> torch.Tensor:
     return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
 
 
-def lm_loss(model: nn.Module) -> LossFn:
-    def loss(batch: Batch) -> torch.Tensor:
-        return model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            labels=lm_labels(batch),
-            use_cache=False,
-        ).loss
-
-    return loss
+def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The causal LM loss over the batch's real tokens."""
+    return model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=lm_labels(batch),
+        use_cache=False,
+    ).loss
 
 
 def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -295,20 +277,33 @@ class SpanTeacher:
         return captured
 
 
-def replacement_loss(teacher: SpanTeacher, students: list[nn.Module]) -> LossFn:
-    """Mean over spans of the masked MSE between ``student(h_in)`` and the original ``h_out``."""
+class ReplacementStudents(nn.Module):
+    """The replacement blocks being trained; calling it on a batch returns their loss: the mean over spans
+    of the masked MSE between ``student(h_in)`` and the original model's ``h_out``.
 
-    def loss(batch: Batch) -> torch.Tensor:
-        captured = teacher.capture(batch)
+    The teacher is held outside the module tree so that only the students' parameters are visible to the
+    training loop and to checkpoints.
+    """
+
+    def __init__(self, teacher: SpanTeacher, students: list[nn.Module]):
+        super().__init__()
+        self.students = nn.ModuleList(students)
+        self._teacher = teacher
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        captured = self._teacher.capture(batch)
         losses = []
-        for plan, student in zip(teacher.plans, students, strict=True):
+        for plan, student in zip(self._teacher.plans, self.students, strict=True):
             args, kwargs = captured["call", plan.template]
             args, kwargs = _with_hidden(args, kwargs, captured["input", plan.first])
             prediction = first_tensor(student(*args, **kwargs))
             losses.append(masked_mse(prediction, captured["output", plan.last], batch["attention_mask"]))
         return torch.stack(losses).mean()
 
-    return loss
+
+def call_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The loss of a module whose forward pass returns its own loss (:class:`ReplacementStudents`)."""
+    return model(batch)
 
 
 def insert_blocks(model: nn.Module, insertions: list[tuple[int, nn.Module, int]]) -> None:
@@ -341,10 +336,11 @@ def insert_blocks(model: nn.Module, insertions: list[tuple[int, nn.Module, int]]
 
 @dataclass
 class Objective:
-    """What to train: the model being healed, the parameters the optimizer updates, and the loss."""
+    """What to train: the module the training loop sees, which of its parameters to update, the loss,
+    and ``finish``, which turns the trained module into the healed model."""
 
     model: nn.Module
-    parameters: list[nn.Parameter]
+    trainable: ParamPredicate
     loss: LossFn
     trained_layers: list[int]
     finish: Callable[[], nn.Module]
@@ -360,11 +356,6 @@ class HealContext:
     original_num_layers: int
     teacher: nn.Module | None = None
     teacher_source: dict[str, Any] | None = None
-
-
-def _freeze(model: nn.Module) -> None:
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
 
 
 def default_target_modules(model_type: str) -> tuple[str, ...] | None:
@@ -403,36 +394,24 @@ def prepare_lora(model: nn.Module, config: HealConfig, context: HealContext) -> 
         target_modules=lora_module_names(model, layers, targets),
     )
     peft_model = get_peft_model(model, lora_config)
-    parameters = [p for p in peft_model.parameters() if p.requires_grad]
 
     def finish() -> nn.Module:
-        peft_model.eval()
         return peft_model.merge_and_unload() if config.merge else peft_model
 
-    return Objective(peft_model, parameters, lm_loss(peft_model), layers, finish)
+    return Objective(peft_model, substring_selector("lora_"), lm_loss, layers, finish)
 
 
 def prepare_full(model: nn.Module, config: HealConfig, context: HealContext) -> Objective:
     layers = neighbour_layers(context.removed, context.original_num_layers, config.neighbours)
-    _freeze(model)
-    blocks = get_adapter(model).blocks
-    parameters = [p for layer in layers for p in blocks[layer].parameters()]
-    for parameter in parameters:
-        parameter.requires_grad_(True)
-
-    def finish() -> nn.Module:
-        _freeze(model)
-        return model.eval()
-
-    return Objective(model, parameters, lm_loss(model), layers, finish)
+    adapter = get_adapter(model)
+    selector = prefix_selector([adapter.layer_name(layer) for layer in layers])
+    return Objective(model, selector, lm_loss, layers, lambda: model)
 
 
 def prepare_replace(model: nn.Module, config: HealConfig, context: HealContext) -> Objective:
     if context.teacher is None:
         raise HealConfigError("method 'replace' needs the original (unpruned) model as teacher")
-    teacher = context.teacher.eval()
-    _freeze(teacher)
-    _freeze(model)
+    teacher = context.teacher.eval().requires_grad_(False)
     plans = plan_replacements(context.removed, context.original_num_layers)
     teacher_blocks = get_adapter(teacher).blocks
     if len(teacher_blocks) != context.original_num_layers:
@@ -440,30 +419,24 @@ def prepare_replace(model: nn.Module, config: HealConfig, context: HealContext) 
             f"the teacher has {len(teacher_blocks)} blocks but the pruning record says "
             f"{context.original_num_layers}; pass the model that was pruned"
         )
-    students = [copy.deepcopy(teacher_blocks[plan.template]).train() for plan in plans]
-    parameters = [p for student in students for p in student.parameters()]
-    for parameter in parameters:
-        parameter.requires_grad_(True)
+    students = ReplacementStudents(
+        SpanTeacher(teacher, plans), [copy.deepcopy(teacher_blocks[plan.template]) for plan in plans]
+    )
     kept = kept_layers(context.removed, context.original_num_layers)
     position = {layer: index for index, layer in enumerate(kept)}
 
     def finish() -> nn.Module:
-        for student in students:
-            student.eval()
-        insert_blocks(
-            model,
-            [
-                (plan.insert_at, student, position[plan.template])
-                for plan, student in zip(plans, students, strict=True)
-            ],
-        )
-        _freeze(model)
-        return model.eval()
+        insertions = [
+            (plan.insert_at, student, position[plan.template])
+            for plan, student in zip(plans, students.students, strict=True)
+        ]
+        insert_blocks(model, insertions)
+        return model.requires_grad_(False).eval()
 
     return Objective(
-        model,
-        parameters,
-        replacement_loss(SpanTeacher(teacher, plans), students),
+        students,
+        lambda name, parameter: True,
+        call_loss,
         [plan.insert_at for plan in plans],
         finish,
         teacher_source=context.teacher_source,
@@ -519,91 +492,17 @@ def split_batches(batches: list[Batch], validation: int) -> tuple[list[Batch], l
     return batches[held:], batches[:held]
 
 
-@torch.no_grad()
-def mean_loss(loss: LossFn, batches: list[Batch]) -> float:
-    """Mean of the per-batch losses weighted by real tokens."""
-    total, weight = 0.0, 0
-    for batch in batches:
-        tokens = int(batch["attention_mask"].sum())
-        total += float(loss(batch)) * tokens
-        weight += tokens
-    return total / max(weight, 1)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak accelerator memory allocated, or the process's peak resident set size on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
-
-def train_objective(
-    objective: Objective,
-    train: list[Batch],
-    validation: list[Batch],
-    config: HealConfig,
-    learning_rate: float,
-    progress: bool = True,
-) -> TrainingReport:
-    """AdamW on the objective's parameters for ``config.steps`` optimizer steps, cycling over ``train``;
-    validation loss every ``eval_every`` steps, stopping after ``patience`` evaluations without a new best
-    and restoring the best parameters."""
-    device = objective.parameters[0].device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
-    optimizer = torch.optim.AdamW(objective.parameters, lr=learning_rate, weight_decay=config.weight_decay)
-    objective.model.eval()
-    initial_validation = mean_loss(objective.loss, validation)
-    initial_train = mean_loss(objective.loss, train[: max(1, len(validation))])
-    best = initial_validation
-    best_state = [p.detach().clone() for p in objective.parameters]
-    history: list[tuple[int, float]] = [(0, initial_validation)]
-    stale, stopped_early, step, recent = 0, False, 0, []
-    schedule = (train[i % len(train)] for i in range(config.steps * config.gradient_accumulation))
-    objective.model.train()
-    for index, batch in enumerate(
-        track(schedule, "healing", total=config.steps * config.gradient_accumulation, enabled=progress)
-    ):
-        loss = objective.loss(batch)
-        (loss / config.gradient_accumulation).backward()
-        recent.append(float(loss.detach()))
-        if (index + 1) % config.gradient_accumulation:
-            continue
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if step % config.eval_every and step != config.steps:
-            continue
-        objective.model.eval()
-        current = mean_loss(objective.loss, validation)
-        objective.model.train()
-        history.append((step, current))
-        if current < best:
-            best, stale = current, 0
-            best_state = [p.detach().clone() for p in objective.parameters]
-        else:
-            stale += 1
-            if config.patience is not None and stale >= config.patience:
-                stopped_early = True
-                break
-    with torch.no_grad():
-        for parameter, saved in zip(objective.parameters, best_state, strict=True):
-            parameter.copy_(saved)
-    objective.model.eval()
-    window = recent[-max(1, len(train)) :]
-    return TrainingReport(
-        steps=step,
-        initial_train_loss=initial_train,
-        final_train_loss=sum(window) / len(window) if window else math.nan,
-        initial_validation_loss=initial_validation,
-        final_validation_loss=history[-1][1],
-        best_validation_loss=best,
-        validation_history=history,
-        stopped_early=stopped_early,
-        wall_time_s=round(time.perf_counter() - started, 3),
-        peak_memory_mb=round(peak_memory_mb(device), 1),
+def train_config(config: HealConfig, learning_rate: float, progress: bool) -> TrainConfig:
+    return TrainConfig(
+        epochs=config.epochs,
+        lr=learning_rate,
+        weight_decay=config.weight_decay,
+        grad_accum=config.gradient_accumulation,
+        patience=config.patience,
+        seed=config.seed,
+        checkpoint_dir=config.checkpoint_dir,
+        resume=config.resume,
+        progress=progress,
     )
 
 
@@ -640,8 +539,6 @@ def heal_in_memory(
     """
     config = config or HealConfig()
     method = get_heal_method(config.method)
-    if config.steps < 1:
-        raise HealConfigError(f"--steps must be at least 1, got {config.steps}")
     if not removed_layers:
         raise HealConfigError("nothing was removed from this model, so there is nothing to heal")
     original = get_adapter(model).num_layers + len(removed_layers)
@@ -656,11 +553,18 @@ def heal_in_memory(
     ).batches
     device = next(model.parameters()).device
     batches = [{key: value.to(device) for key, value in batch.items()} for batch in batches]
-    train, validation = split_batches(batches, config.validation_samples)
+    train_batches, validation = split_batches(batches, config.validation_samples)
     context = HealContext(sorted(removed_layers), original, teacher, teacher_source)
     objective = method.prepare(model, config, context)
     learning_rate = config.learning_rate if config.learning_rate is not None else method.learning_rate
-    report = train_objective(objective, train, validation, config, learning_rate, progress=progress)
+    report = train(
+        objective.model,
+        objective.loss,
+        train_batches,
+        trainable=objective.trainable,
+        val_batches=validation,
+        config=train_config(config, learning_rate, progress),
+    )
     healed = objective.finish()
     record = HealingRecord(
         method=method.name,
@@ -668,12 +572,12 @@ def heal_in_memory(
         pruning=pruning or {"removed_layers": sorted(removed_layers), "original_num_layers": original},
         trained_layers=objective.trained_layers,
         inserted_layers=objective.inserted_layers,
-        trainable_parameters=sum(p.numel() for p in objective.parameters),
+        trainable_parameters=report.trainable_parameters,
         data=data or {"kind": "texts", "count": len(texts)},
-        num_train_sequences=sum(b["input_ids"].shape[0] for b in train),
-        num_train_tokens=int(sum(b["attention_mask"].sum() for b in train)),
+        num_train_sequences=sum(b["input_ids"].shape[0] for b in train_batches),
+        num_train_tokens=int(sum(b["attention_mask"].sum() for b in train_batches)),
         num_validation_sequences=sum(b["input_ids"].shape[0] for b in validation),
-        training=asdict(report),
+        training=report.to_dict(),
         teacher_model=objective.teacher_source,
         merged=config.method != "lora" or config.merge,
     )
