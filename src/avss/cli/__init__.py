@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sys
 
+from rich.markup import escape
+
 # Importing a command module registers its commands on `app`.
 from avss.cli import (
     core,  # noqa: F401  (registration side effect)
@@ -20,24 +22,10 @@ from avss.errors import AvssError
 
 
 def main() -> None:
+    """Run the app in click's standalone mode, which prints usage errors and exits 2 (typer vendors its own
+    click, so its exceptions are not ``click``'s); user errors become one unwrapped line and exit 2 here."""
     try:
-        app(standalone_mode=False)
+        app()
     except AvssError as exc:
-        console_err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console_err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        console_err.print("[yellow]interrupted[/]")
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as exc:
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(2)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        raise
