@@ -1,0 +1,87 @@
+"""Sharded statistics: a 2-process gloo run equals one process; shards are disjoint and may be uneven."""
+
+import json
+import os
+import socket
+
+import torch
+import torch.multiprocessing as mp
+
+from _tiny import random_batch, tiny_model
+from avss.collect import collect_statistics
+from avss.distributed import DistributedContext, collect_distributed, pack, unpack
+
+SITES = ("block", "mlp")
+
+
+def _batches(count: int) -> list[dict[str, torch.Tensor]]:
+    return [random_batch(batch=2 + i % 2, length=6 + 3 * i, seed=i) for i in range(count)]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, sizes: tuple[int, ...], out: str) -> None:
+    launcher = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "LOCAL_RANK": "0"}
+    os.environ.update(launcher, RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    model = tiny_model("llama", num_layers=3)
+    for size in sizes:
+        stats = collect_distributed(model, _batches(size), sites=SITES, progress=False)
+        with open(f"{out}.{size}.{rank}", "w") as handle:
+            json.dump(stats.state_dict(), handle)
+
+
+def _assert_same(got: dict, want: dict) -> None:
+    assert got["num_sequences"] == want["num_sequences"]
+    for group in ("sites", "relations"):
+        flat_got = torch.tensor(_flatten(got[group]), dtype=torch.float64)
+        flat_want = torch.tensor(_flatten(want[group]), dtype=torch.float64)
+        torch.testing.assert_close(flat_got, flat_want, rtol=1e-9, atol=1e-12)
+
+
+def _flatten(value) -> list[float]:
+    if isinstance(value, dict):
+        return [x for key in sorted(value) for x in _flatten(value[key])]
+    if isinstance(value, list):
+        return [x for item in value for x in _flatten(item)]
+    return [float(value)]
+
+
+def test_shards_are_disjoint_cover_everything_and_may_be_uneven():
+    items = list(range(7))
+    shards = [DistributedContext(rank, 3).shard(items) for rank in range(3)]
+    assert sorted(x for shard in shards for x in shard) == items
+    assert [len(shard) for shard in shards] == [3, 2, 2]
+    assert DistributedContext(2, 4).shard([0, 1]) == []
+
+
+def test_pack_unpack_round_trip_is_exact():
+    model = tiny_model("llama", num_layers=2)
+    stats = collect_statistics(model, _batches(2), sites=SITES, progress=False)
+    restored = unpack(pack(stats), stats)
+    assert restored.num_sequences == stats.num_sequences
+    assert torch.equal(pack(restored), pack(stats))
+
+
+def test_single_process_without_launcher_is_plain_collection():
+    model = tiny_model("llama", num_layers=2)
+    batches = _batches(2)
+    plain = collect_statistics(model, batches, sites=SITES, progress=False)
+    wrapped = collect_distributed(model, batches, sites=SITES, progress=False)
+    assert torch.equal(pack(plain), pack(wrapped))
+
+
+def test_two_gloo_processes_equal_one_process_with_even_and_uneven_shards(tmp_path):
+    """4 batches split 2 + 2, 5 split 3 + 2, 1 leaves rank 1 empty; every rank receives the same merge."""
+    out, sizes = str(tmp_path / "stats"), (4, 5, 1)
+    mp.spawn(_worker, args=(2, _free_port(), sizes, out), nprocs=2, join=True)
+    model = tiny_model("llama", num_layers=3)
+    for size in sizes:
+        want = collect_statistics(model, _batches(size), sites=SITES, progress=False).state_dict()
+        for rank in range(2):
+            with open(f"{out}.{size}.{rank}") as handle:
+                _assert_same(json.load(handle), want)
