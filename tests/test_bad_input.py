@@ -1,0 +1,670 @@
+"""The bad-input catalogue: every way a user can hand avss something wrong, one table row per case.
+
+Each CLI row runs ``avss`` exactly as :func:`avss.cli.main` does (in process, so monkeypatched failures reach
+it) and asserts exit code 2, a message naming the problem, no traceback, and that the workspace, including
+the ``--out`` location, is byte-for-byte unchanged (no partial or temporary files left behind). API rows
+assert the specific :class:`avss.errors.AvssError` subclass. A few rows run ``python -m avss`` in a
+subprocess to check the installed entry point end to end.
+``docs/troubleshooting.md`` is generated from these tables by ``scripts/gen_troubleshooting.py``.
+
+Tests run as root, where permission bits are ignored, so "unwritable" is simulated two ways: an ``--out``
+below a regular file (no process can create it) and ``os.access`` monkeypatched to deny writing.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from _tiny import VOCAB, random_batch, tiny_model, tiny_tokenizer
+from avss import errors
+from avss.cli import main
+
+FAST = ["--samples", "2", "--max-length", "16", "--batch-size", "2", "--device", "cpu"]
+NUM_LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-layer tiny llama saved once, with tokenizer; cases copy it before editing."""
+    path = tmp_path_factory.mktemp("tiny") / "llama"
+    tiny_model("llama", NUM_LAYERS).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@dataclass
+class Workspace:
+    """A case's files: everything under ``root`` must be unchanged after the failing command."""
+
+    root: Path
+    template: Path
+
+    @property
+    def out(self) -> Path:
+        return self.root / "out"
+
+    @property
+    def model(self) -> str:
+        return str(self.template)
+
+    def file(self, name: str, text: str) -> str:
+        path = self.root / name
+        path.write_text(text, encoding="utf-8")
+        return str(path)
+
+    def variant(self, edit: Callable[[Path], None]) -> str:
+        """A copy of the tiny model changed by ``edit`` (config, weights, ...)."""
+        path = self.root / "model"
+        shutil.copytree(self.template, path)
+        edit(path)
+        return str(path)
+
+    def previous_result(self) -> None:
+        """A complete earlier output at ``--out`` that a failed run must keep."""
+        (self.out / "pruned").mkdir(parents=True)
+        (self.out / "pruned" / "config.json").write_text('{"previous": true}\n')
+        (self.out / "scores.json").write_text('{"previous": true}\n')
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        if path.is_file()
+        else "dir"
+        for path in sorted(root.rglob("*"))
+    }
+
+
+def edit_config(**changes: object) -> Callable[[Path], None]:
+    def edit(path: Path) -> None:
+        config = json.loads((path / "config.json").read_text())
+        config.update(changes)
+        (path / "config.json").write_text(json.dumps(config))
+
+    return edit
+
+
+def pickle_weights(path: Path) -> None:
+    """Replace model.safetensors by a pickle checkpoint with the same tensors."""
+    state = load_file(path / "model.safetensors")
+    (path / "model.safetensors").unlink()
+    torch.save(state, path / "pytorch_model.bin")
+
+
+def unsupported_architecture(path: Path) -> None:
+    """A genuine transformers architecture (Falcon) that has no row in the adapter table."""
+    config = AutoConfig.for_model(
+        "falcon", vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_hidden_layers=NUM_LAYERS
+    )
+    shutil.rmtree(path)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+
+
+def poison(value: float, layer: int = 2) -> Callable[[Path], None]:
+    """Set one block's MLP output weights to NaN or Inf, so that block's activations are non-finite."""
+
+    def edit(path: Path) -> None:
+        model = AutoModelForCausalLM.from_pretrained(path)
+        with torch.no_grad():
+            model.model.layers[layer].mlp.down_proj.weight.fill_(value)
+        model.save_pretrained(path)
+
+    return edit
+
+
+def deny_writing(path: object, mode: int, **kwargs: object) -> bool:
+    """``os.access`` as seen by a user without write permission (root ignores permission bits)."""
+    return not mode & os.W_OK
+
+
+def disk_full(*args: object, **kwargs: object) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def disk_full_mid_save(self: PreTrainedModel, directory: str | Path, *args: object, **kwargs: object) -> None:
+    """Write part of a checkpoint, then fail the way a full disk does."""
+    (Path(directory) / "model.safetensors").write_bytes(b"\0" * 1024)
+    disk_full()
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input: the command line it builds, what the message must say, and an optional failure patch."""
+
+    id: str
+    argv: Callable[[Workspace], list[str]]
+    message: tuple[str, ...]
+    patch: Callable[[pytest.MonkeyPatch], None] | None = None
+    setup: Callable[[Workspace], None] | None = None
+    needs: str | None = None
+
+
+def score(ws: Workspace, *extra: str, model: str | None = None) -> list[str]:
+    return ["score", model or ws.model, *FAST, "--out", str(ws.out / "scores.json"), *extra]
+
+
+def prune(ws: Workspace, *extra: str, model: str | None = None) -> list[str]:
+    return ["prune", model or ws.model, *FAST, "--out", str(ws.out / "pruned"), *extra]
+
+
+CLI_CASES = [
+    # --- the model ---
+    Case("missing model path", lambda ws: score(ws, model=str(ws.root / "no-such-model")), ("not found",)),
+    Case(
+        "model path is a file",
+        lambda ws: score(ws, model=ws.file("weights.txt", "x")),
+        ("is a file", "model directory or a .gguf file"),
+    ),
+    Case(
+        "unreadable config.json",
+        lambda ws: score(ws, model=ws.variant(lambda p: (p / "config.json").write_text("{not json"))),
+        ("config.json", "not a valid JSON file"),
+    ),
+    Case(
+        "config.json field its model type rejects",
+        lambda ws: score(ws, model=ws.variant(edit_config(model_type="falcon"))),
+        ("cannot read the config", "invalid field"),
+    ),
+    Case(
+        "directory that is not a model",
+        lambda ws: score(ws, model=str(ws.root / "empty-dir")),
+        ("is not a model directory", "no config.json"),
+        setup=lambda ws: (ws.root / "empty-dir").mkdir(),
+    ),
+    Case(
+        "model directory without weights",
+        lambda ws: score(
+            ws, "--allow-pickle", model=ws.variant(lambda p: (p / "model.safetensors").unlink())
+        ),
+        ("has no weights",),
+    ),
+    Case(
+        "unsupported architecture",
+        lambda ws: score(ws, model=ws.variant(unsupported_architecture)),
+        ("architecture 'falcon' is not supported", "llama"),
+    ),
+    Case(
+        "architecture unknown to transformers",
+        lambda ws: score(ws, model=ws.variant(edit_config(model_type="not_a_real_arch"))),
+        ("not_a_real_arch", "does not recognize this architecture"),
+    ),
+    Case(
+        "unknown embedded name",
+        lambda ws: score(ws, model="smollm9-1t"),
+        ("'smollm9-1t' not found", "smollm2-135m"),
+    ),
+    Case(
+        "missing .gguf file",
+        lambda ws: score(ws, model=str(ws.root / "model.gguf")),
+        ("GGUF file", "does not exist"),
+    ),
+    Case(
+        "custom code without --trust-remote-code",
+        lambda ws: score(
+            ws, model=ws.variant(edit_config(auto_map={"AutoModelForCausalLM": "modeling_x.XModel"}))
+        ),
+        ("declares custom model code", "--trust-remote-code"),
+    ),
+    Case(
+        "pickle-only weights without --allow-pickle",
+        lambda ws: score(ws, model=ws.variant(pickle_weights)),
+        ("only pickle weights", "pytorch_model.bin", "--allow-pickle"),
+    ),
+    # --- the data ---
+    Case("missing data file", lambda ws: score(ws, "--data", str(ws.root / "none.txt")), ("does not exist",)),
+    Case(
+        "empty data file", lambda ws: score(ws, "--data", ws.file("empty.txt", "")), ("empty.txt is empty",)
+    ),
+    Case(
+        "whitespace-only data file",
+        lambda ws: score(ws, "--data", ws.file("blank.txt", "\n\n  \n")),
+        ("blank.txt is empty",),
+    ),
+    Case(
+        "empty JSONL file",
+        lambda ws: score(ws, "--data", ws.file("empty.jsonl", "\n")),
+        ("empty.jsonl is empty",),
+    ),
+    Case(
+        "malformed JSONL line",
+        lambda ws: score(
+            ws, "--data", ws.file("bad.jsonl", '{"text": "fine"}\n{"text": "fine"}\n{"text": oops}\n')
+        ),
+        ("bad.jsonl:3", "malformed JSON"),
+    ),
+    Case(
+        "JSONL line that is not an object",
+        lambda ws: score(ws, "--data", ws.file("list.jsonl", '{"text": "fine"}\n["a", "b"]\n')),
+        ("list.jsonl:2", "expected a JSON object"),
+    ),
+    Case(
+        "JSONL without a text field",
+        lambda ws: score(ws, "--data", ws.file("notext.jsonl", '{"body": "wrong schema"}\n')),
+        ("row 1 has no string field 'text'",),
+    ),
+    Case(
+        "texts shorter than 2 tokens",
+        lambda ws: score(ws, "--data", ws.file("short.txt", "a")),
+        ("1 token(s)", "at least 2"),
+    ),
+    Case(
+        "--data-dir that does not exist",
+        lambda ws: score(ws, "--data-dir", str(ws.root / "nodata")),
+        ("not a directory",),
+    ),
+    Case(
+        "--data-dir without WikiText-2",
+        lambda ws: score(ws, "--data-dir", str(ws.root / "data")),
+        ("WikiText-2 valid not found",),
+        setup=lambda ws: (ws.root / "data").mkdir(),
+    ),
+    Case(
+        "hub dataset without the datasets package",
+        lambda ws: score(ws, "--dataset", "wikitext:wikitext-2-raw-v1"),
+        ("pip install 'avss-llm[datasets]'",),
+        needs="no-datasets",
+    ),
+    # --- scoring options ---
+    Case(
+        "invalid --threshold value",
+        lambda ws: score(ws, "--threshold", "abs:-1"),
+        ("invalid threshold 'abs:-1'",),
+    ),
+    Case(
+        "invalid --threshold kind",
+        lambda ws: score(ws, "--threshold", "0.01"),
+        ("invalid threshold '0.01'", "abs:EPS"),
+    ),
+    Case(
+        "invalid --site", lambda ws: score(ws, "--site", "residual"), ("invalid --site 'residual'", "block")
+    ),
+    Case(
+        "invalid --variance",
+        lambda ws: score(ws, "--variance", "sample"),
+        ("invalid --variance 'sample'", "pooled"),
+    ),
+    Case("--samples 0", lambda ws: score(ws, "--samples", "0"), ("Invalid value for '--samples'",)),
+    Case("--max-length 1", lambda ws: score(ws, "--max-length", "1"), ("Invalid value for '--max-length'",)),
+    Case("unknown option", lambda ws: score(ws, "--frobnicate"), ("No such option", "--frobnicate")),
+    # --- pruning options ---
+    Case(
+        "--fraction 0",
+        lambda ws: prune(ws, "--fraction", "0"),
+        ("--fraction must be strictly between 0 and 1",),
+    ),
+    Case(
+        "--fraction 1",
+        lambda ws: prune(ws, "--fraction", "1"),
+        ("--fraction must be strictly between 0 and 1",),
+    ),
+    Case("--fraction negative", lambda ws: prune(ws, "--fraction", "-0.5"), ("strictly between 0 and 1",)),
+    Case(
+        "--fraction rounds to 0 layers", lambda ws: prune(ws, "--fraction", "0.05"), ("rounds to 0 layers",)
+    ),
+    Case(
+        "--n-layers = number of layers",
+        lambda ws: prune(ws, "--n-layers", "4"),
+        ("--n-layers must be between 1 and 3",),
+    ),
+    Case(
+        "--n-layers > number of layers",
+        lambda ws: prune(ws, "--n-layers", "9"),
+        ("--n-layers must be between 1 and 3",),
+    ),
+    Case("--n-layers 0", lambda ws: prune(ws, "--n-layers", "0"), ("--n-layers must be at least 1",)),
+    Case(
+        "mass removes every layer",
+        lambda ws: prune(ws, "--rule", "mass", "--tau", "1"),
+        ("would remove every layer",),
+    ),
+    Case(
+        "mass removes nothing",
+        lambda ws: prune(ws, "--rule", "mass", "--tau", "0.001"),
+        ("nothing to remove",),
+    ),
+    Case(
+        "--tau out of range",
+        lambda ws: prune(ws, "--rule", "mass", "--tau", "1.5"),
+        ("--tau must be in (0, 1]",),
+    ),
+    Case("unknown --rule", lambda ws: prune(ws, "--rule", "random"), ("unknown --rule 'random'",)),
+    Case("--protect out of range", lambda ws: prune(ws, "--protect", "7"), ("cannot protect '7'",)),
+    Case(
+        "--protect leaves too few layers",
+        lambda ws: prune(ws, "--protect", "0,1,2", "--n-layers", "2"),
+        ("cannot remove 2 of 4 layers (3 protected)",),
+    ),
+    # --- activations ---
+    Case(
+        "NaN activations",
+        lambda ws: score(ws, model=ws.variant(poison(float("nan")))),
+        ("layer 2 (model.layers.2)", "NaN/Inf"),
+    ),
+    Case(
+        "Inf activations",
+        lambda ws: prune(ws, model=ws.variant(poison(float("inf")))),
+        ("layer 2 (model.layers.2)", "NaN/Inf"),
+    ),
+    # --- the output ---
+    Case(
+        "--out not empty without --overwrite",
+        lambda ws: prune(ws),
+        ("exists and is not empty", "--overwrite"),
+        setup=Workspace.previous_result,
+    ),
+    Case(
+        "--out is a file",
+        lambda ws: ["prune", ws.model, *FAST, "--out", ws.file("out.txt", "keep me")],
+        ("exists and is a file",),
+    ),
+    Case(
+        "--out below a regular file (prune)",
+        lambda ws: ["prune", ws.model, *FAST, "--out", str(Path(ws.file("blocker", "x")) / "pruned")],
+        ("cannot create output directory",),
+    ),
+    Case(
+        "--out below a regular file (score)",
+        lambda ws: ["score", ws.model, *FAST, "--out", str(Path(ws.file("blocker", "x")) / "s.json")],
+        ("cannot create output directory",),
+    ),
+    Case(
+        "--out not writable",
+        lambda ws: score(ws),
+        ("is not writable",),
+        patch=lambda mp: mp.setattr(os, "access", deny_writing),
+        setup=Workspace.previous_result,
+    ),
+    Case(
+        "disk full writing scores JSON",
+        lambda ws: score(ws),
+        ("failed to write", "No space left on device"),
+        patch=lambda mp: mp.setattr(Path, "write_text", disk_full),
+        setup=Workspace.previous_result,
+    ),
+    Case(
+        "disk full mid-save of a pruned model",
+        lambda ws: prune(ws, "--overwrite"),
+        ("failed to write", "No space left on device"),
+        patch=lambda mp: mp.setattr(PreTrainedModel, "save_pretrained", disk_full_mid_save),
+        setup=Workspace.previous_result,
+    ),
+    # --- the device ---
+    Case("invalid --device", lambda ws: [*score(ws), "--device", "banana"], ("invalid --device 'banana'",)),
+    Case("invalid --dtype", lambda ws: [*score(ws), "--dtype", "float8"], ("invalid --dtype 'float8'",)),
+    Case(
+        "CUDA requested with no GPU",
+        lambda ws: [*score(ws), "--device", "cuda"],
+        ("no CUDA GPU is available", "--device cpu"),
+        needs="no-cuda",
+    ),
+    Case(
+        "CUDA index requested with no GPU",
+        lambda ws: [*prune(ws), "--device", "cuda:1"],
+        ("no CUDA GPU is available",),
+        needs="no-cuda",
+    ),
+]
+
+NEEDS = {
+    "no-cuda": (torch.cuda.is_available(), "a CUDA GPU is available"),
+    "no-datasets": (bool(__import__("importlib").util.find_spec("datasets")), "`datasets` is installed"),
+}
+
+
+def run_cli(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str]:
+    """Run ``avss ARGV`` as the console script does; return the exit code and whitespace-collapsed stderr."""
+    monkeypatch.setattr(sys, "argv", ["avss", *argv])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    return code, " ".join(capsys.readouterr().err.split())
+
+
+def prepare(case: Case, root: Path, template: Path) -> Workspace:
+    if case.needs is not None and NEEDS[case.needs][0]:
+        pytest.skip(NEEDS[case.needs][1])
+    ws = Workspace(root, template)
+    if case.setup is not None:
+        case.setup(ws)
+    return ws
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[case.id for case in CLI_CASES])
+def test_cli_rejects_bad_input(
+    case: Case,
+    tiny_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ws = prepare(case, tmp_path, tiny_dir)
+    argv = case.argv(ws)
+    before = snapshot(tmp_path)
+    if case.patch is not None:
+        case.patch(monkeypatch)
+    code, err = run_cli(argv, monkeypatch, capsys)
+    monkeypatch.undo()
+    assert code == 2, err
+    for fragment in case.message:
+        assert fragment in err, f"{fragment!r} not in {err!r}"
+    assert "Traceback" not in err
+    assert snapshot(tmp_path) == before, "the failed command changed the workspace"
+
+
+@dataclass(frozen=True)
+class ApiCase:
+    id: str
+    call: Callable[[Workspace], object]
+    error: type[errors.AvssError]
+    message: tuple[str, ...]
+
+
+def _evaluate_sciq_without_choices(ws: Workspace) -> object:
+    from avss.evaluation import evaluate
+
+    (ws.root / "sciq").mkdir()
+    (ws.root / "sciq" / "sciq_test.jsonl").write_text(
+        '{"question": "Why?", "label": 0, "support": "Because."}\n'
+    )
+    return evaluate(tiny_model("llama", 2), tiny_tokenizer(), ["sciq"], data_dir=ws.root, limit=1)
+
+
+def _evaluate_unknown_task(ws: Workspace) -> object:
+    from avss.evaluation import evaluate
+
+    return evaluate(tiny_model("llama", 2), tiny_tokenizer(), ["mmlu_pro_max"], data_dir=ws.root)
+
+
+def _collect_poisoned(ws: Workspace) -> object:
+    from avss.collect import collect_statistics
+
+    model = tiny_model("gpt2", 3)
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_proj.weight.fill_(float("nan"))
+    return collect_statistics(model, [random_batch()], progress=False)
+
+
+def _atomic_json_disk_full(ws: Workspace) -> object:
+    from avss.io import atomic_write_json
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Path, "write_text", disk_full)
+        return atomic_write_json(ws.out / "scores.json", {"new": True})
+
+
+def _save_pruned_over_result(ws: Workspace) -> object:
+    from avss.prune import PruningRecord, save_pruned
+
+    record = PruningRecord({}, [1], [0, 2, 3], 4, "avss", {})
+    return save_pruned(tiny_model("llama", 3), None, ws.out / "pruned", record)
+
+
+def _tokenize_short(ws: Workspace) -> object:
+    from avss.data import tokenize_texts
+
+    return tokenize_texts(tiny_tokenizer(), ["a"])
+
+
+def _read_malformed(ws: Workspace) -> object:
+    from avss.data import read_jsonl
+
+    return read_jsonl(ws.file("rows.jsonl", '{"a": 1}\n\n{"a": 2,}\n'))
+
+
+def _prune_spec(**kwargs: object) -> Callable[[Workspace], object]:
+    from avss.prune import PruneSpec
+
+    return lambda ws: PruneSpec(**kwargs).select(torch.tensor([0.4, 0.1, 0.3, 0.2], dtype=torch.float64))  # type: ignore[arg-type]
+
+
+def _remove_all(ws: Workspace) -> object:
+    from avss.prune import remove_layers
+
+    return remove_layers(tiny_model("llama", 2), [0, 1])
+
+
+def _load(spec_of: Callable[[Workspace], str], **kwargs: object) -> Callable[[Workspace], object]:
+    from avss.models import load_model
+
+    options = {"device": "cpu", **kwargs}
+    return lambda ws: load_model(spec_of(ws), **options)  # type: ignore[arg-type]
+
+
+def _score_options(**kwargs: str) -> Callable[[Workspace], object]:
+    from avss.pipeline import ScoreOptions
+
+    return lambda ws: ScoreOptions(**kwargs)
+
+
+API_CASES = [
+    ApiCase(
+        "read_jsonl malformed line", _read_malformed, errors.DataError, ("rows.jsonl:3", "malformed JSON")
+    ),
+    ApiCase("tokenize_texts too short", _tokenize_short, errors.DataError, ("at least 2",)),
+    ApiCase(
+        "sciq rows without choices",
+        _evaluate_sciq_without_choices,
+        errors.DataError,
+        ("row 1", "lacks choices"),
+    ),
+    ApiCase(
+        "unknown evaluation task", _evaluate_unknown_task, errors.DataError, ("unknown task 'mmlu_pro_max'",)
+    ),
+    ApiCase(
+        "PruneSpec fraction 1.5", _prune_spec(fraction=1.5), errors.PruneConfigError, ("strictly between",)
+    ),
+    ApiCase(
+        "PruneSpec mass tau 1", _prune_spec(rule="mass", tau=1.0), errors.PruneConfigError, ("every layer",)
+    ),
+    ApiCase(
+        "remove_layers every layer", _remove_all, errors.PruneConfigError, ("cannot remove every layer",)
+    ),
+    ApiCase(
+        "collect NaN activations",
+        _collect_poisoned,
+        errors.NonFiniteActivationError,
+        ("layer 1 (transformer.h.1)",),
+    ),
+    ApiCase(
+        "atomic_write_json disk full",
+        _atomic_json_disk_full,
+        errors.OutputError,
+        ("No space left on device",),
+    ),
+    ApiCase(
+        "save_pruned over a result",
+        _save_pruned_over_result,
+        errors.OutputError,
+        ("not empty", "--overwrite"),
+    ),
+    ApiCase(
+        "load_model unsupported type",
+        _load(lambda ws: ws.variant(unsupported_architecture)),
+        errors.UnsupportedArchitectureError,
+        ("falcon",),
+    ),
+    ApiCase(
+        "load_model pickle weights",
+        _load(lambda ws: ws.variant(pickle_weights)),
+        errors.ModelNotFoundError,
+        ("--allow-pickle",),
+    ),
+    ApiCase(
+        "load_model cuda without GPU",
+        _load(lambda ws: ws.model, device="cuda"),
+        errors.DeviceError,
+        ("no CUDA GPU",),
+    ),
+    ApiCase(
+        "ScoreOptions bad threshold",
+        _score_options(threshold="rel:0"),
+        errors.OptionError,
+        ("invalid threshold",),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", API_CASES, ids=[case.id for case in API_CASES])
+def test_api_raises_specific_error(case: ApiCase, tiny_dir: Path, tmp_path: Path) -> None:
+    if case.error is errors.DeviceError and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is available")
+    ws = Workspace(tmp_path, tiny_dir)
+    ws.previous_result()
+    before = snapshot(ws.out)
+    with pytest.raises(case.error) as raised:
+        case.call(ws)
+    for fragment in case.message:
+        assert fragment in str(raised.value)
+    assert snapshot(ws.out) == before
+
+
+SUBPROCESS_CASES = [
+    (["score", "/nonexistent/model/dir"], "not found"),
+    (
+        ["prune", "smollm2-135m", "--fraction", "0", "--out", "{out}"],
+        "--fraction must be strictly between 0 and 1",
+    ),
+    (["score", "{model}", "--data", "{bad}", *FAST], "bad.jsonl:2: malformed JSON"),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"), SUBPROCESS_CASES, ids=["missing-model", "fraction-0", "malformed-jsonl"]
+)
+def test_entry_point_prints_one_line_without_traceback(
+    argv: list[str], message: str, tiny_dir: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": \n')
+    values = {"out": str(tmp_path / "out"), "model": str(tiny_dir), "bad": str(bad)}
+    env = {**os.environ, "COLUMNS": "400"}
+    result = subprocess.run(
+        [sys.executable, "-m", "avss", *(arg.format(**values) for arg in argv)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
