@@ -152,15 +152,28 @@ class StatisticsCollector:
         self.stats.num_sequences += int(inputs["input_ids"].shape[0])
 
     def _fold(self, state: _BatchState) -> None:
-        layers = range(self.adapter.num_layers)
+        """Fold the staged per-layer reductions in, one vectorized merge per site.
+
+        Only the layers that ran are folded: a replay from cached hidden states (:mod:`avss.scorers`) runs a
+        suffix of the blocks. Angular distances need every depth, so such a replay leaves them unchanged.
+        """
         for site, staged in state.sites.items():
-            self.stats.sites[site].fold(SiteBatch.stack([staged[layer] for layer in layers], self.device))
-        if self.relations:
-            sums = torch.stack([state.cosines[layer][0].to(self.device) for layer in layers])
-            counts = torch.stack([state.cosines[layer][1].to(self.device) for layer in layers])
-            self.stats.relations.fold_cosine(sums, counts)
-            depths = [state.last_tokens[-1]] + [state.last_tokens[layer] for layer in layers]
+            ran = sorted(staged)
+            if ran:
+                batch = SiteBatch.stack([staged[layer] for layer in ran], self.device)
+                self.stats.sites[site].fold(batch, self._subset(ran))
+        if not self.relations or not state.cosines:
+            return
+        ran = sorted(state.cosines)
+        sums = torch.stack([state.cosines[layer][0].to(self.device) for layer in ran])
+        counts = torch.stack([state.cosines[layer][1].to(self.device) for layer in ran])
+        self.stats.relations.fold_cosine(sums, counts, self._subset(ran))
+        if len(state.last_tokens) == self.adapter.num_layers + 1:
+            depths = [state.last_tokens[depth] for depth in range(-1, self.adapter.num_layers)]
             self.stats.relations.update_angular(torch.stack(depths))
+
+    def _subset(self, layers: list[int]) -> list[int] | None:
+        return None if len(layers) == self.adapter.num_layers else layers
 
 
 class _BatchState:
