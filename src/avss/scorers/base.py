@@ -1,0 +1,162 @@
+"""The scorer interface and its registry.
+
+A scorer turns calibration data bound to a model (:class:`~avss.scorers.context.ScoringContext`) into one
+number per layer, higher meaning more important, and chooses which layers to remove for a budget. Scorers are
+small dataclasses whose fields are their options, so ``avss[site=delta,threshold=abs:1e-5]`` on the command
+line is ``AvssScorer(site="delta", threshold="abs:1e-5")`` in Python, and adding a method is adding a class
+with ``@register_scorer("name")``, as tasks are registered in lm-evaluation-harness.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+import torch
+
+from avss.errors import PruneConfigError
+from avss.prune import select_count
+
+if TYPE_CHECKING:
+    from avss.scorers.context import ScoringContext
+
+SCORERS: dict[str, type[Scorer]] = {}
+
+S = TypeVar("S", bound="type[Scorer]")
+
+
+@dataclass
+class LayerImportance:
+    """One score per layer (higher = more important) and the options that produced them.
+
+    ``details`` holds method-specific extras a selection rule may need (e.g. the angular distance matrix).
+    """
+
+    method: str
+    scores: torch.Tensor
+    options: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.scores.numel())
+
+    def ranking(self) -> list[int]:
+        """Layer indices from least to most important."""
+        return torch.argsort(self.scores, stable=True).tolist()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "options": self.options,
+            "scores": self.scores.tolist(),
+            "ranking": self.ranking(),
+            "warnings": self.warnings,
+        }
+
+
+@dataclass
+class Scorer(ABC):
+    """A layer-importance method. Subclasses are dataclasses whose fields are the method's options."""
+
+    name: ClassVar[str]
+    # Whether the scores depend on the model's activations (position baselines do not).
+    uses_activations: ClassVar[bool] = True
+
+    @abstractmethod
+    def score(self, context: ScoringContext) -> LayerImportance:
+        """Per-layer importance of ``context.model`` on ``context``'s calibration data."""
+
+    def select(self, importance: LayerImportance, n_remove: int, protect: set[int]) -> list[int]:
+        """The ``n_remove`` layers to remove, ascending; by default the lowest-scoring unprotected ones."""
+        return select_count(importance.scores, n_remove, protect)
+
+    def sites(self) -> tuple[str, ...]:
+        """Activation sites the shared statistics pass must measure for this scorer."""
+        return ()
+
+    def thresholds(self) -> tuple[str, ...]:
+        """Near-zero thresholds the shared statistics pass must count for this scorer."""
+        return ()
+
+    def options(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def spec(self) -> str:
+        """The canonical name: ``name`` alone for default options, else ``name[key=value,...]``."""
+        changed = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != f.default
+        }
+        if not changed:
+            return self.name
+        return f"{self.name}[{','.join(f'{key}={value}' for key, value in changed.items())}]"
+
+    def importance(self, scores: torch.Tensor, **kwargs: Any) -> LayerImportance:
+        return LayerImportance(self.spec, scores.to(torch.float64), self.options(), **kwargs)
+
+
+def register_scorer(name: str) -> Callable[[S], S]:
+    """Class decorator: make a scorer available as ``name`` to ``avss prune --method`` and ``avss study``."""
+
+    def decorator(cls: S) -> S:
+        if name in SCORERS:
+            raise ValueError(f"scorer {name!r} is already registered by {SCORERS[name].__qualname__}")
+        cls.name = name
+        SCORERS[name] = cls
+        return cls
+
+    return decorator
+
+
+def available_scorers() -> list[str]:
+    return sorted(SCORERS)
+
+
+def split_methods(text: str) -> list[str]:
+    """Split a comma-separated method list, keeping commas inside ``[...]`` option brackets."""
+    items, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(current.strip())
+            current = ""
+        else:
+            current += char
+    items.append(current.strip())
+    return [item for item in items if item]
+
+
+def get_scorer(spec: str) -> Scorer:
+    """Build a scorer from ``name`` or ``name[key=value,...]`` (e.g. ``avss[site=delta,variance=pooled]``)."""
+    spec = spec.strip()
+    name, _, rest = spec.partition("[")
+    if name not in SCORERS:
+        raise PruneConfigError(f"unknown method {name!r}; available: {', '.join(available_scorers())}")
+    cls = SCORERS[name]
+    if rest and not rest.endswith("]"):
+        raise PruneConfigError(f"method {spec!r}: options go in brackets, e.g. {name}[key=value]")
+    types = typing.get_type_hints(cls)
+    accepted = {f.name for f in dataclasses.fields(cls)}
+    options: dict[str, Any] = {}
+    for item in split_methods(rest[:-1]) if rest else []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in accepted:
+            known = ", ".join(sorted(accepted)) or "none"
+            raise PruneConfigError(f"method {name}: unknown option {item!r} (options: {known})")
+        try:
+            options[key] = types[key](value.strip()) if types[key] in (int, float) else value.strip()
+        except ValueError:
+            raise PruneConfigError(f"method {name}: option {key} needs a number, got {value!r}") from None
+    try:
+        return cls(**options)
+    except ValueError as exc:
+        raise PruneConfigError(f"method {spec}: {exc}") from exc

@@ -1,0 +1,359 @@
+"""Calibration data bound to a model: the one place scorers get activations and losses from.
+
+Every hook-based scorer reads the same :class:`~avss.stats.ActivationStats`, computed by one streaming pass
+per model state (AVSS, block influence and angular distance come out of the same forward pass), and the
+loss-based scorer asks for the calibration NLL with a block skipped.
+
+Two implementations answer the same questions:
+
+* :class:`ScoringContext` recomputes from the embeddings every time (the reference);
+* :class:`CachedContext` keeps the residual stream entering every block on CPU. After a block is removed, only
+  the blocks from the removal point on are re-run (the earlier blocks see the same inputs as before, so their
+  statistics and outputs are reused), and skipping block ``l`` for the leave-one-out loss runs only the blocks
+  after it. This is what makes iterative pruning and ``loo_nll`` affordable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avss.adapters import LayerAdapter, block_input, first_tensor, get_adapter
+from avss.collect import (
+    DEFAULT_THRESHOLDS,
+    StatisticsCollector,
+    check_finite,
+    collect_statistics,
+    last_token_index,
+)
+from avss.progress import track
+from avss.stats import ActivationStats, RelationStats, SiteStats
+
+Batch = dict[str, torch.Tensor]
+
+
+def token_mask(batch: Batch) -> torch.Tensor:
+    """The tokens statistics and losses count: ``stat_mask`` if the batch has one, else the attention mask."""
+    return batch.get("stat_mask", batch["attention_mask"]).bool()
+
+
+def with_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    """``output`` of a block with its hidden state replaced (blocks return a tensor or a tuple)."""
+    if isinstance(output, torch.Tensor):
+        return hidden
+    return (hidden, *output[1:])
+
+
+def replace_input(args: tuple[Any, ...], kwargs: dict[str, Any], hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """A block's call arguments with the residual stream replaced by ``hidden``."""
+    if args and isinstance(args[0], torch.Tensor):
+        return (hidden, *args[1:]), kwargs
+    for name in ("hidden_states", "x", "hidden_state"):
+        if isinstance(kwargs.get(name), torch.Tensor):
+            return args, {**kwargs, name: hidden}
+    raise TypeError("cannot find the hidden-state input of a block")
+
+
+@contextlib.contextmanager
+def hooks(*handles: Any) -> Iterator[None]:
+    """Remove the given hook handles on exit, whatever happens inside."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def suffix_view(adapter: LayerAdapter, start: int) -> Iterator[None]:
+    """Temporarily make the model run only blocks ``start:`` (config per-layer lists sliced to match).
+
+    The model still computes embeddings, masks and position embeddings itself, so every remaining block gets
+    exactly the keyword arguments it gets in a full forward pass; only the residual stream entering block
+    ``start`` has to be supplied (by a hook). Nothing is changed for good: the block list and config are
+    restored on exit. The KV cache is switched off meanwhile: the remaining blocks keep their ``layer_idx``,
+    which would not match a cache sized for the sliced config.
+    """
+    if start == 0:
+        yield
+        return
+    blocks = adapter.blocks
+    parent_path, _, attr = adapter.spec.layers.rpartition(".")
+    parent = adapter.model.base_model.get_submodule(parent_path) if parent_path else adapter.model.base_model
+    config = adapter.model.config
+    saved = {name: getattr(config, name, None) for name in (*adapter.spec.per_layer_fields, "use_cache")}
+    setattr(parent, attr, nn.ModuleList(list(blocks)[start:]))
+    for name, values in saved.items():
+        if isinstance(values, list) and len(values) == len(blocks):
+            setattr(config, name, values[start:])
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        setattr(parent, attr, blocks)
+        for name, values in saved.items():
+            setattr(config, name, values)
+
+
+def nll_sum(model: nn.Module, hidden: torch.Tensor, batch: Batch) -> tuple[float, int]:
+    """Summed next-token NLL (nats) and token count from the final hidden states (after the final norm).
+
+    The LM head is applied one sequence at a time so vocabularies of 262k entries (Gemma 3) do not need a
+    (B, T, V) logits tensor.
+    """
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    mask = token_mask(batch).to(hidden.device)
+    targets = batch["input_ids"].to(hidden.device)
+    total, count = 0.0, 0
+    for row in range(hidden.shape[0]):
+        keep = mask[row, 1:] & mask[row, :-1]
+        if not keep.any():
+            continue
+        logits = head(hidden[row, :-1][keep]).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        total += float(F.cross_entropy(logits, targets[row, 1:][keep], reduction="sum"))
+        count += int(keep.sum())
+    return total, count
+
+
+def body_inputs(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: batch[key].to(device) for key in ("input_ids", "attention_mask") if key in batch}
+
+
+class ScoringContext:
+    """Calibration batches bound to a model; statistics are computed once per model state.
+
+    Call :meth:`removed` after removing a block from the model so the next question is answered for the
+    pruned model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Iterable[Batch],
+        sites: Iterable[str] = ("block",),
+        thresholds: Iterable[str] = DEFAULT_THRESHOLDS,
+        progress: bool = False,
+    ):
+        self.model = model
+        self.batches = list(batches)
+        self.sites = tuple(dict.fromkeys(sites)) or ("block",)
+        self.thresholds = tuple(dict.fromkeys(thresholds))
+        self.progress = progress
+        self.device = next(model.parameters()).device
+        self._stats: ActivationStats | None = None
+        self._base_nll: float | None = None
+
+    @property
+    def adapter(self) -> LayerAdapter:
+        return get_adapter(self.model)
+
+    @property
+    def num_layers(self) -> int:
+        return self.adapter.num_layers
+
+    def statistics(self) -> ActivationStats:
+        """Site and relation statistics of every layer (the shared streaming pass)."""
+        if self._stats is None:
+            self._stats = collect_statistics(
+                self.model, self.batches, sites=self.sites, thresholds=self.thresholds, progress=self.progress
+            )
+        return self._stats
+
+    def base_nll(self) -> float:
+        """Mean next-token NLL of the calibration tokens under the current model."""
+        if self._base_nll is None:
+            self._base_nll = self.nll_without(None)
+        return self._base_nll
+
+    @torch.no_grad()
+    def nll_without(self, layer: int | None) -> float:
+        """Mean calibration NLL with block ``layer`` skipped (its output replaced by its input)."""
+        handles = []
+        if layer is not None:
+
+            def skip(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+                return with_hidden(output, block_input(args, kwargs))
+
+            handles.append(self.adapter.blocks[layer].register_forward_hook(skip, with_kwargs=True))
+        total, count = 0.0, 0
+        with hooks(*handles):
+            for batch in self.batches:
+                out = self.model.base_model(**body_inputs(batch, self.device), use_cache=False)
+                batch_total, batch_count = nll_sum(self.model, first_tensor(out), batch)
+                total, count = total + batch_total, count + batch_count
+        return total / max(count, 1)
+
+    def removed(self, layer: int) -> None:
+        """The model's block ``layer`` was removed: forget everything measured on the old model."""
+        self._stats = None
+        self._base_nll = None
+
+
+class CachedContext(ScoringContext):
+    """:class:`ScoringContext` that caches the residual stream entering every block (on CPU).
+
+    ``states[b][d]`` is the input of block ``d`` for batch ``b`` (``d = L`` is the last block's output). After
+    block ``r`` is removed, states ``0..r`` and the statistics of layers ``< r`` stay valid; the next question
+    re-runs blocks ``r:`` only, starting from the cached state ``r``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.states: list[list[torch.Tensor]] = [[] for _ in self.batches]
+        self._valid_from = 0  # layers >= this need their statistics (and later states) recomputed
+        self._site_stats: ActivationStats | None = None
+        self.blocks_run = 0  # block forward passes spent, per batch (for benchmarks)
+
+    def statistics(self) -> ActivationStats:
+        if self._stats is None:
+            self._refresh()
+            self._stats = self._combine()
+        return self._stats
+
+    @torch.no_grad()
+    def _refresh(self) -> None:
+        """Re-run blocks ``valid_from:`` from the cached state, updating states and site statistics."""
+        start, num_layers = self._valid_from, self.num_layers
+        if start >= num_layers and self._site_stats is not None:
+            return
+        blocks = list(self.adapter.blocks)
+        with StatisticsCollector(self.model, self.sites, self.thresholds, relations=False) as collector:
+            for index, batch in enumerate(track(self.batches, "re-scoring", enabled=self.progress)):
+                states = self.states[index][: start + 1]
+                captured: dict[int, torch.Tensor] = {}
+                handles = [
+                    self._capture(block, depth, captured)
+                    for depth, block in enumerate(blocks)
+                    if depth >= start
+                ]
+                handles.append(blocks[-1].register_forward_hook(self._capture_output(num_layers, captured)))
+                if start > 0:
+                    handles.append(self._inject(blocks[start], states[start]))
+                with hooks(*handles), suffix_view(self.adapter, start):
+                    collector.observe(batch)
+                self.states[index] = states[:start] + [captured[d] for d in range(start, num_layers + 1)]
+        self.blocks_run += num_layers - start
+        fresh = collector.stats.to("cpu")
+        check_finite(fresh, self.adapter)
+        self._site_stats = fresh if self._site_stats is None else splice(self._site_stats, fresh, start)
+        self._valid_from = num_layers
+
+    def _capture(self, block: nn.Module, depth: int, captured: dict[int, torch.Tensor]) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured[depth] = block_input(args, kwargs).detach().to("cpu")
+
+        return block.register_forward_pre_hook(hook, with_kwargs=True)
+
+    @staticmethod
+    def _capture_output(depth: int, captured: dict[int, torch.Tensor]) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            captured[depth] = first_tensor(output).detach().to("cpu")
+
+        return hook
+
+    def _inject(self, block: nn.Module, hidden: torch.Tensor) -> Any:
+        """A pre-hook feeding the cached state to ``block``; prepended so the statistics hooks see it too."""
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            return replace_input(args, kwargs, hidden.to(self.device))
+
+        return block.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+
+    def _combine(self) -> ActivationStats:
+        """Cached site statistics plus relation statistics recomputed from the cached states (no model)."""
+        assert self._site_stats is not None
+        relations = RelationStats(self.num_layers)
+        for batch, states in zip(self.batches, self.states, strict=True):
+            mask = token_mask(batch)
+            for layer in range(self.num_layers):
+                relations.update_cosine(layer, states[layer][mask], states[layer + 1][mask])
+            rows = torch.arange(mask.shape[0])
+            last = last_token_index(mask)
+            relations.update_angular(torch.stack([state[rows, last] for state in states]))
+        return ActivationStats(
+            sites=self._site_stats.sites,
+            relations=relations,
+            num_sequences=self._site_stats.num_sequences,
+            meta=dict(self._site_stats.meta),
+        )
+
+    @torch.no_grad()
+    def nll_without(self, layer: int | None) -> float:
+        """Mean calibration NLL with block ``layer`` skipped, running only the blocks after it.
+
+        The skipped block's output is replaced by its cached input (``layer=None``: the last block's output by
+        the cached final state), so the model's own final norm and head produce the logits.
+        """
+        self._refresh()
+        num_layers = self.num_layers
+        start = num_layers - 1 if layer is None else layer
+        block = self.adapter.blocks[start]
+        total, count = 0.0, 0
+        for batch, states in zip(self.batches, self.states, strict=True):
+            replacement = states[num_layers if layer is None else layer].to(self.device)
+
+            def swap(module: nn.Module, args: tuple, output: Any, hidden: torch.Tensor = replacement) -> Any:
+                return with_hidden(output, hidden)
+
+            with hooks(block.register_forward_hook(swap)), suffix_view(self.adapter, start):
+                out = self.model.base_model(**body_inputs(batch, self.device), use_cache=False)
+            batch_total, batch_count = nll_sum(self.model, first_tensor(out), batch)
+            total, count = total + batch_total, count + batch_count
+        self.blocks_run += num_layers - start
+        return total / max(count, 1)
+
+    def removed(self, layer: int) -> None:
+        """Keep the states entering blocks ``0..layer`` and the statistics of layers before ``layer``."""
+        super().removed(layer)
+        self.states = [states[: layer + 1] for states in self.states]
+        self._valid_from = min(self._valid_from, layer)
+        if self._site_stats is not None:
+            self._site_stats = truncate(self._site_stats, layer, self.num_layers)
+
+
+def truncate(stats: ActivationStats, keep: int, num_layers: int) -> ActivationStats:
+    """Statistics of layers ``< keep`` re-shaped for a ``num_layers``-layer model (later layers zeroed)."""
+    sites = {}
+    for name, site in stats.sites.items():
+        fresh = SiteStats(num_layers, site.thresholds)
+        tensors = {
+            key: torch.cat([value[:keep], fresh.tensors()[key][keep:]])
+            for key, value in site.tensors().items()
+        }
+        sites[name] = SiteStats(num_layers, site.thresholds, **tensors)
+    return ActivationStats(sites, RelationStats(num_layers), stats.num_sequences, dict(stats.meta))
+
+
+def splice(old: ActivationStats, fresh: ActivationStats, start: int) -> ActivationStats:
+    """Site statistics of layers ``< start`` from ``old`` and of layers ``>= start`` from ``fresh``."""
+    sites = {}
+    for name, site in fresh.sites.items():
+        before = old.sites[name].tensors()
+        tensors = {
+            key: torch.cat([before[key][:start], value[start:]]) for key, value in site.tensors().items()
+        }
+        sites[name] = SiteStats(site.num_layers, site.thresholds, **tensors)
+    return ActivationStats(sites, fresh.relations, fresh.num_sequences, dict(fresh.meta))
+
+
+def context_for(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    scorers: Iterable[Any],
+    cached: bool = True,
+    progress: bool = False,
+) -> ScoringContext:
+    """A context measuring every site and threshold ``scorers`` need, so they all share one pass."""
+    scorers = list(scorers)
+    sites = [site for scorer in scorers for site in scorer.sites()] or ["block"]
+    thresholds = [*DEFAULT_THRESHOLDS, *(t for scorer in scorers for t in scorer.thresholds())]
+    kind = CachedContext if cached else ScoringContext
+    return kind(model, batches, sites=sites, thresholds=thresholds, progress=progress)
