@@ -168,12 +168,12 @@ class StatisticsCollector:
         sums = torch.stack([state.cosines[layer][0].to(self.device) for layer in ran])
         counts = torch.stack([state.cosines[layer][1].to(self.device) for layer in ran])
         self.stats.relations.fold_cosine(sums, counts, self._subset(ran))
-        if len(state.last_tokens) == self.adapter.num_layers + 1:
-            depths = [state.last_tokens[depth] for depth in range(-1, self.adapter.num_layers)]
+        if len(state.last_tokens) == self.stats.num_layers + 1:
+            depths = [state.last_tokens[depth] for depth in range(-1, self.stats.num_layers)]
             self.stats.relations.update_angular(torch.stack(depths))
 
     def _subset(self, layers: list[int]) -> list[int] | None:
-        return None if len(layers) == self.adapter.num_layers else layers
+        return None if len(layers) == self.stats.num_layers else layers
 
 
 class _BatchState:
