@@ -41,3 +41,7 @@ class DeviceError(AvssError):
 
 class OptionError(AvssError):
     """An option has a value outside its allowed set (unknown site, variance kind, malformed threshold)."""
+
+
+class CheckpointError(AvssError):
+    """A checkpoint to resume from is unreadable or was written by a different run."""

@@ -14,8 +14,10 @@ import torch
 
 from avss import __version__
 from avss.adapters import SITES
-from avss.collect import DEFAULT_THRESHOLDS, collect_statistics
+from avss.checkpoint import Progress, StatisticsCheckpoint
+from avss.collect import DEFAULT_THRESHOLDS
 from avss.data import TextSource, tokenize_texts
+from avss.distributed import collect_distributed, context
 from avss.errors import OptionError
 from avss.io import atomic_write_json
 from avss.models import LoadedModel
@@ -86,8 +88,13 @@ def score(
     calibration: CalibrationOptions | None = None,
     options: ScoreOptions | None = None,
     progress: bool = True,
+    checkpoint: StatisticsCheckpoint | None = None,
 ) -> ScoreRun:
-    """Stream calibration text through the model and compute AVSS for every layer."""
+    """Stream calibration text through the model and compute AVSS for every layer.
+
+    With ``checkpoint`` the merged statistics are saved as the pass goes and a resumed run starts after the
+    last saved batch; the caller removes the checkpoint (``checkpoint.finish()``) once its output is written.
+    """
     source = source or TextSource()
     calibration = calibration or CalibrationOptions()
     options = options or ScoreOptions()
@@ -100,22 +107,31 @@ def score(
         batch_size=calibration.batch_size,
         seed=calibration.seed,
     )
-    stats = collect_statistics(
-        loaded.model,
-        batches,
-        sites=options.sites(),
-        thresholds=options.all_thresholds(),
-        progress=progress,
-    )
-    scores = score_layers(stats, options.site, options.variance, options.threshold)
-    provenance = {
-        "avss_version": __version__,
+    run_id = {
         "model": loaded.source,
         "data": source.describe(),
         "calibration": asdict(calibration),
         "score_options": asdict(options),
+        "num_batches": len(batches),
+    }
+    resumed = checkpoint.restore(run_id) if checkpoint is not None else Progress()
+    stats = collect_distributed(  # plain collect_statistics unless launched by torchrun / accelerate
+        loaded.model,
+        batches.batches[resumed.batches_done :],
+        sites=options.sites(),
+        thresholds=options.all_thresholds(),
+        stats=resumed.stats,
+        progress=progress,
+        on_batch=checkpoint.on_batch(run_id, resumed.batches_done) if checkpoint is not None else None,
+    )
+    scores = score_layers(stats, options.site, options.variance, options.threshold)
+    provenance = {
+        "avss_version": __version__,
+        **{key: run_id[key] for key in ("model", "data", "calibration", "score_options")},
         "num_tokens": batches.num_tokens,
         "num_sequences": batches.num_sequences,
+        "resumed_at_batch": resumed.batches_done,
+        "world_size": context().world_size,
         "wall_time_s": round(time.perf_counter() - started, 3),
         "versions": package_versions(),
     }

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from avss.adapters import supported_model_types
+from avss.checkpoint import checkpoint_for_output
 from avss.cli._app import app, console, console_err
 from avss.cli.options import (
     AllowPickle,
@@ -31,6 +32,7 @@ from avss.cli.options import (
     calibration,
     text_source,
 )
+from avss.distributed import setup_distributed
 from avss.io import check_output_dir, ensure_parent_writable
 from avss.models import DEFAULT_MODEL, EMBEDDED_MODELS, load_model
 from avss.pipeline import ScoreOptions, ScoreRun, prune, save, score
@@ -98,11 +100,19 @@ def score_command(
     dtype: Dtype = "auto",
     trust_remote_code: TrustRemoteCode = False,
     allow_pickle: AllowPickle = False,
+    checkpoint_every: Annotated[
+        int, typer.Option(min=0, help="Save the merged statistics every N batches beside --out (0: never)")
+    ] = 0,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the checkpoint beside --out, if there is one")
+    ] = False,
 ) -> None:
     """Score every layer of MODEL with AVSS on calibration text."""
     options = ScoreOptions(site=site, variance=variance, threshold=threshold)
+    checkpoint = checkpoint_for_output(out, checkpoint_every, resume)
     if out is not None:
         ensure_parent_writable(out)
+    launch = setup_distributed()  # joins the process group of torchrun / accelerate launch, if any
     loaded = load_model(
         model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
     )
@@ -111,12 +121,17 @@ def score_command(
         text_source(data, dataset, data_dir),
         calibration(samples, max_length, batch_size, seed),
         options,
+        checkpoint=checkpoint,
     )
+    if not launch.is_main:
+        return  # rank 0 prints and writes the merged result
     console.print(scores_table(run))
     print_warnings(run)
     if out is not None:
         run.save(out)
         console.print(f"scores written to {out}")
+    if checkpoint is not None:
+        checkpoint.finish()
 
 
 @app.command("prune")
