@@ -1,0 +1,66 @@
+"""Iterative pruning: the cached re-scoring picks exactly the layers that full recomputation picks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _tiny import random_batch, tiny_model
+from avss.adapters import get_adapter
+from avss.errors import PruneConfigError
+from avss.iterative import select_iteratively, select_layers, select_oneshot
+from avss.scorers import CachedContext, ScoringContext, context_for, get_scorer
+
+
+def batches() -> list[dict[str, torch.Tensor]]:
+    return [random_batch(3, 12, seed=5), random_batch(2, 10, seed=6)]
+
+
+@pytest.mark.parametrize(
+    ("model_type", "method"),
+    [("llama", "avss"), ("gemma3_text", "block_influence"), ("llama", "loo_nll"), ("gpt2", "angular")],
+)
+def test_cached_and_uncached_iterative_runs_pick_the_same_layers(model_type, method):
+    scorer = get_scorer(method)
+    runs = []
+    for cached in (False, True):
+        model = tiny_model(model_type, 6)
+        runs.append(select_iteratively(scorer, context_for(model, batches(), [scorer], cached=cached), 3))
+        assert get_adapter(model).num_layers == 3
+    plain, cached = runs
+    assert plain.order == cached.order
+    for a, b in zip(plain.steps, cached.steps, strict=True):
+        torch.testing.assert_close(a.scores, b.scores, rtol=1e-6, atol=1e-7)
+
+
+def test_cache_runs_fewer_blocks_than_recomputing():
+    model = tiny_model("llama", 6)
+    context = CachedContext(model, batches())
+    selection = select_iteratively(get_scorer("avss"), context, 3)
+    # The first pass runs all 6 blocks; each later pass starts at the removed block.
+    current, expected = list(range(6)), 6
+    for layer in selection.order[:-1]:
+        position = current.index(layer)
+        current.pop(position)
+        expected += len(current) - position
+    assert context.blocks_run == expected < 6 + 5 + 4
+
+
+def test_iterative_first_step_matches_oneshot_and_keeps_protected_layers():
+    scorer = get_scorer("avss")
+    oneshot = select_oneshot(scorer, ScoringContext(tiny_model("llama", 6), batches()), 1)
+    iterative = select_iteratively(scorer, CachedContext(tiny_model("llama", 6), batches()), 1)
+    assert oneshot.removed == iterative.removed
+    protect = {0, 5, iterative.order[0]}
+    guarded = select_layers(
+        scorer, CachedContext(tiny_model("llama", 6), batches()), 3, protect, iterative=True
+    )
+    assert not protect & set(guarded.removed)
+    assert len(set(guarded.order)) == 3
+
+
+def test_budget_is_checked():
+    context = ScoringContext(tiny_model("llama", 4), batches())
+    for n_remove in (0, 4):
+        with pytest.raises(PruneConfigError):
+            select_oneshot(get_scorer("avss"), context, n_remove)
