@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from avss.collect import collect_statistics
+from avss.errors import OptionError
 from avss.stats import ActivationStats
 
 T = TypeVar("T")
@@ -60,7 +61,7 @@ def context() -> DistributedContext:
     return DistributedContext(rank, world_size, local_rank)
 
 
-def setup() -> DistributedContext:
+def setup_distributed() -> DistributedContext:
     """Join the launcher's process group if there is one (idempotent); a no-op for a single process.
 
     Picks NCCL when CUDA is available (and binds this process to GPU ``LOCAL_RANK``, so a later
@@ -130,9 +131,13 @@ def collect_distributed(
     Without a launcher this is exactly ``collect_statistics``. Only rank 0 shows progress and continues a
     resumed ``stats``; ``on_batch`` sees this rank's partial statistics.
     """
-    ctx = setup()
+    ctx = setup_distributed()
     if not ctx.enabled:
         return collect_statistics(model, batches, **kwargs)
+    if kwargs.get("on_batch") is not None:
+        raise OptionError(
+            "checkpoints hold one process's statistics; run without --checkpoint-every under torchrun"
+        )
     kwargs["progress"] = kwargs.get("progress", True) and ctx.is_main
     if not ctx.is_main:
         kwargs.pop("stats", None)  # a resumed partial pass is counted once, by rank 0
