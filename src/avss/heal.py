@@ -20,9 +20,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ from avss.adapters import block_input, first_tensor, get_adapter
 from avss.data import TextSource, tokenize_texts
 from avss.errors import AvssError, DataError, PruneConfigError
 from avss.io import atomic_directory, check_output_dir, to_json
+from avss.models import LoadedModel, load_model
+from avss.pipeline import package_versions
 from avss.prune import PROVENANCE_FILE
 from avss.training import ParamPredicate, TrainConfig, prefix_selector, substring_selector, train
 
@@ -609,54 +612,59 @@ def save_healed(
     base_dir: str | Path | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Save a healed model atomically: a plain model, or (unmerged LoRA) the adapter folder pointing at
-    ``base_dir`` plus a copy of the pruning record, with ``avss_healing.json`` either way."""
+    """Save a healed model atomically with ``avss_healing.json``: a plain model that reloads with
+    ``from_pretrained``, or, for unmerged LoRA, the peft adapter whose ``base_model_name_or_path`` is the
+    pruned model directory ``base_dir`` (reload with ``AutoPeftModelForCausalLM.from_pretrained(out)``)."""
+    if not result.record.merged and base_dir is None:
+        raise HealConfigError("an unmerged LoRA adapter needs the pruned model directory it applies to")
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        if result.record.merged:
-            result.model.save_pretrained(tmp, safe_serialization=True)
-        else:
-            if base_dir is None:
-                raise HealConfigError(
-                    "an unmerged LoRA adapter needs the pruned model directory it applies to"
-                )
+        if not result.record.merged:
             result.model.peft_config["default"].base_model_name_or_path = str(Path(base_dir).resolve())
-            result.model.save_pretrained(tmp, safe_serialization=True)
+        result.model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / HEALING_FILE).write_text(to_json(asdict(result.record)), encoding="utf-8")
     return Path(out)
 
 
-def heal(
-    pruned_dir: str | Path,
+def default_checkpoint_dir(out: str | Path) -> Path:
+    """Per-epoch checkpoints live beside the output (``OUT.checkpoint``) until the healed model is saved."""
+    out = Path(out)
+    return out.with_name(out.name + ".checkpoint")
+
+
+def heal_loaded(
+    loaded: LoadedModel,
+    pruning: dict[str, Any],
     out: str | Path,
     config: HealConfig | None = None,
     source: TextSource | None = None,
     *,
     teacher: str | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
+    base_dir: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> HealResult:
-    """Heal the pruned model in ``pruned_dir`` and save it to ``out`` (see :func:`heal_in_memory`).
+    """Heal an in-memory pruned model described by the pruning record ``pruning`` and save it to ``out``.
 
-    ``teacher`` overrides the original model named in the pruning record (``replace`` only).
+    Checkpoints go to ``config.checkpoint_dir`` (default ``OUT.checkpoint``, removed once the model is
+    saved), so an interrupted run continues with ``resume=True``. ``teacher`` overrides the original model
+    named in the pruning record (``replace`` only).
     """
-    from avss.models import load_model
-    from avss.pipeline import package_versions
-
     config = config or HealConfig()
     method = get_heal_method(config.method)
     source = source or TextSource()
     check_training_source(source)
     check_output_dir(out, overwrite)
-    pruning = read_pruning_record(pruned_dir)
-    loaded = load_model(str(pruned_dir), device=device, dtype=dtype)
+    checkpoint_dir = Path(config.checkpoint_dir or default_checkpoint_dir(out))
+    config = replace(config, checkpoint_dir=str(checkpoint_dir))
     teacher_loaded = None
     if method.needs_teacher:
+        device = str(next(loaded.model.parameters()).device)
         teacher_loaded = load_model(
-            teacher or teacher_spec(pruning["source_model"]), device=device, dtype=dtype
+            teacher or teacher_spec(pruning["source_model"]),
+            device=device,
+            dtype=loaded.source.get("dtype", "auto"),
         )
     result = heal_in_memory(
         loaded.model,
@@ -671,5 +679,35 @@ def heal(
         progress=progress,
     )
     result.record.options = {"pruned_model": loaded.source, "versions": package_versions()}
-    save_healed(result, loaded.tokenizer, out, base_dir=pruned_dir, overwrite=overwrite)
+    save_healed(result, loaded.tokenizer, out, base_dir=base_dir, overwrite=overwrite)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return result
+
+
+def heal(
+    pruned_dir: str | Path,
+    out: str | Path,
+    config: HealConfig | None = None,
+    source: TextSource | None = None,
+    *,
+    teacher: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> HealResult:
+    """Heal the pruned model saved in ``pruned_dir`` (by ``avss prune``) and save it to ``out``."""
+    pruning = read_pruning_record(pruned_dir)
+    check_output_dir(out, overwrite)
+    loaded = load_model(str(pruned_dir), device=device, dtype=dtype)
+    return heal_loaded(
+        loaded,
+        pruning,
+        out,
+        config,
+        source,
+        teacher=teacher,
+        base_dir=pruned_dir,
+        overwrite=overwrite,
+        progress=progress,
+    )
