@@ -7,12 +7,15 @@ import torch
 from avss.stats import (
     ActivationStats,
     RelationStats,
+    SiteBatch,
     SiteStats,
     Threshold,
     batch_moments,
     chan_merge,
+    masked_cosine_sum,
     near_zero_counts,
     pooled_variance_sum,
+    reduce_site,
 )
 
 
@@ -112,3 +115,49 @@ def test_state_dict_round_trip_is_exact():
     restored = ActivationStats.from_state_dict(stats.state_dict())
     for name, tensor in stats.sites["block"].tensors().items():
         assert torch.equal(restored.sites["block"].tensors()[name], tensor)
+
+
+def test_fused_site_reduction_equals_numpy_on_the_real_tokens():
+    """One fused pass over (B, T, D) with a mask equals numpy on the gathered real tokens, even with a large
+    offset (the within-token plus between-token M2 avoids sum-of-squares cancellation)."""
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 7, 16, generator=generator) * 0.5 + 1e3
+    hidden[0, 0, :4] = 0.0
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, 5:] = False
+    mask[2, 2:] = False
+    hidden[~mask] = float("nan")  # padding never leaks into the statistics
+    thresholds = (Threshold("abs", 1e-5), Threshold("rel", 0.9995))
+    batch, norms = reduce_site(hidden, mask, thresholds)
+    tokens = hidden[mask].double().numpy()
+    assert batch.count.item() == tokens.size
+    assert batch.mean.item() == pytest.approx(tokens.mean(), rel=1e-12)
+    assert (batch.m2 / batch.count).item() == pytest.approx(tokens.var(), rel=1e-6)
+    rms = np.sqrt((tokens**2).mean(axis=1, keepdims=True))
+    expected = [(np.abs(tokens) < 1e-5).sum(), (np.abs(tokens) < 0.9995 * rms).sum()]
+    assert batch.near_zero.tolist() == expected
+    torch.testing.assert_close(norms[mask], torch.linalg.vector_norm(hidden[mask].double(), dim=-1))
+
+
+def test_vectorized_fold_equals_per_layer_updates():
+    thresholds = (Threshold("rel", 0.5),)
+    generator = torch.Generator().manual_seed(4)
+    hidden = [torch.randn(2, 5, 4, generator=generator) * (layer + 1) for layer in range(3)]
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    one_by_one, folded = SiteStats(3, thresholds), SiteStats(3, thresholds)
+    for layer, values in enumerate(hidden):
+        one_by_one.update(layer, values[mask], values, mask)
+    folded.fold(SiteBatch.stack([reduce_site(values, mask, thresholds)[0] for values in hidden], "cpu"))
+    for name, tensor in one_by_one.tensors().items():
+        torch.testing.assert_close(folded.tensors()[name], tensor, rtol=1e-12, atol=0)
+
+
+def test_masked_cosine_matches_torch_cosine_similarity():
+    generator = torch.Generator().manual_seed(5)
+    before, after = torch.randn(2, 6, 8, generator=generator), torch.randn(2, 6, 8, generator=generator)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    total, count = masked_cosine_sum(before, after, mask)
+    expected = torch.nn.functional.cosine_similarity(before[mask], after[mask], dim=-1)
+    assert count.item() == 10
+    assert total.item() == pytest.approx(expected.double().sum().item(), rel=1e-6)

@@ -29,6 +29,15 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, positions, torch.zeros_like(positions)).amax(dim=1)
 
 
+def execution_device(model: nn.Module) -> torch.device:
+    """Where inputs go and accumulators live: the first parameter that holds data.
+
+    With ``device_map`` offloading (accelerate), offloaded weights sit on the ``meta`` device until their hook
+    loads them, so "the first parameter's device" would send the inputs nowhere.
+    """
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
 class StatisticsCollector:
     """Attach statistic hooks to a model's blocks; see the module docstring.
 
@@ -54,7 +63,7 @@ class StatisticsCollector:
             raise ValueError(f"unknown site(s) {', '.join(unknown)}; choose from {', '.join(SITES)}")
         self.thresholds = tuple(Threshold.parse(t) for t in thresholds)
         self.relations = relations
-        self.device = next(model.parameters()).device
+        self.device = execution_device(model)
         if stats is None:
             stats = ActivationStats.empty(self.adapter.num_layers, self.sites, self.thresholds)
         self.stats = stats.to(self.device)

@@ -1,0 +1,59 @@
+"""Statistics of models whose weights are spread over devices, and of half-precision models.
+
+There is one CPU device, so a model split across two GPUs cannot be built here. The closest CPU test double
+is accelerate's own big-model dispatch: ``dispatch_model`` with a device map that puts alternate blocks (and
+the embedding) on "disk" and the others on "cpu". Offloaded weights live on the ``meta`` device and
+accelerate's hooks load them at forward time, wrapped around our statistics hooks, exactly as with
+``device_map="auto"`` on GPUs. What this cannot exercise is a real cross-device copy: on GPUs each hook
+reduces on its block's device and moves only the reduced numbers with ``.to(accumulator device)``, and the
+per-device mask cache holds one entry per GPU.
+"""
+
+import pytest
+import torch
+from accelerate import dispatch_model
+
+from _tiny import random_batch, tiny_model
+from avss.collect import collect_statistics, execution_device
+from avss.distributed import pack
+
+SITES = ("block", "delta", "mlp", "attn")
+
+
+def _device_map(num_layers: int) -> dict[str, str]:
+    blocks = {f"model.layers.{i}": ("disk" if i % 2 else "cpu") for i in range(num_layers)}
+    return {
+        "model.embed_tokens": "disk",
+        **blocks,
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "disk",
+    }
+
+
+def test_dispatched_model_gives_the_single_device_statistics(tmp_path):
+    batches = [random_batch(seed=0), random_batch(batch=2, length=9, seed=1)]
+    reference = collect_statistics(tiny_model("llama", 4), batches, sites=SITES, progress=False)
+    dispatched = dispatch_model(tiny_model("llama", 4), device_map=_device_map(4), offload_dir=str(tmp_path))
+    assert next(dispatched.parameters()).device.type == "meta"  # the embedding is offloaded
+    assert execution_device(dispatched) == torch.device("cpu")
+    got = collect_statistics(dispatched, batches, sites=SITES, progress=False)
+    assert torch.equal(pack(got), pack(reference))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_accumulates_in_float64(dtype):
+    """Statistics of a bf16/fp16 model equal float64 statistics of its own hidden states."""
+    model = tiny_model("llama", 3).to(dtype)
+    batch = random_batch()
+    stats = collect_statistics(model, [batch], sites=("block",), progress=False)
+    assert stats.sites["block"].mean.dtype == torch.float64
+    with torch.no_grad():
+        states = model.base_model(**batch, output_hidden_states=True).hidden_states
+    mask = batch["attention_mask"].bool()
+    for layer in range(2):  # the last entry of hidden_states has the final norm applied
+        values = states[layer + 1][mask].double()
+        site = stats.sites["block"]
+        assert site.mean[layer].item() == pytest.approx(values.mean().item(), rel=1e-9)
+        variance = values.var(unbiased=False).item()
+        assert site.variance_elements[layer].item() == pytest.approx(variance, rel=1e-9)
