@@ -16,7 +16,9 @@ from avss.cli import (
     core,  # noqa: F401  (registration side effect)
     demo_cmd,  # noqa: F401
     evaluate_cmd,  # noqa: F401
+    hallucination_cmd,  # noqa: F401
     heal_cmd,  # noqa: F401
+    study_cmd,  # noqa: F401
 )
 from avss.cli._app import app, console_err
 from avss.errors import AvssError

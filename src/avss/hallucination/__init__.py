@@ -1,0 +1,22 @@
+"""EAVSS: find hallucination-prone layers and mitigate them with contrastive training on those layers.
+
+``pairs`` builds (question, truthful answer, hallucinated answers) sets with leak-free splits, ``batches``
+turns them into prompt + answer token batches whose statistics mask covers the answer only, ``eavss`` holds the pure
+HSAV / HSS / EAVSS math, ``scoring`` streams the statistics through a model, ``losses`` the contrastive
+objectives, ``mitigate`` the layer selection and training recipe, ``dola`` the DoLa decoding peer and
+``heldout`` the evaluation on test-split questions.
+"""
+
+from avss.hallucination.eavss import COMBINERS, EavssScores, eavss_scores
+from avss.hallucination.pairs import PAIR_SOURCES, SPLITS, Pair, load_pairs, split_of
+
+__all__ = [
+    "COMBINERS",
+    "PAIR_SOURCES",
+    "SPLITS",
+    "EavssScores",
+    "Pair",
+    "eavss_scores",
+    "load_pairs",
+    "split_of",
+]

@@ -1,0 +1,72 @@
+"""Evaluate a model on held-out questions only: the test split of :func:`avss.hallucination.pairs.split_of`.
+
+Training pairs come from the train split of the same files, so the registered evaluation tasks are run here on
+the documents whose question falls in the requested split (tasks without questions, such as WikiText-2
+perplexity, keep their first ``limit`` documents). The task code, prompts and metrics are those of
+:mod:`avss.evaluation`; only the document list differs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from avss.data import resolve_data_dir
+from avss.evaluation import LanguageModel, get_task
+from avss.evaluation.runner import build_tasks, package_versions
+from avss.hallucination.pairs import split_of
+
+
+def heldout_docs(docs: list[dict[str, Any]], split: str, limit: int | None) -> list[dict[str, Any]]:
+    if docs and "question" in docs[0]:
+        docs = [doc for doc in docs if split_of(doc["question"]) == split]
+    return docs[:limit]
+
+
+def evaluate_heldout(
+    model: Any,
+    tokenizer: Any,
+    tasks: Sequence[str],
+    *,
+    split: str = "test",
+    limits: dict[str, int | None] | None = None,
+    batch_size: int = 8,
+    data_dir: str | Path | None = None,
+    seed: int = 0,
+    **task_options: Any,
+) -> dict[str, Any]:
+    """``{"metrics": {task: {...}}, "num_examples": {...}, ...}`` on the ``split`` questions of each task."""
+    for name in tasks:
+        get_task(name)  # unknown names fail before any work
+    instances = build_tasks(tasks, task_options)
+    directory = resolve_data_dir(data_dir)
+    limits = limits or {}
+    started = time.perf_counter()
+    metrics, counts, files, seconds = {}, {}, {}, {}
+    was_training = model.training
+    model.eval()
+    try:
+        for name, task in instances.items():
+            pool, data_files = task.load(directory)
+            docs = heldout_docs(pool, split, limits.get(name))
+            lm = LanguageModel(model, tokenizer, batch_size=batch_size)
+            task_started = time.perf_counter()
+            metrics[name] = task.run(lm, docs, pool, seed)
+            counts[name] = len(docs)
+            files[name] = [f.sha256 for f in data_files]
+            seconds[name] = round(time.perf_counter() - task_started, 3)
+    finally:
+        model.train(was_training)
+    return {
+        "metrics": metrics,
+        "num_examples": counts,
+        "split": split,
+        "limits": limits,
+        "data_sha256": files,
+        "seconds": seconds,
+        "options": task_options,
+        "versions": package_versions(),
+        "wall_time_s": round(time.perf_counter() - started, 3),
+    }

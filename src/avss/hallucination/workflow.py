@@ -1,0 +1,178 @@
+"""The ``avss hallucination`` and ``avss mitigate`` workflows: load pairs, score, choose layers, train in
+rounds, evaluate on held-out questions and save, each step a library function; this module only composes them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from avss.adapters import get_adapter
+from avss.data import resolve_data_dir
+from avss.errors import DataError
+from avss.hallucination.batches import contrastive_batches
+from avss.hallucination.heldout import evaluate_heldout
+from avss.hallucination.mitigate import (
+    MitigationOptions,
+    choose_layers,
+    mitigate,
+    needs_scores,
+    pair_accuracy,
+    save_mitigated,
+)
+from avss.hallucination.pairs import Pair, load_pairs
+from avss.hallucination.scoring import EavssOptions, EavssRun, score_eavss
+from avss.models import LoadedModel
+
+
+def greedy_generator(model: Any, tokenizer: Any, batch_size: int = 8) -> Callable[[list[str]], list[str]]:
+    """Prompts -> the model's greedy short answers, cut like the NQ-open / TriviaQA evaluation tasks."""
+    from avss.evaluation import LanguageModel
+
+    lm = LanguageModel(model, tokenizer, batch_size=batch_size)
+    return lambda prompts: lm.generate(prompts, until=("\n", ".", ","), max_new_tokens=16)
+
+
+@dataclass
+class PairSpec:
+    """Which pairs to use: sources, data directory, and at most ``limit`` per source and split."""
+
+    sources: tuple[str, ...] = ("truthfulqa",)
+    data_dir: str | None = None
+    limit: int | None = None
+    val_limit: int | None = None
+
+    def load(self, loaded: LoadedModel, split: str, cache_dir: Path | None) -> list[Pair]:
+        directory = resolve_data_dir(self.data_dir)
+        if directory is None:
+            raise DataError("no data directory found: pass --data-dir or set AVSS_DATA_DIR")
+        limit = self.val_limit if split == "validation" else self.limit
+        return load_pairs(
+            self.sources,
+            directory,
+            split=split,
+            limit=limit,
+            generate=greedy_generator(loaded.model, loaded.tokenizer),
+            cache_dir=cache_dir,
+        )
+
+
+def hallucination_scores(
+    loaded: LoadedModel,
+    pairs: PairSpec,
+    options: EavssOptions,
+    out: Path | None = None,
+    progress: bool = True,
+) -> EavssRun:
+    """EAVSS of every layer on the train-split pairs (written to ``out`` when given)."""
+    train_pairs = pairs.load(loaded, "train", out)
+    run = score_eavss(
+        loaded.model, loaded.tokenizer, train_pairs, options, progress, model_info=loaded.source
+    )
+    run.provenance["pair_spec"] = asdict(pairs)
+    if out is not None:
+        run.save(out)
+    return run
+
+
+@dataclass
+class MitigationPlan:
+    """A full ``avss mitigate`` run: which layers, how many rounds, what to evaluate."""
+
+    layers: str = "auto"
+    k: int = 4
+    rounds: int = 1
+    seed: int = 0
+    eval_tasks: tuple[str, ...] = ()
+    eval_limits: dict[str, int | None] = field(default_factory=dict)
+    eval_batch_size: int = 8
+    eval_options: dict[str, Any] = field(default_factory=dict)
+
+
+def mitigation_run(
+    loaded: LoadedModel,
+    pairs: PairSpec,
+    plan: MitigationPlan,
+    options: MitigationOptions,
+    eavss: EavssOptions,
+    out: Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score, choose layers, train; repeat for ``plan.rounds`` while validation pair accuracy improves.
+
+    Returns the record (also saved beside the model in ``out``). With ``plan.eval_tasks`` the base and the
+    mitigated model are evaluated on test-split questions.
+    """
+    started = time.perf_counter()
+    cache = out.parent / f".{out.name}.cache" if out is not None else None
+    train_pairs = pairs.load(loaded, "train", cache)
+    val_pairs = pairs.load(loaded, "validation", cache)
+    test_pairs = pairs.load(loaded, "test", cache)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    heldout = dict(
+        limits=plan.eval_limits, batch_size=plan.eval_batch_size, data_dir=pairs.data_dir, **plan.eval_options
+    )
+    test_batches = contrastive_batches(
+        tokenizer, test_pairs, negatives=options.negatives, max_length=options.max_length
+    )
+    record: dict[str, Any] = {
+        "model": loaded.source,
+        "plan": asdict(plan),
+        "pair_spec": asdict(pairs),
+        "rounds": [],
+    }
+    if plan.eval_tasks:
+        record["before"] = evaluate_heldout(model, tokenizer, plan.eval_tasks, **heldout)
+    record["test_pair_accuracy_before"] = pair_accuracy(model, test_batches)
+    val_batches = contrastive_batches(
+        tokenizer, val_pairs, negatives=options.negatives, max_length=options.max_length
+    )
+    best = pair_accuracy(model, val_batches)
+    for round_index in range(plan.rounds):
+        snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()} if round_index else None
+        scores = (
+            score_eavss(model, tokenizer, train_pairs, eavss, progress) if needs_scores(plan.layers) else None
+        )
+        layers = choose_layers(
+            plan.layers, plan.k, get_adapter(model).num_layers, scores and scores.scores, plan.seed
+        )
+        model, result = mitigate(model, tokenizer, train_pairs, val_pairs, layers, options)
+        accuracy = pair_accuracy(model, val_batches)
+        record["rounds"].append(
+            {
+                "round": round_index,
+                "layers": layers,
+                "eavss": scores.to_dict() if scores else None,
+                "mitigation": result.record,
+                "val_pair_accuracy": accuracy,
+            }
+        )
+        if round_index and accuracy <= best:
+            assert snapshot is not None
+            model.load_state_dict(snapshot)
+            record["rounds"][-1]["reverted"] = True
+            break
+        best = max(best, accuracy)
+    loaded.model = model
+    record["test_pair_accuracy_after"] = pair_accuracy(model, test_batches)
+    if plan.eval_tasks:
+        record["after"] = evaluate_heldout(model, tokenizer, plan.eval_tasks, **heldout)
+    record["wall_time_s"] = round(time.perf_counter() - started, 3)
+    if out is not None:
+        save_mitigated(model, tokenizer, out, record, overwrite=overwrite)
+    return record
+
+
+def comparison_rows(record: dict[str, Any]) -> list[tuple[str, str, float, float]]:
+    """(task, metric, before, after) for the before/after table."""
+    rows = [
+        ("pairs(test)", "accuracy", record["test_pair_accuracy_before"], record["test_pair_accuracy_after"])
+    ]
+    for task, metrics in record.get("before", {}).get("metrics", {}).items():
+        for metric, value in metrics.items():
+            rows.append((task, metric, value, record["after"]["metrics"][task][metric]))
+    return rows

@@ -1,0 +1,159 @@
+"""Mitigation on tiny models: layer choice, only chosen layers train, the contrastive loss can be overfit,
+saved models reload, DoLa scoring and decoding run, and the CLI runs end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from _tiny import tiny_model
+from avss.evaluation import LanguageModel
+from avss.hallucination import load_pairs
+from avss.hallucination.batches import contrastive_batches
+from avss.hallucination.dola import DolaModel, candidate_layers, dola_contrast
+from avss.hallucination.eavss import eavss_scores
+from avss.hallucination.heldout import evaluate_heldout
+from avss.hallucination.losses import infonce, logprob_margin
+from avss.hallucination.mitigate import (
+    ContrastiveObjective,
+    MitigationConfigError,
+    MitigationOptions,
+    choose_layers,
+    mitigate,
+    save_mitigated,
+)
+from avss.training import TrainConfig, train
+from test_hallucination import data_dir, write_jsonl  # noqa: F401  (fixture)
+
+
+def scores_for(values: list[float]):
+    ones = torch.ones(len(values))
+    return eavss_scores(ones, torch.tensor(values), ones, ones)
+
+
+def test_choose_layers_strategies() -> None:
+    scores = scores_for([0.1, 0.9, 0.5, 0.7, 0.2])
+    assert choose_layers("auto", 2, 5, scores) == [1, 3]
+    assert choose_layers("lowest", 2, 5, scores) == [0, 4]
+    assert choose_layers("all", 2, 5) == [0, 1, 2, 3, 4]
+    assert choose_layers("random", 2, 5, seed=1) == choose_layers("random", 2, 5, seed=1)
+    assert choose_layers("4,1", 2, 5) == [1, 4]
+    with pytest.raises(MitigationConfigError):
+        choose_layers("7", 1, 5)
+    with pytest.raises(MitigationConfigError, match="needs EAVSS"):
+        choose_layers("auto", 2, 5)
+
+
+def test_infonce_and_margin_hand_values() -> None:
+    query = torch.tensor([[1.0, 0.0]])
+    positive, negatives = torch.tensor([[1.0, 0.0]]), torch.tensor([[[0.0, 1.0]]])
+    # cosines 1 and 0, tau 1: -log(e / (e + 1))
+    expected = -math.log(math.e / (math.e + 1.0))
+    assert float(infonce(query, positive, negatives, tau=1.0)) == pytest.approx(expected)
+    margin = logprob_margin(torch.tensor([-1.0]), torch.tensor([[-2.0, -1.0]]))
+    assert float(margin) == pytest.approx((math.log1p(math.exp(-1.0)) + math.log(2.0)) / 2)
+
+
+def test_only_chosen_layers_change(tokenizer, data_dir: Path) -> None:  # noqa: F811
+    model = tiny_model("llama", num_layers=4)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    pairs = load_pairs(["truthfulqa"], data_dir)[:4]
+    options = MitigationOptions(train=TrainConfig(epochs=1, lr=1e-2, progress=False), max_length=48)
+    trained, result = mitigate(model, tokenizer, pairs, [], [1, 3], options)
+    assert trained is model and result.layers == [1, 3] and result.training.steps == 1
+    for name, param in model.named_parameters():
+        chosen = name.startswith(("model.layers.1.", "model.layers.3."))
+        assert torch.equal(param, before[name]) != chosen, name
+
+
+@pytest.mark.parametrize("contrast", ["infonce", "logprob"])
+def test_contrastive_loss_decreases_when_overfitting(tokenizer, data_dir: Path, contrast: str) -> None:  # noqa: F811
+    model = tiny_model("llama", num_layers=4)
+    pairs = load_pairs(["truthfulqa"], data_dir)[:4]
+    batches = contrastive_batches(tokenizer, pairs, negatives=2, max_length=48, questions_per_batch=4)
+    objective = ContrastiveObjective([1, 2], contrast=contrast, tau=0.1, lam=4.0)
+    with torch.no_grad():
+        start = float(objective.terms(model, batches[0])[1])
+    config = TrainConfig(epochs=40, lr=1e-2, patience=None, progress=False)
+    train(model, objective, batches, trainable=lambda name, param: True, config=config)
+    with torch.no_grad():
+        end = float(objective.terms(model, batches[0])[1])
+    assert end < 0.6 * start, (start, end)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_saved_mitigated_model_reloads(tokenizer, data_dir: Path, tmp_path: Path, lora: bool) -> None:  # noqa: F811
+    model = tiny_model("llama", num_layers=3)
+    pairs = load_pairs(["truthfulqa"], data_dir)[:4]
+    options = MitigationOptions(
+        lora=lora, max_length=48, train=TrainConfig(epochs=1, lr=1e-2, progress=False)
+    )
+    trained, result = mitigate(model, tokenizer, pairs, pairs[:2], [2], options)
+    assert type(trained).__name__ == "LlamaForCausalLM"
+    out = save_mitigated(trained, tokenizer, tmp_path / "mitigated", result.record)
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, trained(input_ids=ids).logits)
+    record = json.loads((out / "avss_mitigation.json").read_text())
+    assert record["layers"] == [2] and record["options"]["lora"] is lora
+
+
+def test_dola_contrast_hand_values() -> None:
+    final = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
+    premature = torch.log(torch.tensor([[[0.7, 0.2, 0.1]], [[0.1, 0.2, 0.7]]]))
+    scores = dola_contrast(final, premature, relative_top=0.0)
+    # The second candidate diverges more; scores are log_softmax(log 7, log 1, log 1/7).
+    expected = torch.log(torch.tensor([7.0, 1.0, 1 / 7]) / (7 + 1 + 1 / 7))
+    torch.testing.assert_close(scores[0], expected)
+    masked = dola_contrast(final, premature, relative_top=0.2)
+    assert masked[0, 2] == -1000.0 and masked[0, 0] == scores[0, 0]
+    assert candidate_layers("high", 8) == [4, 6] and candidate_layers("low", 8) == [0, 2]
+
+
+def test_dola_scoring_and_generation_run_on_a_tiny_model(tokenizer, data_dir: Path) -> None:  # noqa: F811
+    write_jsonl(
+        data_dir / "truthfulqa" / "truthfulqa_mc.jsonl",
+        [
+            {
+                "id": f"m{i}",
+                "question": f"What is fact number {i}?",
+                "choices": ["yes", "no"],
+                "mc1_labels": [1, 0],
+                "mc2_choices": ["yes", "no", "maybe"],
+                "mc2_labels": [1, 0, 0],
+            }
+            for i in range(40)
+        ],
+    )
+    dola = DolaModel(tiny_model("llama", num_layers=4), layers="low")
+    result = evaluate_heldout(dola, tokenizer, ["truthfulqa_mc"], data_dir=data_dir, batch_size=4)
+    assert 0 < result["num_examples"]["truthfulqa_mc"] < 40
+    assert 0.0 <= result["metrics"]["truthfulqa_mc"]["mc2"] <= 1.0
+    texts = LanguageModel(dola, tokenizer, batch_size=2).generate(["Q: a\nA:", "Q: bb\nA:"], max_new_tokens=4)
+    assert len(texts) == 2
+
+
+def test_cli_hallucination_and_mitigate(tokenizer, data_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    from typer.testing import CliRunner
+
+    from avss.cli import app
+
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama", num_layers=4).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    runner = CliRunner()
+    common = ["--data-dir", str(data_dir), "--device", "cpu", "--limit", "8"]
+    scored = runner.invoke(app, ["hallucination", str(model_dir), "--out", str(tmp_path / "eavss"), *common])
+    assert scored.exit_code == 0, scored.output
+    assert len(json.loads((tmp_path / "eavss" / "eavss.json").read_text())["layers"]) == 4
+    args = ["mitigate", str(model_dir), "--out", str(tmp_path / "m"), "--k", "2", "--rounds", "2", *common]
+    mitigated = runner.invoke(app, [*args, "--val-limit", "4", "--max-length", "48"])
+    assert mitigated.exit_code == 0, mitigated.output
+    record = json.loads((tmp_path / "m" / "avss_mitigation.json").read_text())
+    assert 1 <= len(record["rounds"]) <= 2 and len(record["rounds"][0]["layers"]) == 2
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "m").config.num_hidden_layers == 4

@@ -1,0 +1,91 @@
+"""The generic training loop: only selected parameters move, losses fall, checkpoints resume, early stop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from _tiny import random_batch, tiny_model
+from avss.training import TrainConfig, prefix_selector, set_trainable, train
+
+
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+
+
+def batches(n: int = 2) -> list[dict[str, torch.Tensor]]:
+    return [random_batch(batch=2, length=10, seed=seed) for seed in range(n)]
+
+
+def test_only_selected_parameters_change() -> None:
+    model = tiny_model("llama", num_layers=4)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    result = train(
+        model,
+        lm_loss,
+        batches(),
+        trainable=prefix_selector(["model.layers.1"]),
+        config=TrainConfig(progress=False),
+    )
+    assert result.steps == 2 and result.trainable_parameters < result.total_parameters
+    for name, param in model.named_parameters():
+        if name.startswith("model.layers.1."):
+            assert not torch.equal(param, before[name]), name
+        else:
+            assert torch.equal(param, before[name]), name
+    assert result.optimizer_state_bytes == 2 * 4 * result.trainable_parameters + 4 * sum(
+        1 for n, _ in model.named_parameters() if n.startswith("model.layers.1.")
+    )
+
+
+def test_empty_selection_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no parameters"):
+        set_trainable(tiny_model("llama", 2), lambda name, param: False)
+
+
+def test_loss_decreases_and_grad_accumulation_counts_steps() -> None:
+    model = tiny_model("llama", num_layers=2)
+    data = batches(4)
+    config = TrainConfig(epochs=8, lr=3e-3, grad_accum=2, patience=None, progress=False)
+    result = train(model, lm_loss, data, trainable=lambda n, p: True, val_batches=data, config=config)
+    assert result.steps == 16
+    assert result.val_loss[-1] < result.val_loss[0] - 0.5
+    assert result.best_epoch == len(result.val_loss) - 1
+
+
+def test_early_stopping_restores_the_best_epoch() -> None:
+    model = tiny_model("llama", num_layers=2)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # A huge learning rate makes validation worse at once: training must stop and keep the initial weights.
+    config = TrainConfig(epochs=5, lr=10.0, patience=1, max_grad_norm=None, progress=False)
+    result = train(
+        model, lm_loss, batches(), trainable=lambda n, p: True, val_batches=batches(), config=config
+    )
+    assert result.stopped_early and result.best_epoch == 0 and result.epochs_run == 1
+    assert all(torch.equal(p, initial[n]) for n, p in model.named_parameters())
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path: Path) -> None:
+    data = batches(2)
+    straight = tiny_model("llama", num_layers=2)
+    config = dict(lr=1e-3, patience=None, progress=False, checkpoint_dir=str(tmp_path / "a"))
+    train(straight, lm_loss, data, trainable=lambda n, p: True, config=TrainConfig(epochs=2, **config))
+
+    interrupted = tiny_model("llama", num_layers=2)
+    config["checkpoint_dir"] = str(tmp_path / "b")
+    train(interrupted, lm_loss, data, trainable=lambda n, p: True, config=TrainConfig(epochs=1, **config))
+    assert (tmp_path / "b" / "checkpoint.pt").is_file()
+    resumed = tiny_model("llama", num_layers=2)
+    result = train(
+        resumed,
+        lm_loss,
+        data,
+        trainable=lambda n, p: True,
+        config=TrainConfig(epochs=2, resume=True, **config),
+    )
+    assert result.resumed_from_epoch == 1 and result.epochs_run == 2 and result.steps == 4
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
