@@ -1,10 +1,10 @@
 """EAVSS: find hallucination-prone layers and mitigate them with contrastive training on those layers.
 
-``pairs`` builds (question, truthful answer, hallucinated answers) sets with leak-free splits, ``batches``
-turns them into prompt + answer token batches whose statistics mask covers the answer only, ``eavss`` holds the pure
-HSAV / HSS / EAVSS math, ``scoring`` streams the statistics through a model, ``losses`` the contrastive
-objectives, ``mitigate`` the layer selection and training recipe, ``dola`` the DoLa decoding peer and
-``heldout`` the evaluation on test-split questions.
+``pairs`` builds (question, truthful answer, hallucinated answers) sets with leak-free splits; ``batches``
+turns them into prompt + answer token batches whose statistics mask covers the answer only; ``eavss`` holds
+the pure HSAV / HSS / EAVSS math and ``scoring`` streams the statistics through a model; ``losses`` are the
+contrastive objectives, ``mitigate`` the layer selection and training recipe, ``dola`` the DoLa decoding
+peer, ``heldout`` the evaluation on test-split questions and ``workflow`` the command-line workflows.
 """
 
 from avss.hallucination.eavss import COMBINERS, EavssScores, eavss_scores
