@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +246,3 @@ def describe_pairs(pairs: Sequence[Pair]) -> dict[str, Any]:
         per_source[pair.split] = per_source.get(pair.split, 0) + 1
     return {"num_pairs": len(pairs), "counts": counts}
 
-
-def pair_dicts(pairs: Sequence[Pair]) -> list[dict[str, Any]]:
-    return [asdict(pair) for pair in pairs]

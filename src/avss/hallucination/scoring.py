@@ -103,7 +103,7 @@ def score_eavss(
     provenance = {
         "model": model_info or {},
         "pairs": describe_pairs(pairs),
-        "num_tokens": {kind: int(stats.sites[options.site].count[0]) for kind, stats in collected.items()},
+        "num_values": {kind: int(stats.sites[options.site].count[0]) for kind, stats in collected.items()},
         "wall_time_s": round(time.perf_counter() - started, 3),
         "versions": package_versions(),
     }
