@@ -183,3 +183,18 @@ def test_embeddings_do_not_depend_on_batching():
 def test_is_causal_lm():
     assert engine.is_causal_lm(tiny_model("llama"))
     assert not engine.is_causal_lm(tiny_model("bert"))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "gpt2"])
+def test_shared_context_cache_matches_independent_forwards(model_type):
+    # gemma3_text's tiny config has a 4-token sliding window, so its cache drops most of the context.
+    model, tokenizer = tiny_model(model_type), tiny_tokenizer()
+    context = "Q: What is the capital of France?\nA:"
+    requests = [LoglikelihoodRequest(context, f" {answer}") for answer in ("Paris", "Lyon is big", "No", "x")]
+    requests += REQUESTS
+    shared = LanguageModel(model, tokenizer, batch_size=3)
+    assert len(shared._shared_contexts([shared._encode_request(r) for r in requests])) == 1
+    plain = LanguageModel(model, tokenizer, batch_size=3, share_context=False)
+    for a, b in zip(shared.loglikelihood(requests), plain.loglikelihood(requests), strict=True):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert (a.is_greedy, a.num_tokens) == (b.is_greedy, b.num_tokens)

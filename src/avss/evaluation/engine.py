@@ -7,6 +7,7 @@ does.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -99,6 +100,14 @@ def _keep_width(rows: Sequence[_Row]) -> int:
     return width - min(len(row.inputs) - row.n for row in rows)
 
 
+def _pick(logprobs: torch.Tensor, targets: list[int]) -> Loglikelihood:
+    """Summed log-probability of ``targets`` under per-position ``logprobs`` [len(targets), vocab]."""
+    target = torch.tensor(targets)
+    picked = logprobs.gather(-1, target[:, None]).squeeze(-1)
+    greedy = bool((logprobs.argmax(-1) == target).all())
+    return Loglikelihood(float(picked.sum()), greedy, len(targets))
+
+
 def is_causal_lm(model: Any) -> bool:
     """True for models with a language-modelling head that can generate (not BERT-like encoders)."""
     can_generate = getattr(model, "can_generate", None)
@@ -112,6 +121,9 @@ class LanguageModel:
     ``context + continuation`` beyond the tokens of ``context``, so word-boundary merges are scored the way
     the model would actually see the text. Special tokens the tokenizer puts in front of every text (a BOS
     token, for Llama and Gemma tokenizers) are prepended once to each sequence.
+
+    With ``share_context`` (the default), continuations of one context (a question's answer options) are
+    scored against a single KV cache of the context: the context runs once instead of once per option.
     """
 
     def __init__(
@@ -122,6 +134,7 @@ class LanguageModel:
         batch_size: int = 16,
         max_length: int | None = None,
         progress: Progress | None = None,
+        share_context: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -133,7 +146,11 @@ class LanguageModel:
         self.device = next(model.parameters()).device
         self.prefix_ids = _leading_special_tokens(tokenizer)
         self.pad_id = _pad_id(tokenizer)
-        self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        parameters = inspect.signature(model.forward).parameters
+        self._accepts_logits_to_keep = "logits_to_keep" in parameters
+        # The KV-cache argument (and output field) is `cache` from transformers 5.x, `past_key_values` before.
+        self._cache_name = next((name for name in ("cache", "past_key_values") if name in parameters), None)
+        self.share_context = share_context and self._cache_name is not None
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -144,9 +161,72 @@ class LanguageModel:
         """Score every request; identical requests (a primer shared by many choices, say) are scored once."""
         unique = list(dict.fromkeys(requests))
         sequences = [self._encode_request(request) for request in unique]
-        scores = self._score_tails(sequences)
-        by_request = dict(zip(unique, scores, strict=True))
+        groups = self._shared_contexts(sequences)
+        scores: dict[int, Loglikelihood] = {}
+        self.progress.add_total(len(sequences))
+        for context, members in groups.items():
+            continuations = [sequences[i][0][-sequences[i][1] :] for i in members]
+            scores.update(zip(members, self._score_shared_context(list(context), continuations), strict=True))
+        rest = [i for i in range(len(sequences)) if i not in scores]
+        scores.update(zip(rest, self._score_tails([sequences[i] for i in rest]), strict=True))
+        by_request = {request: scores[i] for i, request in enumerate(unique)}
         return [by_request[request] for request in requests]
+
+    def _shared_contexts(
+        self, sequences: Sequence[tuple[list[int], int]]
+    ) -> dict[tuple[int, ...], list[int]]:
+        """Contexts shared by several requests whose sequences fit the window (no left truncation)."""
+        if not self.share_context:
+            return {}
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, (tokens, n) in enumerate(sequences):
+            groups.setdefault(tuple(tokens[:-n]), []).append(index)
+
+        return {
+            context: members
+            for context, members in groups.items()
+            if len(members) > 1 and all(len(sequences[i][0]) <= self.max_length for i in members)
+        }
+
+    @torch.inference_mode()
+    def _score_shared_context(
+        self, context: list[int], continuations: list[list[int]]
+    ) -> list[Loglikelihood]:
+        """Score continuations of one context: one forward over the context, then batches of continuations
+        attending to a copy of its KV cache (positions continue where the context ends)."""
+        kwargs: dict[str, Any] = {"logits_to_keep": 1} if self._accepts_logits_to_keep else {}
+        prefix = self.model(input_ids=torch.tensor([context], device=self.device), use_cache=True, **kwargs)
+        # The context's last position predicts every continuation's first token.
+        first = F.log_softmax(prefix.logits[0, -1].float(), dim=-1).cpu()
+        results = []
+        start = 0
+        while start < len(continuations):
+            width = max(len(c) for c in continuations[start : start + self.batch_size]) - 1
+            chunk = continuations[start : start + self._rows_within_budget(max(width, 1))]
+            width = max(len(c) for c in chunk) - 1
+            logprobs = torch.empty(len(chunk), 0, first.shape[-1])
+            if width > 0:
+                input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+                attention_mask = torch.zeros((len(chunk), len(context) + width), dtype=torch.long)
+                attention_mask[:, : len(context)] = 1
+                for row, continuation in enumerate(chunk):
+                    input_ids[row, : len(continuation) - 1] = torch.tensor(continuation[:-1])
+                    attention_mask[row, len(context) : len(context) + len(continuation) - 1] = 1
+                cache = copy.deepcopy(prefix[self._cache_name])
+                cache.batch_repeat_interleave(len(chunk))
+                logits = self.model(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=attention_mask.to(self.device),
+                    use_cache=True,
+                    **{self._cache_name: cache},
+                ).logits
+                logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
+            for row, continuation in enumerate(chunk):
+                scored = torch.cat([first[None], logprobs[row, : len(continuation) - 1]])
+                results.append(_pick(scored, continuation))
+            self.progress.advance(len(chunk))
+            start += len(chunk)
+        return results
 
     def _encode_request(self, request: LoglikelihoodRequest) -> tuple[list[int], int]:
         context, continuation = request.context, request.continuation
@@ -177,7 +257,6 @@ class LanguageModel:
         rows = [_Row.truncated(tokens, n, self.max_length) for tokens, n in sequences]
         order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].tokens), rows[i].tokens))
         results: dict[int, Loglikelihood] = {}
-        self.progress.add_total(len(rows))
         start = 0
         while start < len(order):
             candidates = [rows[i] for i in order[start : start + self.batch_size]]
@@ -212,11 +291,7 @@ class LanguageModel:
             # Input position p predicts token p + 1, so the n targets are predicted by the last n inputs;
             # in the kept window, row's last input sits at len(inputs) - 1 - (width - keep).
             end = len(row.inputs) - (width - keep)
-            scored = logprobs[index, end - row.n : end]
-            targets = torch.tensor(row.targets)
-            picked = scored.gather(-1, targets[:, None]).squeeze(-1)
-            greedy = bool((scored.argmax(-1) == targets).all())
-            results.append(Loglikelihood(float(picked.sum()), greedy, row.n))
+            results.append(_pick(logprobs[index, end - row.n : end], row.targets))
         return results
 
     # --- rolling log-likelihood (perplexity) -------------------------------------------------------------
@@ -246,6 +321,7 @@ class LanguageModel:
         sequences = [(window, n) for window, n in sequences if n > 0]
         if not sequences:
             raise ValueError("the text is too short to score: it needs at least two tokens")
+        self.progress.add_total(len(sequences))
         results = self._score_tails(sequences)
         return NLL(-sum(r.logprob for r in results), sum(r.num_tokens for r in results))
 
