@@ -19,18 +19,25 @@ from avss.scorers import LayerImportance, Scorer, ScoringContext
 class Selection:
     """Which layers a method removes (original indices) and the scores it based each decision on.
 
-    ``order`` is the order of removal: for an iterative selection its first ``k`` entries are the selection
-    for a budget of ``k`` layers, so one run to the largest budget serves every smaller one.
+    ``order`` is the order of removal: for an iterative selection (or a one-shot selection by lowest score)
+    its first ``k`` entries are the selection for a budget of ``k`` layers, so one run to the largest budget
+    serves every smaller one. Rules that are not nested (angular picks a contiguous span per budget) store
+    their selection per budget in ``by_budget``.
     """
 
     method: str
     iterative: bool
     order: list[int]
     steps: list[LayerImportance] = field(default_factory=list)
+    by_budget: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def removed(self) -> list[int]:
         return sorted(self.order)
+
+    def removed_for(self, n_remove: int) -> list[int]:
+        """The layers removed for a budget of ``n_remove`` layers, ascending."""
+        return sorted(self.by_budget.get(n_remove, self.order[:n_remove]))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -38,6 +45,7 @@ class Selection:
             "iterative": self.iterative,
             "removed": self.removed,
             "order": self.order,
+            "by_budget": self.by_budget,
             "steps": [step.to_dict() for step in self.steps],
         }
 

@@ -1,16 +1,23 @@
-"""Matplotlib figures, written atomically as PNG (Agg backend: no display needed)."""
+"""Matplotlib figures, written atomically as PNG (Agg backend: no display needed).
+
+Plotting takes plain scores, rows and matrices, never a model, so the study's figures can be redrawn from its
+``results.json``.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from avss.io import atomic_write  # noqa: E402
-from avss.scores import LayerScores  # noqa: E402
+from avss.io import atomic_write
+from avss.scores import LayerScores
 
 
 def save_figure(figure: plt.Figure, path: str | Path) -> Path:
@@ -21,7 +28,9 @@ def save_figure(figure: plt.Figure, path: str | Path) -> Path:
         plt.close(figure)
 
 
-def plot_layer_scores(scores: LayerScores, path: str | Path, removed: list[int] | None = None, title: str = "") -> Path:
+def plot_layer_scores(
+    scores: LayerScores, path: str | Path, removed: list[int] | None = None, title: str = ""
+) -> Path:
     """Bar chart of normalized AVSS per layer with its normalized variance and sparsity; removed layers in red."""
     removed = set(removed or [])
     layers = list(range(scores.num_layers))
@@ -35,4 +44,66 @@ def plot_layer_scores(scores: LayerScores, path: str | Path, removed: list[int] 
     bottom.set_xlabel("layer")
     bottom.set_ylabel("share over layers")
     bottom.legend()
+    return save_figure(figure, path)
+
+
+def retained_vs_fraction(rows: list[dict[str, Any]], path: Path) -> Path:
+    """One panel per task metric: retained % against the fraction removed, one line per method (and mode)."""
+    panels = list(dict.fromkeys((row["task"], row["metric"]) for row in rows))
+    columns = min(3, len(panels))
+    lines = math.ceil(len(panels) / columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(5 * columns, 3.8 * lines), squeeze=False)
+    for axis, (task, metric) in zip(axes.flat, panels, strict=False):
+        selected = [row for row in rows if (row["task"], row["metric"]) == (task, metric)]
+        for method, mode in dict.fromkeys((row["method"], row["mode"]) for row in selected):
+            points = sorted(
+                (row["fraction"], row["retained_pct"])
+                for row in selected
+                if (row["method"], row["mode"]) == (method, mode)
+            )
+            label = method if mode == "oneshot" else f"{method} (iterative)"
+            axis.plot(
+                *zip(*points, strict=True),
+                marker="o",
+                linestyle="-" if mode == "oneshot" else "--",
+                label=label,
+            )
+        axis.axhline(90, color="grey", linewidth=0.8, linestyle=":")
+        axis.set_title(f"{task}: {metric}")
+        axis.set_xlabel("fraction of layers removed")
+        axis.set_ylabel("retained %")
+    for axis in list(axes.flat)[len(panels) :]:
+        axis.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), bbox_to_anchor=(0.5, 1.08))
+    return save_figure(figure, path)
+
+
+def removed_layers(matrix: dict[str, list[float]], num_layers: int, path: Path) -> Path:
+    """Rows: methods; columns: layers; colour: the smallest fraction at which the layer is removed."""
+    names = list(matrix)
+    values = np.array([matrix[name] for name in names], dtype=float)
+    figure, axis = plt.subplots(figsize=(max(6, 0.3 * num_layers + 3), 0.4 * len(names) + 1.5))
+    image = axis.imshow(np.ma.masked_invalid(values), aspect="auto", cmap="viridis_r")
+    axis.set_yticks(range(len(names)), names)
+    axis.set_xticks(range(num_layers))
+    axis.set_xlabel("layer (blank: never removed)")
+    figure.colorbar(image, ax=axis, label="removed from fraction")
+    return save_figure(figure, path)
+
+
+def correlation_heatmap(correlations: dict[str, Any], path: Path) -> Path:
+    """Spearman (left) and Kendall (right) rank correlations between the methods' layer scores."""
+    methods = correlations["methods"]
+    figure, axes = plt.subplots(1, 2, figsize=(2 * (0.6 * len(methods) + 3), 0.6 * len(methods) + 2))
+    for axis, kind in zip(axes, ("spearman", "kendall"), strict=True):
+        values = np.array(correlations[kind], dtype=float)
+        image = axis.imshow(values, vmin=-1, vmax=1, cmap="coolwarm")
+        axis.set_xticks(range(len(methods)), methods, rotation=60, ha="right")
+        axis.set_yticks(range(len(methods)), methods)
+        for (i, j), value in np.ndenumerate(values):
+            if np.isfinite(value):
+                axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
+        axis.set_title(kind)
+    figure.colorbar(image, ax=axes, shrink=0.8)
     return save_figure(figure, path)

@@ -1,0 +1,75 @@
+"""``avss study``: compare layer-importance methods by pruning and evaluating at several budgets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from avss.cli._app import app, console
+from avss.cli.options import BatchSize, Data, DataDir, Dataset, MaxLength, ModelArg, Samples, Seed
+from avss.data import TextSource
+from avss.models import DEFAULT_MODEL
+from avss.pipeline import CalibrationOptions
+from avss.scorers import available_scorers, split_methods
+from avss.study import DEFAULT_FRACTIONS, DEFAULT_TASKS, Study, StudyConfig, parse_limits
+
+DEFAULT_METHODS = "avss,variance,sparsity,block_influence,angular,loo_nll,random,last"
+
+
+@app.command("study")
+def study_command(
+    model: ModelArg = DEFAULT_MODEL,
+    out: Annotated[Path, typer.Option(help="Study folder; rerunning into it resumes")] = Path("study"),
+    methods: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated methods, options in brackets, e.g. avss[site=delta]; available: "
+            + ", ".join(available_scorers())
+        ),
+    ] = DEFAULT_METHODS,
+    fractions: Annotated[str, typer.Option(help="Comma-separated fractions of layers to remove")] = ",".join(
+        f"{f:g}" for f in DEFAULT_FRACTIONS
+    ),
+    tasks: Annotated[str, typer.Option(help="Comma-separated evaluation tasks")] = ",".join(DEFAULT_TASKS),
+    limit: Annotated[
+        str | None,
+        typer.Option(help="Documents per task: N for all, or task=N,... (e.g. wikitext2=40,sst2=200)"),
+    ] = None,
+    iterative: Annotated[
+        bool, typer.Option("--iterative", help="Also prune iteratively (re-score after each removal)")
+    ] = False,
+    ppl_max_length: Annotated[
+        int | None, typer.Option(help="Window length of perplexity tasks (default: the task's)")
+    ] = None,
+    eval_batch_size: Annotated[int, typer.Option(min=1, help="Batch size of the evaluation")] = 16,
+    data: Data = None,
+    dataset: Dataset = None,
+    data_dir: DataDir = None,
+    samples: Samples = 32,
+    max_length: MaxLength = 256,
+    batch_size: BatchSize = 8,
+    seed: Seed = 0,
+) -> None:
+    """Prune MODEL with every method at every fraction, evaluate, and write tables, plots and correlations."""
+    task_list = [task.strip() for task in tasks.split(",") if task.strip()]
+    config = StudyConfig(
+        model=model,
+        methods=split_methods(methods),
+        fractions=[float(f) for f in fractions.split(",") if f.strip()],
+        tasks=task_list,
+        limits=parse_limits(limit, task_list),
+        iterative=iterative,
+        calibration=CalibrationOptions(
+            samples=samples, max_length=max_length, batch_size=batch_size, seed=seed
+        ),
+        calibration_data=TextSource(data=str(data) if data else None, dataset=dataset),
+        task_options={"max_length": ppl_max_length} if ppl_max_length else {},
+        eval_batch_size=eval_batch_size,
+        data_dir=str(data_dir) if data_dir else None,
+        seed=seed,
+    )
+    result = Study(config, out, log=lambda message: console.print(f"[dim]{message}[/]")).run()
+    console.print((out / "summary.md").read_text(encoding="utf-8"), markup=False, highlight=False)
+    console.print(f"study written to {out} in {result.wall_time_s:.0f} s")

@@ -1,0 +1,149 @@
+"""``avss study`` end to end on a tiny saved model with fixture data, and resuming a finished study."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from _tiny import tiny_model, tiny_tokenizer
+from avss.cli._app import app
+from avss.errors import OutputError
+from avss.pipeline import CalibrationOptions
+from avss.study import Study, StudyConfig, parse_limits, rank_correlations, slug
+
+METHODS = ["avss", "avss[site=delta]", "angular", "random", "last", "loo_nll"]
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny-llama"
+    tiny_model("llama", 4).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    (root / "wikitext2").mkdir()
+    (root / "wikitext2" / "wiki.test.raw").write_text(
+        "\n".join(f" = Section {i} = \n The cat sat on mat number {i} ." for i in range(6)) + "\n"
+    )
+    (root / "sst2").mkdir()
+    rows = [{"id": f"s{i}", "text": f"a {'good' if i % 2 else 'bad'} film", "label": i % 2} for i in range(6)]
+    (root / "sst2" / "sst2_dev.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root
+
+
+def config(saved_model, data_dir, **overrides) -> StudyConfig:
+    options = dict(
+        model=str(saved_model),
+        methods=METHODS,
+        fractions=[0, 0.25, 0.5],
+        tasks=["wikitext2", "sst2"],
+        limits={"wikitext2": 4, "sst2": 4},
+        iterative=True,
+        calibration=CalibrationOptions(samples=4, max_length=32, batch_size=2),
+        task_options={"max_length": 32},
+        eval_batch_size=4,
+        data_dir=str(data_dir),
+    )
+    return StudyConfig(**{**options, **overrides})
+
+
+def test_study_runs_end_to_end_and_resume_skips_finished_cells(saved_model, data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "study"
+    study = Study(config(saved_model, data_dir), out, progress=False)
+    result = study.run()
+    for name in (
+        "results.csv",
+        "results.json",
+        "summary.md",
+        "retained.png",
+        "removed_layers.png",
+        "correlations.png",
+    ):
+        assert (out / name).stat().st_size > 0, name
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    # 6 methods x 2 modes x 3 fractions x (perplexity + accuracy)
+    assert len(rows) == 6 * 2 * 3 * 2
+    unpruned = [row for row in rows if row["fraction"] == "0.0"]
+    assert all(float(row["retained_pct"]) == pytest.approx(100.0) for row in unpruned)
+    last = {row["removed_layers"] for row in rows if row["method"] == "last" and row["fraction"] == "0.5"}
+    assert last == {"1 2"}
+    angular = json.loads((out / "selections" / "angular__oneshot.json").read_text())
+    span = angular["by_budget"]["2"]
+    assert span[1] - span[0] == 1
+    report = json.loads((out / "results.json").read_text())
+    assert report["correlations"]["methods"][:2] == ["avss", "avss[site=delta]"]
+    # Same layers, same model: identical selections are evaluated once.
+    evaluated = [c for c in result.cells if not c.reused_from]
+    assert len({tuple(c.removed) for c in evaluated}) == len(evaluated)
+
+    calls = []
+    monkeypatch.setattr(Study, "evaluate_model", lambda self, model: calls.append(1) or {})
+    again = Study(config(saved_model, data_dir), out, progress=False).run()
+    assert calls == []
+    assert again.rows() == result.rows()
+
+
+def test_interrupted_study_resumes_from_the_cells_on_disk(saved_model, data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "study"
+    small = config(
+        saved_model, data_dir, methods=["avss", "random"], iterative=False, fractions=[0, 0.25, 0.5]
+    )
+    original = Study.evaluate_model
+    calls = []
+
+    def interrupt_third(self, model):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, model)
+
+    monkeypatch.setattr(Study, "evaluate_model", interrupt_third)
+    with pytest.raises(KeyboardInterrupt):
+        Study(small, out, progress=False).run()
+    finished = sorted(path.name for path in (out / "cells").glob("*.json"))
+    assert len(finished) == 2 and not list((out / "cells").glob(".*tmp"))
+    monkeypatch.setattr(Study, "evaluate_model", original)
+    Study(small, out, progress=False).run()
+    assert len(list((out / "cells").glob("*.json"))) >= 3
+
+
+def test_a_different_study_in_the_same_folder_is_refused(saved_model, data_dir, tmp_path):
+    out = tmp_path / "study"
+    Study(config(saved_model, data_dir, methods=["random"], iterative=False, fractions=[0]), out).prepare()
+    with pytest.raises(OutputError, match="different study"):
+        Study(config(saved_model, data_dir, methods=["last"], iterative=False, fractions=[0]), out).prepare()
+
+
+def test_cli_study_writes_the_summary(saved_model, data_dir, tmp_path):
+    out = tmp_path / "cli-study"
+    arguments = [
+        "study", str(saved_model), "--out", str(out), "--methods", "avss[variance=pooled],block_influence",
+        "--fractions", "0,0.25", "--tasks", "wikitext2", "--limit", "3",
+        "--samples", "4", "--max-length", "32",
+        "--ppl-max-length", "32", "--data-dir", str(data_dir),
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert "avss[variance=pooled]" in (out / "summary.md").read_text()
+
+
+def test_helpers():
+    assert parse_limits("wikitext2=40,sst2=200", ["wikitext2", "sst2", "sciq"]) == {
+        "wikitext2": 40,
+        "sst2": 200,
+        "sciq": None,
+    }
+    assert parse_limits("7", ["a", "b"]) == {"a": 7, "b": 7}
+    assert slug("avss[site=delta,threshold=abs:1e-05]") == "avss-site-delta-threshold-abs-1e-05"
+    import numpy as np
+
+    correlations = rank_correlations({"a": np.array([1.0, 2, 3]), "b": np.array([3.0, 2, 1])})
+    assert correlations["spearman"][0][1] == pytest.approx(-1.0)
+    assert correlations["kendall"][1][0] == pytest.approx(-1.0)
