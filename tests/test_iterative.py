@@ -64,3 +64,29 @@ def test_budget_is_checked():
     for n_remove in (0, 4):
         with pytest.raises(PruneConfigError):
             select_oneshot(get_scorer("avss"), context, n_remove)
+
+
+@pytest.mark.parametrize("extra", [["--method", "block_influence", "--iterative"], ["--method", "angular"]])
+def test_prune_command_accepts_any_method(tmp_path, extra):
+    import json
+
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from _tiny import tiny_tokenizer
+    from avss.cli._app import app
+
+    source = tmp_path / "tiny"
+    tiny_model("llama", 6).save_pretrained(source)
+    tiny_tokenizer().save_pretrained(source)
+    text = tmp_path / "calibration.txt"
+    text.write_text("\n\n".join(f"Paragraph {i} about cats and mats." for i in range(20)))
+    out = tmp_path / "pruned"
+    arguments = ["prune", str(source), "--out", str(out), "--n-layers", "2", "--data", str(text)]
+    arguments += ["--samples", "4", "--max-length", "32", *extra]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "avss_pruning.json").read_text())
+    assert record["method"] == extra[1] and len(record["removed_layers"]) == 2
+    assert record["selection"]["iterative"] == ("--iterative" in extra)
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4

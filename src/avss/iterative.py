@@ -7,12 +7,17 @@ re-scores the pruned model, and repeats until the budget is spent (the EAVSS pap
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from avss.adapters import get_adapter
+from avss.data import TextSource, tokenize_texts
 from avss.errors import PruneConfigError
-from avss.prune import remove_layers
-from avss.scorers import LayerImportance, Scorer, ScoringContext
+from avss.models import LoadedModel
+from avss.pipeline import CalibrationOptions, PruneResult, package_versions
+from avss.prune import PruneSpec, PruningRecord, layers_for_fraction, protected_layers, remove_layers
+from avss.scorers import LayerImportance, Scorer, ScoringContext, context_for
 
 
 @dataclass
@@ -100,3 +105,65 @@ def select_layers(
     """One-shot or iterative selection; the iterative one removes the selected blocks from the model."""
     choose = select_iteratively if iterative else select_oneshot
     return choose(scorer, context, n_remove, protect)
+
+
+def prune_with_scorer(
+    loaded: LoadedModel,
+    scorer: Scorer,
+    source: TextSource,
+    calibration: CalibrationOptions,
+    spec: PruneSpec,
+    iterative: bool = False,
+    progress: bool = True,
+) -> tuple[PruneResult, Selection]:
+    """Select layers of ``loaded.model`` with ``scorer`` and remove them in place (``avss prune --method``).
+
+    The budget comes from ``spec`` (``count`` rule; ``mass`` only applies to one-shot normalized scores).
+    """
+    started = time.perf_counter()
+    batches = tokenize_texts(
+        loaded.tokenizer,
+        source.load(),
+        samples=calibration.samples,
+        max_length=calibration.max_length,
+        batch_size=calibration.batch_size,
+        seed=calibration.seed,
+    )
+    num_layers = get_adapter(loaded.model).num_layers
+    protect = protected_layers(num_layers, spec.protect)
+    context = context_for(loaded.model, batches, [scorer], progress=progress)
+    if spec.rule == "mass":
+        if iterative:
+            raise PruneConfigError(
+                "--rule mass cannot be combined with --iterative; use --fraction or --n-layers"
+            )
+        importance = scorer.score(context)
+        selection = Selection(scorer.spec, False, spec.select(importance.scores), [importance])
+    else:
+        n_remove = (
+            spec.n_layers
+            if spec.n_layers is not None
+            else layers_for_fraction(spec.fraction or 0.25, num_layers)
+        )
+        selection = select_layers(scorer, context, n_remove, protect, iterative=iterative)
+    if not iterative:
+        remove_layers(loaded.model, selection.removed)
+    kept = [layer for layer in range(num_layers) if layer not in set(selection.removed)]
+    record = PruningRecord(
+        source_model=loaded.source,
+        removed_layers=selection.removed,
+        kept_layers=kept,
+        original_num_layers=num_layers,
+        method=scorer.spec,
+        selection={**asdict(spec), "iterative": iterative, "order": selection.order},
+        scores=selection.steps[0].scores.tolist(),
+        options={
+            "scorer": scorer.options(),
+            "data": source.describe(),
+            "calibration": asdict(calibration),
+            "num_tokens": batches.num_tokens,
+            "wall_time_s": round(time.perf_counter() - started, 3),
+            "versions": package_versions(),
+        },
+    )
+    return PruneResult(selection.removed, kept, record), selection

@@ -34,9 +34,11 @@ from avss.cli.options import (
 )
 from avss.distributed import setup_distributed
 from avss.io import check_output_dir, ensure_parent_writable
+from avss.iterative import prune_with_scorer
 from avss.models import DEFAULT_MODEL, EMBEDDED_MODELS, load_model
 from avss.pipeline import ScoreOptions, ScoreRun, prune, save, score
 from avss.prune import PruneSpec
+from avss.scorers import get_scorer
 
 
 @app.command()
@@ -162,8 +164,15 @@ def prune_command(
     dtype: Dtype = "auto",
     trust_remote_code: TrustRemoteCode = False,
     allow_pickle: AllowPickle = False,
+    method: Annotated[
+        str, typer.Option(help="Layer-importance method, options in brackets (see avss study --help)")
+    ] = "avss",
+    iterative: Annotated[
+        bool, typer.Option("--iterative", help="Remove one layer at a time, re-scoring after each removal")
+    ] = False,
 ) -> None:
-    """Remove the lowest-AVSS layers of MODEL and save a model that reloads with from_pretrained."""
+    """Remove the least important layers of MODEL (AVSS by default) and save a model that reloads with
+    from_pretrained."""
     spec = PruneSpec(
         rule=rule,
         fraction=fraction,
@@ -172,9 +181,18 @@ def prune_command(
         protect=tuple(p for p in protect.split(",") if p),
     ).check()
     check_output_dir(out, overwrite)
+    avss_options = f"avss[site={site},variance={variance},threshold={threshold}]"
+    scorer = get_scorer(avss_options if method == "avss" else method)
     loaded = load_model(
         model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
     )
+    if method != "avss" or iterative:
+        source = text_source(data, dataset, data_dir)
+        options = calibration(samples, max_length, batch_size, seed)
+        result, selection = prune_with_scorer(loaded, scorer, source, options, spec, iterative=iterative)
+        save(loaded, result, out, overwrite=overwrite)
+        console.print(f"{selection.method}: removed layers {selection.order} (in this order); saved to {out}")
+        return
     run = score(
         loaded,
         text_source(data, dataset, data_dir),
