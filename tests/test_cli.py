@@ -1,0 +1,95 @@
+"""The core commands end to end on a tiny saved model, through the real entry point."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from _tiny import tiny_model, tiny_tokenizer
+from avss.cli import main
+from avss.prune import PROVENANCE_FILE
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    tiny_model("llama", num_layers=6).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "calib.txt"
+    path.write_text(
+        "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(20))
+    )
+    return path
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run ``avss ARGS`` in-process through the real entry point, capturing exit code and output."""
+
+    def run(*args) -> subprocess.CompletedProcess:
+        monkeypatch.setattr(sys, "argv", ["avss", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code or 0
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+    return run
+
+
+def test_score_writes_json_with_every_option(cli, model_dir, text_file, tmp_path):
+    out = tmp_path / "scores.json"
+    result = cli("score", model_dir, "--data", text_file, "--samples", 4, "--max-length", 32, "--out", out)
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(out.read_text())
+    assert len(scores["layers"]) == 6
+    assert scores["score_options"]["site"] == "block"
+    assert scores["calibration"]["samples"] == 4
+    assert scores["data"]["kind"] == "file" and len(scores["data"]["sha256"]) == 64
+
+
+def test_prune_saves_a_model_that_reloads(cli, model_dir, text_file, tmp_path):
+    out = tmp_path / "pruned"
+    result = cli(
+        "prune", model_dir, "--data", text_file, "--samples", 4, "--max-length", 32, "--fraction", 0.5,
+        "--protect", "first", "--out", out,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    provenance = json.loads((out / PROVENANCE_FILE).read_text())
+    assert len(provenance["removed_layers"]) == 3 and 0 not in provenance["removed_layers"]
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["score", "no/such/model-dir/"], "not found"),
+        (["score", "tiny-unknown-name"], "not found"),
+        (["prune", "{model}", "--fraction", "1.5", "--out", "{tmp}/x"], "strictly between 0 and 1"),
+        (["score", "{model}", "--data", "{tmp}/empty.txt"], "empty"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(cli, model_dir, tmp_path, args, message):
+    (tmp_path / "empty.txt").write_text("")
+    result = cli(*[a.format(model=model_dir, tmp=tmp_path) for a in args])
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_installed_entry_point_runs():
+    result = subprocess.run(
+        [sys.executable, "-m", "avss", "models"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "smollm2-135m" in result.stdout and "gemma3_text" in result.stdout
