@@ -5,6 +5,8 @@ provenance.
 
 from __future__ import annotations
 
+import shlex
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -134,8 +136,14 @@ def score(
         "world_size": context().world_size,
         "wall_time_s": round(time.perf_counter() - started, 3),
         "versions": package_versions(),
+        "command": command_line(),
     }
     return ScoreRun(stats, scores, provenance)
+
+
+def command_line() -> str:
+    """The running command as a shell line (``avss score ...`` from the CLI), so a result can be re-run."""
+    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
 
 
 def package_versions() -> dict[str, str]:

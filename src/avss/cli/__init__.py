@@ -18,6 +18,7 @@ from avss.cli import (
     evaluate_cmd,  # noqa: F401
     hallucination_cmd,  # noqa: F401
     heal_cmd,  # noqa: F401
+    report_cmd,  # noqa: F401
     study_cmd,  # noqa: F401
 )
 from avss.cli._app import app, console_err

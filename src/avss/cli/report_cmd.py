@@ -1,0 +1,27 @@
+"""``avss report``: one self-contained HTML page (and Markdown) summarizing run directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from avss.cli._app import app, console
+from avss.io import ensure_parent_writable
+from avss.report import write_report
+
+
+@app.command("report")
+def report_command(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories written by avss commands")],
+    out: Annotated[Path, typer.Option(help="HTML page to write")] = Path("report.html"),
+    markdown: Annotated[
+        Path | None, typer.Option(help="Markdown version (default: --out with the suffix .md)")
+    ] = None,
+    title: Annotated[str, typer.Option(help="Page title")] = "avss report",
+) -> None:
+    """Summarize scores, pruned layers, evaluations, study tables and plots of RUN_DIRS in one page."""
+    ensure_parent_writable(out)
+    html_path, markdown_path = write_report(run_dirs, out, markdown, title)
+    console.print(f"report written to {html_path} and {markdown_path}")

@@ -1,0 +1,477 @@
+"""One page that summarizes avss run directories: a self-contained HTML file and the same content as Markdown.
+
+:func:`collect` walks each run directory and turns every output it recognizes into a :class:`Section` (facts,
+tables, figures) through a registry of readers, one per kind of output: per-layer scores (``scores.json``,
+``eavss.json``), pruning records, evaluation results, demo summaries, study tables, provenance files, plots.
+Anything unrecognized falls through to a generic reader, so a report never fails because a run is partial or
+newer than this module. :func:`render_html` and :func:`render_markdown` only format; the HTML embeds plots as
+base64 data URIs and carries its CSS inline, so the page opens offline and can be mailed as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from avss import __version__
+from avss.errors import DataError
+from avss.io import atomic_write_text
+
+MAX_TABLE_ROWS = 200
+MAX_JSON_BYTES = 20 << 20
+GENERIC_JSON_PER_FOLDER = 3
+MODEL_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
+MODEL_FILES |= {"special_tokens_map.json", "model.safetensors.index.json", "chat_template.json"}
+PROVENANCE_KEYS = ("command", "created", "avss_version", "versions", "model", "source_model")
+
+
+@dataclass
+class Table:
+    columns: list[str]
+    rows: list[list[Any]]
+    caption: str = ""
+
+
+@dataclass
+class Figure:
+    path: Path
+    caption: str
+
+    def data_uri(self) -> str:
+        return "data:image/png;base64," + base64.b64encode(self.path.read_bytes()).decode("ascii")
+
+
+@dataclass
+class Section:
+    """What one output file says, ready to format."""
+
+    title: str
+    source: Path
+    facts: dict[str, Any] = field(default_factory=dict)
+    tables: list[Table] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunReport:
+    directory: Path
+    sections: list[Section]
+
+
+@dataclass
+class Report:
+    runs: list[RunReport]
+    comparisons: list[Table] = field(default_factory=list)
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+# --- readers --------------------------------------------------------------------------------
+
+JsonReader = Callable[[Path, dict[str, Any]], Section]
+READERS: list[tuple[Callable[[Path, Any], bool], JsonReader]] = []
+
+
+def reader(matches: Callable[[Path, Any], bool]) -> Callable[[JsonReader], JsonReader]:
+    """Register a JSON reader; readers are tried in registration order and the first match wins."""
+
+    def register(function: JsonReader) -> JsonReader:
+        READERS.append((matches, function))
+        return function
+
+    return register
+
+
+def provenance_of(data: dict[str, Any]) -> dict[str, Any]:
+    return {key: data[key] for key in PROVENANCE_KEYS if key in data}
+
+
+def model_name(model: Any) -> str:
+    if isinstance(model, dict):
+        return str(model.get("name") or model.get("id") or model.get("path") or "")
+    return str(model or "")
+
+
+@reader(
+    lambda path, data: (
+        isinstance(data.get("layers"), list) and data["layers"] and "layer" in data["layers"][0]
+    )
+)
+def per_layer_scores(path: Path, data: dict[str, Any]) -> Section:
+    """Per-layer scores (``avss score``, EAVSS): one row per layer, every numeric column, ranked by score."""
+    rows = data["layers"]
+    columns = [key for key, value in rows[0].items() if isinstance(value, (int, float))]
+    rank_key = next((key for key in ("eavss", "avss") if key in columns), None)
+    table_rows = [[row.get(column) for column in columns] for row in rows]
+    if rank_key is not None:
+        order = sorted(range(len(rows)), key=lambda i: rows[i][rank_key])
+        ranks = {layer: rank for rank, layer in enumerate(order)}
+        columns = [*columns, f"rank by {rank_key} (0 = least important)"]
+        table_rows = [[*row, ranks[i]] for i, row in enumerate(table_rows)]
+    title = "EAVSS per layer" if "eavss" in path.stem else "AVSS per layer"
+    facts = {"model": model_name(data.get("model")), "layers": len(rows), **data.get("options", {})}
+    if data.get("num_tokens"):
+        facts["calibration tokens"] = data["num_tokens"]
+    return Section(
+        title,
+        path,
+        facts=facts,
+        tables=[Table(columns, table_rows)],
+        notes=list(data.get("warnings", [])),
+        provenance=provenance_of(data),
+    )
+
+
+@reader(lambda path, data: "removed_layers" in data and "kept_layers" in data)
+def pruning_record(path: Path, data: dict[str, Any]) -> Section:
+    original = data.get("original_num_layers") or len(data["removed_layers"]) + len(data["kept_layers"])
+    facts = {
+        "source model": model_name(data.get("source_model")),
+        "method": data.get("method", ""),
+        "layers before": original,
+        "layers removed": f"{len(data['removed_layers'])} ({len(data['removed_layers']) / original:.0%})",
+        "removed": ", ".join(map(str, data["removed_layers"])),
+        "kept": ", ".join(map(str, data["kept_layers"])),
+        **{
+            f"selection.{key}": value
+            for key, value in data.get("selection", {}).items()
+            if value not in (None, [])
+        },
+    }
+    provenance = {**provenance_of(data.get("options", {})), **provenance_of(data)}
+    return Section("Pruned layers", path, facts=facts, provenance=provenance)
+
+
+@reader(lambda path, data: str(data.get("format", "")).startswith("avss-eval/"))
+def evaluation_results(path: Path, data: dict[str, Any]) -> Section:
+    rows = [
+        [task, metric, value, result.get("num_examples")]
+        for task, result in data.get("tasks", {}).items()
+        for metric, value in result.get("metrics", {}).items()
+    ]
+    facts = {
+        "model": model_name(data.get("model")),
+        **{k: v for k, v in data.get("options", {}).items() if v},
+    }
+    table = Table(["task", "metric", "value", "examples"], rows)
+    return Section("Evaluation", path, facts=facts, tables=[table], provenance=provenance_of(data))
+
+
+@reader(lambda path, data: isinstance(data.get("perplexity"), dict) and "removed_layers" in data)
+def demo_summary(path: Path, data: dict[str, Any]) -> Section:
+    rows = [
+        [name, values.get("before"), values.get("after"), percent(values.get("retained"))]
+        for name, values in data["perplexity"].items()
+    ]
+    facts = {
+        "model": model_name(data.get("model")),
+        "layers": f"{data.get('num_layers_before')} -> {data.get('num_layers_after')}",
+        "removed": ", ".join(map(str, data["removed_layers"])),
+        "max |logit difference| after reload": data.get("max_logit_difference_after_reload"),
+        "wall time (s)": data.get("wall_time_s"),
+    }
+    table = Table(["text", "perplexity before", "perplexity after", "retained"], rows)
+    notes = [data["summary"]] if data.get("summary") else []
+    return Section(
+        "Prune and compare", path, facts=facts, tables=[table], notes=notes, provenance=provenance_of(data)
+    )
+
+
+def generic_json(path: Path, data: Any) -> Section:
+    """Scalars of any other JSON output, flattened one level deep."""
+    facts: dict[str, Any] = {}
+    items = data.items() if isinstance(data, dict) else [("value", data)]
+    for key, value in items:
+        if isinstance(value, dict):
+            facts.update({f"{key}.{k}": v for k, v in value.items() if is_scalar(v)})
+        elif is_scalar(value) or (
+            isinstance(value, list) and len(value) <= 20 and all(map(is_scalar, value))
+        ):
+            facts[key] = value
+    return Section(
+        path.stem.replace("_", " "),
+        path,
+        facts=facts,
+        provenance=provenance_of(data) if isinstance(data, dict) else {},
+    )
+
+
+def csv_table(path: Path) -> Section:
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        return Section(path.name, path, notes=["empty file"])
+    header, body = rows[0], rows[1:]
+    notes = [f"first {MAX_TABLE_ROWS} of {len(body)} rows"] if len(body) > MAX_TABLE_ROWS else []
+    return Section(
+        path.stem.replace("_", " "), path, tables=[Table(header, body[:MAX_TABLE_ROWS])], notes=notes
+    )
+
+
+def is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def percent(value: Any) -> str:
+    return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else ""
+
+
+# --- collection -----------------------------------------------------------------------------
+
+
+def output_files(directory: Path) -> Iterator[Path]:
+    """Every file a report may use, skipping hidden/temporary files and the weights and config of models."""
+    for root, folders, files in os.walk(directory):
+        folders[:] = sorted(f for f in folders if not f.startswith("."))
+        is_model = any(name.endswith(".safetensors") for name in files)
+        for name in sorted(files):
+            if (
+                name.startswith(".")
+                or name.endswith(".checkpoint.json")
+                or (is_model and name in MODEL_FILES)
+            ):
+                continue
+            yield Path(root) / name
+
+
+def read_json(path: Path) -> Any:
+    if path.stat().st_size > MAX_JSON_BYTES:
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def collect_run(directory: Path) -> RunReport:
+    sections: list[Section] = []
+    generic: dict[Path, list[Section]] = {}
+    figures: list[Figure] = []
+    for path in output_files(directory):
+        suffix = path.suffix.lower()
+        if suffix == ".png":
+            figures.append(Figure(path, str(path.relative_to(directory))))
+        elif suffix == ".csv":
+            sections.append(csv_table(path))
+        elif suffix == ".json":
+            data = read_json(path)
+            if data is None:
+                sections.append(Section(path.name, path, notes=["not readable as JSON"]))
+                continue
+            match = next(
+                (read for matches, read in READERS if isinstance(data, dict) and matches(path, data)), None
+            )
+            if match is not None:
+                sections.append(match(path, data))
+            else:
+                generic.setdefault(path.parent, []).append(generic_json(path, data))
+    for folder, found in generic.items():
+        if len(found) <= GENERIC_JSON_PER_FOLDER:
+            sections.extend(found)
+        else:
+            names = ", ".join(section.source.name for section in found[:5])
+            sections.append(
+                Section(
+                    f"{folder.relative_to(directory)}/",
+                    folder,
+                    notes=[f"{len(found)} further JSON files ({names}, ...)"],
+                )
+            )
+    if figures:
+        sections.append(Section("Plots", directory, figures=figures))
+    return RunReport(directory, sections)
+
+
+def collect(directories: list[str | Path]) -> Report:
+    """Read every run directory; a missing directory or one without any avss output is an error."""
+    runs = []
+    for directory in map(Path, directories):
+        if not directory.is_dir():
+            raise DataError(f"run directory {directory} does not exist")
+        run = collect_run(directory.resolve())
+        if not run.sections:
+            raise DataError(f"{directory} contains no avss outputs (JSON, CSV or PNG files)")
+        runs.append(run)
+    return Report(runs, comparisons=compare_evaluations(runs))
+
+
+def compare_evaluations(runs: list[RunReport]) -> list[Table]:
+    """With evaluations in several runs: each metric across runs and the share retained vs the first."""
+    results = [
+        (run.directory.name, section)
+        for run in runs
+        for section in run.sections
+        if section.title == "Evaluation"
+    ]
+    if len(results) < 2:
+        return []
+    values = [{(row[0], row[1]): row[2] for row in section.tables[0].rows} for _, section in results]
+    keys = list(dict.fromkeys(key for table in values for key in table))
+    rows = []
+    for task, metric in keys:
+        base = values[0].get((task, metric))
+        row: list[Any] = [task, metric]
+        for table in values:
+            value = table.get((task, metric))
+            row.append(value)
+        for table in values[1:]:
+            value = table.get((task, metric))
+            ok = isinstance(base, (int, float)) and isinstance(value, (int, float)) and base and value
+            lower_is_better = "perplexity" in metric
+            row.append(percent((base / value if lower_is_better else value / base) if ok else None))
+        rows.append(row)
+    names = [name for name, _ in results]
+    columns = ["task", "metric", *names, *[f"retained {name} vs {names[0]}" for name in names[1:]]]
+    return [Table(columns, rows, caption="Evaluation across runs")]
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return "" if value is None else str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(fmt(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def provenance_rows(report: Report) -> list[list[str]]:
+    rows = []
+    for run in report.runs:
+        for section in run.sections:
+            for key, value in section.provenance.items():
+                if key in ("model", "source_model"):
+                    value = model_name(value)
+                rows.append([str(section.source.relative_to(run.directory.parent)), key, fmt(value)])
+    return rows
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:72rem;
+color:#1d2330;line-height:1.45;padding:0 1rem}
+h1{font-size:1.6rem;margin-bottom:.2rem}
+h2{border-bottom:2px solid #d6dae3;padding-bottom:.2rem;margin-top:2.2rem}
+h3{margin-bottom:.3rem}.source{color:#667085;font-size:.85rem;font-family:ui-monospace,monospace}
+table{border-collapse:collapse;margin:.6rem 0 1rem;font-size:.88rem}
+th,td{border:1px solid #d6dae3;padding:.25rem .55rem;text-align:left}
+th{background:#f2f4f8}td.num{text-align:right;font-variant-numeric:tabular-nums}
+dl.facts{display:grid;grid-template-columns:max-content auto;gap:.15rem 1rem;font-size:.9rem}
+dl.facts dt{color:#475467}dl.facts dd{margin:0;font-family:ui-monospace,monospace}
+figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #e4e7ec}
+figcaption{color:#667085;font-size:.85rem}.note{color:#8a5a00;background:#fff7e6;padding:.3rem .6rem}
+"""
+
+
+def html_cell(value: Any) -> str:
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    opening = '<td class="num">' if numeric else "<td>"
+    return f"{opening}{html.escape(fmt(value))}</td>"
+
+
+def html_table(table: Table) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
+    body = "".join("<tr>" + "".join(html_cell(v) for v in row) + "</tr>" for row in table.rows)
+    caption = f"<caption>{html.escape(table.caption)}</caption>" if table.caption else ""
+    return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def html_section(section: Section, root: Path) -> str:
+    parts = [f"<h3>{html.escape(section.title)}</h3>"]
+    parts.append(f'<div class="source">{html.escape(str(section.source.relative_to(root)))}</div>')
+    if section.facts:
+        items = "".join(
+            f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(fmt(v))}</dd>" for k, v in section.facts.items()
+        )
+        parts.append(f'<dl class="facts">{items}</dl>')
+    parts.extend(f'<p class="note">{html.escape(note)}</p>' for note in section.notes)
+    parts.extend(html_table(table) for table in section.tables)
+    parts.extend(
+        f'<figure><img src="{figure.data_uri()}" alt="{html.escape(figure.caption)}">'
+        f"<figcaption>{html.escape(figure.caption)}</figcaption></figure>"
+        for figure in section.figures
+    )
+    return "\n".join(parts)
+
+
+def render_html(report: Report, title: str = "avss report") -> str:
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    body.append(f'<p class="source">generated {report.created} by avss {__version__}</p>')
+    for table in report.comparisons:
+        body.append(f"<h2>{html.escape(table.caption)}</h2>{html_table(table)}")
+    for run in report.runs:
+        body.append(f"<h2>{html.escape(run.directory.name)}</h2>")
+        body.extend(html_section(section, run.directory.parent) for section in run.sections)
+    provenance = provenance_rows(report)
+    if provenance:
+        body.append("<h2>Provenance</h2>" + html_table(Table(["file", "field", "value"], provenance)))
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
+
+
+def md_cell(value: Any) -> str:
+    return fmt(value).replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(table: Table) -> list[str]:
+    lines = ["| " + " | ".join(md_cell(c) for c in table.columns) + " |"]
+    lines.append("|" + "|".join("---" for _ in table.columns) + "|")
+    lines.extend("| " + " | ".join(md_cell(v) for v in row) + " |" for row in table.rows)
+    return [*lines, ""]
+
+
+def render_markdown(report: Report, title: str = "avss report", location: Path | None = None) -> str:
+    """The same content as Markdown; plots are linked relative to ``location``, the Markdown's folder."""
+    base = (location or Path.cwd()).resolve()
+    lines = [f"# {title}", "", f"generated {report.created} by avss {__version__}", ""]
+    for table in report.comparisons:
+        lines += [f"## {table.caption}", "", *md_table(table)]
+    for run in report.runs:
+        lines += [f"## {run.directory.name}", ""]
+        for section in run.sections:
+            lines += [f"### {section.title}", "", f"`{section.source.relative_to(run.directory.parent)}`", ""]
+            lines += [f"- **{k}**: {md_cell(v)}" for k, v in section.facts.items()]
+            lines += [""] if section.facts else []
+            lines += [f"> {note}\n" for note in section.notes]
+            for table in section.tables:
+                lines += md_table(table)
+            for figure in section.figures:
+                link = os.path.relpath(figure.path.resolve(), base)
+                lines += [f"![{figure.caption}]({link})", ""]
+    provenance = provenance_rows(report)
+    if provenance:
+        lines += ["## Provenance", "", *md_table(Table(["file", "field", "value"], provenance))]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(
+    directories: list[str | Path],
+    out: str | Path,
+    markdown: str | Path | None = None,
+    title: str = "avss report",
+) -> tuple[Path, Path]:
+    """Collect ``directories``; write the HTML page to ``out``, the Markdown beside it or to ``markdown``."""
+    out = Path(out)
+    markdown = Path(markdown) if markdown is not None else out.with_suffix(".md")
+    report = collect(directories)
+    atomic_write_text(out, render_html(report, title))
+    atomic_write_text(markdown, render_markdown(report, title, markdown.parent))
+    return out, markdown
