@@ -247,3 +247,16 @@ def test_cli_heal(tmp_path):
     assert result.exit_code == 0, result.output
     assert "validation loss" in result.output
     assert (out / HEALING_FILE).is_file()
+
+
+def test_cli_prune_with_heal(tmp_path):
+    source = save_tiny_pruned(tmp_path).parent / "original"
+    data = tmp_path / "train.txt"
+    data.write_text("\n\n".join(TEXTS), encoding="utf-8")
+    out = tmp_path / "pruned-healed"
+    args = ["prune", str(source), "--out", str(out), "--n-layers", "2", "--heal", "lora", "--heal-steps", "2"]
+    result = CliRunner().invoke(app, [*args, "--data", str(data), "--samples", "4", "--max-length", "32"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / HEALING_FILE).read_text())
+    assert record["method"] == "lora" and record["merged"] and len(record["pruning"]["removed_layers"]) == 2
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == NUM_LAYERS - 2

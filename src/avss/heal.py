@@ -37,8 +37,8 @@ from avss.data import TextSource, tokenize_texts
 from avss.errors import AvssError, DataError, PruneConfigError
 from avss.io import atomic_directory, check_output_dir, to_json
 from avss.models import LoadedModel, load_model
-from avss.pipeline import package_versions
-from avss.prune import PROVENANCE_FILE
+from avss.pipeline import PruneResult, package_versions
+from avss.prune import PROVENANCE_FILE, save_pruned
 from avss.training import ParamPredicate, TrainConfig, prefix_selector, substring_selector, train
 
 HEALING_FILE = "avss_healing.json"
@@ -88,6 +88,9 @@ class HealConfig:
     merge: bool = True
     checkpoint_dir: str | None = None
     resume: bool = False
+
+    def __post_init__(self) -> None:
+        get_heal_method(self.method)
 
     def train_samples(self) -> int:
         """Training windows per epoch: enough for ``steps / epochs`` optimizer steps."""
@@ -711,3 +714,24 @@ def heal(
         overwrite=overwrite,
         progress=progress,
     )
+
+
+def save_or_heal(
+    loaded: LoadedModel,
+    result: PruneResult,
+    out: str | Path,
+    config: HealConfig | None,
+    source: TextSource | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """``avss prune [--heal METHOD]``: save the pruned model, or heal it first on ``source`` and save the
+    healed model (LoRA merged, since no separate pruned directory exists for an adapter to point at)."""
+    if config is None:
+        return save_pruned(loaded.model, loaded.tokenizer, out, result.record, overwrite=overwrite)
+    pruning = asdict(result.record)
+    heal_loaded(
+        loaded, pruning, out, replace(config, merge=True), source, overwrite=overwrite, progress=progress
+    )
+    return Path(out)

@@ -33,10 +33,11 @@ from avss.cli.options import (
     text_source,
 )
 from avss.distributed import setup_distributed
+from avss.heal import HealConfig, save_or_heal
 from avss.io import check_output_dir, ensure_parent_writable
 from avss.iterative import prune_with_scorer
 from avss.models import DEFAULT_MODEL, EMBEDDED_MODELS, load_model
-from avss.pipeline import ScoreOptions, ScoreRun, prune, save, score
+from avss.pipeline import ScoreOptions, ScoreRun, prune, score
 from avss.prune import PruneSpec
 from avss.scorers import get_scorer
 
@@ -170,6 +171,10 @@ def prune_command(
     iterative: Annotated[
         bool, typer.Option("--iterative", help="Remove one layer at a time, re-scoring after each removal")
     ] = False,
+    heal: Annotated[
+        str | None, typer.Option(help="Heal before saving on the calibration text: lora, full or replace")
+    ] = None,
+    heal_steps: Annotated[int, typer.Option(min=1, help="Optimizer steps for --heal (see avss heal)")] = 200,
 ) -> None:
     """Remove the least important layers of MODEL (AVSS by default) and save a model that reloads with
     from_pretrained."""
@@ -180,6 +185,7 @@ def prune_command(
         tau=tau,
         protect=tuple(p for p in protect.split(",") if p),
     ).check()
+    heal_config = HealConfig(method=heal, steps=heal_steps) if heal else None
     check_output_dir(out, overwrite)
     avss_options = f"avss[site={site},variance={variance},threshold={threshold}]"
     scorer = get_scorer(avss_options if method == "avss" else method)
@@ -190,7 +196,7 @@ def prune_command(
         source = text_source(data, dataset, data_dir)
         options = calibration(samples, max_length, batch_size, seed)
         result, selection = prune_with_scorer(loaded, scorer, source, options, spec, iterative=iterative)
-        save(loaded, result, out, overwrite=overwrite)
+        save_or_heal(loaded, result, out, heal_config, source, overwrite=overwrite)
         console.print(f"{selection.method}: removed layers {selection.order} (in this order); saved to {out}")
         return
     run = score(
@@ -203,5 +209,5 @@ def prune_command(
     result = prune(loaded, run, spec)
     console.print(scores_table(run, result.removed))
     print_warnings(run)
-    save(loaded, result, out, overwrite=overwrite)
+    save_or_heal(loaded, result, out, heal_config, text_source(data, dataset, data_dir), overwrite=overwrite)
     console.print(f"removed layers {result.removed}; {len(result.kept)} remain. Saved to {out}")
