@@ -1,0 +1,166 @@
+"""Kill-safety: a process SIGKILLed in the middle of writing leaves either nothing or the previous result.
+
+Each test starts a child Python process whose writer is slowed down (it writes part of its output, drops a
+``ready`` marker and sleeps), waits for the marker, kills the child with SIGKILL (no cleanup handlers run) and
+inspects the target. Temporary siblings (``.name.*.tmp``) may be left behind by a kill; the target never is
+partial.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from _tiny import tiny_model, tiny_tokenizer
+from avss.cli import main
+
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX SIGKILL")
+
+SLOW = """
+import sys, time
+from pathlib import Path
+
+READY = Path({ready!r})
+
+
+def stall():
+    READY.write_text("ready")
+    time.sleep(120)
+"""
+
+
+def kill_when_ready(script: str, ready: Path, timeout: float = 90.0) -> None:
+    """Run ``script`` in a child process and SIGKILL it as soon as it writes ``ready``."""
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready.exists():
+            if child.poll() is not None:
+                raise AssertionError(
+                    f"child exited early ({child.returncode}): {child.stderr.read().decode()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError("child never reached the slow write")
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+        child.stdout.close()
+        child.stderr.close()
+    assert child.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("previous", [None, {"previous": "complete"}], ids=["first-write", "overwrite"])
+def test_json_killed_mid_write(tmp_path: Path, previous: dict | None) -> None:
+    target, ready = tmp_path / "scores.json", tmp_path / "ready"
+    if previous is not None:
+        target.write_text(json.dumps(previous))
+    script = SLOW.format(ready=str(ready)) + textwrap.dedent(
+        f"""
+        from avss.io import atomic_write
+
+        def slow_writer(tmp):
+            with open(tmp, "w") as handle:
+                handle.write('{{"layers": [')
+                handle.flush()
+                stall()
+
+        atomic_write({str(target)!r}, slow_writer)
+        """
+    )
+    kill_when_ready(script, ready)
+    if previous is None:
+        assert not target.exists()
+    else:
+        assert json.loads(target.read_text()) == previous
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("kill") / "llama"
+    tiny_model("llama", 4).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+PRUNE = textwrap.dedent(
+    """
+    from transformers import PreTrainedModel
+    from avss.cli import main
+
+    save = PreTrainedModel.save_pretrained
+
+    def slow_save(self, directory, *args, **kwargs):
+        save(self, directory, *args, **kwargs)   # the full model is on disk, in the temporary folder ...
+        stall()                                  # ... and the process dies before the rename
+
+    PreTrainedModel.save_pretrained = slow_save
+    sys.argv = {argv!r}
+    main()
+    """
+)
+
+
+@pytest.mark.parametrize("previous", [False, True], ids=["first-save", "overwrite"])
+def test_pruned_model_killed_mid_save(tiny_dir: Path, tmp_path: Path, previous: bool) -> None:
+    out, ready = tmp_path / "pruned", tmp_path / "ready"
+    if previous:
+        out.mkdir()
+        (out / "config.json").write_text('{"previous": true}')
+    argv = ["avss", "prune", str(tiny_dir), "--out", str(out), "--overwrite", "--samples", "2"]
+    argv += ["--max-length", "16", "--device", "cpu"]
+    kill_when_ready(SLOW.format(ready=str(ready)) + PRUNE.format(argv=argv), ready)
+    if previous:
+        assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+        assert json.loads((out / "config.json").read_text()) == {"previous": True}
+    else:
+        assert not out.exists()
+
+
+RESUMABLE = textwrap.dedent(
+    """
+    from avss.checkpoint import StatisticsCheckpoint
+    from avss.cli import main
+
+    save = StatisticsCheckpoint.save
+
+    def save_then_die(self, run, stats, batches_done):
+        save(self, run, stats, batches_done)
+        if batches_done == 3:
+            stall()
+
+    StatisticsCheckpoint.save = save_then_die
+    sys.argv = {argv!r}
+    main()
+    """
+)
+
+
+def test_score_killed_then_resumed_matches_uninterrupted(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, ready, reference = tmp_path / "scores.json", tmp_path / "ready", tmp_path / "reference.json"
+    common = ["score", str(tiny_dir), "--samples", "10", "--max-length", "24", "--batch-size", "2"]
+    common += ["--device", "cpu"]
+    argv = ["avss", *common, "--out", str(out), "--checkpoint-every", "1"]
+    kill_when_ready(SLOW.format(ready=str(ready)) + RESUMABLE.format(argv=argv), ready)
+    assert not out.exists()
+    checkpoint = json.loads((tmp_path / "scores.json.checkpoint.json").read_text())
+    assert checkpoint["batches_done"] == 3
+
+    for args in ([*argv, "--resume"], ["avss", *common, "--out", str(reference)]):
+        monkeypatch.setattr(sys, "argv", args)
+        with pytest.raises(SystemExit) as exited:
+            main()
+        assert exited.value.code == 0
+    resumed, expected = json.loads(out.read_text()), json.loads(reference.read_text())
+    assert resumed["resumed_at_batch"] == 3
+    assert resumed["layers"] == expected["layers"]
