@@ -16,7 +16,7 @@ Two implementations answer the same questions:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -234,7 +234,7 @@ class CachedContext(ScoringContext):
                     for depth, block in enumerate(blocks)
                     if depth >= start
                 ]
-                handles.append(blocks[-1].register_forward_hook(self._capture_output(num_layers, captured)))
+                handles.append(self._capture_output(blocks[-1], num_layers, captured))
                 if start > 0:
                     handles.append(self._inject(blocks[start], states[start]))
                 with hooks(*handles), suffix_view(self.adapter, start):
@@ -252,12 +252,11 @@ class CachedContext(ScoringContext):
 
         return block.register_forward_pre_hook(hook, with_kwargs=True)
 
-    @staticmethod
-    def _capture_output(depth: int, captured: dict[int, torch.Tensor]) -> Callable[..., None]:
+    def _capture_output(self, block: nn.Module, depth: int, captured: dict[int, torch.Tensor]) -> Any:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             captured[depth] = first_tensor(output).detach().to("cpu")
 
-        return hook
+        return block.register_forward_hook(hook)
 
     def _inject(self, block: nn.Module, hidden: torch.Tensor) -> Any:
         """A pre-hook feeding the cached state to ``block``; prepended so the statistics hooks see it too."""
