@@ -668,3 +668,59 @@ def test_entry_point_prints_one_line_without_traceback(
     assert message in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# --- safety defaults ---------------------------------------------------------------------------------------
+
+
+def test_local_load_makes_no_network_call(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model directory loads with every socket connection and DNS lookup failing loudly."""
+    import socket
+
+    attempts: list[object] = []
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        attempts.append(args[1:] or args)
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    from avss.models import load_model
+
+    loaded = load_model(str(tiny_dir), device="cpu")
+    assert loaded.source["kind"] == "directory"
+    assert attempts == []
+
+
+def test_loaders_get_safe_arguments_by_default(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No remote code, safetensors only and no hub lookups unless the user opts in."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from avss.models import load_model
+
+    calls: list[tuple[str, dict]] = []
+    for cls in (AutoConfig, AutoModelForCausalLM, AutoTokenizer):
+        original = cls.from_pretrained
+
+        def spy(location: object, *args: object, _original=original, _name=cls.__name__, **kwargs: object):
+            calls.append((_name, kwargs))
+            return _original(location, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", spy)
+    load_model(str(tiny_dir), device="cpu")
+    assert {name for name, _ in calls} == {"AutoConfig", "AutoModelForCausalLM", "AutoTokenizer"}
+    for name, kwargs in calls:
+        assert kwargs["trust_remote_code"] is False, name
+        assert kwargs["local_files_only"] is True, name
+    model_kwargs = next(kwargs for name, kwargs in calls if name == "AutoModelForCausalLM")
+    assert model_kwargs["use_safetensors"] is True
+
+
+def test_pickle_weights_load_only_when_allowed(tiny_dir: Path, tmp_path: Path) -> None:
+    from avss.models import load_model
+
+    ws = Workspace(tmp_path, tiny_dir)
+    path = ws.variant(pickle_weights)
+    with pytest.raises(errors.ModelNotFoundError, match="--allow-pickle"):
+        load_model(path, device="cpu")
+    assert load_model(path, device="cpu", allow_pickle=True).model.config.num_hidden_layers == NUM_LAYERS
