@@ -9,6 +9,7 @@ recorded in the output; see README.md for the exact commands that produced the r
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import subprocess
@@ -65,11 +66,11 @@ def heldout(model, tokenizer, args: argparse.Namespace, tasks: tuple[str, ...]) 
     return result
 
 
-def run_step(args: argparse.Namespace) -> dict:
-    loaded = load_model("smollm2-135m", device="cpu")
-    model, tokenizer = loaded.model, loaded.tokenizer
-    record: dict = {"step": args.step, "args": vars(args), "model": loaded.source, "machine": machine()}
-    if args.step == "score":
+def run_step(step: str, loaded, args: argparse.Namespace) -> dict:
+    """One step on a fresh copy of the base model (the loaded model itself is never changed)."""
+    model, tokenizer = copy.deepcopy(loaded.model), loaded.tokenizer
+    record: dict = {"step": step, "args": vars(args), "model": loaded.source, "machine": machine()}
+    if step == "score":
         run = score_eavss(
             model, tokenizer, pairs_for(args, "train"), EavssOptions(), model_info=loaded.source
         )
@@ -78,13 +79,13 @@ def run_step(args: argparse.Namespace) -> dict:
         record["wall_time_s"] = run.provenance["wall_time_s"]
         return record
     tasks = ("truthfulqa_mc", "sciq", "wikitext2")
-    if args.step == "base":
+    if step == "base":
         record["eval"] = heldout(model, tokenizer, args, tasks)
         return record
-    if args.step == "dola":
+    if step == "dola":
         record["eval"] = heldout(DolaModel(model, layers=args.dola_layers), tokenizer, args, tasks[:2])
         return record
-    _, selection, seed = args.step.split(":")
+    _, selection, seed = step.split(":")
     scores = EavssScores.from_dict(json.loads((HERE / "eavss.json").read_text()))
     layers = choose_layers(selection, args.k, get_adapter(model).num_layers, scores, int(seed))
     options = MitigationOptions(
@@ -161,10 +162,11 @@ def table() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("step", help="score | base | dola | train:SELECTION:SEED | table")
+    parser.add_argument("steps", nargs="+", help="score | base | dola | train:SELECTION:SEED | table")
+    parser.add_argument("--budget-s", type=float, default=840, help="Start no step after this many seconds")
     parser.add_argument("--pairs", default="truthfulqa")
-    parser.add_argument("--train-limit", type=int, default=96)
-    parser.add_argument("--val-limit", type=int, default=24)
+    parser.add_argument("--train-limit", type=int, default=64)
+    parser.add_argument("--val-limit", type=int, default=16)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--contrast", default="infonce")
     parser.add_argument("--tau", type=float, default=0.1)
@@ -174,29 +176,40 @@ def main() -> None:
     parser.add_argument("--questions-per-batch", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--mc-limit", type=int, default=20)
-    parser.add_argument("--sciq-limit", type=int, default=16)
-    parser.add_argument("--ppl-lines", type=int, default=16)
+    parser.add_argument("--mc-limit", type=int, default=16)
+    parser.add_argument("--sciq-limit", type=int, default=12)
+    parser.add_argument("--ppl-lines", type=int, default=12)
     parser.add_argument("--ppl-max-length", type=int, default=512)
     parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--dola-layers", default="high")
     args = parser.parse_args()
-    if args.step == "table":
+    if args.steps == ["table"]:
         table()
         return
     started = time.perf_counter()
-    record = run_step(args)
-    record["step_wall_time_s"] = round(time.perf_counter() - started, 3)
-    record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    name = (
-        args.step.replace(":", "_").replace("train_random_", "train_random_seed")
-        if ":" in args.step
-        else args.step
-    )
-    atomic_write_json(ARMS / f"{name}.json", record)
-    print(
-        json.dumps({k: record[k] for k in record if k in ("layers", "eval", "ranking")}, default=str)[:3000]
-    )
+    loaded = load_model("smollm2-135m", device="cpu")
+    for step in args.steps:
+        path = ARMS / f"{step.replace(':', '_')}.json"
+        elapsed = time.perf_counter() - started
+        if path.is_file():
+            print(f"{step}: already done ({path.name})", flush=True)
+            continue
+        if elapsed > args.budget_s:
+            print(f"{step}: skipped, {elapsed:.0f} s of the {args.budget_s:.0f} s budget used", flush=True)
+            continue
+        step_started = time.perf_counter()
+        record = run_step(step, loaded, args)
+        record["step_wall_time_s"] = round(time.perf_counter() - step_started, 3)
+        record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        atomic_write_json(path, record)
+        summary = {k: record[k] for k in ("layers", "ranking") if k in record}
+        print(
+            step,
+            f"{record['step_wall_time_s']:.0f} s",
+            summary,
+            record.get("eval", {}).get("metrics"),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

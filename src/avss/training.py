@@ -9,6 +9,7 @@ healing after pruning share it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import sys
@@ -98,9 +99,28 @@ def _autocast(device: torch.device, bf16: bool) -> Any:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+PROC_STATUS = Path("/proc/self/status")
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    """Start peak-memory measurement now, so several runs in one process are measured separately.
+
+    On Linux, writing 5 to ``/proc/self/clear_refs`` resets the process's peak RSS (VmHWM).
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def _peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda max_memory_allocated"
+    if PROC_STATUS.is_file():
+        for line in PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024, "process peak RSS since training started (VmHWM)"
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
     return int(peak * scale), "process peak RSS"
@@ -180,8 +200,7 @@ def train(
         raise ValueError("epochs and grad_accum must be at least 1")
     started = time.perf_counter()
     device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    _reset_peak_memory(device)
     torch.manual_seed(config.seed)
     params = set_trainable(model, trainable)
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
