@@ -111,25 +111,30 @@ def score_eavss(
 
 
 def plot_scores(scores: EavssScores, avss: LayerScores, path: Path) -> None:
-    """HSAV~, HSS~ and EAVSS~ per layer, with AVSS~ beside them; top-ranked layers highlighted."""
+    """HSAV~, HSS~ and EAVSS~ per layer relative to the layer mean (1 = average layer, so small differences
+    stay visible), with AVSS~ beside them; the top EAVSS layers are marked in red."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers = list(range(scores.num_layers))
-    panels = {
-        "HSAV~ (variance H/T)": scores.hsav_normalized,
-        "HSS~ (sparsity H/T)": scores.hss_normalized,
-        "EAVSS~ (high = hallucination-prone)": scores.eavss_normalized,
-        "AVSS~ (importance)": avss.avss_normalized,
+    num_layers = scores.num_layers
+    layers = list(range(num_layers))
+    relative = {
+        "HSAV~ x L (variance H/T)": scores.hsav_normalized,
+        "HSS~ x L (sparsity H/T)": scores.hss_normalized,
+        "EAVSS~ x L (high = hallucination-prone)": scores.eavss_normalized,
     }
-    top = set(scores.ranking()[: max(1, scores.num_layers // 8)])
-    figure, axes = plt.subplots(len(panels), 1, figsize=(9, 9), sharex=True)
-    for axis, (title, values) in zip(axes, panels.items(), strict=True):
-        colors = ["tab:red" if layer in top else "tab:blue" for layer in layers]
-        axis.bar(layers, values.tolist(), color=colors)
+    top = scores.ranking()[: max(1, num_layers // 8)]
+    figure, axes = plt.subplots(len(relative) + 1, 1, figsize=(9, 9), sharex=True)
+    for axis, (title, values) in zip(axes, relative.items(), strict=False):
+        scaled = (values * num_layers).tolist()
+        axis.plot(layers, scaled, marker="o", color="tab:blue")
+        axis.scatter(top, [scaled[layer] for layer in top], color="tab:red", zorder=3)
+        axis.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
         axis.set_title(title, fontsize=10)
+    axes[-1].bar(layers, avss.avss_normalized.tolist(), color="tab:green")
+    axes[-1].set_title("AVSS~ (importance)", fontsize=10)
     axes[-1].set_xlabel("layer (red: top EAVSS layers)")
     figure.suptitle(f"EAVSS per layer ({scores.options.get('combine')}, site {scores.options.get('site')})")
     figure.tight_layout()
