@@ -1,9 +1,13 @@
 """Sharded statistics: a 2-process gloo run equals one process; shards are disjoint and may be uneven."""
 
+import functools
 import json
 import os
 import socket
+import subprocess
+import sys
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -85,3 +89,31 @@ def test_two_gloo_processes_equal_one_process_with_even_and_uneven_shards(tmp_pa
         for rank in range(2):
             with open(f"{out}.{size}.{rank}") as handle:
                 _assert_same(json.load(handle), want)
+
+
+@pytest.mark.slow  # tiny model, but starts three Python processes (about 30 s on 2 cores)
+def test_torchrun_score_writes_the_single_process_scores_once(tmp_path):
+    from _tiny import tiny_tokenizer
+    from avss.data import bundled_text
+
+    model_dir, text = tmp_path / "tiny", tmp_path / "text.txt"
+    tiny_model("llama", num_layers=3).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    text.write_text(bundled_text("calibration"))
+    options = f"--data {text} --samples 7 --max-length 48 --batch-size 2 --device cpu".split()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    run = functools.partial(subprocess.run, env=env, capture_output=True, text=True, check=True, timeout=240)
+    sharded = run(
+        [*launcher, "-m", "avss", "score", str(model_dir), *options, "--out", str(tmp_path / "two.json")]
+    )
+    assert sharded.stdout.count("AVSS per layer") == 1  # only rank 0 prints
+    run(
+        [sys.executable, "-m", "avss", "score", str(model_dir), *options, "--out", str(tmp_path / "one.json")]
+    )
+    two, one = (json.loads((tmp_path / name).read_text()) for name in ("two.json", "one.json"))
+    assert (two["world_size"], one["world_size"]) == (2, 1)
+    assert two["num_tokens"] == one["num_tokens"]
+    for got, want in zip(two["layers"], one["layers"], strict=True):
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-15), key

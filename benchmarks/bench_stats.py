@@ -1,0 +1,362 @@
+"""Overhead of the statistics pass against a bare forward pass, and against the alternatives.
+
+For each token budget one child process loads the model once and runs every variant on the same batches:
+
+* ``bare``       ``model(**batch)``: the full causal LM, LM head included (the issue's reference (a));
+* ``bare_body``  ``model.base_model(**batch)``: the transformer body only, which is what (b) runs;
+* ``avss``       :func:`avss.collect_statistics` with AVSS, block influence and angular statistics (b);
+* ``store_all``  the published-code approach (c): ``output_hidden_states=True``, every layer's real-token
+  hidden states kept on CPU, reduced with the same math at the end;
+* ``nnsight``    (d) an nnsight trace saving every block output per batch, reduced batch by batch; runs only
+  when ``nnsight`` is importable (``--extra-path`` adds a ``pip install --target`` directory).
+
+Time is wall-clock for the whole pass (median of ``--repeats`` rounds, variants interleaved per round so load
+from other processes hits them alike). Memory is the process RSS sampled every 2 ms by a thread (psutil):
+``peak_rss_mb`` is the high-water mark during the variant, ``extra_rss_mb`` that peak minus the RSS just
+before it (the variant's own working memory on top of the loaded model).
+
+    python benchmarks/bench_stats.py --model smollm2-135m --tokens 1000 10000 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+HERE = Path(__file__).resolve().parent
+Batch = dict[str, torch.Tensor]
+
+
+class RssSampler:
+    """Background thread recording the process's RSS high-water mark since the last :meth:`reset`."""
+
+    def __init__(self, interval_s: float = 0.002):
+        self._process = psutil.Process()
+        self._interval = interval_s
+        self._peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._process.memory_info().rss)
+            time.sleep(self._interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def current(self) -> int:
+        return self._process.memory_info().rss
+
+    def reset(self) -> int:
+        self._peak = self.current()
+        return self._peak
+
+    @property
+    def peak(self) -> int:
+        return max(self._peak, self.current())
+
+
+def model_inputs(batch: Batch) -> Batch:
+    return {key: batch[key] for key in ("input_ids", "attention_mask")}
+
+
+def run_bare(model: torch.nn.Module, batches: list[Batch]) -> None:
+    for batch in batches:
+        model(**model_inputs(batch))
+
+
+def run_bare_body(model: torch.nn.Module, batches: list[Batch]) -> None:
+    for batch in batches:
+        model.base_model(**model_inputs(batch))
+
+
+def run_avss(model: torch.nn.Module, batches: list[Batch]) -> None:
+    from avss.collect import collect_statistics
+
+    collect_statistics(model, batches, sites=("block",), relations=True, progress=False)
+
+
+def reduce_stored(states: list[torch.Tensor], last: list[torch.Tensor]) -> None:
+    """AVSS, block influence and angular statistics from stored (N, D) states of every depth 0..L."""
+    from avss.collect import DEFAULT_THRESHOLDS
+    from avss.stats import RelationStats, Threshold, masked_cosine_sum, reduce_site
+
+    thresholds = tuple(Threshold.parse(t) for t in DEFAULT_THRESHOLDS)
+    relations = RelationStats(len(states) - 1)
+    for depth in range(1, len(states)):
+        tokens = states[depth].unsqueeze(0)
+        everything = torch.ones(tokens.shape[:2], dtype=torch.bool)
+        reduce_site(tokens, everything, thresholds)
+        masked_cosine_sum(states[depth - 1].unsqueeze(0), tokens, everything)
+    relations.update_angular(torch.stack(last))
+
+
+def run_store_all(model: torch.nn.Module, batches: list[Batch]) -> None:
+    from avss.collect import last_token_index
+
+    stored: list[list[torch.Tensor]] = []
+    last: list[list[torch.Tensor]] = []
+    for batch in batches:
+        hidden = model(**model_inputs(batch), output_hidden_states=True).hidden_states
+        mask = batch["attention_mask"].bool()
+        rows, positions = torch.arange(mask.shape[0]), last_token_index(mask)
+        if not stored:
+            stored, last = [[] for _ in hidden], [[] for _ in hidden]
+        for depth, state in enumerate(hidden):
+            stored[depth].append(state[mask].cpu())
+            last[depth].append(state[rows, positions].cpu())
+    states = [torch.cat(chunks) for chunks in stored]
+    del stored
+    reduce_stored(states, [torch.cat(chunks) for chunks in last])
+
+
+def run_nnsight(model: torch.nn.Module, batches: list[Batch]) -> None:
+    from nnsight import NNsight
+
+    from avss.adapters import get_adapter
+    from avss.collect import last_token_index
+
+    wrapped = NNsight(model)
+    blocks = wrapped
+    for part in f"{model.base_model_prefix}.{get_adapter(model).spec.layers}".split("."):
+        blocks = getattr(blocks, part)
+    for batch in batches:
+        saved = []
+        with wrapped.trace(**model_inputs(batch)):
+            saved.append(blocks[0].input.save())
+            for block in blocks:
+                saved.append(block.output.save())
+        mask = batch["attention_mask"].bool()
+        rows, positions = torch.arange(mask.shape[0]), last_token_index(mask)
+        reduce_stored([s[mask] for s in saved], [s[rows, positions] for s in saved])
+
+
+VARIANTS: dict[str, Callable[[torch.nn.Module, list[Batch]], None]] = {
+    "bare": run_bare,
+    "bare_body": run_bare_body,
+    "avss": run_avss,
+    "store_all": run_store_all,
+    "nnsight": run_nnsight,
+}
+
+
+@dataclass
+class Measurement:
+    variant: str
+    seconds: list[float]
+    peak_rss_mb: float
+    extra_rss_mb: float
+    skipped: str | None = None
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.seconds) if self.seconds else math.nan
+
+
+def store_all_bytes(model: torch.nn.Module, tokens: int) -> int:
+    config = model.config
+    return (config.num_hidden_layers + 1) * config.hidden_size * tokens * 4
+
+
+def skip_reason(name: str, model: torch.nn.Module, tokens: int) -> str | None:
+    if name == "store_all":
+        need = store_all_bytes(model, tokens)
+        available = psutil.virtual_memory().available
+        if need > 0.6 * available:
+            gib = 2**30
+            return f"needs ~{need / gib:.1f} GiB of stored states; {available / gib:.1f} GiB available"
+    if name == "nnsight":
+        try:
+            import nnsight  # noqa: F401
+        except ImportError:
+            return "nnsight is not installed (pip install nnsight, or --extra-path DIR)"
+    return None
+
+
+def make_batches(tokenizer: Any, budget: int, max_length: int, batch_size: int) -> list[Batch]:
+    from avss.data import TextSource, resolve_data_dir, tokenize_texts
+
+    source = TextSource(data_dir=str(resolve_data_dir(None)))
+    samples = math.ceil(budget / max_length)
+    return tokenize_texts(
+        tokenizer, source.load(), samples=samples, max_length=max_length, batch_size=batch_size
+    ).batches
+
+
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every variant for one budget in this process and return the measurements."""
+    from avss.models import load_model
+
+    for path in args.extra_path:
+        sys.path.append(path)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = loaded.model.eval()
+    batches = make_batches(loaded.tokenizer, args.budget, args.max_length, args.batch_size)
+    tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
+    names = [name for name in args.variants if name in VARIANTS]
+    results = {name: Measurement(name, [], 0.0, 0.0, skip_reason(name, model, tokens)) for name in names}
+    with torch.no_grad(), RssSampler() as sampler:
+        run_bare(model, batches[:1])  # warm-up: allocator, kernels, lazy init
+        for _ in range(args.repeats):
+            for name in names:
+                result = results[name]
+                if result.skipped:
+                    continue
+                gc.collect()
+                before = sampler.reset()
+                started = time.perf_counter()
+                VARIANTS[name](model, batches)
+                result.seconds.append(time.perf_counter() - started)
+                result.peak_rss_mb = max(result.peak_rss_mb, sampler.peak / 2**20)
+                result.extra_rss_mb = max(result.extra_rss_mb, (sampler.peak - before) / 2**20)
+    return {
+        "budget": args.budget,
+        "tokens": tokens,
+        "sequences": sum(len(b["input_ids"]) for b in batches),
+        "batches": len(batches),
+        "results": {
+            name: {**asdict(m), "median_s": m.median_s, "tokens_per_s": tokens / m.median_s}
+            for name, m in results.items()
+        },
+    }
+
+
+def machine() -> dict[str, Any]:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines()
+    import transformers
+
+    return {
+        "cpu": next((line.split(":", 1)[1].strip() for line in lscpu if line.startswith("Model name")), "?"),
+        "cores": psutil.cpu_count(logical=True),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def ratio(results: dict[str, Any], name: str, reference: str) -> float:
+    if name not in results or reference not in results:
+        return math.nan
+    return results[name]["median_s"] / results[reference]["median_s"]
+
+
+def markdown(records: list[dict[str, Any]]) -> str:
+    """One table per (model, device, dtype, label), one row per budget and variant."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for record in records:
+        settings = record["settings"]
+        key = (record["model"], settings["device"], settings["dtype"], settings["label"])
+        groups.setdefault(key, []).append(record)
+    lines = []
+    for (model, device, dtype, label), group in groups.items():
+        cpu = group[0]["machine"]
+        lines += [
+            f"### {model} ({device}, dtype {dtype}{', ' + label if label else ''})",
+            "",
+            f"Machine: {cpu['cpu']}, {cpu['cores']} logical cores, torch {cpu['torch']} "
+            f"({cpu['torch_threads']} threads), transformers {cpu['transformers']}.",
+            "",
+            "| tokens | variant | time s | tokens/s | / bare | / bare_body | peak RSS MB | extra RSS MB |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for record in sorted(group, key=lambda r: r["tokens"]):
+            results = record["results"]
+            for name, result in results.items():
+                if result["skipped"]:
+                    lines.append(f"| {record['tokens']} | {name} | skipped: {result['skipped']} | | | | | |")
+                    continue
+                lines.append(
+                    f"| {record['tokens']} | {name} | {result['median_s']:.2f} | "
+                    f"{result['tokens_per_s']:.0f} | "
+                    f"{ratio(results, name, 'bare'):.3f} | {ratio(results, name, 'bare_body'):.3f} | "
+                    f"{result['peak_rss_mb']:.0f} | {result['extra_rss_mb']:.0f} |"
+                )
+        lines += ["", "Runs (date, command, batches x batch size, rounds):", ""]
+        for record in sorted(group, key=lambda r: r["tokens"]):
+            settings = record["settings"]
+            shape = f"{record['batches']} batches of {settings['batch_size']} x {settings['max_length']}"
+            lines.append(
+                f"- {record['date']}: `{record['command']}` -> {record['tokens']} tokens in {shape}, "
+                f"median of {settings['repeats']} rounds"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1000, 10000, 100000])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per budget (median is reported)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--extra-path", action="append", default=[], help="added to sys.path (e.g. nnsight)")
+    parser.add_argument("--label", default="", help="tags the table, e.g. the code version measured")
+    parser.add_argument("--out", type=Path, default=HERE / "stats_overhead")
+    parser.add_argument("--budget", type=int, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def record_key(record: dict[str, Any]) -> tuple[Any, ...]:
+    settings = record["settings"]
+    return record["model"], settings["device"], settings["dtype"], settings["label"], record["budget"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.budget is not None:
+        print(json.dumps(child(args)))
+        return
+    from avss.io import atomic_write_json, atomic_write_text
+
+    forwarded = argv if argv is not None else sys.argv[1:]
+    path = args.out.with_suffix(".json")
+    records = json.loads(path.read_text())["records"] if path.exists() else []
+    for budget in args.tokens:
+        command = [sys.executable, __file__, *forwarded, "--budget", str(budget)]
+        output = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True).stdout
+        record = {
+            "model": args.model,
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": "python benchmarks/bench_stats.py " + " ".join(forwarded),
+            "machine": machine(),
+            "settings": {k: v for k, v in vars(args).items() if k not in ("out", "budget", "tokens")},
+            **json.loads(output.strip().splitlines()[-1]),
+        }
+        records = [r for r in records if record_key(r) != record_key(record)] + [record]
+        atomic_write_json(path, {"records": records})
+        atomic_write_text(args.out.with_suffix(".md"), markdown(records))
+        print(f"budget {budget}: done", file=sys.stderr)
+    print(markdown(records))
+
+
+if __name__ == "__main__":
+    main()
