@@ -25,7 +25,7 @@ def study_command(
     methods: Annotated[
         str,
         typer.Option(
-            help="Comma-separated methods, options in brackets, e.g. avss[site=delta]; available: "
+            help=r"Comma-separated methods, options in brackets, e.g. avss\[site=delta]; available: "
             + ", ".join(available_scorers())
         ),
     ] = DEFAULT_METHODS,
