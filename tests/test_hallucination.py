@@ -51,6 +51,20 @@ def data_dir(tmp_path: Path) -> Path:
     write_jsonl(tmp_path / "sciq" / "sciq_valid.jsonl", sciq[:15])
     write_jsonl(tmp_path / "sciq" / "sciq_test.jsonl", sciq[15:])
     write_jsonl(
+        tmp_path / "truthfulqa" / "truthfulqa_mc.jsonl",
+        [
+            {
+                "id": f"tqa_{i:03d}",
+                "question": q,
+                "choices": [f"It is {i}", f"It is {i + 1}"],
+                "mc1_labels": [1, 0],
+                "mc2_choices": [f"It is {i}", f"It is {i + 1}", f"It is {i + 2}"],
+                "mc2_labels": [1, 0, 0],
+            }
+            for i, q in enumerate(questions)
+        ],
+    )
+    write_jsonl(
         tmp_path / "nq_open" / "nq_open_dev.jsonl",
         [{"id": f"nq_{i}", "question": f"who is {i}", "answers": [f"person {i}"]} for i in range(6)],
     )

@@ -28,7 +28,7 @@ from avss.hallucination.mitigate import (
     save_mitigated,
 )
 from avss.training import TrainConfig, train
-from test_hallucination import data_dir, write_jsonl  # noqa: F401  (fixture)
+from test_hallucination import data_dir  # noqa: F401  (fixture)
 
 
 def scores_for(values: list[float]):
@@ -116,23 +116,9 @@ def test_dola_contrast_hand_values() -> None:
 
 
 def test_dola_scoring_and_generation_run_on_a_tiny_model(tokenizer, data_dir: Path) -> None:  # noqa: F811
-    write_jsonl(
-        data_dir / "truthfulqa" / "truthfulqa_mc.jsonl",
-        [
-            {
-                "id": f"m{i}",
-                "question": f"What is fact number {i}?",
-                "choices": ["yes", "no"],
-                "mc1_labels": [1, 0],
-                "mc2_choices": ["yes", "no", "maybe"],
-                "mc2_labels": [1, 0, 0],
-            }
-            for i in range(40)
-        ],
-    )
     dola = DolaModel(tiny_model("llama", num_layers=4), layers="low")
     result = evaluate_heldout(dola, tokenizer, ["truthfulqa_mc"], data_dir=data_dir, batch_size=4)
-    assert 0 < result["num_examples"]["truthfulqa_mc"] < 40
+    assert 0 < result["num_examples"]["truthfulqa_mc"] < 60
     assert 0.0 <= result["metrics"]["truthfulqa_mc"]["mc2"] <= 1.0
     texts = LanguageModel(dola, tokenizer, batch_size=2).generate(["Q: a\nA:", "Q: bb\nA:"], max_new_tokens=4)
     assert len(texts) == 2
@@ -152,8 +138,10 @@ def test_cli_hallucination_and_mitigate(tokenizer, data_dir: Path, tmp_path: Pat
     assert scored.exit_code == 0, scored.output
     assert len(json.loads((tmp_path / "eavss" / "eavss.json").read_text())["layers"]) == 4
     args = ["mitigate", str(model_dir), "--out", str(tmp_path / "m"), "--k", "2", "--rounds", "2", *common]
-    mitigated = runner.invoke(app, [*args, "--val-limit", "4", "--max-length", "48"])
+    evaluation = ["--eval", "--eval-tasks", "truthfulqa_mc", "--eval-limit", "3"]
+    mitigated = runner.invoke(app, [*args, "--val-limit", "4", "--max-length", "48", *evaluation])
     assert mitigated.exit_code == 0, mitigated.output
     record = json.loads((tmp_path / "m" / "avss_mitigation.json").read_text())
     assert 1 <= len(record["rounds"]) <= 2 and len(record["rounds"][0]["layers"]) == 2
+    assert record["after"]["num_examples"]["truthfulqa_mc"] == 3 and "Before / after" in mitigated.output
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "m").config.num_hidden_layers == 4
