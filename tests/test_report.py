@@ -111,6 +111,7 @@ def runs(tmp_path: Path) -> tuple[Path, Path]:
     for key in range(5):
         write_json(full / "cells" / f"cell{key}.json", {"key": key})
     (full / "results.csv").write_text("method,fraction,retained\navss,0.25,0.91\nblock_influence,0.25,0.88\n")
+    (full / "summary.txt").write_text("removed 1 of 4 layers; perplexity retained 93.1%\n")
     (full / "broken.json").write_text("{not json")
     (full / ".scores.json.abc.tmp").write_text("partial")
     red_bar_plot(full / "scores.png")
@@ -151,6 +152,8 @@ def test_html_is_self_contained(runs: tuple[Path, Path], tmp_path: Path) -> None
     assert "demo &amp; &lt;test&gt;" in page
     assert "avss prune tiny --fraction 0.25" in page
     assert "not readable as JSON" in page
+    assert "<pre>removed 1 of 4 layers; perplexity retained 93.1%" in page
+    assert '<td class="num">0.91</td>' in page, "CSV numbers are right-aligned numbers"
 
 
 def test_markdown_links_plots_relative_to_its_folder(runs: tuple[Path, Path], tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from avss.io import atomic_write_text
 
 MAX_TABLE_ROWS = 200
 MAX_JSON_BYTES = 20 << 20
+MAX_TEXT_BYTES = 64 << 10
 GENERIC_JSON_PER_FOLDER = 3
 MODEL_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
 MODEL_FILES |= {"special_tokens_map.json", "model.safetensors.index.json", "chat_template.json"}
@@ -60,6 +61,7 @@ class Section:
     figures: list[Figure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
+    text: str = ""
 
 
 @dataclass
@@ -115,7 +117,7 @@ def per_layer_scores(path: Path, data: dict[str, Any]) -> Section:
     if rank_key is not None:
         order = sorted(range(len(rows)), key=lambda i: rows[i][rank_key])
         ranks = {layer: rank for rank, layer in enumerate(order)}
-        columns = [*columns, f"rank by {rank_key} (0 = least important)"]
+        columns = [*columns, f"rank by {rank_key} (0 = lowest)"]
         table_rows = [[*row, ranks[i]] for i, row in enumerate(table_rows)]
     title = "EAVSS per layer" if "eavss" in path.stem else "AVSS per layer"
     facts = {"model": model_name(data.get("model")), "layers": len(rows), **data.get("options", {})}
@@ -210,11 +212,30 @@ def csv_table(path: Path) -> Section:
         rows = list(csv.reader(handle))
     if not rows:
         return Section(path.name, path, notes=["empty file"])
-    header, body = rows[0], rows[1:]
+    header, body = rows[0], [[number_or_text(value) for value in row] for row in rows[1:]]
     notes = [f"first {MAX_TABLE_ROWS} of {len(body)} rows"] if len(body) > MAX_TABLE_ROWS else []
     return Section(
         path.stem.replace("_", " "), path, tables=[Table(header, body[:MAX_TABLE_ROWS])], notes=notes
     )
+
+
+def text_summary(path: Path) -> Section:
+    """A short text or Markdown summary written by a command (``summary.txt``, ``summary.md``), verbatim."""
+    if path.stat().st_size > MAX_TEXT_BYTES:
+        return Section(path.name, path, notes=[f"larger than {MAX_TEXT_BYTES >> 10} KiB; not included"])
+    return Section(path.stem.replace("_", " "), path, text=path.read_text(encoding="utf-8", errors="replace"))
+
+
+def number_or_text(value: str) -> Any:
+    """CSV cells are text; numbers are parsed so they print with the same precision as JSON values."""
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 def is_scalar(value: Any) -> bool:
@@ -262,6 +283,8 @@ def collect_run(directory: Path) -> RunReport:
             figures.append(Figure(path, str(path.relative_to(directory))))
         elif suffix == ".csv":
             sections.append(csv_table(path))
+        elif suffix in (".txt", ".md"):
+            sections.append(text_summary(path))
         elif suffix == ".json":
             data = read_json(path)
             if data is None:
@@ -366,13 +389,15 @@ color:#1d2330;line-height:1.45;padding:0 1rem}
 h1{font-size:1.6rem;margin-bottom:.2rem}
 h2{border-bottom:2px solid #d6dae3;padding-bottom:.2rem;margin-top:2.2rem}
 h3{margin-bottom:.3rem}.source{color:#667085;font-size:.85rem;font-family:ui-monospace,monospace}
-table{border-collapse:collapse;margin:.6rem 0 1rem;font-size:.88rem}
+table{border-collapse:collapse;margin:.6rem 0 1rem;font-size:.88rem}.scroll{overflow-x:auto}
 th,td{border:1px solid #d6dae3;padding:.25rem .55rem;text-align:left}
 th{background:#f2f4f8}td.num{text-align:right;font-variant-numeric:tabular-nums}
 dl.facts{display:grid;grid-template-columns:max-content auto;gap:.15rem 1rem;font-size:.9rem}
 dl.facts dt{color:#475467}dl.facts dd{margin:0;font-family:ui-monospace,monospace}
 figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #e4e7ec}
-figcaption{color:#667085;font-size:.85rem}.note{color:#8a5a00;background:#fff7e6;padding:.3rem .6rem}
+figcaption{color:#667085;font-size:.85rem}
+pre{background:#f6f8fa;padding:.6rem;overflow-x:auto;font-size:.82rem}
+.note{color:#8a5a00;background:#fff7e6;padding:.3rem .6rem}
 """
 
 
@@ -386,7 +411,8 @@ def html_table(table: Table) -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
     body = "".join("<tr>" + "".join(html_cell(v) for v in row) + "</tr>" for row in table.rows)
     caption = f"<caption>{html.escape(table.caption)}</caption>" if table.caption else ""
-    return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    table_html = f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="scroll">{table_html}</div>'
 
 
 def html_section(section: Section, root: Path) -> str:
@@ -398,6 +424,8 @@ def html_section(section: Section, root: Path) -> str:
         )
         parts.append(f'<dl class="facts">{items}</dl>')
     parts.extend(f'<p class="note">{html.escape(note)}</p>' for note in section.notes)
+    if section.text:
+        parts.append(f"<pre>{html.escape(section.text)}</pre>")
     parts.extend(html_table(table) for table in section.tables)
     parts.extend(
         f'<figure><img src="{figure.data_uri()}" alt="{html.escape(figure.caption)}">'
@@ -451,6 +479,7 @@ def render_markdown(report: Report, title: str = "avss report", location: Path |
             lines += [f"- **{k}**: {md_cell(v)}" for k, v in section.facts.items()]
             lines += [""] if section.facts else []
             lines += [f"> {note}\n" for note in section.notes]
+            lines += [section.text.rstrip(), ""] if section.text else []
             for table in section.tables:
                 lines += md_table(table)
             for figure in section.figures:
