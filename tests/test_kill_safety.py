@@ -164,3 +164,17 @@ def test_score_killed_then_resumed_matches_uninterrupted(
     resumed, expected = json.loads(out.read_text()), json.loads(reference.read_text())
     assert resumed["resumed_at_batch"] == 3
     assert resumed["layers"] == expected["layers"]
+
+
+def test_outputs_get_ordinary_permissions(tmp_path: Path) -> None:
+    """Temporary files are private while being written; the finished output follows the umask."""
+    from avss.io import DIR_MODE, FILE_MODE, atomic_directory, atomic_write_json
+
+    written = atomic_write_json(tmp_path / "scores.json", {"ok": True})
+    with atomic_directory(tmp_path / "model") as folder:
+        (folder / "config.json").write_text("{}")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (0o666 & ~umask, 0o777 & ~umask) == (FILE_MODE, DIR_MODE)
+    assert written.stat().st_mode & 0o777 == FILE_MODE
+    assert (tmp_path / "model").stat().st_mode & 0o777 == DIR_MODE
