@@ -5,15 +5,18 @@ For each token budget one child process loads the model once and runs every vari
 * ``bare``       ``model(**batch)``: the full causal LM, LM head included (the issue's reference (a));
 * ``bare_body``  ``model.base_model(**batch)``: the transformer body only, which is what (b) runs;
 * ``avss``       :func:`avss.collect_statistics` with AVSS, block influence and angular statistics (b);
+* ``avss_compiled`` the same with ``compile=True`` (per-layer reductions fused by ``torch.compile``);
 * ``store_all``  the published-code approach (c): ``output_hidden_states=True``, every layer's real-token
   hidden states kept on CPU, reduced with the same math at the end;
 * ``nnsight``    (d) an nnsight trace saving every block output per batch, reduced batch by batch; runs only
   when ``nnsight`` is importable (``--extra-path`` adds a ``pip install --target`` directory).
 
-Time is wall-clock for the whole pass (median of ``--repeats`` rounds, variants interleaved per round so load
-from other processes hits them alike). Memory is the process RSS sampled every 2 ms by a thread (psutil):
-``peak_rss_mb`` is the high-water mark during the variant, ``extra_rss_mb`` that peak minus the RSS just
-before it (the variant's own working memory on top of the loaded model).
+Every variant first runs once on one batch (``warmup_s``: lazy initialization, and the compilation for
+``avss_compiled``). Time is wall-clock for the whole pass (median of ``--repeats`` rounds, variants
+interleaved per round so load from other processes hits them alike); the 1-minute load average before and
+after is recorded because the machine may be shared. Memory is the process RSS sampled every 2 ms by a
+thread (psutil): ``peak_rss_mb`` is the high-water mark during the variant, ``extra_rss_mb`` that peak minus
+the RSS just before it (the variant's own working memory on top of the loaded model).
 
     python benchmarks/bench_stats.py --model smollm2-135m --tokens 1000 10000 100000
 """
@@ -24,6 +27,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -98,6 +102,12 @@ def run_avss(model: torch.nn.Module, batches: list[Batch]) -> None:
     collect_statistics(model, batches, sites=("block",), relations=True, progress=False)
 
 
+def run_avss_compiled(model: torch.nn.Module, batches: list[Batch]) -> None:
+    from avss.collect import collect_statistics
+
+    collect_statistics(model, batches, sites=("block",), relations=True, progress=False, compile=True)
+
+
 def reduce_stored(states: list[torch.Tensor], last: list[torch.Tensor]) -> None:
     """AVSS, block influence and angular statistics from stored (N, D) states of every depth 0..L."""
     from avss.collect import DEFAULT_THRESHOLDS
@@ -157,6 +167,7 @@ VARIANTS: dict[str, Callable[[torch.nn.Module, list[Batch]], None]] = {
     "bare": run_bare,
     "bare_body": run_bare_body,
     "avss": run_avss,
+    "avss_compiled": run_avss_compiled,
     "store_all": run_store_all,
     "nnsight": run_nnsight,
 }
@@ -169,6 +180,7 @@ class Measurement:
     peak_rss_mb: float
     extra_rss_mb: float
     skipped: str | None = None
+    warmup_s: float = math.nan
 
     @property
     def median_s(self) -> float:
@@ -217,8 +229,13 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
     names = [name for name in args.variants if name in VARIANTS]
     results = {name: Measurement(name, [], 0.0, 0.0, skip_reason(name, model, tokens)) for name in names}
+    load_before = os.getloadavg()
     with torch.no_grad(), RssSampler() as sampler:
-        run_bare(model, batches[:1])  # warm-up: allocator, kernels, lazy init
+        for name in names:  # warm-up on one batch: allocator, lazy init, torch.compile
+            if not results[name].skipped:
+                started = time.perf_counter()
+                VARIANTS[name](model, batches[:1])
+                results[name].warmup_s = time.perf_counter() - started
         for _ in range(args.repeats):
             for name in names:
                 result = results[name]
@@ -232,6 +249,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                 result.peak_rss_mb = max(result.peak_rss_mb, sampler.peak / 2**20)
                 result.extra_rss_mb = max(result.extra_rss_mb, (sampler.peak - before) / 2**20)
     return {
+        "load_average_1m": {"before": load_before[0], "after": os.getloadavg()[0]},
         "budget": args.budget,
         "tokens": tokens,
         "sequences": sum(len(b["input_ids"]) for b in batches),
@@ -280,28 +298,34 @@ def markdown(records: list[dict[str, Any]]) -> str:
             f"Machine: {cpu['cpu']}, {cpu['cores']} logical cores, torch {cpu['torch']} "
             f"({cpu['torch_threads']} threads), transformers {cpu['transformers']}.",
             "",
-            "| tokens | variant | time s | tokens/s | / bare | / bare_body | peak RSS MB | extra RSS MB |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|",
+            "| tokens | variant | time s | tokens/s | / bare | / bare_body | peak RSS MB | extra RSS MB "
+            "| warm-up s |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for record in sorted(group, key=lambda r: r["tokens"]):
             results = record["results"]
             for name, result in results.items():
                 if result["skipped"]:
-                    lines.append(f"| {record['tokens']} | {name} | skipped: {result['skipped']} | | | | | |")
+                    lines.append(
+                        f"| {record['tokens']} | {name} | skipped: {result['skipped']} | | | | | | |"
+                    )
                     continue
                 lines.append(
                     f"| {record['tokens']} | {name} | {result['median_s']:.2f} | "
                     f"{result['tokens_per_s']:.0f} | "
                     f"{ratio(results, name, 'bare'):.3f} | {ratio(results, name, 'bare_body'):.3f} | "
-                    f"{result['peak_rss_mb']:.0f} | {result['extra_rss_mb']:.0f} |"
+                    f"{result['peak_rss_mb']:.0f} | {result['extra_rss_mb']:.0f} | "
+                    f"{result.get('warmup_s', math.nan):.1f} |"
                 )
         lines += ["", "Runs (date, command, batches x batch size, rounds):", ""]
         for record in sorted(group, key=lambda r: r["tokens"]):
             settings = record["settings"]
+            load = record.get("load_average_1m", {"before": math.nan, "after": math.nan})
             shape = f"{record['batches']} batches of {settings['batch_size']} x {settings['max_length']}"
             lines.append(
                 f"- {record['date']}: `{record['command']}` -> {record['tokens']} tokens in {shape}, "
-                f"median of {settings['repeats']} rounds"
+                f"median of {settings['repeats']} rounds, 1-min load average {load['before']:.1f} -> "
+                f"{load['after']:.1f}"
             )
         lines.append("")
     return "\n".join(lines)
