@@ -217,8 +217,17 @@ def make_batches(tokenizer: Any, budget: int, max_length: int, batch_size: int) 
     ).batches
 
 
+def git_commit(path: str) -> str:
+    where = Path(path).parent
+    result = subprocess.run(
+        ["git", "-C", str(where), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    return result.stdout.strip() or "not a git checkout"
+
+
 def child(args: argparse.Namespace) -> dict[str, Any]:
     """Run every variant for one budget in this process and return the measurements."""
+    import avss
     from avss.models import load_model
 
     for path in args.extra_path:
@@ -250,6 +259,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                 result.extra_rss_mb = max(result.extra_rss_mb, (sampler.peak - before) / 2**20)
     return {
         "load_average_1m": {"before": load_before[0], "after": os.getloadavg()[0]},
+        "avss_source": {"path": str(Path(avss.__file__).parent), "commit": git_commit(avss.__file__)},
         "budget": args.budget,
         "tokens": tokens,
         "sequences": sum(len(b["input_ids"]) for b in batches),
