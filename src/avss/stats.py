@@ -127,21 +127,22 @@ def token_moments(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused (count, mean, M2) of the elements of the selected tokens, plus every token's L2 norm.
 
-    One upcast to float64 per activation feeds two row reductions (sum and sum of squares, exact for float32
-    and bfloat16 inputs up to float64 rounding); everything after works on (B, T) per-token values. Tokens are
-    combined with Chan's formula (within-token M2 plus the spread of token means), which avoids the
-    cancellation of a global sum-of-squares formula. Returns float64 scalars and (B, T) norms.
+    Two row reductions accumulate in float64 (sum and L2 norm; exact for float32 and bfloat16 inputs up to
+    float64 rounding, and PyTorch casts while it reduces instead of materializing a float64 copy where the
+    backend can); everything after works on (B, T) per-token values. Tokens are combined with Chan's formula
+    (within-token M2 plus the spread of token means), which avoids the cancellation of a global
+    sum-of-squares formula. Returns float64 scalars and (B, T) norms.
     """
-    values = hidden.to(ACCUMULATOR_DTYPE)
     width = hidden.shape[-1]
-    sums = torch.where(mask, values.sum(dim=-1), 0.0)
-    squares = torch.where(mask, torch.linalg.vecdot(values, values), 0.0)
+    sums = torch.where(mask, hidden.sum(dim=-1, dtype=ACCUMULATOR_DTYPE), 0.0)
+    norms = torch.where(mask, torch.linalg.vector_norm(hidden, dim=-1, dtype=ACCUMULATOR_DTYPE), 0.0)
+    squares = norms.square()
     count = mask.sum(dtype=ACCUMULATOR_DTYPE) * width
     mean = sums.sum() / count.clamp_min(1)
     token_means = sums / width
     within = (squares - sums * token_means).clamp_min(0.0)
     between = torch.where(mask, (token_means - mean).square(), 0.0) * width
-    return count, mean, (within + between).sum(), squares.sqrt()
+    return count, mean, (within + between).sum(), norms
 
 
 @dataclass
