@@ -133,8 +133,8 @@ def table() -> None:
     lines = [
         "| arm | runs | layers | "
         + " | ".join(f"{t} {m}" for t, m in COLUMNS)
-        + " | train s | optimizer state MiB | peak RSS MiB |",
-        "|---" * (len(COLUMNS) + 6) + "|",
+        + " | kept epoch | val pair acc before→after | train s | optimizer state MiB | peak RSS MiB |",
+        "|---" * (len(COLUMNS) + 8) + "|",
     ]
     summary = {}
     for label in [g for g in order if g in groups]:
@@ -147,11 +147,22 @@ def table() -> None:
             cells.append(fmt(values) if values else "n/a")
         training = [r["mitigation"]["training"] for r in runs if "mitigation" in r]
         layers = "; ".join(",".join(map(str, r["layers"])) for r in runs if "layers" in r) or "-"
+        kept = ",".join(str(t["best_epoch"]) for t in training) or "-"
+        val = (
+            "; ".join(
+                f"{r['mitigation']['val_pair_accuracy']['before']:.3f}→{r['mitigation']['val_pair_accuracy']['after']:.3f}"
+                for r in runs
+                if "mitigation" in r
+            )
+            or "-"
+        )
         train_s = fmt([t["wall_time_s"] for t in training], 0) if training else "-"
         opt = fmt([t["optimizer_state_bytes"] / 2**20 for t in training], 1) if training else "-"
         rss = fmt([t["peak_memory_bytes"] / 2**20 for t in training], 0) if training else "-"
         lines.append(
-            f"| {label} | {len(runs)} | {layers} | " + " | ".join(cells) + f" | {train_s} | {opt} | {rss} |"
+            f"| {label} | {len(runs)} | {layers} | "
+            + " | ".join(cells)
+            + f" | {kept} | {val} | {train_s} | {opt} | {rss} |"
         )
     atomic_write_json(
         HERE / "results.json", {"created": datetime.now(timezone.utc).isoformat(), "summary": summary}
