@@ -93,17 +93,18 @@ def near_zero_counts(
     if norms is None and any(threshold.kind == "rel" for threshold in thresholds):
         norms = torch.linalg.vector_norm(tokens.float(), dim=-1)
     rms_scale = 1.0 / math.sqrt(tokens.shape[-1])
-    counts = []
+    per_token = []
     for threshold in thresholds:
         if threshold.kind == "abs":
-            limit = torch.full_like(magnitude[..., 0], threshold.value)
+            per_token.append(torch.full_like(magnitude[..., 0], threshold.value))
         else:
             assert norms is not None
-            limit = (norms * (threshold.value * rms_scale)).to(magnitude.dtype)
-        if mask is not None:
-            limit = torch.where(mask, limit, -1.0)
-        counts.append((magnitude < limit.unsqueeze(-1)).sum())
-    return torch.stack(counts).to(ACCUMULATOR_DTYPE)
+            per_token.append((norms * (threshold.value * rms_scale)).to(magnitude.dtype))
+    limits = torch.stack(per_token, dim=-1)  # (..., K): one broadcast comparison serves every threshold
+    if mask is not None:
+        limits = torch.where(mask.unsqueeze(-1), limits, -1.0)
+    below = magnitude.unsqueeze(-1) < limits.unsqueeze(-2)  # (..., D, K)
+    return below.reshape(-1, len(thresholds)).sum(dim=0).to(ACCUMULATOR_DTYPE)
 
 
 def pooled_variance_sum(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
