@@ -337,8 +337,45 @@ def markdown(records: list[dict[str, Any]]) -> str:
                 f"median of {settings['repeats']} rounds, 1-min load average {load['before']:.1f} -> "
                 f"{load['after']:.1f}"
             )
-        lines.append("")
+        lines += ["", *targets(group), ""]
     return "\n".join(lines)
+
+
+def targets(group: list[dict[str, Any]]) -> list[str]:
+    """Where the issue's CPU targets stand, computed from the measured records of one table."""
+    ordered = sorted(group, key=lambda r: r["tokens"])
+    first, last = ordered[0], ordered[-1]
+    results = last["results"]
+
+    def measured(record: dict[str, Any], name: str, field: str) -> float:
+        result = record["results"].get(name)
+        return math.nan if result is None or result["skipped"] else result[field]
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    lines = [f"Targets (largest budget measured: {last['tokens']} tokens):", ""]
+    for name in ("avss", "avss_compiled"):
+        vs_bare, vs_body = ratio(results, name, "bare"), ratio(results, name, "bare_body")
+        if not math.isnan(vs_bare):
+            lines.append(
+                f"- {name}/bare = {vs_bare:.3f} (target <= 1.10: {verdict(vs_bare <= 1.10)}); "
+                f"{name}/bare_body = {vs_body:.3f} (same body, no LM head: {verdict(vs_body <= 1.10)})"
+            )
+    if len(ordered) > 1:
+        grow = measured(last, "avss", "peak_rss_mb") / measured(first, "avss", "peak_rss_mb") - 1
+        lines.append(
+            f"- avss peak RSS {first['tokens']} -> {last['tokens']} tokens: {100 * grow:+.1f}% "
+            f"(target < 5%: {verdict(grow < 0.05)})"
+        )
+    speed = measured(last, "store_all", "median_s") / measured(last, "avss", "median_s")
+    memory = measured(last, "store_all", "extra_rss_mb") / max(measured(last, "avss", "extra_rss_mb"), 1.0)
+    if not math.isnan(speed):
+        lines.append(
+            f"- store_all vs avss at {last['tokens']} tokens: {speed:.2f}x the time (target >= 3x: "
+            f"{verdict(speed >= 3)}), {memory:.1f}x the extra memory (target >= 10x: {verdict(memory >= 10)})"
+        )
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
