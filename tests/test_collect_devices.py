@@ -57,3 +57,29 @@ def test_half_precision_model_accumulates_in_float64(dtype):
         assert site.mean[layer].item() == pytest.approx(values.mean().item(), rel=1e-9)
         variance = values.var(unbiased=False).item()
         assert site.variance_elements[layer].item() == pytest.approx(variance, rel=1e-9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_per_layer_reductions_never_synchronize_with_the_host():
+    """The hooks' work (reduce, cosine, fold) raises under CUDA's sync debug mode if anything syncs."""
+    from avss.stats import SiteBatch, SiteStats, Threshold, masked_cosine_sum, reduce_site
+
+    thresholds = (Threshold("abs", 1e-5), Threshold("rel", 0.01))
+    hidden = torch.randn(2, 7, 16, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(2, 7, dtype=torch.bool, device="cuda")
+    site = SiteStats(1, thresholds).to("cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        reduced, norms = reduce_site(hidden, mask, thresholds)
+        masked_cosine_sum(hidden, hidden, mask, norms, norms)
+        site.fold(SiteBatch.stack([reduced], "cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.slow  # torch.compile takes about a minute on 2 CPU cores
+def test_compiled_reductions_equal_eager():
+    batches = [random_batch(seed=0), random_batch(batch=2, length=9, seed=1)]
+    eager = collect_statistics(tiny_model("llama", 3), batches, sites=SITES, progress=False)
+    compiled = collect_statistics(tiny_model("llama", 3), batches, sites=SITES, progress=False, compile=True)
+    torch.testing.assert_close(pack(compiled), pack(eager), rtol=1e-6, atol=1e-9)
