@@ -180,6 +180,7 @@ def demo_summary(path: Path, data: dict[str, Any]) -> Section:
         "removed": ", ".join(map(str, data["removed_layers"])),
         "max |logit difference| after reload": data.get("max_logit_difference_after_reload"),
         "wall time (s)": data.get("wall_time_s"),
+        **{f"option {key}": value for key, value in data.get("options", {}).items() if value is not None},
     }
     table = Table(["text", "perplexity before", "perplexity after", "retained"], rows)
     notes = [data["summary"]] if data.get("summary") else []
