@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from avss.errors import DataError
-from avss.report import collect, render_html, render_markdown, write_report
+from avss.report import collect, render_html, write_report
 
 LAYERS = [
     {
@@ -156,12 +156,12 @@ def test_html_is_self_contained(runs: tuple[Path, Path], tmp_path: Path) -> None
     assert '<td class="num">0.91</td>' in page, "CSV numbers are right-aligned numbers"
 
 
-def test_markdown_links_plots_relative_to_its_folder(runs: tuple[Path, Path], tmp_path: Path) -> None:
-    location = tmp_path / "docs"
-    location.mkdir()
-    text = render_markdown(collect(list(runs)), location=location)
+def test_markdown_travels_with_copies_of_its_plots(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    _, markdown = write_report(list(runs), tmp_path / "docs" / "report.html")
+    text = markdown.read_text()
     [link] = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert (location / link).resolve() == (runs[0] / "scores.png").resolve()
+    assert link == "report_files/0-full/scores.png"
+    assert (markdown.parent / link).read_bytes() == (runs[0] / "scores.png").read_bytes()
     assert "| sciq | accuracy |" in text
     assert "- **removed**: 2" in text
 

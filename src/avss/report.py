@@ -15,7 +15,8 @@ import csv
 import html
 import json
 import os
-from collections.abc import Callable, Iterator
+import shutil
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 
 from avss import __version__
 from avss.errors import DataError
-from avss.io import atomic_write_text
+from avss.io import atomic_directory, atomic_write_text
 
 MAX_TABLE_ROWS = 200
 MAX_JSON_BYTES = 20 << 20
@@ -467,9 +468,11 @@ def md_table(table: Table) -> list[str]:
     return [*lines, ""]
 
 
-def render_markdown(report: Report, title: str = "avss report", location: Path | None = None) -> str:
-    """The same content as Markdown; plots are linked relative to ``location``, the Markdown's folder."""
-    base = (location or Path.cwd()).resolve()
+def render_markdown(
+    report: Report, title: str = "avss report", links: Mapping[Path, str] | None = None
+) -> str:
+    """The same content as Markdown; each plot is linked as ``links[path]`` (default: its absolute path)."""
+    links = links or {}
     lines = [f"# {title}", "", f"generated {report.created} by avss {__version__}", ""]
     for table in report.comparisons:
         lines += [f"## {table.caption}", "", *md_table(table)]
@@ -484,7 +487,7 @@ def render_markdown(report: Report, title: str = "avss report", location: Path |
             for table in section.tables:
                 lines += md_table(table)
             for figure in section.figures:
-                link = os.path.relpath(figure.path.resolve(), base)
+                link = links.get(figure.path, figure.path.resolve().as_posix())
                 lines += [f"![{figure.caption}]({link})", ""]
     provenance = provenance_rows(report)
     if provenance:
@@ -503,5 +506,24 @@ def write_report(
     markdown = Path(markdown) if markdown is not None else out.with_suffix(".md")
     report = collect(directories)
     atomic_write_text(out, render_html(report, title))
-    atomic_write_text(markdown, render_markdown(report, title, markdown.parent))
+    links = copy_figures(report, markdown.with_name(f"{markdown.stem}_files"))
+    atomic_write_text(markdown, render_markdown(report, title, links))
     return out, markdown
+
+
+def copy_figures(report: Report, folder: Path) -> dict[Path, str]:
+    """Copy every plot into ``folder`` (replaced atomically) so the Markdown travels with its images; returns
+    each plot's link relative to the Markdown file."""
+    figures = [(run, figure) for run in report.runs for section in run.sections for figure in section.figures]
+    if not figures:
+        return {}
+    links: dict[Path, str] = {}
+    run_names: dict[Path, str] = {}
+    with atomic_directory(folder, overwrite=True) as tmp:
+        for run, figure in figures:
+            name = run_names.setdefault(run.directory, f"{len(run_names)}-{run.directory.name}")
+            relative = Path(name) / figure.path.relative_to(run.directory)
+            (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(figure.path, tmp / relative)
+            links[figure.path] = f"{folder.name}/{relative.as_posix()}"
+    return links
