@@ -3,7 +3,7 @@ shared-context KV cache.
 
 Run from the repository root (the first run converts the embedded GGUF model once, ~20 s):
 
-    .venv/bin/python benchmarks/eval_throughput.py --model smollm2-135m --limit 12 --batch-sizes 1,16
+    .venv/bin/python benchmarks/eval_throughput.py --limit 12 --batch-sizes 1,16 --threads 1
 
 Each setting scores the same questions once after a short warm-up; metrics must agree across settings (they
 are the same computation, only grouped differently), and the script checks that they do.
@@ -30,7 +30,10 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=12, help="questions scored per setting")
     parser.add_argument("--batch-sizes", default="1,16")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     loaded = load_model(args.model, device="cpu", dtype="float32")
     task = get_task("truthfulqa_mc")()
