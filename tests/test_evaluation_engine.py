@@ -190,10 +190,10 @@ def test_shared_context_cache_matches_independent_forwards(model_type):
     # gemma3_text's tiny config has a 4-token sliding window, so its cache drops most of the context.
     model, tokenizer = tiny_model(model_type), tiny_tokenizer()
     context = "Q: What is the capital of France?\nA:"
-    requests = [LoglikelihoodRequest(context, f" {answer}") for answer in ("Paris", "Lyon is big", "No", "x")]
-    requests += REQUESTS
+    requests = [LoglikelihoodRequest(context, answer) for answer in (" Paris", " Lyon is big", " No", "!")]
+    requests += REQUESTS + [LoglikelihoodRequest("Single-token answers only:", a) for a in "xyz"]
     shared = LanguageModel(model, tokenizer, batch_size=3)
-    assert len(shared._shared_contexts([shared._encode_request(r) for r in requests])) == 1
+    assert len(shared._shared_contexts([shared._encode_request(r) for r in requests])) == 2
     plain = LanguageModel(model, tokenizer, batch_size=3, share_context=False)
     for a, b in zip(shared.loglikelihood(requests), plain.loglikelihood(requests), strict=True):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-5)

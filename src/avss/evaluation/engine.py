@@ -94,6 +94,20 @@ class _Row:
         return self.tokens[-self.n :]
 
 
+def _padded(
+    sequences: Sequence[Sequence[int]], pad_id: int, *, left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists stacked into ``(input_ids, attention_mask)``, padded on the right (or the left)."""
+    width = max(len(tokens) for tokens in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, tokens in enumerate(sequences):
+        span = slice(width - len(tokens), width) if left else slice(0, len(tokens))
+        input_ids[row, span] = torch.tensor(tokens, dtype=torch.long)
+        attention_mask[row, span] = 1
+    return input_ids, attention_mask
+
+
 def _keep_width(rows: Sequence[_Row]) -> int:
     """How many trailing positions of a right-padded batch hold every row's scoring positions."""
     width = max(len(row.inputs) for row in rows)
@@ -181,7 +195,6 @@ class LanguageModel:
         groups: dict[tuple[int, ...], list[int]] = {}
         for index, (tokens, n) in enumerate(sequences):
             groups.setdefault(tuple(tokens[:-n]), []).append(index)
-
         return {
             context: members
             for context, members in groups.items()
@@ -201,17 +214,13 @@ class LanguageModel:
         results = []
         start = 0
         while start < len(continuations):
-            width = max(len(c) for c in continuations[start : start + self.batch_size]) - 1
-            chunk = continuations[start : start + self._rows_within_budget(max(width, 1))]
-            width = max(len(c) for c in chunk) - 1
+            candidates = continuations[start : start + self.batch_size]
+            chunk = candidates[: self._rows_within_budget(max(len(c) for c in candidates))]
             logprobs = torch.empty(len(chunk), 0, first.shape[-1])
-            if width > 0:
-                input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(chunk), len(context) + width), dtype=torch.long)
-                attention_mask[:, : len(context)] = 1
-                for row, continuation in enumerate(chunk):
-                    input_ids[row, : len(continuation) - 1] = torch.tensor(continuation[:-1])
-                    attention_mask[row, len(context) : len(context) + len(continuation) - 1] = 1
+            if max(len(c) for c in chunk) > 1:
+                # Each continuation's last token is only a target, never an input.
+                input_ids, mask = _padded([c[:-1] for c in chunk], self.pad_id)
+                attention_mask = torch.cat([torch.ones(len(chunk), len(context), dtype=torch.long), mask], 1)
                 cache = copy.deepcopy(prefix[self._cache_name])
                 cache.batch_repeat_interleave(len(chunk))
                 logits = self.model(
@@ -274,13 +283,9 @@ class LanguageModel:
 
     @torch.inference_mode()
     def _forward_tails(self, rows: list[_Row]) -> list[Loglikelihood]:
-        width = max(len(row.inputs) for row in rows)
         keep = _keep_width(rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for index, row in enumerate(rows):
-            input_ids[index, : len(row.inputs)] = torch.tensor(row.inputs)
-            attention_mask[index, : len(row.inputs)] = 1
+        input_ids, attention_mask = _padded([row.inputs for row in rows], self.pad_id)
+        width = input_ids.shape[1]
         kwargs: dict[str, Any] = {"logits_to_keep": keep} if self._accepts_logits_to_keep else {}
         logits = self.model(
             input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), **kwargs
@@ -349,12 +354,8 @@ class LanguageModel:
         self.progress.add_total(len(encoded))
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            width = max(len(encoded[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                input_ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                attention_mask[row, width - len(encoded[i]) :] = 1
+            input_ids, attention_mask = _padded([encoded[i] for i in batch], self.pad_id, left=True)
+            width = input_ids.shape[1]
             criteria = StoppingCriteriaList([_StopOnStrings(self.tokenizer, until, width)] if until else [])
             generated = self.model.generate(
                 input_ids=input_ids.to(self.device),
@@ -387,12 +388,7 @@ class LanguageModel:
         self.progress.add_total(len(encoded))
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            width = max(len(encoded[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                input_ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-                attention_mask[row, : len(encoded[i])] = 1
+            input_ids, attention_mask = _padded([encoded[i] for i in batch], self.pad_id)
             outputs = self.model(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention_mask.to(self.device),

@@ -140,12 +140,6 @@ def perplexity_from_nll(total_nll: float, num_tokens: int) -> float:
     return math.exp(total_nll / num_tokens)
 
 
-def mean(values: Sequence[float]) -> float:
-    if not values:
-        raise ValueError("cannot average an empty list")
-    return float(sum(values) / len(values))
-
-
 # --- comparison ------------------------------------------------------------------------------------------
 
 
