@@ -10,9 +10,11 @@ Three methods, registered by name in :data:`HEAL_METHODS`:
   *original* model's hidden state entering the span to the one leaving it, and then inserted where the span
   was, so the healed model is a standard architecture with one block per span.
 
-Each method turns a pruned model into an :class:`Objective` (the parameters to train and a loss on a batch);
-the training loop only ever sees objectives. :func:`heal_in_memory` works on a model already in memory (the
-study calls it); :func:`heal` reads a pruned directory, heals, and saves with provenance.
+Each method turns a pruned model into an :class:`Objective` (the module to train, which of its parameters
+move, a loss on a batch); :func:`avss.training.train` only ever sees objectives, so checkpoints, resume and
+early stopping on a validation split are the shared loop's. :func:`heal_in_memory` works on a model already
+in memory (the study calls it); :func:`heal` reads a pruned directory, heals, and saves with provenance;
+:func:`save_or_heal` is ``avss prune --heal``.
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ from avss.prune import PROVENANCE_FILE, save_pruned
 from avss.training import ParamPredicate, TrainConfig, prefix_selector, substring_selector, train
 
 HEALING_FILE = "avss_healing.json"
-ADAPTER_DIR = "adapter"
 EVALUATION_FILES = ("wiki.test.raw", "test.tokens.txt")
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)  # GPT-2 projections are Conv1D
 
