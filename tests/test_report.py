@@ -113,6 +113,8 @@ def runs(tmp_path: Path) -> tuple[Path, Path]:
     (full / "results.csv").write_text("method,fraction,retained\navss,0.25,0.91\nblock_influence,0.25,0.88\n")
     (full / "summary.txt").write_text("removed 1 of 4 layers; perplexity retained 93.1%\n")
     (full / "broken.json").write_text("{not json")
+    odd_layers = [{"layer": 0, "avss": 1.0}, {"layer": 1, "avss": None}]
+    write_json(full / "odd" / "scores.json", {"layers": odd_layers})
     (full / ".scores.json.abc.tmp").write_text("partial")
     red_bar_plot(full / "scores.png")
     write_json(other / "eval.json", evaluation(0.4, 25.0))
@@ -125,6 +127,8 @@ def test_collect_reads_every_kind_of_output(runs: tuple[Path, Path]) -> None:
     for expected in ("AVSS per layer", "EAVSS per layer", "Evaluation", "Pruned layers", "results", "Plots"):
         assert expected in titles
     assert "cells/" in titles, "many small JSON files collapse into one entry"
+    odd = next(s for s in report.runs[0].sections if s.source == runs[0] / "odd" / "scores.json")
+    assert odd.title == "scores", "a file a reader cannot parse falls back to the generic reader"
     assert not any(section.source.name == ".scores.json.abc.tmp" for section in report.runs[0].sections)
     assert not any(section.source == runs[0] / "model" / "config.json" for section in report.runs[0].sections)
     assert any(section.source == runs[0] / "config.json" for section in report.runs[0].sections)

@@ -275,6 +275,20 @@ def read_json(path: Path) -> Any:
         return None
 
 
+def read_known(path: Path, data: Any) -> Section | None:
+    """The first registered reader's section, or ``None`` when no reader knows this layout (including a
+    newer or hand-edited file that a matching reader cannot parse)."""
+    if not isinstance(data, dict):
+        return None
+    for matches, read in READERS:
+        if matches(path, data):
+            try:
+                return read(path, data)
+            except (KeyError, TypeError, ValueError, ZeroDivisionError):
+                return None
+    return None
+
+
 def collect_run(directory: Path) -> RunReport:
     sections: list[Section] = []
     generic: dict[Path, list[Section]] = {}
@@ -292,11 +306,9 @@ def collect_run(directory: Path) -> RunReport:
             if data is None:
                 sections.append(Section(path.name, path, notes=["not readable as JSON"]))
                 continue
-            match = next(
-                (read for matches, read in READERS if isinstance(data, dict) and matches(path, data)), None
-            )
-            if match is not None:
-                sections.append(match(path, data))
+            section = read_known(path, data)
+            if section is not None:
+                sections.append(section)
             else:
                 generic.setdefault(path.parent, []).append(generic_json(path, data))
     for folder, found in generic.items():
