@@ -32,6 +32,9 @@ MAX_TEXT_BYTES = 64 << 10
 GENERIC_JSON_PER_FOLDER = 3
 MODEL_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
 MODEL_FILES |= {"special_tokens_map.json", "model.safetensors.index.json", "chat_template.json"}
+# Headline results first, long per-layer tables and everything unrecognized after them (stable sort).
+HEADLINES = ("Prune and compare", "summary", "Pruned layers", "Evaluation", "Plots")
+SECTION_ORDER = {title: rank for rank, title in enumerate((*HEADLINES, "EAVSS per layer", "AVSS per layer"))}
 PROVENANCE_KEYS = ("command", "created", "avss_version", "versions", "model", "source_model")
 
 
@@ -325,6 +328,7 @@ def collect_run(directory: Path) -> RunReport:
             )
     if figures:
         sections.append(Section("Plots", directory, figures=figures))
+    sections.sort(key=lambda section: SECTION_ORDER.get(section.title, len(SECTION_ORDER)))
     return RunReport(directory, sections)
 
 
