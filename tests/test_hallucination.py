@@ -183,3 +183,14 @@ def test_score_eavss_on_a_tiny_model(tokenizer, data_dir: Path, tmp_path: Path) 
     saved = json.loads((out / "eavss.json").read_text())
     assert len(saved["layers"]) == 4 and "avss_normalized" in saved["layers"][0]
     assert (out / "eavss.png").stat().st_size > 1000
+
+
+def test_heldout_docs_keep_only_the_requested_split() -> None:
+    from avss.hallucination.heldout import heldout_docs
+
+    docs = [{"question": f"question {i}"} for i in range(200)]
+    test = heldout_docs(docs, "test", None)
+    assert test and all(split_of(doc["question"]) == "test" for doc in test)
+    assert heldout_docs(docs, "test", 3) == test[:3]
+    lines = [{"text": f"line {i}"} for i in range(5)]
+    assert heldout_docs(lines, "test", 2) == lines[:2]  # no questions: the first lines, as for perplexity
