@@ -260,3 +260,25 @@ def test_cli_prune_with_heal(tmp_path):
     record = json.loads((out / HEALING_FILE).read_text())
     assert record["method"] == "lora" and record["merged"] and len(record["pruning"]["removed_layers"]) == 2
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == NUM_LAYERS - 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "replace"])
+def test_heal_smollm2_end_to_end(method, tmp_path):
+    """The embedded SmolLM2 pruned by two blocks, healed for a few steps, saved and reloaded."""
+    from avss.models import load_model
+
+    loaded = load_model("smollm2-135m", device="cpu", dtype="float32")
+    kept = remove_layers(loaded.model, [10, 11])
+    record = PruningRecord(loaded.source, [10, 11], kept, 30, "manual", {})
+    pruned_dir = save_pruned(loaded.model, loaded.tokenizer, tmp_path / "pruned", record)
+    heal_config = HealConfig(
+        method=method, steps=2, epochs=1, batch_size=2, max_length=64, validation_samples=2
+    )
+    result = heal(pruned_dir, tmp_path / "healed", heal_config, progress=False)
+    assert get_adapter(result.model).num_layers == 28 + (method == "replace")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "healed").eval()
+    batch = loaded.tokenizer(["The cat sat on the mat."], return_tensors="pt")
+    torch.testing.assert_close(
+        logits(reloaded, dict(batch)), logits(result.model, dict(batch)), atol=1e-4, rtol=1e-4
+    )
