@@ -93,13 +93,14 @@ def near_zero_counts(
     if norms is None and any(threshold.kind == "rel" for threshold in thresholds):
         norms = torch.linalg.vector_norm(tokens.float(), dim=-1)
     rms_scale = 1.0 / math.sqrt(tokens.shape[-1])
+    limit_dtype = torch.promote_types(magnitude.dtype, torch.float32)  # bf16 would round the thresholds
     per_token = []
     for threshold in thresholds:
         if threshold.kind == "abs":
-            per_token.append(torch.full_like(magnitude[..., 0], threshold.value))
+            per_token.append(torch.full_like(magnitude[..., 0], threshold.value, dtype=limit_dtype))
         else:
             assert norms is not None
-            per_token.append((norms * (threshold.value * rms_scale)).to(magnitude.dtype))
+            per_token.append((norms * (threshold.value * rms_scale)).to(limit_dtype))
     limits = torch.stack(per_token, dim=-1)  # (..., K): one broadcast comparison serves every threshold
     if mask is not None:
         limits = torch.where(mask.unsqueeze(-1), limits, -1.0)
