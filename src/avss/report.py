@@ -414,7 +414,7 @@ dl.facts{display:grid;grid-template-columns:max-content auto;gap:.15rem 1rem;fon
 dl.facts dt{color:#475467}dl.facts dd{margin:0;font-family:ui-monospace,monospace}
 figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #e4e7ec}
 figcaption{color:#667085;font-size:.85rem}
-pre{background:#f6f8fa;padding:.6rem;overflow-x:auto;font-size:.82rem}
+pre{background:#f6f8fa;padding:.6rem;white-space:pre-wrap;font-size:.82rem}
 .note{color:#8a5a00;background:#fff7e6;padding:.3rem .6rem}
 """
 
