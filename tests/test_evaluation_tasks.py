@@ -79,10 +79,17 @@ def test_evaluation_is_deterministic_and_leaves_the_model_mode(bpe):
     assert first.metrics == second.metrics
 
 
-def test_limit_keeps_the_first_documents(bpe):
+def test_limit_takes_a_seeded_sample_in_file_order(bpe):
     model, tokenizer = bpe
     result = evaluate(model, tokenizer, ["sciq", "truthfulqa_mc"], data_dir=FIXTURES, limit=2)
     assert {task.num_examples for task in result.tasks.values()} == {2}
+    pool = [{"i": i} for i in range(10)]
+    sciq, wikitext2 = get_task("sciq")(), get_task("wikitext2")()
+    sample = sciq.select(pool, 4, seed=0)
+    assert sample == sciq.select(pool, 4, seed=0) != sciq.select(pool, 4, seed=1)
+    assert [doc["i"] for doc in sample] == sorted(doc["i"] for doc in sample)
+    assert wikitext2.select(pool, 4, seed=0) == pool[:4]
+    assert sciq.select(pool, None, seed=0) == sciq.select(pool, 50, seed=0) == pool
 
 
 def test_retained_against_itself_is_one(all_tasks):
@@ -142,11 +149,11 @@ def test_encoders_get_a_linear_probe():
 def test_few_shot_sampler_excludes_the_document_and_ignores_limit():
     docs = [{"i": i} for i in range(6)]
     sampler = FewShotSampler(docs, 3, seed=1)
-    for index in range(6):
-        shots = sampler.shots(index)
-        assert len(shots) == 3 and docs[index] not in shots
+    for doc in docs:
+        shots = sampler.shots(doc)
+        assert len(shots) == 3 and doc not in shots
         assert len({shot["i"] for shot in shots}) == 3
-    assert FewShotSampler(docs, 3, seed=1).shots(2) == sampler.shots(2)
+    assert FewShotSampler(docs, 3, seed=1).shots(docs[2]) == sampler.shots(docs[2])
     with pytest.raises(DataError):
         FewShotSampler(docs[:3], 3, seed=1)
 

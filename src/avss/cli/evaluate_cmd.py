@@ -17,7 +17,10 @@ from avss.io import ensure_parent_writable
 from avss.models import load_model
 
 Tasks = Annotated[str, typer.Option(help=f"Comma-separated tasks: {', '.join(TASKS)}")]
-Limit = Annotated[int | None, typer.Option(min=1, help="Evaluate only the first N examples of each task")]
+Limit = Annotated[
+    int | None,
+    typer.Option(min=1, help="Score a seeded sample of N examples per task (perplexity: first N paragraphs)"),
+]
 EvalBatchSize = Annotated[int, typer.Option(min=1, help="Sequences per forward pass")]
 EvalDataDir = Annotated[
     Path | None, typer.Option(help="Benchmark data laid out like shared/data (default: $AVSS_DATA_DIR)")

@@ -100,9 +100,19 @@ class Task(ABC):
                 raise DataError(f"{path}: row {number} ({row.get('id', 'no id')}) lacks {', '.join(missing)}")
         return rows
 
+    def select(self, pool: list[Doc], limit: int | None, seed: int) -> list[Doc]:
+        """The documents to score: all of them, or a seeded sample of ``limit`` kept in file order.
+
+        A sample rather than the first ``limit``: several shared files are grouped by label (the first 100
+        Rotten Tomatoes rows are all positive), so a prefix would measure a constant predictor.
+        """
+        if limit is None or limit >= len(pool):
+            return pool
+        return [pool[i] for i in sorted(random.Random(seed).sample(range(len(pool)), limit))]
+
     @abstractmethod
     def run(self, lm: LanguageModel, docs: list[Doc], pool: list[Doc], seed: int) -> dict[str, float]:
-        """Metrics of the model on ``docs``, the first ``limit`` documents of ``pool`` (all documents)."""
+        """Metrics of the model on ``docs``, selected from ``pool`` (all documents, the few-shot source)."""
 
     def fewshot(self, pool: list[Doc], seed: int) -> FewShotSampler:
         """Few-shot examples for tasks with a ``num_fewshot`` option; none for the others."""
@@ -121,7 +131,7 @@ class MultipleChoiceTask(Task):
 
     def run(self, lm: LanguageModel, docs: list[Doc], pool: list[Doc], seed: int) -> dict[str, float]:
         sampler = self.fewshot(pool, seed)
-        per_doc = [self.requests(doc, sampler.shots(index)) for index, doc in enumerate(docs)]
+        per_doc = [self.requests(doc, sampler.shots(doc)) for doc in docs]
         flat = lm.loglikelihood([request for requests in per_doc for request in requests])
         scores, start = [], 0
         for doc, requests in zip(docs, per_doc, strict=True):
@@ -145,7 +155,7 @@ class GenerationTask(Task):
 
     def run(self, lm: LanguageModel, docs: list[Doc], pool: list[Doc], seed: int) -> dict[str, float]:
         sampler = self.fewshot(pool, seed)
-        prompts = [self.prompt(doc, sampler.shots(index)) for index, doc in enumerate(docs)]
+        prompts = [self.prompt(doc, sampler.shots(doc)) for doc in docs]
         completions = lm.generate(prompts, until=self.until, max_new_tokens=self.max_new_tokens)
         return average(
             [self.score(doc, completion) for doc, completion in zip(docs, completions, strict=True)]
@@ -153,25 +163,26 @@ class GenerationTask(Task):
 
 
 class FewShotSampler:
-    """Deterministic few-shot examples for document ``i``: ``k`` other documents, drawn with a per-doc seed.
+    """Deterministic few-shot examples: ``k`` other documents of the pool, drawn with a per-document seed.
 
     The shared files have no training split, so shots come from the same file; a document never serves as its
-    own example, and its draw depends only on the seed and its index, not on ``limit``.
+    own example, and its draw depends only on the seed and its position in the file, not on ``limit``.
     """
 
-    def __init__(self, docs: Sequence[Doc], k: int, seed: int) -> None:
+    def __init__(self, pool: Sequence[Doc], k: int, seed: int) -> None:
         if k < 0:
             raise ValueError("num_fewshot must be >= 0")
-        if k and len(docs) <= k:
-            raise DataError(f"{k}-shot prompts need more than {k} documents (got {len(docs)})")
-        self.docs, self.k, self.seed = docs, k, seed
+        if k and len(pool) <= k:
+            raise DataError(f"{k}-shot prompts need more than {k} documents (got {len(pool)})")
+        self.pool, self.k, self.seed = pool, k, seed
+        self._position = {id(doc): index for index, doc in enumerate(pool)}
 
-    def shots(self, index: int) -> list[Doc]:
+    def shots(self, doc: Doc) -> list[Doc]:
         if not self.k:
             return []
-        rng = random.Random(f"{self.seed}:{index}")
-        others = rng.sample(range(len(self.docs) - 1), self.k)
-        return [self.docs[i if i < index else i + 1] for i in others]
+        index = self._position[id(doc)]
+        others = random.Random(f"{self.seed}:{index}").sample(range(len(self.pool) - 1), self.k)
+        return [self.pool[i if i < index else i + 1] for i in others]
 
 
 def average(per_doc: Sequence[dict[str, float]]) -> dict[str, float]:

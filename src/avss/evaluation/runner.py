@@ -114,7 +114,8 @@ def evaluate(
     progress: Callable[[str], Progress] | None = None,
     **task_options: Any,
 ) -> EvalResult:
-    """Evaluate ``model`` on the named tasks; ``limit`` keeps the first N documents of each.
+    """Evaluate ``model`` on the named tasks; ``limit`` scores a seeded sample of N documents of each
+    (the first N paragraphs for perplexity tasks).
 
     ``task_options`` go to every task that declares them (``max_length``/``stride`` for perplexity tasks,
     ``num_fewshot``, ``split``, ``method``, ...). ``progress(task_name)`` may return a per-task progress sink.
@@ -142,7 +143,7 @@ def evaluate(
         for name, task in instances.items():
             _seed_everything(seed)
             pool, files = loaded[name]
-            docs = pool[:limit] if limit is not None else pool
+            docs = task.select(pool, limit, seed)
             lm = LanguageModel(
                 model, tokenizer, batch_size=batch_size, progress=progress(name) if progress else None
             )

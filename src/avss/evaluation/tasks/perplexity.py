@@ -19,6 +19,9 @@ class PerplexityTask(Task):
     max_length: int = 1024
     stride: int | None = None
 
+    def select(self, pool: list[Doc], limit: int | None, seed: int) -> list[Doc]:
+        return pool[:limit]  # contiguous text, so windows see real context
+
     def run(self, lm: LanguageModel, docs: list[Doc], pool: list[Doc], seed: int) -> dict[str, float]:
         nll = lm.rolling_nll([doc["text"] for doc in docs], max_length=self.max_length, stride=self.stride)
         return {"perplexity": nll.perplexity}
