@@ -147,3 +147,16 @@ def test_helpers():
     correlations = rank_correlations({"a": np.array([1.0, 2, 3]), "b": np.array([3.0, 2, 1])})
     assert correlations["spearman"][0][1] == pytest.approx(-1.0)
     assert correlations["kendall"][1][0] == pytest.approx(-1.0)
+
+
+def test_report_only_writes_the_finished_cells_without_a_model(saved_model, data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "study"
+    small = config(
+        saved_model, data_dir, methods=["avss", "random"], iterative=False, fractions=[0, 0.25, 0.5]
+    )
+    Study(small, out, progress=False).run()
+    (out / "cells" / "random__oneshot__0.5.json").unlink()
+    monkeypatch.setattr("avss.study.load_model", lambda *args, **kwargs: pytest.fail("report loads no model"))
+    result = Study(small, out).report()
+    assert not result.complete and not json.loads((out / "results.json").read_text())["complete"]
+    assert {(c.method, c.fraction) for c in result.cells} == {("avss", 0.25), ("avss", 0.5), ("random", 0.25)}

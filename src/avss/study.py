@@ -235,7 +235,7 @@ class Study:
 
     def plan(self) -> list[tuple[str, str, float, list[int]]]:
         """(method, mode, fraction, removed layers) of every pruned cell, in run order."""
-        num_layers = get_adapter(self.loaded.model).num_layers
+        num_layers = self.num_layers
         cells = []
         for scorer in self.config.scorers():
             for mode in self.config.modes():
@@ -294,25 +294,52 @@ class Study:
     def run(self) -> StudyResult:
         started = time.perf_counter()
         self.prepare()
-        base = self.run_cell("base", ONESHOT, 0.0, [])
+        self.run_cell("base", ONESHOT, 0.0, [])
         self.select()
         for method, mode, fraction, removed in self.plan():
             self.run_cell(method, mode, fraction, removed)
+        return self.report(started)
+
+    def report(self, started: float | None = None) -> StudyResult:
+        """Write the results of every finished cell; without a model when called alone (a study cut short).
+
+        ``complete`` in ``results.json`` says whether every planned cell was there.
+        """
+        started = time.perf_counter() if started is None else started
+        if not self.cells:
+            self.prepare()
+        self.load_selections()
+        planned = [Cell(*spec, {}, 0.0).key for spec in self.plan()]
         result = StudyResult(
             config=self.config,
-            base=base,
-            cells=[self.cells[Cell(*spec, {}, 0.0).key] for spec in self.plan()],
+            base=self.cells["base"],
+            cells=[self.cells[key] for key in planned if key in self.cells],
             selections=self.selections,
-            num_layers=get_adapter(self.loaded.model).num_layers,
+            num_layers=self.num_layers,
             wall_time_s=round(time.perf_counter() - started, 3),
             environment={
                 "versions": package_versions(),
                 "avss_version": __version__,
-                "model": self.loaded.source,
+                "model": self._loaded.source if self._loaded else {"name": self.config.model},
             },
+            complete=all(key in self.cells for key in planned),
         )
         result.write(self.out)
         return result
+
+    def load_selections(self) -> None:
+        for path in sorted((self.out / "selections").glob("*.json")):
+            self.selections.setdefault(
+                path.stem, selection_from_dict(json.loads(path.read_text(encoding="utf-8")))
+            )
+
+    @property
+    def num_layers(self) -> int:
+        """Depth of the unpruned model, read from a stored selection when there is one (no model load)."""
+        for selection in self.selections.values():
+            if selection.steps:
+                return selection.steps[0].num_layers
+        return get_adapter(self.loaded.model).num_layers
 
 
 def oneshot_order(scorer: Scorer, context: Any, fractions: Sequence[float], num_layers: int) -> Selection:
@@ -363,6 +390,7 @@ class StudyResult:
     num_layers: int
     wall_time_s: float
     environment: dict[str, Any]
+    complete: bool = True
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per method x mode x fraction x task metric, including the unpruned row of each method."""
@@ -388,6 +416,7 @@ class StudyResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": "avss-study/1",
+            "complete": self.complete,
             "config": self.config.to_dict(),
             "num_layers": self.num_layers,
             "wall_time_s": self.wall_time_s,

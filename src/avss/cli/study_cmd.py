@@ -44,6 +44,9 @@ def study_command(
         int | None, typer.Option(help="Window length of perplexity tasks (default: the task's)")
     ] = None,
     eval_batch_size: Annotated[int, typer.Option(min=1, help="Batch size of the evaluation")] = 16,
+    report_only: Annotated[
+        bool, typer.Option("--report-only", help="Only write results of the cells finished so far")
+    ] = False,
     data: Data = None,
     dataset: Dataset = None,
     data_dir: DataDir = None,
@@ -70,6 +73,7 @@ def study_command(
         data_dir=str(data_dir) if data_dir else None,
         seed=seed,
     )
-    result = Study(config, out, log=lambda message: console.print(f"[dim]{message}[/]")).run()
+    study = Study(config, out, log=lambda message: console.print(f"[dim]{message}[/]"))
+    result = study.report() if report_only else study.run()
     console.print((out / "summary.md").read_text(encoding="utf-8"), markup=False, highlight=False)
     console.print(f"study written to {out} in {result.wall_time_s:.0f} s")
