@@ -41,12 +41,12 @@ def machine() -> dict:
 
 
 def pairs_for(args: argparse.Namespace, split: str) -> list:
-    limit = {"train": args.train_limit, "validation": args.val_limit, "test": None}[split]
+    limit = {"train": args.train_limit or None, "validation": args.val_limit, "test": None}[split]
     return load_pairs(args.pairs.split(","), resolve_data_dir(None), split=split, limit=limit)
 
 
 def heldout(model, tokenizer, args: argparse.Namespace, tasks: tuple[str, ...]) -> dict:
-    limits = {"truthfulqa_mc": args.mc_limit, "sciq": args.sciq_limit, "wikitext2": args.ppl_lines}
+    limits = {"truthfulqa_mc": args.mc_limit or None, "sciq": args.sciq_limit, "wikitext2": args.ppl_lines}
     options = {"max_length": args.ppl_max_length} if "wikitext2" in tasks else {}
     result = evaluate_heldout(
         model,
@@ -122,8 +122,8 @@ COLUMNS = [
 ]
 
 
-def table() -> None:
-    records = {path.stem: json.loads(path.read_text()) for path in sorted(ARMS.glob("*.json"))}
+def table(arms: Path) -> None:
+    records = {path.stem: json.loads(path.read_text()) for path in sorted(arms.glob("*.json"))}
     groups: dict[str, list[dict]] = {}
     for name, record in records.items():
         if "eval" in record:
@@ -175,6 +175,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("steps", nargs="+", help="score | base | dola | train:SELECTION:SEED | table")
     parser.add_argument("--budget-s", type=float, default=840, help="Start no step after this many seconds")
+    parser.add_argument("--arms-dir", type=Path, default=ARMS, help="Where the step JSON files go")
     parser.add_argument("--pairs", default="truthfulqa")
     parser.add_argument("--train-limit", type=int, default=48)
     parser.add_argument("--val-limit", type=int, default=12)
@@ -195,12 +196,12 @@ def main() -> None:
     parser.add_argument("--dola-layers", default="high")
     args = parser.parse_args()
     if args.steps == ["table"]:
-        table()
+        table(args.arms_dir)
         return
     started = time.perf_counter()
     loaded = load_model("smollm2-135m", device="cpu")
     for step in args.steps:
-        path = ARMS / f"{step.replace(':', '_')}.json"
+        path = args.arms_dir / f"{step.replace(':', '_')}.json"
         elapsed = time.perf_counter() - started
         if path.is_file():
             print(f"{step}: already done ({path.name})", flush=True)
