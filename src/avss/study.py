@@ -234,18 +234,21 @@ class Study:
     # --- cells ----------------------------------------------------------------------------------------
 
     def plan(self) -> list[tuple[str, str, float, list[int]]]:
-        """(method, mode, fraction, removed layers) of every pruned cell, in run order."""
+        """(method, mode, fraction, removed layers) of every pruned cell, in run order.
+
+        Budget-major order: every method at the smallest budget first, so a study cut short still compares
+        all methods at the budgets it reached.
+        """
         num_layers = self.num_layers
         cells = []
-        for scorer in self.config.scorers():
-            for mode in self.config.modes():
-                selection = self.selections[f"{slug(scorer.spec)}__{mode}"]
-                for fraction in self.config.fractions:
-                    n = budget(fraction, num_layers)
-                    if n == 0:
-                        continue
-                    removed = selection.removed_for(n)
-                    cells.append((scorer.spec, mode, fraction, removed))
+        for fraction in self.config.fractions:
+            n = budget(fraction, num_layers)
+            if n == 0:
+                continue
+            for scorer in self.config.scorers():
+                for mode in self.config.modes():
+                    selection = self.selections[f"{slug(scorer.spec)}__{mode}"]
+                    cells.append((scorer.spec, mode, fraction, selection.removed_for(n)))
         return cells
 
     def evaluate_model(self, model: Any) -> dict[str, dict[str, float]]:
