@@ -45,8 +45,12 @@ TINY_CONFIGS: dict[str, dict] = {
     "gemma3_text": dict(_DECODER, sliding_window=4),
     "phi3": _DECODER,
     "gpt2": dict(n_embd=32, n_head=4, n_positions=256),
-    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, max_position_embeddings=256),
-    "opt": dict(hidden_size=32, ffn_dim=64, num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=32),
+    "gpt_neox": dict(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, max_position_embeddings=256
+    ),
+    "opt": dict(
+        hidden_size=32, ffn_dim=64, num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=32
+    ),
     "bert": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, max_position_embeddings=256),
     "roberta": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, max_position_embeddings=300),
     "distilbert": dict(dim=32, hidden_dim=64, n_heads=4, max_position_embeddings=256),
@@ -68,7 +72,9 @@ def tiny_model(model_type: str = "llama", num_layers: int = 4, seed: int = 0) ->
     return auto.from_config(config).eval()
 
 
-def random_batch(batch: int = 3, length: int = 12, seed: int = 0, pad_rows: bool = True) -> dict[str, torch.Tensor]:
+def random_batch(
+    batch: int = 3, length: int = 12, seed: int = 0, pad_rows: bool = True
+) -> dict[str, torch.Tensor]:
     """Random token ids with right padding on some rows."""
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(len(SPECIALS), VOCAB, (batch, length), generator=generator)

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from _tiny import ENCODERS, TINY_CONFIGS, random_batch, tiny_model
 
+from _tiny import ENCODERS, TINY_CONFIGS, random_batch, tiny_model
 from avss.adapters import SITES, get_adapter, supported_model_types
 from avss.collect import collect_statistics
 from avss.errors import UnsupportedArchitectureError
@@ -62,7 +62,9 @@ def test_padding_does_not_change_statistics():
     for site in ("block", "mlp"):
         for name, tensor in plain.sites[site].tensors().items():
             torch.testing.assert_close(with_pad.sites[site].tensors()[name], tensor, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(with_pad.relations.angular_sum, plain.relations.angular_sum, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        with_pad.relations.angular_sum, plain.relations.angular_sum, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_two_batches_equal_their_merged_shards():
@@ -88,4 +90,6 @@ def test_hooks_are_removed_even_when_a_batch_fails():
     bad = {"input_ids": torch.full((1, 4), 10_000), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     with pytest.raises(IndexError):
         collect_statistics(model, [bad], progress=False)
-    assert all(not block._forward_hooks and not block._forward_pre_hooks for block in get_adapter(model).blocks)
+    assert all(
+        not block._forward_hooks and not block._forward_pre_hooks for block in get_adapter(model).blocks
+    )

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
-from _tiny import random_batch, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
+from _tiny import random_batch, tiny_model, tiny_tokenizer
 from avss.adapters import get_adapter
 from avss.errors import OutputError, PruneConfigError
 from avss.prune import (

@@ -49,7 +49,9 @@ def test_floored_layers_produce_a_warning():
     stats = ActivationStats.empty(2, ("block",), (Threshold("abs", 1e-9),))
     tokens = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
     for layer in range(2):
-        stats.sites["block"].update(layer, tokens * (layer + 1), tokens.unsqueeze(0), torch.ones(1, 3, dtype=torch.bool))
+        stats.sites["block"].update(
+            layer, tokens * (layer + 1), tokens.unsqueeze(0), torch.ones(1, 3, dtype=torch.bool)
+        )
     scores = score_layers(stats, threshold="abs:1e-9")
     assert scores.floored == [0, 1]
     assert "floored" in scores.warnings()[0]

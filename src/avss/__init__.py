@@ -5,13 +5,13 @@ The public API is small; everything the command line does is reachable from here
 
 __version__ = "0.1.0"
 
-from avss.adapters import LayerAdapter, get_adapter, supported_model_types  # noqa: E402
-from avss.collect import StatisticsCollector, collect_statistics  # noqa: E402
-from avss.data import TextSource, tokenize_texts  # noqa: E402
-from avss.models import LoadedModel, load_model  # noqa: E402
-from avss.prune import PruneSpec, remove_layers, save_pruned  # noqa: E402
-from avss.scores import LayerScores, score_layers  # noqa: E402
-from avss.stats import ActivationStats, SiteStats  # noqa: E402
+from avss.adapters import LayerAdapter, get_adapter, supported_model_types
+from avss.collect import StatisticsCollector, collect_statistics
+from avss.data import TextSource, tokenize_texts
+from avss.models import LoadedModel, load_model
+from avss.prune import PruneSpec, remove_layers, save_pruned
+from avss.scores import LayerScores, score_layers
+from avss.stats import ActivationStats, SiteStats
 
 __all__ = [
     "ActivationStats",

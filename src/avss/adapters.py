@@ -135,7 +135,7 @@ class LayerAdapter:
         return self.spec.causal
 
     def site_module(self, layer: int, site: str) -> nn.Module:
-        """The module hooked for ``site`` of block ``layer`` (``block`` and ``delta`` hook the block itself)."""
+        """The module hooked for ``site`` of block ``layer``: the block itself for ``block``/``delta``."""
         block = self.blocks[layer]
         if site in ("block", "delta"):
             return block

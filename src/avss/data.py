@@ -1,6 +1,7 @@
 """Where text comes from: the bundled corpus, user files, the shared data directory, or a hub dataset.
 
-Calibration text is a list of strings; :func:`tokenize_texts` turns it into padded batches with attention masks.
+Calibration text is a list of strings; :func:`tokenize_texts` turns it into padded batches with
+attention masks.
 Nothing here downloads anything unless the user names a hub dataset.
 """
 
@@ -88,7 +89,7 @@ def split_paragraphs(text: str) -> list[str]:
 
 
 def read_text_file(path: str | Path, field: str = "text") -> list[str]:
-    """Texts from a ``.txt`` file (paragraphs separated by blank lines) or ``.jsonl`` with a ``text`` field."""
+    """Texts from a ``.txt`` file (blank-line separated paragraphs) or ``.jsonl`` with a ``text`` field."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")

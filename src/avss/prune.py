@@ -35,7 +35,9 @@ def protected_layers(num_layers: int, protect: tuple[str, ...] | list[str] = ())
         elif item.lstrip("-").isdigit() and -num_layers <= int(item) < num_layers:
             result.add(int(item) % num_layers)
         elif item:
-            raise PruneConfigError(f"cannot protect {item!r}: use first, last or a layer index < {num_layers}")
+            raise PruneConfigError(
+                f"cannot protect {item!r}: use first, last or a layer index < {num_layers}"
+            )
     return result
 
 
@@ -89,7 +91,8 @@ def select_mass(scores: torch.Tensor, tau: float, protect: set[int] | None = Non
     chosen = [layer for layer, total in zip(order, cumulative.tolist(), strict=True) if total <= tau + 1e-12]
     if not chosen:
         raise PruneConfigError(
-            f"--tau {tau} is below the lowest layer's share ({float(normalized[order[0]]):.4f}); nothing to remove"
+            f"--tau {tau} is below the lowest layer's share ({float(normalized[order[0]]):.4f}); "
+            "nothing to remove"
         )
     if len(chosen) >= scores.numel():
         raise PruneConfigError(f"--tau {tau} would remove every layer; use a smaller tau")
@@ -130,7 +133,9 @@ class PruneSpec:
                     )
                 n_remove = self.n_layers
             else:
-                n_remove = layers_for_fraction(self.fraction if self.fraction is not None else 0.25, num_layers)
+                n_remove = layers_for_fraction(
+                    self.fraction if self.fraction is not None else 0.25, num_layers
+                )
             return select_count(scores, n_remove, protect)
         if self.rule == "mass":
             return select_mass(scores, self.tau if self.tau is not None else 0.25, protect)
@@ -166,7 +171,9 @@ class PruningRecord:
     avss_version: str = __version__
 
 
-def save_pruned(model: nn.Module, tokenizer: Any, out: str | Path, record: PruningRecord, overwrite: bool = False) -> Path:
+def save_pruned(
+    model: nn.Module, tokenizer: Any, out: str | Path, record: PruningRecord, overwrite: bool = False
+) -> Path:
     """Save model, tokenizer and provenance atomically; the folder reloads with ``from_pretrained``."""
     with atomic_directory(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
