@@ -346,7 +346,7 @@ def markdown(records: list[dict[str, Any]]) -> str:
             lines.append(
                 f"- {record['date']}: `{record['command']}` -> {record['tokens']} tokens in {shape}, "
                 f"median of {settings['repeats']} rounds, 1-min load average {load['before']:.1f} -> "
-                f"{load['after']:.1f}"
+                f"{load['after']:.1f}" + (f". **Note:** {record['note']}" if record.get("note") else "")
             )
         lines += ["", *targets(group), ""]
     return "\n".join(lines)
@@ -366,6 +366,8 @@ def targets(group: list[dict[str, Any]]) -> list[str]:
         return "met" if ok else "NOT met"
 
     lines = [f"Targets (largest budget measured: {last['tokens']} tokens):", ""]
+    if any(record.get("note") for record in ordered):
+        lines += ["(Computed mechanically; read them with the notes on the runs above.)", ""]
     for name in ("avss", "avss_compiled"):
         vs_bare, vs_body = ratio(results, name, "bare"), ratio(results, name, "bare_body")
         if not math.isnan(vs_bare):
