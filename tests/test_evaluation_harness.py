@@ -67,3 +67,31 @@ def test_truthfulqa_mc_matches_lm_eval(tmp_path, monkeypatch):
     print("avss", ours, "lm-eval", {name: theirs[name]["acc,none"] for name in names})
     assert ours["mc1"] == pytest.approx(theirs[names[0]]["acc,none"], abs=1e-4)
     assert ours["mc2"] == pytest.approx(theirs[names[1]]["acc,none"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_pruned_directory_evaluates_with_lm_eval_hf_model(tmp_path, monkeypatch):
+    """A folder written by avss prune is a plain HF model for ``lm_eval --model hf``."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from avss.prune import PruningRecord, remove_layers, save_pruned
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tokenizer = bpe_llama(), bpe_tokenizer()
+    kept = remove_layers(model, [0])
+    record = PruningRecord({"name": "tiny"}, [0], kept, len(kept) + 1, "avss", {"rule": "count"})
+    save_pruned(model, tokenizer, tmp_path / "pruned", record)
+    ours = evaluate(model, tokenizer, ["truthfulqa_mc"], data_dir=FIXTURES).tasks["truthfulqa_mc"].metrics
+
+    names = _local_truthfulqa_tasks(tmp_path)
+    theirs = simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={tmp_path / 'pruned'},add_bos_token=True",
+        tasks=names[:1],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        batch_size=4,
+        device="cpu",
+    )["results"]
+    assert ours["mc1"] == pytest.approx(theirs[names[0]]["acc,none"], abs=1e-4)
