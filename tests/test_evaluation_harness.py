@@ -95,3 +95,23 @@ def test_pruned_directory_evaluates_with_lm_eval_hf_model(tmp_path, monkeypatch)
         device="cpu",
     )["results"]
     assert ours["mc1"] == pytest.approx(theirs[names[0]]["acc,none"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_evaluate_runs_harness_tasks_on_the_in_memory_model(tmp_path, monkeypatch):
+    """``evaluate(..., harness=[...])`` (``avss eval --harness``) scores the same model through HFLM."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tokenizer = bpe_llama(), bpe_tokenizer()
+    names = _local_truthfulqa_tasks(tmp_path)
+    result = evaluate(
+        model,
+        tokenizer,
+        ["truthfulqa_mc"],
+        data_dir=FIXTURES,
+        harness=names[:1],
+        harness_include=str(tmp_path),
+    )
+    harness_mc1 = result.tasks[f"harness:{names[0]}"].metrics["acc"]
+    assert harness_mc1 == pytest.approx(result.tasks["truthfulqa_mc"].metrics["mc1"], abs=1e-4)
+    assert result.options["harness"] == names[:1]

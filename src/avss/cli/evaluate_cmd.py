@@ -17,6 +17,12 @@ from avss.io import ensure_parent_writable
 from avss.models import load_model
 
 Tasks = Annotated[str, typer.Option(help=f"Comma-separated tasks: {', '.join(TASKS)}")]
+Harness = Annotated[
+    str, typer.Option(help="Comma-separated lm-evaluation-harness tasks run on the same in-memory model")
+]
+HarnessInclude = Annotated[
+    Path | None, typer.Option(help="Extra lm-eval task YAML directory (offline tasks)")
+]
 Limit = Annotated[
     int | None,
     typer.Option(min=1, help="Score a seeded sample of N examples per task (perplexity: first N paragraphs)"),
@@ -54,7 +60,9 @@ class _TaskBar:
 @app.command("eval")
 def eval_command(
     model: ModelArg,
-    tasks: Tasks,
+    tasks: Tasks = "",
+    harness: Harness = "",
+    harness_include: HarnessInclude = None,
     limit: Limit = None,
     batch_size: EvalBatchSize = 16,
     data_dir: EvalDataDir = None,
@@ -72,6 +80,7 @@ def eval_command(
 ) -> None:
     """Evaluate a model on benchmark tasks (perplexity, TruthfulQA, SciQ, QA, WikiQA, sentiment)."""
     names = [name.strip() for name in tasks.split(",") if name.strip()]
+    harness_names = [name.strip() for name in harness.split(",") if name.strip()]
     if out is not None:
         ensure_parent_writable(out)
     base = EvalResult.load(compare) if compare is not None else None
@@ -102,6 +111,8 @@ def eval_command(
             seed=seed,
             model_info=loaded.source,
             progress=lambda name: _TaskBar(bars, name),
+            harness=harness_names,
+            harness_include=str(harness_include) if harness_include else None,
             **options,
         )
     console.print(results_table(result, base))

@@ -26,6 +26,7 @@ from avss.data import resolve_data_dir
 from avss.errors import DataError, UnsupportedArchitectureError
 from avss.evaluation.base import TASKS, DataFile, Task, get_task
 from avss.evaluation.engine import LanguageModel, Progress, is_causal_lm
+from avss.evaluation.harness import run_harness
 from avss.evaluation.metrics import retained
 from avss.io import atomic_write_json
 
@@ -112,6 +113,8 @@ def evaluate(
     seed: int = 0,
     model_info: Mapping[str, Any] | None = None,
     progress: Callable[[str], Progress] | None = None,
+    harness: Sequence[str] = (),
+    harness_include: str | None = None,
     **task_options: Any,
 ) -> EvalResult:
     """Evaluate ``model`` on the named tasks; ``limit`` scores a seeded sample of N documents of each
@@ -119,10 +122,14 @@ def evaluate(
 
     ``task_options`` go to every task that declares them (``max_length``/``stride`` for perplexity tasks,
     ``num_fewshot``, ``split``, ``method``, ...). ``progress(task_name)`` may return a per-task progress sink.
+    ``harness`` names lm-evaluation-harness tasks to run on the same model (results named ``harness:TASK``;
+    ``harness_include`` adds a directory of task YAMLs, e.g. for offline data).
     """
     if limit is not None and limit < 1:
         raise DataError("--limit must be a positive number of examples")
-    instances = build_tasks(tasks, task_options)
+    if not tasks and not harness:
+        raise DataError("no tasks given")
+    instances = build_tasks(tasks, task_options) if tasks else {}
     directory = resolve_data_dir(data_dir)
     if not is_causal_lm(model):
         needing_head = [name for name, task in instances.items() if task.needs_causal_lm]
@@ -156,6 +163,14 @@ def evaluate(
                 data=files,
                 seconds=round(time.perf_counter() - task_started, 3),
             )
+        if harness:
+            harness_started = time.perf_counter()
+            outcome = run_harness(
+                model, tokenizer, harness, limit=limit, batch_size=batch_size, include_path=harness_include
+            )
+            seconds = round(time.perf_counter() - harness_started, 3)
+            for name, (metrics, count) in outcome.items():
+                results[name] = TaskResult(metrics, count, {"harness": True}, [], seconds)
     finally:
         model.train(was_training)
     return EvalResult(
@@ -163,6 +178,7 @@ def evaluate(
         tasks=results,
         options={
             "tasks": list(instances),
+            "harness": list(harness),
             "limit": limit,
             "batch_size": batch_size,
             "seed": seed,
