@@ -31,7 +31,7 @@ def save_figure(figure: plt.Figure, path: str | Path) -> Path:
 def plot_layer_scores(
     scores: LayerScores, path: str | Path, removed: list[int] | None = None, title: str = ""
 ) -> Path:
-    """Bar chart of normalized AVSS per layer with its normalized variance and sparsity; removed layers in red."""
+    """Bar chart of normalized AVSS per layer over its normalized variance and sparsity; removed in red."""
     removed = set(removed or [])
     layers = list(range(scores.num_layers))
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.0, 0.3 * len(layers)), 6), sharex=True)

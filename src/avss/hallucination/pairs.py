@@ -245,4 +245,3 @@ def describe_pairs(pairs: Sequence[Pair]) -> dict[str, Any]:
         per_source = counts.setdefault(pair.source, {})
         per_source[pair.split] = per_source.get(pair.split, 0) + 1
     return {"num_pairs": len(pairs), "counts": counts}
-
