@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from avss.adapters import get_adapter
-from avss.data import TextSource, tokenize_texts
+from avss.data import TextSource
 from avss.errors import PruneConfigError
 from avss.models import LoadedModel
 from avss.pipeline import CalibrationOptions, PruneResult, package_versions
@@ -121,14 +121,7 @@ def prune_with_scorer(
     The budget comes from ``spec`` (``count`` rule; ``mass`` only applies to one-shot normalized scores).
     """
     started = time.perf_counter()
-    batches = tokenize_texts(
-        loaded.tokenizer,
-        source.load(),
-        samples=calibration.samples,
-        max_length=calibration.max_length,
-        batch_size=calibration.batch_size,
-        seed=calibration.seed,
-    )
+    batches = calibration.batches(loaded.tokenizer, source)
     num_layers = get_adapter(loaded.model).num_layers
     protect = protected_layers(num_layers, spec.protect)
     context = context_for(loaded.model, batches, [scorer], progress=progress)

@@ -18,7 +18,7 @@ from avss import __version__
 from avss.adapters import SITES
 from avss.checkpoint import Progress, StatisticsCheckpoint
 from avss.collect import DEFAULT_THRESHOLDS
-from avss.data import TextSource, tokenize_texts
+from avss.data import TextSource, TokenBatches, tokenize_texts
 from avss.distributed import collect_distributed, context
 from avss.errors import OptionError
 from avss.io import atomic_write_json
@@ -36,6 +36,17 @@ class CalibrationOptions:
     max_length: int = 256
     batch_size: int = 8
     seed: int = 0
+
+    def batches(self, tokenizer: Any, source: TextSource) -> TokenBatches:
+        """Load ``source`` and cut it into padded calibration batches with these options."""
+        return tokenize_texts(
+            tokenizer,
+            source.load(),
+            samples=self.samples,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
 
 
 @dataclass
@@ -101,14 +112,7 @@ def score(
     calibration = calibration or CalibrationOptions()
     options = options or ScoreOptions()
     started = time.perf_counter()
-    batches = tokenize_texts(
-        loaded.tokenizer,
-        source.load(),
-        samples=calibration.samples,
-        max_length=calibration.max_length,
-        batch_size=calibration.batch_size,
-        seed=calibration.seed,
-    )
+    batches = calibration.batches(loaded.tokenizer, source)
     run_id = {
         "model": loaded.source,
         "data": source.describe(),

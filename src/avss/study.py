@@ -29,7 +29,7 @@ from scipy import stats as scipy_stats
 
 from avss import __version__
 from avss.adapters import get_adapter
-from avss.data import TextSource, tokenize_texts
+from avss.data import TextSource
 from avss.errors import OutputError, PruneConfigError
 from avss.evaluation import evaluate, get_task
 from avss.evaluation.metrics import retained_ratio
@@ -193,16 +193,7 @@ class Study:
         """Every method's selection (one shared context for one-shot; one run per method for iterative)."""
         config = self.config
         model = self.loaded.model
-        batches = list(
-            tokenize_texts(
-                self.loaded.tokenizer,
-                config.calibration_data.load(),
-                samples=config.calibration.samples,
-                max_length=config.calibration.max_length,
-                batch_size=config.calibration.batch_size,
-                seed=config.calibration.seed,
-            )
-        )
+        batches = list(config.calibration.batches(self.loaded.tokenizer, config.calibration_data))
         scorers = config.scorers()
         num_layers = get_adapter(model).num_layers
         largest = budget(max(config.fractions), num_layers)
