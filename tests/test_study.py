@@ -160,3 +160,22 @@ def test_report_only_writes_the_finished_cells_without_a_model(saved_model, data
     result = Study(small, out).report()
     assert not result.complete and not json.loads((out / "results.json").read_text())["complete"]
     assert {(c.method, c.fraction) for c in result.cells} == {("avss", 0.25), ("avss", 0.5), ("random", 0.25)}
+
+
+def test_study_with_heal_adds_healed_rows_at_the_same_budget(saved_model, data_dir, tmp_path):
+    """``avss study --heal lora``: every pruned cell is also evaluated after healing, with its own rows."""
+    study_config = config(
+        saved_model, data_dir, methods=["block_influence", "last"], fractions=[0, 0.25], iterative=False
+    )
+    study_config.heal, study_config.heal_steps = "lora", 2
+    result = Study(study_config, tmp_path / "study", progress=False).run()
+    modes = {(cell.method, cell.mode) for cell in result.cells}
+    assert {("block_influence", "oneshot+healed"), ("last", "oneshot+healed")} <= modes
+    healed = {cell.method: cell for cell in result.cells if cell.mode.endswith("+healed")}
+    plain = {cell.method: cell for cell in result.cells if cell.mode == "oneshot"}
+    for method, cell in healed.items():
+        assert cell.removed == plain[method].removed
+        assert cell.reused_from is None or cell.reused_from.endswith("+healed__0.25")
+        assert cell.metrics != plain[method].metrics
+    rows = list(csv.DictReader((tmp_path / "study" / "results.csv").open()))
+    assert any(row["mode"] == "oneshot+healed" for row in rows)

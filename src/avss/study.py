@@ -33,6 +33,7 @@ from avss.data import TextSource
 from avss.errors import OutputError, PruneConfigError
 from avss.evaluation import evaluate, get_task
 from avss.evaluation.metrics import retained_ratio
+from avss.heal import HealConfig, get_heal_method, heal_in_memory
 from avss.io import atomic_write_json, atomic_write_text, to_json
 from avss.iterative import Selection, select_iteratively, select_oneshot
 from avss.models import LoadedModel, load_model
@@ -43,6 +44,7 @@ from avss.scorers import Scorer, context_for, get_scorer
 DEFAULT_FRACTIONS = (0.0, 0.125, 0.25, 0.375, 0.5)
 DEFAULT_TASKS = ("wikitext2", "truthfulqa_mc", "sst2")
 ONESHOT, ITERATIVE = "oneshot", "iterative"
+HEALED = "+healed"  # mode suffix of a cell whose pruned model was healed before evaluation
 CSV_COLUMNS = (
     "method",
     "mode",
@@ -74,11 +76,15 @@ class StudyConfig:
     eval_batch_size: int = 16
     data_dir: str | None = None
     seed: int = 0
+    heal: str | None = None
+    heal_steps: int = 32
 
     def __post_init__(self) -> None:
         if not self.methods:
             raise PruneConfigError("give at least one method")
         self.scorers()  # validate names and options before any model is loaded
+        if self.heal is not None:
+            get_heal_method(self.heal)
         for task in self.tasks:
             get_task(task)
         bad = [f for f in self.fractions if not 0 <= f < 1]
@@ -91,6 +97,11 @@ class StudyConfig:
 
     def modes(self) -> list[str]:
         return [ONESHOT, ITERATIVE] if self.iterative else [ONESHOT]
+
+    def cell_modes(self) -> list[str]:
+        """Modes of evaluated cells: every pruning mode, and with ``heal`` its healed twin."""
+        modes = self.modes()
+        return modes + [mode + HEALED for mode in modes] if self.heal else modes
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(to_json(asdict(self)))
@@ -238,8 +249,10 @@ class Study:
                 continue
             for scorer in self.config.scorers():
                 for mode in self.config.modes():
-                    selection = self.selections[f"{slug(scorer.spec)}__{mode}"]
-                    cells.append((scorer.spec, mode, fraction, selection.removed_for(n)))
+                    removed = self.selections[f"{slug(scorer.spec)}__{mode}"].removed_for(n)
+                    cells.append((scorer.spec, mode, fraction, removed))
+                    if self.config.heal:
+                        cells.append((scorer.spec, mode + HEALED, fraction, removed))
         return cells
 
     def evaluate_model(self, model: Any) -> dict[str, dict[str, float]]:
@@ -262,11 +275,16 @@ class Study:
         return metrics
 
     def run_cell(self, method: str, mode: str, fraction: float, removed: list[int]) -> Cell:
-        by_layers = {tuple(cell.removed): cell for cell in self.cells.values() if cell.reused_from is None}
+        healed = mode.endswith(HEALED)
+        by_layers = {
+            (tuple(cell.removed), cell.mode.endswith(HEALED)): cell
+            for cell in self.cells.values()
+            if cell.reused_from is None
+        }
         cell = Cell(method, mode, fraction, removed, {}, 0.0)
         if cell.key in self.cells:
             return self.cells[cell.key]
-        twin = by_layers.get(tuple(removed))
+        twin = by_layers.get((tuple(removed), healed))
         if twin is not None:
             cell.metrics, cell.reused_from = twin.metrics, twin.key
         else:
@@ -276,12 +294,28 @@ class Study:
             if removed:
                 model = copy.deepcopy(model)
                 remove_layers(model, removed)
+            if healed:
+                model = self.heal(model, removed)
             cell.metrics = self.evaluate_model(model)
             cell.seconds = round(time.perf_counter() - started, 3)
             del model
         atomic_write_json(self.out / "cells" / f"{cell.key}.json", asdict(cell))
         self.cells[cell.key] = cell
         return cell
+
+    def heal(self, model: Any, removed: list[int]) -> Any:
+        """Heal a pruned copy with the same budget for every method (``avss study --heal``)."""
+        config = self.config
+        result = heal_in_memory(
+            model,
+            self.loaded.tokenizer,
+            removed,
+            config.calibration_data.load(),
+            HealConfig(method=config.heal or "lora", steps=config.heal_steps, seed=config.seed),
+            teacher=self.loaded.model,
+            progress=self.progress,
+        )
+        return result.model
 
     # --- whole study ----------------------------------------------------------------------------------
 
@@ -391,7 +425,7 @@ class StudyResult:
         rows = []
         for method in self.config.methods:
             spec = get_scorer(method).spec
-            for mode in self.config.modes():
+            for mode in self.config.cell_modes():
                 cells = [Cell(spec, mode, 0.0, [], self.base.metrics, 0.0, reused_from="base")]
                 cells += [c for c in self.cells if c.method == spec and c.mode == mode]
                 for cell in cells:

@@ -44,6 +44,13 @@ def study_command(
         int | None, typer.Option(help="Window length of perplexity tasks (default: the task's)")
     ] = None,
     eval_batch_size: Annotated[int, typer.Option(min=1, help="Batch size of the evaluation")] = 16,
+    heal: Annotated[
+        str | None,
+        typer.Option(help="Also evaluate every pruned model healed by this method (lora, full, replace)"),
+    ] = None,
+    heal_steps: Annotated[
+        int, typer.Option(min=1, help="Optimizer steps per healed model (same budget for all)")
+    ] = 32,
     report_only: Annotated[
         bool, typer.Option("--report-only", help="Only write results of the cells finished so far")
     ] = False,
@@ -72,6 +79,8 @@ def study_command(
         eval_batch_size=eval_batch_size,
         data_dir=str(data_dir) if data_dir else None,
         seed=seed,
+        heal=heal,
+        heal_steps=heal_steps,
     )
     study = Study(config, out, log=lambda message: console.print(f"[dim]{message}[/]"))
     result = study.report() if report_only else study.run()
