@@ -12,8 +12,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from avss import __version__
 from avss.adapters import SITES
 from avss.checkpoint import Progress, StatisticsCheckpoint
@@ -21,6 +19,7 @@ from avss.collect import DEFAULT_THRESHOLDS
 from avss.data import TextSource, TokenBatches, tokenize_texts
 from avss.distributed import collect_distributed, context
 from avss.errors import OptionError
+from avss.evaluation.runner import package_versions
 from avss.io import atomic_write_json
 from avss.models import LoadedModel
 from avss.prune import PruneSpec, PruningRecord, remove_layers, save_pruned
@@ -148,12 +147,6 @@ def score(
 def command_line() -> str:
     """The running command as a shell line (``avss score ...`` from the CLI), so a result can be re-run."""
     return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
-
-
-def package_versions() -> dict[str, str]:
-    import transformers
-
-    return {"avss": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 @dataclass
