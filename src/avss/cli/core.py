@@ -30,6 +30,7 @@ from avss.cli.options import (
     TrustRemoteCode,
     Variance,
     calibration,
+    comma_list,
     text_source,
 )
 from avss.distributed import setup_distributed
@@ -183,7 +184,7 @@ def prune_command(
         fraction=fraction,
         n_layers=n_layers,
         tau=tau,
-        protect=tuple(p for p in protect.split(",") if p),
+        protect=comma_list(protect),
     ).check()
     heal_config = HealConfig(method=heal, steps=heal_steps) if heal else None
     check_output_dir(out, overwrite)

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from avss.cli._app import app, console, console_err
-from avss.cli.options import AllowPickle, Device, Dtype, ModelArg, TrustRemoteCode
+from avss.cli.options import AllowPickle, Device, Dtype, ModelArg, TrustRemoteCode, comma_list
 from avss.errors import DataError
 from avss.evaluation import TASKS, EvalResult, evaluate
 from avss.io import ensure_parent_writable
@@ -79,8 +79,8 @@ def eval_command(
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Evaluate a model on benchmark tasks (perplexity, TruthfulQA, SciQ, QA, WikiQA, sentiment)."""
-    names = [name.strip() for name in tasks.split(",") if name.strip()]
-    harness_names = [name.strip() for name in harness.split(",") if name.strip()]
+    names = list(comma_list(tasks))
+    harness_names = list(comma_list(harness))
     if out is not None:
         ensure_parent_writable(out)
     base = EvalResult.load(compare) if compare is not None else None

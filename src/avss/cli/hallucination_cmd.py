@@ -9,7 +9,18 @@ import typer
 from rich.table import Table
 
 from avss.cli._app import app, console
-from avss.cli.options import AllowPickle, Device, Dtype, ModelArg, Overwrite, Seed, Site, Threshold, Variance
+from avss.cli.options import (
+    AllowPickle,
+    Device,
+    Dtype,
+    ModelArg,
+    Overwrite,
+    Seed,
+    Site,
+    Threshold,
+    Variance,
+    comma_list,
+)
 from avss.hallucination.mitigate import MitigationOptions
 from avss.hallucination.scoring import EavssOptions
 from avss.hallucination.workflow import (
@@ -30,10 +41,6 @@ PairDataDir = Annotated[Path | None, typer.Option(help="Data directory laid out 
 Limit = Annotated[int | None, typer.Option(min=1, help="At most this many train-split questions per source")]
 Combine = Annotated[str, typer.Option(help="ratio (H/T) or diff (|H-T|)")]
 MaxLength = Annotated[int, typer.Option(min=8, help="Tokens per prompt + answer")]
-
-
-def split_names(text: str) -> tuple[str, ...]:
-    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 @app.command("hallucination")
@@ -58,7 +65,7 @@ def hallucination_command(
     check_output_dir(out, overwrite)
     loaded = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     options = EavssOptions(site, variance, threshold, combine, max_length, batch_size)
-    spec = PairSpec(split_names(pairs), str(data_dir) if data_dir else None, limit)
+    spec = PairSpec(comma_list(pairs), str(data_dir) if data_dir else None, limit)
     run = hallucination_scores(loaded, spec, options, out)
     table = Table(title=f"EAVSS per layer ({combine}, site={site}, threshold={threshold})")
     for column in ("layer", "HSAV~", "HSS~", "EAVSS~", "AVSS~", "rank"):
@@ -146,7 +153,7 @@ def mitigate_command(
         questions_per_batch=questions_per_batch,
         train=train_config,
     )
-    tasks = split_names(eval_tasks) if evaluate else ()
+    tasks = comma_list(eval_tasks) if evaluate else ()
     plan = MitigationPlan(
         layers=layers,
         k=k,
@@ -155,7 +162,7 @@ def mitigate_command(
         eval_tasks=tasks,
         eval_limits=dict.fromkeys(tasks, eval_limit),
     )
-    spec = PairSpec(split_names(pairs), str(data_dir) if data_dir else None, limit, val_limit)
+    spec = PairSpec(comma_list(pairs), str(data_dir) if data_dir else None, limit, val_limit)
     eavss = EavssOptions(site=site, threshold=threshold, combine=combine, max_length=max_length)
     record = mitigation_run(loaded, spec, plan, options, eavss, out, overwrite)
     trained = [round_["layers"] for round_ in record["rounds"]]

@@ -19,6 +19,7 @@ from avss.cli.options import (
     Out,
     Overwrite,
     Seed,
+    comma_list,
     text_source,
 )
 from avss.heal import HEAL_METHODS, HealConfig, HealResult, heal
@@ -89,7 +90,7 @@ def heal_command(
         validation_samples=validation_samples,
         rank=rank,
         alpha=alpha,
-        target_modules=tuple(t for t in target_modules.split(",") if t) if target_modules else None,
+        target_modules=comma_list(target_modules or "") or None,
         neighbours=neighbours,
         merge=merge,
         max_length=max_length,

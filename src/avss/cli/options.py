@@ -41,6 +41,11 @@ Variance = Annotated[str, typer.Option(help="elements (paper formula) or pooled 
 Threshold = Annotated[str, typer.Option(help="Near-zero rule: abs:EPS or rel:RHO")]
 
 
+def comma_list(text: str) -> tuple[str, ...]:
+    """The non-empty, stripped items of a comma-separated option value."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 def text_source(data: Path | None, dataset: str | None, data_dir: Path | None) -> TextSource:
     return TextSource(
         data=str(data) if data else None,

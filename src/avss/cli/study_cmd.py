@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from avss.cli._app import app, console
-from avss.cli.options import BatchSize, Data, DataDir, Dataset, MaxLength, ModelArg, Samples, Seed
+from avss.cli.options import BatchSize, Data, DataDir, Dataset, MaxLength, ModelArg, Samples, Seed, comma_list
 from avss.data import TextSource
 from avss.models import DEFAULT_MODEL
 from avss.pipeline import CalibrationOptions
@@ -63,7 +63,7 @@ def study_command(
     seed: Seed = 0,
 ) -> None:
     """Prune MODEL with every method at every fraction, evaluate, and write tables, plots and correlations."""
-    task_list = [task.strip() for task in tasks.split(",") if task.strip()]
+    task_list = list(comma_list(tasks))
     config = StudyConfig(
         model=model,
         methods=split_methods(methods),
