@@ -126,7 +126,9 @@ means "your input needs a change"; any other failure with a traceback is a bug w
 
 Interrupted runs: outputs are written to a temporary sibling and renamed into place, so a crash or `kill -9`
 leaves the previous result (or nothing), never a half-written file. `avss score --checkpoint-every N --out F`
-saves progress beside `F`; rerun the same command with `--resume` to continue where it stopped.
+saves progress to `F.checkpoint.json`, and `avss heal` and `avss mitigate` save every epoch in the folder
+`OUT.checkpoint` beside their `--out OUT`; rerun the same command with `--resume` to continue where it
+stopped. A finished run deletes its checkpoint.
 """
 
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import string
+from collections.abc import Iterator
+from typing import Any
 
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from avss.training import Checkpoint
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 PAD, BOS, EOS, UNK = range(4)
@@ -84,3 +90,25 @@ def random_batch(
             mask[row, length - 2 * row :] = 0
     input_ids[mask == 0] = PAD
     return {"input_ids": input_ids, "attention_mask": mask}
+
+
+class Killed(Exception):
+    """Stands for the process dying: raised by :func:`killed_after_first_checkpoint`."""
+
+
+@contextlib.contextmanager
+def killed_after_first_checkpoint() -> Iterator[None]:
+    """Training inside this block dies (raises :class:`Killed`) right after its first epoch checkpoint is
+    written, leaving on disk what a ``kill`` then would; the block expects and swallows the death."""
+    write = Checkpoint.save
+
+    def write_then_die(self: Checkpoint, *args: Any) -> None:
+        write(self, *args)
+        raise Killed
+
+    Checkpoint.save = write_then_die  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Killed):
+            yield
+    finally:
+        Checkpoint.save = write  # type: ignore[method-assign]

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from _tiny import random_batch, tiny_model, tiny_tokenizer
+from _tiny import killed_after_first_checkpoint, random_batch, tiny_model, tiny_tokenizer
 from avss.adapters import get_adapter
 from avss.cli._app import app
 from avss.data import TextSource, bundled_text, split_paragraphs
@@ -30,6 +30,7 @@ from avss.heal import (
     plan_replacements,
 )
 from avss.prune import PruningRecord, remove_layers, save_pruned
+from avss.training import CHECKPOINT_FILE
 
 REMOVED = [1, 2, 4]
 NUM_LAYERS = 6
@@ -211,6 +212,24 @@ def test_healed_directory_reloads_with_from_pretrained(method, tmp_path):
     assert record["data"]["kind"] == "file" and record["training"]["steps"] == 4
     assert (record["teacher_model"] is not None) == (method == "replace")
     assert not (tmp_path / "healed.checkpoint").exists()
+
+
+def test_killed_heal_resumes_from_the_checkpoint_beside_the_output(tmp_path):
+    pruned_dir = save_tiny_pruned(tmp_path)
+    data = tmp_path / "train.txt"
+    data.write_text("\n\n".join(TEXTS), encoding="utf-8")
+    source, out = TextSource(data=str(data)), tmp_path / "healed"
+    settings = dict(steps=4, patience=None)
+    straight = heal(pruned_dir, tmp_path / "straight", config("full", **settings), source, progress=False)
+    with killed_after_first_checkpoint():
+        heal(pruned_dir, out, config("full", **settings), source, progress=False)
+    assert (tmp_path / "healed.checkpoint" / CHECKPOINT_FILE).is_file() and not out.exists()
+    resumed = heal(pruned_dir, out, config("full", **settings, resume=True), source, progress=False)
+    assert resumed.record.training["resumed_from_epoch"] == 1
+    assert resumed.record.training["val_loss"] == straight.record.training["val_loss"]
+    batch = random_batch()
+    torch.testing.assert_close(logits(resumed.model, batch), logits(straight.model, batch))
+    assert not (tmp_path / "healed.checkpoint").exists(), "a finished run removes its checkpoint"
 
 
 def test_unmerged_lora_saves_an_adapter_for_the_pruned_directory(tmp_path):

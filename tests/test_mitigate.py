@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from _tiny import tiny_model
+from _tiny import killed_after_first_checkpoint, tiny_model
 from avss.evaluation import LanguageModel
 from avss.hallucination import load_pairs
 from avss.hallucination.batches import contrastive_batches
@@ -27,7 +27,7 @@ from avss.hallucination.mitigate import (
     mitigate,
     save_mitigated,
 )
-from avss.training import TrainConfig, train
+from avss.training import CHECKPOINT_FILE, TrainConfig, train
 from test_hallucination import data_dir  # noqa: F401  (fixture)
 
 
@@ -151,3 +151,38 @@ def test_cli_hallucination_and_mitigate(tokenizer, data_dir: Path, tmp_path: Pat
     assert 1 <= len(record["rounds"]) <= 2 and len(record["rounds"][0]["layers"]) == 2
     assert record["after"]["num_examples"]["truthfulqa_mc"] == 3 and "Before / after" in mitigated.output
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "m").config.num_hidden_layers == 4
+
+
+def test_killed_mitigate_resumes_from_the_checkpoint_beside_the_output(
+    tokenizer,
+    data_dir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    from typer.testing import CliRunner
+
+    from avss.cli import app
+
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama", num_layers=3).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    runner = CliRunner()
+    common = ["--data-dir", str(data_dir), "--device", "cpu", "--limit", "6", "--val-limit", "4"]
+    training = ["--layers", "1", "--epochs", "2", "--patience", "5", "--lr", "1e-2", "--max-length", "48"]
+
+    def mitigate_to(out: Path, *extra: str) -> None:
+        args = ["mitigate", str(model_dir), "--out", str(out), *common, *training, *extra]
+        result = runner.invoke(app, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+
+    def training_record(out: Path) -> dict:
+        return json.loads((out / "avss_mitigation.json").read_text())["rounds"][0]["mitigation"]["training"]
+
+    out = tmp_path / "m"
+    mitigate_to(tmp_path / "straight")
+    with killed_after_first_checkpoint():
+        mitigate_to(out)
+    assert (tmp_path / "m.checkpoint" / CHECKPOINT_FILE).is_file() and not out.exists()
+    mitigate_to(out, "--resume")
+    assert training_record(out)["resumed_from_epoch"] == 1
+    assert training_record(out)["val_loss"] == training_record(tmp_path / "straight")["val_loss"]
+    assert not (tmp_path / "m.checkpoint").exists(), "a finished run removes its checkpoint"

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from avss.errors import DataError
-from avss.report import collect, render_html, write_report
+from avss.report import collect, output_files, render_html, write_report
 
 LAYERS = [
     {
@@ -116,6 +116,9 @@ def runs(tmp_path: Path) -> tuple[Path, Path]:
     odd_layers = [{"layer": 0, "avss": 1.0}, {"layer": 1, "avss": None}]
     write_json(full / "odd" / "scores.json", {"layers": odd_layers})
     (full / ".scores.json.abc.tmp").write_text("partial")
+    write_json(full / "scores.json.checkpoint.json", {"format": "avss-statistics-checkpoint/1"})
+    (full / "healed.checkpoint").mkdir()
+    (full / "healed.checkpoint" / "checkpoint.pt").write_bytes(b"\0" * 64)
     red_bar_plot(full / "scores.png")
     write_json(other / "eval.json", evaluation(0.4, 25.0))
     return full, other
@@ -132,6 +135,9 @@ def test_collect_reads_every_kind_of_output(runs: tuple[Path, Path]) -> None:
     assert not any(section.source.name == ".scores.json.abc.tmp" for section in report.runs[0].sections)
     assert not any(section.source == runs[0] / "model" / "config.json" for section in report.runs[0].sections)
     assert any(section.source == runs[0] / "config.json" for section in report.runs[0].sections)
+    listed = {path.relative_to(runs[0]).as_posix() for path in output_files(runs[0])}
+    assert "scores.json" in listed
+    assert not any("checkpoint" in name for name in listed), "checkpoints of unfinished runs are not outputs"
 
     scores = next(s for s in report.runs[0].sections if s.title == "AVSS per layer")
     ranks = [row[-1] for row in scores.tables[0].rows]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from _tiny import tiny_model, tiny_tokenizer
-from avss.checkpoint import StatisticsCheckpoint, checkpoint_path
+from avss.checkpoint import StatisticsCheckpoint, checkpoint_file
 from avss.cli import main
 from avss.collect import StatisticsCollector
 from avss.errors import CheckpointError
@@ -145,13 +145,13 @@ def test_cli_score_resume_after_interrupt(
         args = ["score", str(tiny_dir), *CLI_FAST, "--out", str(out), "--checkpoint-every", "1"]
         assert avss(args, patched) != 0
     assert not out.exists()
-    assert json.loads(checkpoint_path(out).read_text())["batches_done"] == 3
+    assert json.loads(checkpoint_file(out).read_text())["batches_done"] == 3
 
     assert avss([*args, "--resume"], monkeypatch) == 0
     result, expected = json.loads(out.read_text()), json.loads(reference.read_text())
     assert result["resumed_at_batch"] == 3
     assert result["layers"] == expected["layers"]
-    assert not checkpoint_path(out).exists(), "a finished run removes its checkpoint"
+    assert not checkpoint_file(out).exists(), "a finished run removes its checkpoint"
 
 
 def test_cli_resume_needs_out(

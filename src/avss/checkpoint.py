@@ -25,10 +25,27 @@ from avss.stats import ActivationStats
 FORMAT = "avss-statistics-checkpoint/1"
 
 
-def checkpoint_path(out: str | Path) -> Path:
-    """Where a run writing ``out`` keeps its checkpoint: ``<out>.checkpoint.json`` beside it."""
+CHECKPOINT_SUFFIX = ".checkpoint"
+
+
+def checkpoint_dir(out: str | Path) -> Path:
+    """Where a training command writing ``out`` (``avss heal``, ``avss mitigate``) keeps its per-epoch
+    checkpoints: the folder ``<out>.checkpoint`` beside it, visible so a user sees what a rerun with
+    ``--resume`` will continue from."""
     out = Path(out)
-    return out.with_name(out.name + ".checkpoint.json")
+    return out.with_name(out.name + CHECKPOINT_SUFFIX)
+
+
+def checkpoint_file(out: str | Path) -> Path:
+    """Where a statistics pass writing ``out`` (``avss score``) keeps its checkpoint: the file
+    ``<out>.checkpoint.json`` beside it (the name of :func:`checkpoint_dir` as a JSON file)."""
+    out = Path(out)
+    return out.with_name(out.name + CHECKPOINT_SUFFIX + ".json")
+
+
+def is_checkpoint(name: str) -> bool:
+    """Whether a file or folder name is one of the checkpoints above, so listings of outputs can skip it."""
+    return name.endswith((CHECKPOINT_SUFFIX, CHECKPOINT_SUFFIX + ".json"))
 
 
 def canonical(fingerprint: dict[str, Any]) -> dict[str, Any]:
@@ -116,4 +133,4 @@ def checkpoint_for_output(out: str | Path | None, every: int, resume: bool) -> S
         return None
     if out is None:
         raise CheckpointError("--checkpoint-every and --resume need --out: the checkpoint is kept beside it")
-    return StatisticsCheckpoint(checkpoint_path(out), every=every, resume=resume)
+    return StatisticsCheckpoint(checkpoint_file(out), every=every, resume=resume)

@@ -35,6 +35,7 @@ from transformers.pytorch_utils import Conv1D
 
 from avss import __version__
 from avss.adapters import block_input, first_tensor, get_adapter
+from avss.checkpoint import checkpoint_dir
 from avss.data import TextSource, tokenize_texts
 from avss.errors import AvssError, DataError, PruneConfigError
 from avss.io import atomic_directory, check_output_dir, to_json
@@ -631,12 +632,6 @@ def save_healed(
     return Path(out)
 
 
-def default_checkpoint_dir(out: str | Path) -> Path:
-    """Per-epoch checkpoints live beside the output (``OUT.checkpoint``) until the healed model is saved."""
-    out = Path(out)
-    return out.with_name(out.name + ".checkpoint")
-
-
 def heal_loaded(
     loaded: LoadedModel,
     pruning: dict[str, Any],
@@ -660,8 +655,8 @@ def heal_loaded(
     source = source or TextSource()
     check_training_source(source)
     check_output_dir(out, overwrite)
-    checkpoint_dir = Path(config.checkpoint_dir or default_checkpoint_dir(out))
-    config = replace(config, checkpoint_dir=str(checkpoint_dir))
+    checkpoints = Path(config.checkpoint_dir or checkpoint_dir(out))
+    config = replace(config, checkpoint_dir=str(checkpoints))
     teacher_loaded = None
     if method.needs_teacher:
         device = str(next(loaded.model.parameters()).device)
@@ -684,7 +679,7 @@ def heal_loaded(
     )
     result.record.options = {"pruned_model": loaded.source, "versions": package_versions()}
     save_healed(result, loaded.tokenizer, out, base_dir=base_dir, overwrite=overwrite)
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    shutil.rmtree(checkpoints, ignore_errors=True)
     return result
 
 

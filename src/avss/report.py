@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from avss import __version__
+from avss.checkpoint import is_checkpoint
 from avss.errors import DataError
 from avss.io import atomic_directory, atomic_write_text
 
@@ -255,16 +256,13 @@ def percent(value: Any) -> str:
 
 
 def output_files(directory: Path) -> Iterator[Path]:
-    """Every file a report may use, skipping hidden/temporary files and the weights and config of models."""
+    """Every file a report may use, skipping hidden/temporary files, checkpoints of unfinished runs and the
+    weights and config of models."""
     for root, folders, files in os.walk(directory):
-        folders[:] = sorted(f for f in folders if not f.startswith("."))
+        folders[:] = sorted(f for f in folders if not f.startswith(".") and not is_checkpoint(f))
         is_model = any(name.endswith(".safetensors") for name in files)
         for name in sorted(files):
-            if (
-                name.startswith(".")
-                or name.endswith(".checkpoint.json")
-                or (is_model and name in MODEL_FILES)
-            ):
+            if name.startswith(".") or is_checkpoint(name) or (is_model and name in MODEL_FILES):
                 continue
             yield Path(root) / name
 

@@ -105,10 +105,13 @@ def score_command(
     trust_remote_code: TrustRemoteCode = False,
     allow_pickle: AllowPickle = False,
     checkpoint_every: Annotated[
-        int, typer.Option(min=0, help="Save the merged statistics every N batches beside --out (0: never)")
+        int,
+        typer.Option(
+            min=0, help="Every N batches, save the statistics beside --out as OUT.checkpoint.json (0: never)"
+        ),
     ] = 0,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from the checkpoint beside --out, if there is one")
+        bool, typer.Option("--resume", help="Continue from OUT.checkpoint.json beside --out, if there is one")
     ] = False,
 ) -> None:
     """Score every layer of MODEL with AVSS on calibration text."""

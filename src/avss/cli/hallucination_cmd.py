@@ -113,7 +113,9 @@ def mitigate_command(
         int, typer.Option(min=1, help="Epochs without validation improvement before stopping")
     ] = 1,
     rounds: Annotated[int, typer.Option(min=1, help="Score/train rounds while validation improves")] = 1,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last epoch checkpoint")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the last epoch checkpoint in OUT.checkpoint")
+    ] = False,
     evaluate: Annotated[
         bool, typer.Option("--eval", help="Before/after table on test-split questions")
     ] = False,
@@ -132,14 +134,12 @@ def mitigate_command(
     """Train only the chosen layers of MODEL with LM loss + lambda x contrastive loss, then save it."""
     check_output_dir(out, overwrite)
     loaded = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
-    checkpoints = out.parent / f".{out.name}.checkpoint"
     train_config = TrainConfig(
         epochs=epochs,
         lr=lr,
         grad_accum=grad_accum,
         patience=patience,
         seed=seed,
-        checkpoint_dir=str(checkpoints),
         resume=resume,
     )
     options = MitigationOptions(

@@ -4,13 +4,15 @@ rounds, evaluate on held-out questions and save, each step a library function; t
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from avss.adapters import get_adapter
+from avss.checkpoint import checkpoint_dir
 from avss.data import resolve_data_dir
 from avss.errors import DataError
 from avss.hallucination.batches import contrastive_batches
@@ -105,9 +107,15 @@ def mitigation_run(
     """Score, choose layers, train; repeat for ``plan.rounds`` while validation pair accuracy improves.
 
     Returns the record (also saved beside the model in ``out``). With ``plan.eval_tasks`` the base and the
-    mitigated model are evaluated on test-split questions.
+    mitigated model are evaluated on test-split questions. Per-epoch checkpoints go to
+    ``options.train.checkpoint_dir`` (default ``OUT.checkpoint``, removed once the model is saved), so an
+    interrupted run continues with ``options.train.resume``.
     """
     started = time.perf_counter()
+    checkpoints = None
+    if out is not None:
+        checkpoints = Path(options.train.checkpoint_dir or checkpoint_dir(out))
+        options = replace(options, train=replace(options.train, checkpoint_dir=str(checkpoints)))
     cache = out.parent / f".{out.name}.cache" if out is not None else None
     train_pairs = pairs.load(loaded, "train", cache)
     val_pairs = pairs.load(loaded, "validation", cache)
@@ -164,6 +172,7 @@ def mitigation_run(
     record["wall_time_s"] = round(time.perf_counter() - started, 3)
     if out is not None:
         save_mitigated(model, tokenizer, out, record, overwrite=overwrite)
+        shutil.rmtree(checkpoints, ignore_errors=True)
     return record
 
 
