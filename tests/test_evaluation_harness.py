@@ -1,84 +1,157 @@
 """Cross-check with lm-evaluation-harness (the optional ``harness`` extra): same items, same tiny model, same
-MC1/MC2. Skipped when ``lm_eval`` is not installed; runs offline through a local task YAML."""
+TruthfulQA MC1/MC2 and SciQ accuracies. Skipped when ``lm_eval`` is not installed; runs offline through local
+task YAMLs that include lm-eval's own task configs."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from _tiny_eval import FIXTURES, bpe_llama, bpe_tokenizer
-from avss.evaluation import evaluate
+from avss.data import default_data_dir, read_jsonl
+from avss.evaluation import TASKS, evaluate
+from avss.evaluation.engine import LanguageModel
 
 lm_eval = pytest.importorskip("lm_eval")
+BUILTIN_TASKS = Path(lm_eval.__file__).parent / "tasks"
+# The first 40 test items include two with an empty support (rows 35 and 37), whose prompt starts with "\n".
+SCIQ_ITEMS = 40
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """lm-eval and ``datasets`` may read only the local files the tests write."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _local_task(directory: Path, builtin: Path, name: str, split: str, rows: list[dict[str, Any]]) -> str:
+    """lm-eval's own task config ``builtin``, renamed ``name`` and pointed at ``rows`` (in the hub schema its
+    templates read) as the local JSON-lines split ``split`` ("validation" or "test"). The other splits are
+    switched off so nothing is looked for on the hub; prompt, choices, target and metrics stay lm-eval's."""
+    data = directory / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    splits = "".join(
+        f"{kind}_split: {kind if kind == split else 'null'}\n" for kind in ("training", "validation", "test")
+    )
+    (directory / f"{name}.yaml").write_text(
+        f"include: {builtin}\n"
+        f"task: {name}\n"
+        "tag: []\n"
+        "dataset_path: json\n"
+        "dataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    {split}: {data}\n" + splits
+    )
+    return name
 
 
 def _local_truthfulqa_tasks(directory: Path) -> list[str]:
     """lm-eval's own truthfulqa_mc1/mc2 configs, pointed at our fixture rows converted to the hub schema."""
-    source = FIXTURES / "truthfulqa" / "truthfulqa_mc.jsonl"
-    rows = [json.loads(line) for line in source.read_text().splitlines()]
-    data = directory / "truthfulqa_mc.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "question": row["question"],
-                    "mc1_targets": {"choices": row["choices"], "labels": row["mc1_labels"]},
-                    "mc2_targets": {"choices": row["mc2_choices"], "labels": row["mc2_labels"]},
-                }
-            )
-            + "\n"
-            for row in rows
+    rows = [
+        {
+            "question": row["question"],
+            "mc1_targets": {"choices": row["choices"], "labels": row["mc1_labels"]},
+            "mc2_targets": {"choices": row["mc2_choices"], "labels": row["mc2_labels"]},
+        }
+        for row in read_jsonl(FIXTURES / "truthfulqa" / "truthfulqa_mc.jsonl")
+    ]
+    return [
+        _local_task(
+            directory,
+            BUILTIN_TASKS / "truthfulqa" / f"truthfulqa_{metric}.yaml",
+            f"avss_truthfulqa_{metric}",
+            "validation",
+            rows,
         )
-    )
-    builtin = Path(lm_eval.__file__).parent / "tasks" / "truthfulqa"
-    names = []
-    for metric in ("mc1", "mc2"):
-        name = f"avss_truthfulqa_{metric}"
-        (directory / f"{name}.yaml").write_text(
-            f"include: {builtin / f'truthfulqa_{metric}.yaml'}\n"
-            f"task: {name}\n"
-            "tag: []\n"
-            "dataset_path: json\n"
-            "dataset_name: null\n"
-            f"dataset_kwargs:\n  data_files:\n    validation: {data}\n"
-        )
-        names.append(name)
-    return names
+        for metric in ("mc1", "mc2")
+    ]
 
 
-@pytest.mark.slow
-def test_truthfulqa_mc_matches_lm_eval(tmp_path, monkeypatch):
+def _sciq_hub_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Our SciQ row back in the ``allenai/sciq`` schema. The shared file inserted the correct answer at
+    ``label`` among the distractors kept in order (../shared/data/README.md), so removing it restores them."""
+    distractors = [choice for index, choice in enumerate(row["choices"]) if index != row["label"]]
+    return {
+        "question": row["question"],
+        "distractor1": distractors[0],
+        "distractor2": distractors[1],
+        "distractor3": distractors[2],
+        "correct_answer": row["choices"][row["label"]],
+        "support": row["support"],
+    }
+
+
+def _harness_run(model: Any, tokenizer: Any, directory: Path, names: list[str]) -> dict[str, Any]:
+    """lm-eval's output (results and per-document samples) for the local tasks in ``directory``, scored on the
+    same in-memory model."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # The tokenizer prepends <s>, and avss keeps it; tell lm-eval to keep it too.
+    harness = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, add_bos_token=True)
+    manager = TaskManager(include_path=str(directory))
+    return simple_evaluate(model=harness, tasks=names, task_manager=manager, log_samples=True)
+
+
+@pytest.mark.slow
+def test_truthfulqa_mc_matches_lm_eval(tmp_path, offline):
     model, tokenizer = bpe_llama(), bpe_tokenizer()
     ours = evaluate(model, tokenizer, ["truthfulqa_mc"], data_dir=FIXTURES).tasks["truthfulqa_mc"].metrics
 
     names = _local_truthfulqa_tasks(tmp_path)
-    # The tokenizer prepends <s>, and avss keeps it; tell lm-eval to keep it too.
-    harness = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, add_bos_token=True)
-    manager = TaskManager(include_path=str(tmp_path))
-    theirs = simple_evaluate(model=harness, tasks=names, task_manager=manager)["results"]
+    theirs = _harness_run(model, tokenizer, tmp_path, names)["results"]
     print("avss", ours, "lm-eval", {name: theirs[name]["acc,none"] for name in names})
     assert ours["mc1"] == pytest.approx(theirs[names[0]]["acc,none"], abs=1e-4)
     assert ours["mc2"] == pytest.approx(theirs[names[1]]["acc,none"], abs=1e-4)
 
 
 @pytest.mark.slow
-def test_pruned_directory_evaluates_with_lm_eval_hf_model(tmp_path, monkeypatch):
+def test_sciq_matches_lm_eval(tmp_path, offline):
+    """On the first shared SciQ test items, our ``sciq`` accuracies equal those of lm-eval's ``sciq`` task.
+
+    A random tiny model rarely changes its argmax when the prompt changes, so every option's log-likelihood is
+    compared too: that is what pins prompt, tokenization and truncation (most supports exceed the model's 256
+    positions) to lm-eval's."""
+    shared = default_data_dir()
+    if shared is None or not (shared / "sciq" / "sciq_test.jsonl").is_file():
+        pytest.skip("no SciQ data: ../shared/data/sciq/sciq_test.jsonl (or $AVSS_DATA_DIR/sciq) is absent")
+    rows = read_jsonl(shared / "sciq" / "sciq_test.jsonl")[:SCIQ_ITEMS]
+    ours_dir = tmp_path / "data"
+    (ours_dir / "sciq").mkdir(parents=True)
+    (ours_dir / "sciq" / "sciq_test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    model, tokenizer = bpe_llama(), bpe_tokenizer()
+    ours = evaluate(model, tokenizer, ["sciq"], data_dir=ours_dir).tasks["sciq"].metrics
+    task, lm = TASKS["sciq"](), LanguageModel(model, tokenizer)
+    our_logprobs = [[result.logprob for result in lm.loglikelihood(task.requests(row, []))] for row in rows]
+
+    hub_rows = [_sciq_hub_row(row) for row in rows]
+    name = _local_task(tmp_path, BUILTIN_TASKS / "sciq" / "sciq.yaml", "avss_sciq", "test", hub_rows)
+    run = _harness_run(model, tokenizer, tmp_path, [name])
+    theirs = run["results"][name]
+    print("avss", ours, "lm-eval", {key: theirs[key] for key in ("acc,none", "acc_norm,none")})
+    for sample in run["samples"][name]:
+        row = rows[sample["doc_id"]]
+        # lm-eval's options are [distractor1, distractor2, distractor3, correct_answer].
+        hub_order = [i for i in range(len(row["choices"])) if i != row["label"]] + [row["label"]]
+        mine = [our_logprobs[sample["doc_id"]][i] for i in hub_order]
+        assert mine == pytest.approx([logprob for logprob, _ in sample["filtered_resps"]], abs=1e-4)
+    assert len(run["samples"][name]) == len(rows)
+    assert ours["accuracy"] == pytest.approx(theirs["acc,none"], abs=1e-4)
+    assert ours["accuracy_norm"] == pytest.approx(theirs["acc_norm,none"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_pruned_directory_evaluates_with_lm_eval_hf_model(tmp_path, offline):
     """A folder written by avss prune is a plain HF model for ``lm_eval --model hf``."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     from avss.prune import PruningRecord, remove_layers, save_pruned
 
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, tokenizer = bpe_llama(), bpe_tokenizer()
     kept = remove_layers(model, [0])
     record = PruningRecord({"name": "tiny"}, [0], kept, len(kept) + 1, "avss", {"rule": "count"})
@@ -98,10 +171,8 @@ def test_pruned_directory_evaluates_with_lm_eval_hf_model(tmp_path, monkeypatch)
 
 
 @pytest.mark.slow
-def test_evaluate_runs_harness_tasks_on_the_in_memory_model(tmp_path, monkeypatch):
+def test_evaluate_runs_harness_tasks_on_the_in_memory_model(tmp_path, offline):
     """``evaluate(..., harness=[...])`` (``avss eval --harness``) scores the same model through HFLM."""
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, tokenizer = bpe_llama(), bpe_tokenizer()
     names = _local_truthfulqa_tasks(tmp_path)
     result = evaluate(
