@@ -43,7 +43,9 @@ def test_block_statistics_match_output_hidden_states(model_type):
     mask = batch["attention_mask"].bool()
     for layer in range(2):  # the last entry of hidden_states may have the final norm applied
         values = states[layer + 1][mask].double()
-        assert stats.sites["block"].mean[layer].item() == pytest.approx(values.mean().item(), rel=1e-9)
+        assert stats.sites["block"].mean[layer].item() == pytest.approx(
+            values.mean().item(), rel=1e-6, abs=1e-8
+        )
         var = stats.sites["block"].variance_elements[layer].item()
         assert var == pytest.approx(values.var(unbiased=False).item(), rel=1e-6)
         cos = torch.nn.functional.cosine_similarity(states[layer][mask], states[layer + 1][mask], dim=-1)

@@ -31,13 +31,13 @@ def test_sparsity_floor_for_layers_without_near_zero_values():
 def test_score_layers_from_statistics_matches_manual_computation():
     thresholds = (Threshold("abs", 0.5),)
     stats = ActivationStats.empty(2, ("block",), thresholds)
-    layer0 = torch.tensor([[0.0, 1.0], [2.0, 3.0]])  # var 1.25, sparsity 1/4
-    layer1 = torch.tensor([[0.0, 0.1], [4.0, -4.0]])  # var 8.0025..., sparsity 2/4
+    layer0 = torch.tensor([[0.0, 1.0], [2.0, 3.0]], dtype=torch.float64)  # var 1.25, sparsity 1/4
+    layer1 = torch.tensor([[0.0, 0.1], [4.0, -4.0]], dtype=torch.float64)  # var 8.0025..., sparsity 2/4
     mask = torch.ones(1, 2, dtype=torch.bool)
     for layer, tokens in enumerate((layer0, layer1)):
         stats.sites["block"].update(layer, tokens, tokens.unsqueeze(0), mask)
     scores = score_layers(stats, "block", "elements", "abs:0.5")
-    v = torch.tensor([layer0.var(unbiased=False), layer1.double().var(unbiased=False)], dtype=torch.float64)
+    v = torch.stack([layer0.var(unbiased=False), layer1.var(unbiased=False)])
     s = torch.tensor([0.25, 0.5], dtype=torch.float64)
     expected = (v / v.sum()) / (s / s.sum())
     assert scores.avss.tolist() == pytest.approx(expected.tolist(), rel=1e-12)

@@ -119,7 +119,8 @@ def test_state_dict_round_trip_is_exact():
 
 def test_fused_site_reduction_equals_numpy_on_the_real_tokens():
     """One fused pass over (B, T, D) with a mask equals numpy on the gathered real tokens, even with a large
-    offset (the within-token plus between-token M2 avoids sum-of-squares cancellation)."""
+    offset (two-pass per-token moments and the within-token plus between-token M2 avoid sum-of-squares
+    cancellation). Per-token reductions run in float32, so agreement is to float32 rounding."""
     generator = torch.Generator().manual_seed(3)
     hidden = torch.randn(3, 7, 16, generator=generator) * 0.5 + 1e3
     hidden[0, 0, :4] = 0.0
@@ -131,7 +132,7 @@ def test_fused_site_reduction_equals_numpy_on_the_real_tokens():
     batch, norms = reduce_site(hidden, mask, thresholds)
     tokens = hidden[mask].double().numpy()
     assert batch.count.item() == tokens.size
-    assert batch.mean.item() == pytest.approx(tokens.mean(), rel=1e-12)
+    assert batch.mean.item() == pytest.approx(tokens.mean(), rel=1e-7)
     assert (batch.m2 / batch.count).item() == pytest.approx(tokens.var(), rel=1e-6)
     rms = np.sqrt((tokens**2).mean(axis=1, keepdims=True))
     expected = [(np.abs(tokens) < 1e-5).sum(), (np.abs(tokens) < 0.9995 * rms).sum()]

@@ -86,6 +86,10 @@ def near_zero_counts(
     ``tokens`` is (..., D); ``mask`` (...) selects tokens (all when None) and ``norms`` (...) may pass their
     precomputed L2 norms. Unselected tokens get a limit of -1, which no magnitude is below, so padding is
     excluded without gathering the real tokens (a boolean gather would force a host sync on GPU).
+
+    Each threshold is one broadcast comparison of the magnitudes against a per-token limit, counted with
+    ``count_nonzero``: comparing against all K limits at once would materialize a (..., D, K) boolean
+    tensor, which on CPU costs several times the whole reduction.
     """
     if not thresholds:
         return torch.zeros(0, dtype=ACCUMULATOR_DTYPE, device=tokens.device)
@@ -94,18 +98,17 @@ def near_zero_counts(
         norms = torch.linalg.vector_norm(tokens.float(), dim=-1)
     rms_scale = 1.0 / math.sqrt(tokens.shape[-1])
     limit_dtype = torch.promote_types(magnitude.dtype, torch.float32)  # bf16 would round the thresholds
-    per_token = []
+    counts = []
     for threshold in thresholds:
         if threshold.kind == "abs":
-            per_token.append(torch.full_like(magnitude[..., 0], threshold.value, dtype=limit_dtype))
+            limit = torch.full_like(magnitude[..., 0], threshold.value, dtype=limit_dtype)
         else:
             assert norms is not None
-            per_token.append((norms * (threshold.value * rms_scale)).to(limit_dtype))
-    limits = torch.stack(per_token, dim=-1)  # (..., K): one broadcast comparison serves every threshold
-    if mask is not None:
-        limits = torch.where(mask.unsqueeze(-1), limits, -1.0)
-    below = magnitude.unsqueeze(-1) < limits.unsqueeze(-2)  # (..., D, K)
-    return below.reshape(-1, len(thresholds)).sum(dim=0).to(ACCUMULATOR_DTYPE)
+            limit = (norms * (threshold.value * rms_scale)).to(limit_dtype)
+        if mask is not None:
+            limit = torch.where(mask, limit, -1.0)
+        counts.append(torch.count_nonzero(magnitude < limit.unsqueeze(-1)))
+    return torch.stack(counts).to(ACCUMULATOR_DTYPE)
 
 
 def pooled_variance_sum(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,21 +132,25 @@ def token_moments(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused (count, mean, M2) of the elements of the selected tokens, plus every token's L2 norm.
 
-    Two row reductions accumulate in float64 (sum and L2 norm; exact for float32 and bfloat16 inputs up to
-    float64 rounding, and PyTorch casts while it reduces instead of materializing a float64 copy where the
-    backend can); everything after works on (B, T) per-token values. Tokens are combined with Chan's formula
-    (within-token M2 plus the spread of token means), which avoids the cancellation of a global
-    sum-of-squares formula. Returns float64 scalars and (B, T) norms.
+    Each token's own moments come from the textbook two-pass formula over its D channels (sum, then the norm
+    of the deviations from the token's mean) in at least float32: three row reductions that stay in the
+    activations' cache-friendly precision, with no cancellation however large the token's mean is.
+    Everything after works on (B, T) per-token values in float64: tokens are combined with Chan's formula
+    (within-token M2 plus the spread of token means), and each token's L2 norm follows exactly from its
+    moments (|x|^2 = M2 + D mean^2, a sum of non-negative terms) instead of another pass. Reducing in float64
+    directly would cost about three times as much on CPU, for accuracy float32 already gives over D values.
+    Returns float64 scalars and (B, T) float64 norms.
     """
     width = hidden.shape[-1]
-    sums = torch.where(mask, hidden.sum(dim=-1, dtype=ACCUMULATOR_DTYPE), 0.0)
-    norms = torch.where(mask, torch.linalg.vector_norm(hidden, dim=-1, dtype=ACCUMULATOR_DTYPE), 0.0)
-    squares = norms.square()
+    values = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
+    row_means = values.mean(dim=-1, keepdim=True)
+    row_m2 = torch.linalg.vector_norm(values - row_means, dim=-1).to(ACCUMULATOR_DTYPE).square()
+    token_means = torch.where(mask, row_means.squeeze(-1).to(ACCUMULATOR_DTYPE), 0.0)
+    within = torch.where(mask, row_m2, 0.0)
     count = mask.sum(dtype=ACCUMULATOR_DTYPE) * width
-    mean = sums.sum() / count.clamp_min(1)
-    token_means = sums / width
-    within = (squares - sums * token_means).clamp_min(0.0)
+    mean = token_means.sum() * width / count.clamp_min(1)
     between = torch.where(mask, (token_means - mean).square(), 0.0) * width
+    norms = (within + width * token_means.square()).sqrt()
     return count, mean, (within + between).sum(), norms
 
 
