@@ -1,10 +1,11 @@
 """Tasks and their registry.
 
 A task is a small dataclass: its fields are its options (``num_fewshot``, ``stride``, ...), ``load`` reads
-its documents from the data directory, and ``run`` turns documents into metrics through a
-:class:`LanguageModel`. Two families cover most tasks: :class:`MultipleChoiceTask` (score fixed continuations,
-compare log-likelihoods) and :class:`GenerationTask` (greedy answer, compare strings). Tasks register
-themselves by name, and ``avss eval --tasks`` only looks names up, as in lm-evaluation-harness.
+its documents from the data directory (or, when its file is missing there, from the hub dataset it declares in
+``hub``), and ``run`` turns documents into metrics through a :class:`LanguageModel`. Two families cover most
+tasks: :class:`MultipleChoiceTask` (score fixed continuations, compare log-likelihoods) and
+:class:`GenerationTask` (greedy answer, compare strings). Tasks register themselves by name, and
+``avss eval --tasks`` only looks names up, as in lm-evaluation-harness.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from typing import Any, ClassVar, TypeVar
 from avss.data import DATA_DIR_ENV, file_sha256, read_jsonl
 from avss.errors import DataError
 from avss.evaluation.engine import LanguageModel, Loglikelihood, LoglikelihoodRequest
+from avss.evaluation.hub import Doc, HubData, HubSource, HubUnavailableError
 
-Doc = dict[str, Any]
+# Where a task's documents come from: "auto" (the data directory, else the hub), "local" or "hub" only.
+DATA_SOURCES = ("auto", "local", "hub")
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -52,10 +55,23 @@ class DataFile:
 
     path: str
     sha256: str
+    source: str = "local"
 
     @classmethod
     def of(cls, path: Path) -> DataFile:
         return cls(str(path), file_sha256(path))
+
+    @property
+    def digest(self) -> str:
+        return self.sha256
+
+
+DataRecord = DataFile | HubData
+
+
+def data_record(item: dict[str, Any]) -> DataRecord:
+    """A provenance entry read back from a results file (files written before hub support are local)."""
+    return HubData(**item) if item.get("source") == "hub" else DataFile(**item)
 
 
 @dataclass
@@ -65,39 +81,80 @@ class Task(ABC):
     name: ClassVar[str]
     # Relative path of each split's file inside the data directory; the first split is the default.
     files: ClassVar[dict[str, str]] = {}
+    # The same benchmark on the Hugging Face hub, read when the file is missing (see avss.evaluation.hub).
+    hub: ClassVar[HubSource | None] = None
     required_fields: ClassVar[tuple[str, ...]] = ()
     # Whether the task scores text with a language-modelling head (all but the encoder probes).
     needs_causal_lm: ClassVar[bool] = True
 
-    def data_path(self, data_dir: Path | None, split: str | None = None) -> Path:
-        """The file for ``split`` under ``data_dir``, or a :class:`DataError` saying where it looked."""
-        split = split or next(iter(self.files))
+    def split_name(self) -> str:
+        """The split to read: the ``split`` option of tasks that have one, else the first (only) split."""
+        split = getattr(self, "split", None) or next(iter(self.files))
         if split not in self.files:
             raise DataError(f"task {self.name} has no split {split!r}; choose one of {', '.join(self.files)}")
-        relative = self.files[split]
-        hint = f"pass --data-dir DIR (a directory holding {relative}) or set {DATA_DIR_ENV}"
-        if data_dir is None:
-            raise DataError(
-                f"task {self.name} needs {relative}, but no data directory was found "
-                f"(looked for $AVSS_DATA_DIR and ../shared/data); {hint}"
-            )
-        path = data_dir / relative
-        if not path.is_file():
-            raise DataError(f"task {self.name} needs {path}, which does not exist; {hint}")
-        return path
+        return split
 
-    def load(self, data_dir: Path | None) -> tuple[list[Doc], list[DataFile]]:
-        """All documents of the task (before ``limit``) and the files they came from."""
-        path = self.data_path(data_dir, getattr(self, "split", None))
-        return self.read_docs(path), [DataFile.of(path)]
+    def load(self, data_dir: Path | None, source: str = "auto") -> tuple[list[Doc], list[DataRecord]]:
+        """All documents of the task (before ``limit``) and where they came from.
+
+        ``auto`` reads the task's file in ``data_dir`` and, only when that file is missing, the hub dataset
+        the task declares; ``local`` and ``hub`` read one of the two. When nothing can be read, the
+        :class:`DataError` names the file it looked for, the hub dataset it tried and why each failed.
+        """
+        if source not in DATA_SOURCES:
+            raise DataError(f"--data-source must be one of {', '.join(DATA_SOURCES)}, not {source!r}")
+        split = self.split_name()
+        path = data_dir / self.files[split] if data_dir is not None else None
+        if source != "hub" and path is not None and path.is_file():
+            return self.read_docs(path), [DataFile.of(path)]
+        hub_problem = None
+        if source != "local" and self.hub is not None:
+            try:
+                docs, record = self.hub.load(split)
+            except HubUnavailableError as exc:
+                hub_problem = str(exc)
+            else:
+                return self.documents(docs, f"hub dataset {record.spec}"), [record]
+        raise DataError(self._missing(split, path, source, hub_problem))
+
+    def _missing(self, split: str, path: Path | None, source: str, hub_problem: str | None) -> str:
+        relative = self.files[split]
+        if source == "hub":
+            local = "the data directory was not read (--data-source hub)"
+        elif path is None:
+            local = f"no data directory was found (looked for ${DATA_DIR_ENV} and ../shared/data)"
+        else:
+            local = f"{path} does not exist"
+        local_fix = f"pass --data-dir DIR (a directory holding {relative}) or set {DATA_DIR_ENV}"
+        if self.hub is None:
+            hub, fix = "it has no hub dataset", local_fix
+        elif source == "local":
+            hub = f"hub dataset {self.hub.spec(split)} was not tried (--data-source local)"
+            fix = f"{local_fix}, or use --data-source auto to fall back to the hub dataset"
+        else:
+            hub = f"hub dataset {self.hub.spec(split)} was not read: {hub_problem}"
+            fix = (
+                f"resolve the hub problem, or use --data-source auto and {local_fix}"
+                if source == "hub"
+                else f"{local_fix}, or resolve the hub problem"
+            )
+        return f"task {self.name} needs {relative}: {local}; {hub}. To provide it, {fix}"
 
     def read_docs(self, path: Path) -> list[Doc]:
-        """Rows of a JSON-lines file, checked for the fields the task uses."""
-        rows = read_jsonl(path)
+        """The documents of a JSON-lines file in the data directory."""
+        return self.documents(read_jsonl(path), str(path))
+
+    def documents(self, rows: list[Doc], origin: str) -> list[Doc]:
+        """Normalized rows, from a file or a hub converter, checked for the fields the task uses.
+
+        Both sources pass through here, so a subclass that drops rows (WikiQA) drops the same ones from each.
+        """
         for number, row in enumerate(rows, start=1):
             missing = [name for name in self.required_fields if name not in row]
             if missing:
-                raise DataError(f"{path}: row {number} ({row.get('id', 'no id')}) lacks {', '.join(missing)}")
+                raise DataError(
+                    f"{origin}: row {number} ({row.get('id', 'no id')}) lacks {', '.join(missing)}"
+                )
         return rows
 
     def select(self, pool: list[Doc], limit: int | None, seed: int) -> list[Doc]:

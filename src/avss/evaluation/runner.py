@@ -24,7 +24,7 @@ import torch
 
 from avss.data import resolve_data_dir
 from avss.errors import DataError, UnsupportedArchitectureError
-from avss.evaluation.base import TASKS, DataFile, Task, get_task
+from avss.evaluation.base import TASKS, DataRecord, Task, data_record, get_task
 from avss.evaluation.engine import LanguageModel, Progress, is_causal_lm
 from avss.evaluation.harness import run_harness
 from avss.evaluation.metrics import retained
@@ -41,7 +41,7 @@ class TaskResult:
     metrics: dict[str, float]
     num_examples: int
     config: dict[str, Any]
-    data: list[DataFile]
+    data: list[DataRecord]
     seconds: float
 
 
@@ -77,7 +77,7 @@ class EvalResult:
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
             tasks = {
-                name: TaskResult(**{**task, "data": [DataFile(**item) for item in task["data"]]})
+                name: TaskResult(**{**task, "data": [data_record(item) for item in task["data"]]})
                 for name, task in raw.pop("tasks").items()
             }
             return cls(tasks=tasks, **raw)
@@ -110,6 +110,7 @@ def evaluate(
     limit: int | None = None,
     batch_size: int = 16,
     data_dir: str | Path | None = None,
+    data_source: str = "auto",
     seed: int = 0,
     model_info: Mapping[str, Any] | None = None,
     progress: Callable[[str], Progress] | None = None,
@@ -123,7 +124,9 @@ def evaluate(
     ``task_options`` go to every task that declares them (``max_length``/``stride`` for perplexity tasks,
     ``num_fewshot``, ``split``, ``method``, ...). ``progress(task_name)`` may return a per-task progress sink.
     ``harness`` names lm-evaluation-harness tasks to run on the same model (results named ``harness:TASK``;
-    ``harness_include`` adds a directory of task YAMLs, e.g. for offline data).
+    ``harness_include`` adds a directory of task YAMLs, e.g. for offline data). ``data_source`` is ``auto``
+    (each task's file in the data directory, else its Hugging Face dataset), ``local`` or ``hub``; every task
+    result records the file hashes or the hub dataset, revision and fingerprint it read.
     """
     if limit is not None and limit < 1:
         raise DataError("--limit must be a positive number of examples")
@@ -140,7 +143,7 @@ def evaluate(
                 f"has no LM head; encoder models support {', '.join(encoder_tasks)}"
             )
     # Load every task's data before spending minutes on the model, so a missing file fails at once.
-    loaded = {name: task.load(directory) for name, task in instances.items()}
+    loaded = {name: task.load(directory, data_source) for name, task in instances.items()}
 
     was_training = model.training
     model.eval()
@@ -183,6 +186,7 @@ def evaluate(
             "batch_size": batch_size,
             "seed": seed,
             "data_dir": str(directory) if directory else None,
+            "data_source": data_source,
             **task_options,
         },
         versions=package_versions(),

@@ -55,7 +55,7 @@ def evaluate_heldout(
             task_started = time.perf_counter()
             metrics[name] = task.run(lm, docs, pool, seed)
             counts[name] = len(docs)
-            files[name] = [f.sha256 for f in data_files]
+            files[name] = [f.digest for f in data_files]
             seconds[name] = round(time.perf_counter() - task_started, 3)
     finally:
         model.train(was_training)

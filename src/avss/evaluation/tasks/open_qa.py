@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from avss.evaluation.base import Doc, GenerationTask, register_task
+from avss.evaluation.hub import HubSource, Row, per_row
 from avss.evaluation.metrics import exact_match, token_f1
 
 
@@ -37,10 +38,27 @@ class OpenQATask(GenerationTask):
         }
 
 
+def nq_open_row(row: Row, ref: str) -> Doc:
+    """A ``google-research-datasets/nq_open`` row: ``question`` and the ``answer`` list."""
+    return {"id": f"nq_{ref}", "question": row["question"], "answers": list(row["answer"])}
+
+
+def triviaqa_row(row: Row, ref: str) -> Doc:
+    """A ``mandarjoshi/trivia_qa`` row: ``answer.value`` is the canonical answer; the accepted answers are
+    ``answer.aliases`` in order without repeats (plus the value, should it be missing), as in the shared file.
+    """
+    answer = row["answer"]
+    aliases = list(dict.fromkeys([*answer["aliases"], answer["value"]]))
+    return {"id": f"tqa_{ref}", "question": row["question"], "answer": answer["value"], "answers": aliases}
+
+
 @register_task("nq_open")
 @dataclass
 class NaturalQuestionsOpen(OpenQATask):
     files: ClassVar[dict[str, str]] = {"dev": "nq_open/nq_open_dev.jsonl"}
+    hub = HubSource(
+        "google-research-datasets/nq_open", "nq_open", {"dev": "validation"}, per_row(nq_open_row)
+    )
     template = "Q: {question}?\nA:"
 
 
@@ -48,4 +66,6 @@ class NaturalQuestionsOpen(OpenQATask):
 @dataclass
 class TriviaQA(OpenQATask):
     files: ClassVar[dict[str, str]] = {"dev": "triviaqa/triviaqa_dev.jsonl"}
+    # The full rc.nocontext validation split (17,944 questions); the shared file is a 3,000-question sample.
+    hub = HubSource("mandarjoshi/trivia_qa", "rc.nocontext", {"dev": "validation"}, per_row(triviaqa_row))
     template = "Question: {question}?\nAnswer:"

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import ClassVar
 
 from avss.data import bundled_text, read_text_file, split_paragraphs
-from avss.evaluation.base import DataFile, Doc, Task, register_task
+from avss.evaluation.base import DataFile, DataRecord, Doc, Task, register_task
 from avss.evaluation.engine import LanguageModel
+from avss.evaluation.hub import HubSource, Row, per_row
 
 
 @dataclass
@@ -27,6 +28,12 @@ class PerplexityTask(Task):
         return {"perplexity": nll.perplexity}
 
 
+def wikitext_row(row: Row, ref: str) -> Doc:
+    """A ``Salesforce/wikitext`` row is one line with its newline kept (``" = Robert Boulter = \\n"``); the
+    shared file holds the same lines without it. Blank rows are dropped by :meth:`WikiText2.documents`."""
+    return {"text": row["text"].removesuffix("\n")}
+
+
 @register_task("wikitext2")
 @dataclass
 class WikiText2(PerplexityTask):
@@ -34,10 +41,15 @@ class WikiText2(PerplexityTask):
     (``"\\n\\n".join(dataset["text"])``; the shared file already dropped the blank rows)."""
 
     files: ClassVar[dict[str, str]] = {"test": "wikitext2/wiki.test.raw"}
+    hub = HubSource("Salesforce/wikitext", "wikitext-2-raw-v1", {"test": "test"}, per_row(wikitext_row))
+    required_fields = ("text",)
 
     def read_docs(self, path: Path) -> list[Doc]:
         lines = path.read_text(encoding="utf-8").splitlines()
-        return [{"text": line} for line in lines if line.strip()]
+        return self.documents([{"text": line} for line in lines], str(path))
+
+    def documents(self, rows: list[Doc], origin: str) -> list[Doc]:
+        return [row for row in super().documents(rows, origin) if row["text"].strip()]
 
 
 @register_task("perplexity")
@@ -47,7 +59,8 @@ class TextPerplexity(PerplexityTask):
 
     data: str | None = None
 
-    def load(self, data_dir: Path | None) -> tuple[list[Doc], list[DataFile]]:
+    def load(self, data_dir: Path | None, source: str = "auto") -> tuple[list[Doc], list[DataRecord]]:
+        """``--data`` or the bundled corpus; neither the data directory nor the hub is involved."""
         if self.data is not None:
             return [{"text": text} for text in read_text_file(self.data)], [DataFile.of(Path(self.data))]
         text = bundled_text("evaluation")

@@ -13,6 +13,7 @@ from sklearn.preprocessing import StandardScaler
 from avss.errors import DataError
 from avss.evaluation.base import Doc, MultipleChoiceTask, register_task
 from avss.evaluation.engine import LanguageModel, Loglikelihood, LoglikelihoodRequest, is_causal_lm
+from avss.evaluation.hub import HubSource, Row, per_row
 from avss.evaluation.metrics import accuracy, argmax
 
 METHODS = ("auto", "prompt", "probe")
@@ -77,13 +78,29 @@ class SentimentTask(MultipleChoiceTask):
         return accuracy(classifier.predict(features[test]).tolist(), [labels[i] for i in test])
 
 
+def sst2_row(row: Row, ref: str) -> Doc:
+    """A ``stanfordnlp/sst2`` row (``idx``, ``sentence``, ``label`` 0/1). GLUE's sentences are lowercased and
+    end with a space; the space is stripped, the case cannot be restored (the shared file keeps the original
+    case)."""
+    return {"id": f"sst2_{ref}", "text": row["sentence"].strip(), "label": int(row["label"])}
+
+
+def rotten_tomatoes_row(row: Row, ref: str) -> Doc:
+    """A ``cornell-movie-review-data/rotten_tomatoes`` row: ``text``, ``label`` (0 negative, 1 positive)."""
+    return {"id": f"rt_{ref}", "text": row["text"], "label": int(row["label"])}
+
+
 @register_task("sst2")
 @dataclass
 class SST2(SentimentTask):
     files: ClassVar[dict[str, str]] = {"dev": "sst2/sst2_dev.jsonl"}
+    hub = HubSource("stanfordnlp/sst2", None, {"dev": "validation"}, per_row(sst2_row))
 
 
 @register_task("rotten_tomatoes")
 @dataclass
 class RottenTomatoes(SentimentTask):
     files: ClassVar[dict[str, str]] = {"test": "rotten_tomatoes/rotten_tomatoes_test.jsonl"}
+    hub = HubSource(
+        "cornell-movie-review-data/rotten_tomatoes", None, {"test": "test"}, per_row(rotten_tomatoes_row)
+    )

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from avss.evaluation.base import Doc, MultipleChoiceTask, register_task
 from avss.evaluation.engine import Loglikelihood, LoglikelihoodRequest
+from avss.evaluation.hub import HubSource, Row, per_row
 from avss.evaluation.metrics import mc1, mc2, mc3
 
 # The primer of the TruthfulQA paper ("QA" prompt), byte for byte as lm-evaluation-harness's truthfulqa_mc1/2.
@@ -30,6 +31,25 @@ def truthfulqa_context(question: str) -> str:
     return f"{QA_PRIMER}\n\nQ: {question}\nA:"
 
 
+def truthfulqa_row(row: Row, ref: str) -> Doc:
+    """A ``truthfulqa/truthful_qa`` ``multiple_choice`` row: ``mc1_targets`` and ``mc2_targets``, each
+    ``{choices, labels}``, become the shared file's ``choices``/``mc1_labels`` and
+    ``mc2_choices``/``mc2_labels``.
+
+    The hub holds the original 817 questions; the shared file is the January 2025 revision (790 questions,
+    with the binary ``mc0`` set, which the hub lacks and this task does not score).
+    """
+    mc1_targets, mc2_targets = row["mc1_targets"], row["mc2_targets"]
+    return {
+        "id": f"tqa_{ref}",
+        "question": row["question"],
+        "choices": list(mc1_targets["choices"]),
+        "mc1_labels": [int(label) for label in mc1_targets["labels"]],
+        "mc2_choices": list(mc2_targets["choices"]),
+        "mc2_labels": [int(label) for label in mc2_targets["labels"]],
+    }
+
+
 @register_task("truthfulqa_mc")
 @dataclass
 class TruthfulQAMultipleChoice(MultipleChoiceTask):
@@ -40,6 +60,9 @@ class TruthfulQAMultipleChoice(MultipleChoiceTask):
     """
 
     files: ClassVar[dict[str, str]] = {"validation": "truthfulqa/truthfulqa_mc.jsonl"}
+    hub = HubSource(
+        "truthfulqa/truthful_qa", "multiple_choice", {"validation": "validation"}, per_row(truthfulqa_row)
+    )
     required_fields = ("question", "choices", "mc1_labels", "mc2_choices", "mc2_labels")
 
     def requests(self, doc: Doc, shots: list[Doc]) -> list[LoglikelihoodRequest]:

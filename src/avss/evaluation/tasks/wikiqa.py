@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 from avss.evaluation.base import Doc, MultipleChoiceTask, register_task
 from avss.evaluation.engine import Loglikelihood, LoglikelihoodRequest
+from avss.evaluation.hub import HubSource, Row
 from avss.evaluation.metrics import average_precision, reciprocal_rank
+
+
+def wikiqa_rows(rows: Sequence[Row], split: str) -> list[Doc]:
+    """``microsoft/wiki_qa`` has one row per candidate sentence (``question_id``, ``question``,
+    ``document_title``, ``answer``, ``label``); group them by question, candidates in row order, into the
+    shared file's one document per question. :meth:`WikiQA.documents` decides which questions are scored.
+    """
+    docs: dict[str, Doc] = {}
+    for row in rows:
+        doc = docs.setdefault(
+            row["question_id"],
+            {
+                "id": f"wikiqa_{split}_{row['question_id']}",
+                "question": row["question"],
+                "document_title": row["document_title"],
+                "candidates": [],
+                "labels": [],
+            },
+        )
+        doc["candidates"].append(row["answer"])
+        doc["labels"].append(int(row["label"]))
+    return list(docs.values())
 
 
 @register_task("wikiqa")
@@ -27,10 +50,12 @@ class WikiQA(MultipleChoiceTask):
         "test": "wikiqa/wikiqa_test_filtered.jsonl",
         "dev": "wikiqa/wikiqa_dev_filtered.jsonl",
     }
+    # The hub splits hold every question; documents() keeps the same filtered set as the shared files.
+    hub = HubSource("microsoft/wiki_qa", None, {"test": "test", "dev": "validation"}, wikiqa_rows)
     required_fields = ("question", "candidates", "labels")
 
-    def read_docs(self, path: Path) -> list[Doc]:
-        return [doc for doc in super().read_docs(path) if 0 < sum(doc["labels"]) < len(doc["labels"])]
+    def documents(self, rows: list[Doc], origin: str) -> list[Doc]:
+        return [doc for doc in super().documents(rows, origin) if 0 < sum(doc["labels"]) < len(doc["labels"])]
 
     def requests(self, doc: Doc, shots: list[Doc]) -> list[LoglikelihoodRequest]:
         context = f"Question: {doc['question']}\nAnswer:"
