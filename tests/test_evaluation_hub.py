@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
-from _tiny_eval import bpe_llama, bpe_tokenizer
+from _tiny_eval import FIXTURES, bpe_llama, bpe_tokenizer
 from avss.errors import DataError
 from avss.evaluation import TASKS, EvalResult, evaluate, get_task
 from avss.evaluation.hub import HubData
@@ -454,3 +455,20 @@ def test_converters_by_hand():
         ("wikiqa_dev_Q9", ["x", "z"], [0, 1]),
         ("wikiqa_dev_Q4", ["y"], [1]),
     ]
+
+
+def test_cli_data_source_hub(hub: FakeHub, tmp_path: Path):
+    from avss.cli import evaluate_cmd  # noqa: F401  (registers the command)
+    from avss.cli._app import app
+
+    model_dir = tmp_path / "tiny"
+    bpe_llama().save_pretrained(model_dir)
+    bpe_tokenizer().save_pretrained(model_dir)
+    out = tmp_path / "hub.json"
+    argv = ["eval", str(model_dir), "--tasks", "sst2", "--data-dir", str(FIXTURES), "--device", "cpu"]
+    result = CliRunner().invoke(app, [*argv, "--data-source", "hub", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    assert saved["options"]["data_source"] == "hub"
+    assert saved["tasks"]["sst2"]["data"][0]["dataset"] == "stanfordnlp/sst2"
+    assert saved["tasks"]["sst2"]["num_examples"] == 2  # the two hub rows, not the 12 fixture rows

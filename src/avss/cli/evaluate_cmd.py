@@ -31,6 +31,13 @@ EvalBatchSize = Annotated[int, typer.Option(min=1, help="Sequences per forward p
 EvalDataDir = Annotated[
     Path | None, typer.Option(help="Benchmark data laid out like shared/data (default: $AVSS_DATA_DIR)")
 ]
+DataSource = Annotated[
+    str,
+    typer.Option(
+        help="Task data: auto (the file in the data directory, else the task's Hugging Face dataset), "
+        "local or hub"
+    ),
+]
 ResultsOut = Annotated[Path | None, typer.Option(help="Write the results JSON here")]
 Compare = Annotated[
     Path | None, typer.Option(help="Results JSON of a base model: adds a 'retained' column (pruned / base)")
@@ -66,6 +73,7 @@ def eval_command(
     limit: Limit = None,
     batch_size: EvalBatchSize = 16,
     data_dir: EvalDataDir = None,
+    data_source: DataSource = "auto",
     out: ResultsOut = None,
     compare: Compare = None,
     max_length: MaxLength = None,
@@ -108,6 +116,7 @@ def eval_command(
             limit=limit,
             batch_size=batch_size,
             data_dir=data_dir,
+            data_source=data_source,
             seed=seed,
             model_info=loaded.source,
             progress=lambda name: _TaskBar(bars, name),
