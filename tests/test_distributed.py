@@ -13,7 +13,8 @@ import torch.multiprocessing as mp
 
 from _tiny import random_batch, tiny_model
 from avss.collect import collect_statistics
-from avss.distributed import DistributedContext, collect_distributed, pack, unpack
+from avss.distributed import DistributedContext, collect_distributed, context, pack, rank_max_memory, unpack
+from avss.errors import OptionError
 
 SITES = ("block", "mlp")
 
@@ -117,3 +118,41 @@ def test_torchrun_score_writes_the_single_process_scores_once(tmp_path):
     for got, want in zip(two["layers"], one["layers"], strict=True):
         for key, value in want.items():
             assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-15), key
+
+
+@pytest.mark.parametrize(
+    ("local_rank", "local_world", "gpus", "expected"),
+    [(0, 8, 8, [0]), (5, 8, 8, [5]), (0, 2, 8, [0, 1, 2, 3]), (1, 2, 8, [4, 5, 6, 7]), (2, 3, 8, [4, 5])],
+)
+def test_each_rank_gets_its_own_slice_of_the_node_gpus(local_rank, local_world, gpus, expected):
+    ctx = DistributedContext(
+        rank=local_rank, world_size=local_world, local_rank=local_rank, local_world_size=local_world
+    )
+    assert ctx.gpus(gpus) == expected
+
+
+def test_more_processes_than_gpus_is_a_clear_error():
+    ctx = DistributedContext(rank=0, world_size=4, local_rank=0, local_world_size=4)
+    with pytest.raises(OptionError, match="4 processes on this node but only 2 GPU"):
+        ctx.gpus(2)
+
+
+def test_context_reads_the_launcher_environment(monkeypatch):
+    launcher = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}
+    for key, value in launcher.items():
+        monkeypatch.setenv(key, value)
+    assert context() == DistributedContext(rank=5, world_size=8, local_rank=1, local_world_size=4)
+    assert context().gpus(8) == [2, 3]
+
+
+def test_device_map_under_torchrun_is_confined_to_the_rank_gpus(monkeypatch):
+    """accelerate places a device_map model only on the devices named in max_memory."""
+    launcher = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    for key, value in launcher.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda gpu: (1000 + gpu, 2000))
+    assert rank_max_memory() == {2: 1002, 3: 1003}
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert rank_max_memory() is None

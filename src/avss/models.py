@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from avss.distributed import rank_max_memory
 from avss.errors import DeviceError, ModelNotFoundError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -269,6 +270,8 @@ def load_model(
     }
     if device_map is not None:
         kwargs["device_map"] = device_map
+        if (max_memory := rank_max_memory()) is not None:
+            kwargs["max_memory"] = max_memory  # under torchrun, only this rank's GPUs
     try:
         model = auto_class.from_pretrained(location, **kwargs)
     except OSError as exc:
