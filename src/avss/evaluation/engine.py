@@ -15,7 +15,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from avss.evaluation.metrics import perplexity_from_nll
@@ -114,11 +113,16 @@ def _keep_width(rows: Sequence[_Row]) -> int:
     return width - min(len(row.inputs) - row.n for row in rows)
 
 
-def _pick(logprobs: torch.Tensor, targets: list[int]) -> Loglikelihood:
-    """Summed log-probability of ``targets`` under per-position ``logprobs`` [len(targets), vocab]."""
-    target = torch.tensor(targets)
-    picked = logprobs.gather(-1, target[:, None]).squeeze(-1)
-    greedy = bool((logprobs.argmax(-1) == target).all())
+def _pick(logits: torch.Tensor, targets: list[int]) -> Loglikelihood:
+    """Summed log-probability of ``targets`` under per-position ``logits`` [len(targets), vocab].
+
+    Normalizes only the picked entries (logit minus the row's log-sum-exp) instead of materializing a
+    vocabulary-wide log-softmax: for a 1024-token window and a 262k vocabulary that tensor is 1 GB.
+    """
+    logits = logits.float()
+    target = torch.tensor(targets, device=logits.device)
+    picked = logits.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    greedy = bool((logits.argmax(-1) == target).all())
     return Loglikelihood(float(picked.sum()), greedy, len(targets))
 
 
@@ -210,13 +214,13 @@ class LanguageModel:
         kwargs: dict[str, Any] = {"logits_to_keep": 1} if self._accepts_logits_to_keep else {}
         prefix = self.model(input_ids=torch.tensor([context], device=self.device), use_cache=True, **kwargs)
         # The context's last position predicts every continuation's first token.
-        first = F.log_softmax(prefix.logits[0, -1].float(), dim=-1).cpu()
+        first = prefix.logits[0, -1:]
         results = []
         start = 0
         while start < len(continuations):
             candidates = continuations[start : start + self.batch_size]
             chunk = candidates[: self._rows_within_budget(max(len(c) for c in candidates))]
-            logprobs = torch.empty(len(chunk), 0, first.shape[-1])
+            logits = first.new_empty(len(chunk), 0, first.shape[-1])
             if max(len(c) for c in chunk) > 1:
                 # Each continuation's last token is only a target, never an input.
                 input_ids, mask = _padded([c[:-1] for c in chunk], self.pad_id)
@@ -229,9 +233,8 @@ class LanguageModel:
                     use_cache=True,
                     **{self._cache_name: cache},
                 ).logits
-                logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
             for row, continuation in enumerate(chunk):
-                scored = torch.cat([first[None], logprobs[row, : len(continuation) - 1]])
+                scored = torch.cat([first, logits[row, : len(continuation) - 1]])
                 results.append(_pick(scored, continuation))
             self.progress.advance(len(chunk))
             start += len(chunk)
@@ -278,7 +281,7 @@ class LanguageModel:
 
     def _rows_within_budget(self, keep: int) -> int:
         vocab = self.model.get_output_embeddings().weight.shape[0]
-        per_row = keep * vocab * 4 * 2  # float32 logits and their log-softmax
+        per_row = keep * vocab * 4  # float32 logits
         return max(1, min(self.batch_size, LOGITS_BUDGET_BYTES // per_row))
 
     @torch.inference_mode()
@@ -290,13 +293,12 @@ class LanguageModel:
         logits = self.model(
             input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), **kwargs
         ).logits[:, -keep:]
-        logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
         results = []
         for index, row in enumerate(rows):
             # Input position p predicts token p + 1, so the n targets are predicted by the last n inputs;
             # in the kept window, row's last input sits at len(inputs) - 1 - (width - keep).
             end = len(row.inputs) - (width - keep)
-            results.append(_pick(logprobs[index, end - row.n : end], row.targets))
+            results.append(_pick(logits[index, end - row.n : end], row.targets))
         return results
 
     # --- rolling log-likelihood (perplexity) -------------------------------------------------------------
