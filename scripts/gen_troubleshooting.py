@@ -66,6 +66,14 @@ FIXES: dict[str, dict[str, str]] = {
         "hub dataset without the datasets package": "`pip install 'avss-llm[datasets]'`, or save the texts "
         "to a file and pass `--data`.",
     },
+    "Evaluation data": {
+        "task file missing and hub offline": "Pass `--data-dir` (a folder laid out like `shared/data`) or "
+        "set `AVSS_DATA_DIR`; or unset `HF_HUB_OFFLINE` and install `avss-llm[datasets]` to read the task's "
+        "hub dataset.",
+        "task file missing with --data-source local": "Put the named file under `--data-dir`, or drop "
+        "`--data-source local` so the task's hub dataset is read instead.",
+        "unknown --data-source": "Use `auto` (file, else hub), `local` or `hub`.",
+    },
     "Scoring options": {
         "invalid --threshold value": "Use `abs:EPS` or `rel:RHO` with a positive number, e.g. `rel:0.01`.",
         "invalid --threshold kind": "Use `abs:EPS` or `rel:RHO` with a positive number, e.g. `rel:0.01`.",

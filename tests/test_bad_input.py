@@ -162,6 +162,20 @@ def prune(ws: Workspace, *extra: str, model: str | None = None) -> list[str]:
     return ["prune", model or ws.model, *FAST, "--out", str(ws.out / "pruned"), *extra]
 
 
+def eval_cli(ws: Workspace, *extra: str) -> list[str]:
+    return [
+        "eval",
+        ws.model,
+        "--tasks",
+        "sciq",
+        "--device",
+        "cpu",
+        "--out",
+        str(ws.out / "results.json"),
+        *extra,
+    ]
+
+
 CLI_CASES = [
     # --- the model ---
     Case("missing model path", lambda ws: score(ws, model=str(ws.root / "no-such-model")), ("not found",)),
@@ -278,6 +292,29 @@ CLI_CASES = [
         lambda ws: score(ws, "--dataset", "wikitext:wikitext-2-raw-v1"),
         ("pip install 'avss-llm[datasets]'",),
         needs="no-datasets",
+    ),
+    # --- evaluation data ---
+    Case(
+        "task file missing and hub offline",
+        lambda ws: eval_cli(ws, "--data-dir", str(ws.root / "data")),
+        (
+            "data/sciq/sciq_test.jsonl does not exist",
+            "allenai/sciq@test was not read",
+            "HF_HUB_OFFLINE=1 is set",
+        ),
+        patch=lambda mp: (mp.delenv("HF_DATASETS_OFFLINE", raising=False), mp.setenv("HF_HUB_OFFLINE", "1")),
+        setup=lambda ws: (ws.root / "data").mkdir(),
+    ),
+    Case(
+        "task file missing with --data-source local",
+        lambda ws: eval_cli(ws, "--data-dir", str(ws.root / "data"), "--data-source", "local"),
+        ("does not exist", "was not tried (--data-source local)", "--data-source auto"),
+        setup=lambda ws: (ws.root / "data").mkdir(),
+    ),
+    Case(
+        "unknown --data-source",
+        lambda ws: eval_cli(ws, "--data-source", "web"),
+        ("--data-source must be one of auto, local, hub, not 'web'",),
     ),
     # --- scoring options ---
     Case(
