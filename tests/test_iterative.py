@@ -5,10 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _tiny import random_batch, tiny_model
+from _tiny import random_batch, tiny_model, tiny_tokenizer
 from avss.adapters import get_adapter
+from avss.data import TextSource
 from avss.errors import PruneConfigError
-from avss.iterative import select_iteratively, select_layers, select_oneshot
+from avss.iterative import prune_with_scorer, select_iteratively, select_layers, select_oneshot
+from avss.models import LoadedModel
+from avss.pipeline import CalibrationOptions, ScoreOptions, prune, score
+from avss.prune import PruneSpec
 from avss.scorers import CachedContext, ScoringContext, context_for, get_scorer
 
 
@@ -64,6 +68,29 @@ def test_budget_is_checked():
     for n_remove in (0, 4):
         with pytest.raises(PruneConfigError):
             select_oneshot(get_scorer("avss"), context, n_remove)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [PruneSpec(n_layers=2, protect=("first",)), PruneSpec(rule="mass", tau=0.4)],
+    ids=["count", "mass"],
+)
+def test_prune_with_the_avss_scorer_matches_pruning_a_score_run(spec):
+    """`avss prune` goes through prune_with_scorer for every method; for AVSS it must remove what pruning
+    the streamed ScoreRun of `avss score` removes, with the same scores."""
+    calibration = CalibrationOptions(samples=8, max_length=24, batch_size=2)
+    options = ScoreOptions(site="delta", threshold="rel:0.05")
+    scorer = get_scorer("avss[site=delta,threshold=rel:0.05]")
+    by_scorer = LoadedModel(tiny_model("llama", 6), tiny_tokenizer())
+    result, selection = prune_with_scorer(by_scorer, scorer, TextSource(), calibration, spec, progress=False)
+    by_run = LoadedModel(tiny_model("llama", 6), tiny_tokenizer())
+    run = score(by_run, TextSource(), calibration, options, progress=False)
+    expected = prune(by_run, run, spec)
+    assert result.removed == expected.removed and result.kept == expected.kept
+    assert result.record.scores == pytest.approx(expected.record.scores, rel=1e-9)
+    assert get_adapter(by_scorer.model).num_layers == get_adapter(by_run.model).num_layers
+    assert result.record.method == selection.method == "avss[site=delta,threshold=rel:0.05]"
+    assert result.record.options["command"] and result.record.options["avss_version"]
 
 
 @pytest.mark.parametrize("extra", [["--method", "block_influence", "--iterative"], ["--method", "angular"]])

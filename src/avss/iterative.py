@@ -11,12 +11,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from avss import __version__
 from avss.adapters import get_adapter
 from avss.data import TextSource
 from avss.errors import PruneConfigError
 from avss.models import LoadedModel
-from avss.pipeline import CalibrationOptions, PruneResult, package_versions
-from avss.prune import PruneSpec, PruningRecord, layers_for_fraction, protected_layers, remove_layers
+from avss.pipeline import CalibrationOptions, PruneResult, command_line, package_versions
+from avss.prune import PruneSpec, PruningRecord, check_budget, protected_layers, remove_layers
 from avss.scorers import LayerImportance, Scorer, ScoringContext, context_for
 
 
@@ -53,14 +54,6 @@ class Selection:
             "by_budget": self.by_budget,
             "steps": [step.to_dict() for step in self.steps],
         }
-
-
-def check_budget(n_remove: int, num_layers: int, protect: set[int]) -> None:
-    if not 0 < n_remove < num_layers or n_remove > num_layers - len(protect):
-        raise PruneConfigError(
-            f"cannot remove {n_remove} of {num_layers} layers ({len(protect)} protected): "
-            "remove at least one and keep at least one"
-        )
 
 
 def select_oneshot(
@@ -116,15 +109,20 @@ def prune_with_scorer(
     iterative: bool = False,
     progress: bool = True,
 ) -> tuple[PruneResult, Selection]:
-    """Select layers of ``loaded.model`` with ``scorer`` and remove them in place (``avss prune --method``).
+    """Select layers of ``loaded.model`` with ``scorer`` and remove them in place: all of ``avss prune``
+    before saving, whatever the method.
 
     The budget comes from ``spec`` (``count`` rule; ``mass`` only applies to one-shot normalized scores).
+    One-shot activation scorers stream their statistics (memory flat in the calibration tokens); the residual
+    cache of :class:`~avss.scorers.CachedContext` is kept only where it saves passes: iterative re-scoring and
+    scorers that skip blocks.
     """
     started = time.perf_counter()
     batches = calibration.batches(loaded.tokenizer, source)
     num_layers = get_adapter(loaded.model).num_layers
     protect = protected_layers(num_layers, spec.protect)
-    context = context_for(loaded.model, batches, [scorer], progress=progress)
+    cached = iterative or scorer.skips_blocks
+    context = context_for(loaded.model, batches, [scorer], cached=cached, progress=progress)
     if spec.rule == "mass":
         if iterative:
             raise PruneConfigError(
@@ -133,12 +131,9 @@ def prune_with_scorer(
         importance = scorer.score(context)
         selection = Selection(scorer.spec, False, spec.select(importance.scores), [importance])
     else:
-        n_remove = (
-            spec.n_layers
-            if spec.n_layers is not None
-            else layers_for_fraction(spec.fraction or 0.25, num_layers)
+        selection = select_layers(
+            scorer, context, spec.layers_to_remove(num_layers), protect, iterative=iterative
         )
-        selection = select_layers(scorer, context, n_remove, protect, iterative=iterative)
     if not iterative:
         remove_layers(loaded.model, selection.removed)
     kept = [layer for layer in range(num_layers) if layer not in set(selection.removed)]
@@ -151,6 +146,8 @@ def prune_with_scorer(
         selection={**asdict(spec), "iterative": iterative, "order": selection.order},
         scores=selection.steps[0].scores.tolist(),
         options={
+            "avss_version": __version__,
+            "command": command_line(),
             "scorer": scorer.options(),
             "data": source.describe(),
             "calibration": asdict(calibration),

@@ -61,18 +61,21 @@ def layers_for_fraction(fraction: float, num_layers: int) -> int:
     return count
 
 
-def select_count(scores: torch.Tensor, n_remove: int, protect: set[int] | None = None) -> list[int]:
-    """The ``n_remove`` lowest-scoring unprotected layers, in ascending layer order."""
-    protect = protect or set()
-    num_layers = scores.numel()
-    available = num_layers - len(protect)
+def check_budget(n_remove: int, num_layers: int, protect: set[int]) -> None:
+    """Refuse a budget that removes nothing, every layer, or a protected one (before any scoring is spent)."""
     if n_remove < 1:
         raise PruneConfigError(f"number of layers to remove must be at least 1, got {n_remove}")
-    if n_remove >= num_layers or n_remove > available:
+    if n_remove >= num_layers or n_remove > num_layers - len(protect):
         raise PruneConfigError(
             f"cannot remove {n_remove} of {num_layers} layers ({len(protect)} protected): "
             "at least one layer must remain"
         )
+
+
+def select_count(scores: torch.Tensor, n_remove: int, protect: set[int] | None = None) -> list[int]:
+    """The ``n_remove`` lowest-scoring unprotected layers, in ascending layer order."""
+    protect = protect or set()
+    check_budget(n_remove, scores.numel(), protect)
     order = [layer for layer in torch.argsort(scores, stable=True).tolist() if layer not in protect]
     return sorted(order[:n_remove])
 
@@ -121,22 +124,22 @@ class PruneSpec:
             check_tau(self.tau)
         return self
 
+    def layers_to_remove(self, num_layers: int) -> int:
+        """The ``count`` rule's budget for a ``num_layers``-layer model: ``n_layers``, else ``fraction``."""
+        if self.n_layers is None:
+            return layers_for_fraction(self.fraction if self.fraction is not None else 0.25, num_layers)
+        if not 0 < self.n_layers < num_layers:
+            raise PruneConfigError(
+                f"--n-layers must be between 1 and {num_layers - 1} for a {num_layers}-layer model, "
+                f"got {self.n_layers}"
+            )
+        return self.n_layers
+
     def select(self, scores: torch.Tensor) -> list[int]:
         num_layers = scores.numel()
         protect = protected_layers(num_layers, self.protect)
         if self.rule == "count":
-            if self.n_layers is not None:
-                if not 0 < self.n_layers < num_layers:
-                    raise PruneConfigError(
-                        f"--n-layers must be between 1 and {num_layers - 1} for a {num_layers}-layer model, "
-                        f"got {self.n_layers}"
-                    )
-                n_remove = self.n_layers
-            else:
-                n_remove = layers_for_fraction(
-                    self.fraction if self.fraction is not None else 0.25, num_layers
-                )
-            return select_count(scores, n_remove, protect)
+            return select_count(scores, self.layers_to_remove(num_layers), protect)
         if self.rule == "mass":
             return select_mass(scores, self.tau if self.tau is not None else 0.25, protect)
         raise PruneConfigError(f"unknown --rule {self.rule!r}; choose one of {', '.join(RULES)}")

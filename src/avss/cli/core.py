@@ -38,9 +38,9 @@ from avss.heal import HealConfig, save_or_heal
 from avss.io import check_output_dir, ensure_parent_writable
 from avss.iterative import prune_with_scorer
 from avss.models import DEFAULT_MODEL, EMBEDDED_MODELS, load_model
-from avss.pipeline import ScoreOptions, ScoreRun, prune, score
+from avss.pipeline import ScoreOptions, ScoreRun, score
 from avss.prune import PruneSpec
-from avss.scorers import get_scorer
+from avss.scorers import LayerImportance, get_scorer
 
 
 @app.command()
@@ -81,8 +81,20 @@ def scores_table(run: ScoreRun, removed: list[int] | None = None) -> Table:
     return table
 
 
-def print_warnings(run: ScoreRun) -> None:
-    for warning in run.scores.warnings():
+def importance_table(importance: LayerImportance, removed: list[int]) -> Table:
+    """Any method's per-layer scores (higher = more important) with their rank; the removed layers in red."""
+    table = Table(title=f"{importance.method} per layer")
+    for column in ("layer", "importance", "rank"):
+        table.add_column(column, justify="right")
+    ranks = {layer: rank for rank, layer in enumerate(importance.ranking())}
+    for layer, value in enumerate(importance.scores.tolist()):
+        style = "red" if layer in removed else None
+        table.add_row(str(layer), f"{value:.4g}", str(ranks[layer]), style=style)
+    return table
+
+
+def print_warnings(warnings: list[str]) -> None:
+    for warning in warnings:
         console_err.print(f"[yellow]warning:[/] {warning}")
 
 
@@ -133,7 +145,7 @@ def score_command(
     if not launch.is_main:
         return  # rank 0 prints and writes the merged result
     console.print(scores_table(run))
-    print_warnings(run)
+    print_warnings(run.scores.warnings())
     if out is not None:
         run.save(out)
         console.print(f"scores written to {out}")
@@ -196,22 +208,12 @@ def prune_command(
     loaded = load_model(
         model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
     )
-    if method != "avss" or iterative:
-        source = text_source(data, dataset, data_dir)
-        options = calibration(samples, max_length, batch_size, seed)
-        result, selection = prune_with_scorer(loaded, scorer, source, options, spec, iterative=iterative)
-        save_or_heal(loaded, result, out, heal_config, source, overwrite=overwrite)
-        console.print(f"{selection.method}: removed layers {selection.order} (in this order); saved to {out}")
-        return
-    run = score(
-        loaded,
-        text_source(data, dataset, data_dir),
-        calibration(samples, max_length, batch_size, seed),
-        ScoreOptions(site=site, variance=variance, threshold=threshold),
-    )
-    spec.select(run.scores.avss)  # validate before touching the model
-    result = prune(loaded, run, spec)
-    console.print(scores_table(run, result.removed))
-    print_warnings(run)
-    save_or_heal(loaded, result, out, heal_config, text_source(data, dataset, data_dir), overwrite=overwrite)
-    console.print(f"removed layers {result.removed}; {len(result.kept)} remain. Saved to {out}")
+    source = text_source(data, dataset, data_dir)
+    options = calibration(samples, max_length, batch_size, seed)
+    result, selection = prune_with_scorer(loaded, scorer, source, options, spec, iterative=iterative)
+    first = selection.steps[0]
+    console.print(importance_table(first, result.removed))
+    print_warnings(first.warnings)
+    save_or_heal(loaded, result, out, heal_config, source, overwrite=overwrite)
+    order = " (in this order)" if iterative else ""
+    console.print(f"removed layers {selection.order}{order}; {len(result.kept)} remain. Saved to {out}")

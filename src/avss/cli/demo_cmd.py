@@ -36,7 +36,7 @@ def demo(
     )
     result, run = run_demo(out, options, overwrite=overwrite)
     console.print(scores_table(run, result.removed_layers))
-    print_warnings(run)
+    print_warnings(run.scores.warnings())
     console.print(f"[bold]{result.summary_line()}[/]")
     difference = result.max_logit_difference_after_reload
     console.print(f"reloaded model matches in-memory logits (max |diff| = {difference:.2e})")

@@ -67,6 +67,9 @@ class Scorer(ABC):
     name: ClassVar[str]
     # Whether the scores depend on the model's activations (position baselines do not).
     uses_activations: ClassVar[bool] = True
+    # Whether scoring re-runs the model with single blocks skipped (leave-one-out): a CachedContext then runs
+    # only the blocks after the skipped one, which pays for its memory even in a one-shot selection.
+    skips_blocks: ClassVar[bool] = False
 
     @abstractmethod
     def score(self, context: ScoringContext) -> LayerImportance:

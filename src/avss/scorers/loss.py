@@ -19,6 +19,8 @@ class LeaveOneOutScorer(Scorer):
     With a :class:`~avss.scorers.context.CachedContext` skipping block ``l`` runs only the blocks after it.
     """
 
+    skips_blocks = True
+
     def score(self, context: ScoringContext) -> LayerImportance:
         base = context.base_nll()
         layers = track(range(context.num_layers), "leave-one-out NLL", enabled=context.progress)
