@@ -93,6 +93,34 @@ def test_prune_with_the_avss_scorer_matches_pruning_a_score_run(spec):
     assert result.record.options["command"] and result.record.options["avss_version"]
 
 
+@pytest.mark.parametrize(
+    ("method", "iterative", "cached"),
+    [
+        ("avss", False, False),
+        ("block_influence", False, False),
+        ("avss", True, True),
+        ("loo_nll", False, True),
+    ],
+)
+def test_only_repeated_passes_keep_the_residual_cache(monkeypatch, method, iterative, cached):
+    """One-shot activation scorers stream (memory flat in calibration tokens); the CachedContext, which holds
+    every block's input on CPU, is only for re-scoring after removals and for skipping blocks."""
+    import avss.iterative
+
+    built = []
+
+    def recording_context_for(*args, **kwargs):
+        built.append(context_for(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(avss.iterative, "context_for", recording_context_for)
+    loaded = LoadedModel(tiny_model("llama", 4), tiny_tokenizer())
+    calibration = CalibrationOptions(samples=4, max_length=16, batch_size=2)
+    spec = PruneSpec(n_layers=1)
+    prune_with_scorer(loaded, get_scorer(method), TextSource(), calibration, spec, iterative, progress=False)
+    assert [isinstance(context, CachedContext) for context in built] == [cached]
+
+
 @pytest.mark.parametrize("extra", [["--method", "block_influence", "--iterative"], ["--method", "angular"]])
 def test_prune_command_accepts_any_method(tmp_path, extra):
     import json
