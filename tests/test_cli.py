@@ -57,6 +57,17 @@ def test_score_writes_json_with_every_option(cli, model_dir, text_file, tmp_path
     assert scores["data"]["kind"] == "file" and len(scores["data"]["sha256"]) == 64
 
 
+def test_score_with_a_device_map_gives_the_same_scores(cli, model_dir, text_file, tmp_path):
+    """--device-map loads through accelerate's dispatch (all on the CPU here) and changes no number."""
+    common = ("score", model_dir, "--data", text_file, "--samples", 4, "--max-length", 32, "--device", "cpu")
+    plain, mapped = tmp_path / "plain.json", tmp_path / "mapped.json"
+    assert cli(*common, "--out", plain).returncode == 0
+    result = cli(*common, "--device-map", "auto", "--out", mapped)
+    assert result.returncode == 0, result.stderr
+    layers = lambda path: json.loads(path.read_text())["layers"]  # noqa: E731
+    assert layers(mapped) == layers(plain)
+
+
 def test_prune_saves_a_model_that_reloads(cli, model_dir, text_file, tmp_path):
     out = tmp_path / "pruned"
     result = cli(

@@ -18,6 +18,7 @@ from avss.cli.options import (
     DataDir,
     Dataset,
     Device,
+    DeviceMap,
     Dtype,
     MaxLength,
     ModelArg,
@@ -114,6 +115,7 @@ def score_command(
     threshold: Threshold = "rel:0.01",
     device: Device = "auto",
     dtype: Dtype = "auto",
+    device_map: DeviceMap = None,
     trust_remote_code: TrustRemoteCode = False,
     allow_pickle: AllowPickle = False,
     checkpoint_every: Annotated[
@@ -133,7 +135,12 @@ def score_command(
         ensure_parent_writable(out)
     launch = setup_distributed()  # joins the process group of torchrun / accelerate launch, if any
     loaded = load_model(
-        model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+        model,
+        device=device,
+        dtype=dtype,
+        device_map=device_map,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
     )
     run = score(
         loaded,

@@ -19,6 +19,13 @@ ModelArg = Annotated[
 ]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")]
 Dtype = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16")]
+DeviceMap = Annotated[
+    str | None,
+    typer.Option(
+        help="Spread a model too large for one GPU over several (accelerate: auto, balanced, sequential); "
+        "under torchrun each process uses only its own share of the node's GPUs"
+    ),
+]
 TrustRemoteCode = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow code from the model's repository")
 ]
