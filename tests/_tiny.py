@@ -93,18 +93,22 @@ def random_batch(
 
 
 class Killed(Exception):
-    """Stands for the process dying: raised by :func:`killed_after_first_checkpoint`."""
+    """Stands for the process dying: raised by :func:`killed_after_checkpoint`."""
 
 
 @contextlib.contextmanager
-def killed_after_first_checkpoint() -> Iterator[None]:
-    """Training inside this block dies (raises :class:`Killed`) right after its first epoch checkpoint is
-    written, leaving on disk what a ``kill`` then would; the block expects and swallows the death."""
+def killed_after_checkpoint(number: int = 1) -> Iterator[None]:
+    """Training inside this block dies (raises :class:`Killed`) right after its ``number``-th epoch checkpoint
+    is written, leaving on disk what a ``kill`` then would; the block expects and swallows the death."""
     write = Checkpoint.save
+    written = 0
 
     def write_then_die(self: Checkpoint, *args: Any) -> None:
+        nonlocal written
         write(self, *args)
-        raise Killed
+        written += 1
+        if written == number:
+            raise Killed
 
     Checkpoint.save = write_then_die  # type: ignore[method-assign]
     try:

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from _tiny import killed_after_first_checkpoint, random_batch, tiny_model, tiny_tokenizer
+from _tiny import killed_after_checkpoint, random_batch, tiny_model, tiny_tokenizer
 from avss.adapters import get_adapter
 from avss.cli._app import app
 from avss.data import TextSource, bundled_text, split_paragraphs
@@ -221,7 +221,7 @@ def test_killed_heal_resumes_from_the_checkpoint_beside_the_output(tmp_path):
     source, out = TextSource(data=str(data)), tmp_path / "healed"
     settings = dict(steps=4, patience=None)
     straight = heal(pruned_dir, tmp_path / "straight", config("full", **settings), source, progress=False)
-    with killed_after_first_checkpoint():
+    with killed_after_checkpoint():
         heal(pruned_dir, out, config("full", **settings), source, progress=False)
     assert (tmp_path / "healed.checkpoint" / CHECKPOINT_FILE).is_file() and not out.exists()
     resumed = heal(pruned_dir, out, config("full", **settings, resume=True), source, progress=False)

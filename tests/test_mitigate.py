@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from _tiny import killed_after_first_checkpoint, tiny_model
+from _tiny import killed_after_checkpoint, tiny_model
 from avss.evaluation import LanguageModel
 from avss.hallucination import load_pairs
 from avss.hallucination.batches import contrastive_batches
@@ -153,7 +153,7 @@ def test_cli_hallucination_and_mitigate(tokenizer, data_dir: Path, tmp_path: Pat
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "m").config.num_hidden_layers == 4
 
 
-def test_killed_mitigate_resumes_from_the_checkpoint_beside_the_output(
+def test_killed_mitigate_resumes_each_round_from_the_checkpoint_beside_the_output(
     tokenizer,
     data_dir: Path,  # noqa: F811
     tmp_path: Path,
@@ -167,22 +167,27 @@ def test_killed_mitigate_resumes_from_the_checkpoint_beside_the_output(
     tokenizer.save_pretrained(model_dir)
     runner = CliRunner()
     common = ["--data-dir", str(data_dir), "--device", "cpu", "--limit", "6", "--val-limit", "4"]
-    training = ["--layers", "1", "--epochs", "2", "--patience", "5", "--lr", "1e-2", "--max-length", "48"]
+    common += ["--max-length", "48"]
+    training = ["--layers", "1", "--rounds", "2", "--epochs", "2", "--patience", "5", "--lr", "1e-2"]
 
     def mitigate_to(out: Path, *extra: str) -> None:
         args = ["mitigate", str(model_dir), "--out", str(out), *common, *training, *extra]
         result = runner.invoke(app, args, catch_exceptions=False)
         assert result.exit_code == 0, result.output
 
-    def training_record(out: Path) -> dict:
-        return json.loads((out / "avss_mitigation.json").read_text())["rounds"][0]["mitigation"]["training"]
+    def training_records(out: Path) -> list[dict]:
+        rounds = json.loads((out / "avss_mitigation.json").read_text())["rounds"]
+        return [round_["mitigation"]["training"] for round_ in rounds]
 
-    out = tmp_path / "m"
+    out, checkpoints = tmp_path / "m", tmp_path / "m.checkpoint"
     mitigate_to(tmp_path / "straight")
-    with killed_after_first_checkpoint():
+    with killed_after_checkpoint(3):  # round 0 finished (2 epochs), round 1 killed after its first epoch
         mitigate_to(out)
-    assert (tmp_path / "m.checkpoint" / CHECKPOINT_FILE).is_file() and not out.exists()
+    assert (checkpoints / "round-0" / CHECKPOINT_FILE).is_file() and not out.exists()
+    assert (checkpoints / "round-1" / CHECKPOINT_FILE).is_file()
     mitigate_to(out, "--resume")
-    assert training_record(out)["resumed_from_epoch"] == 1
-    assert training_record(out)["val_loss"] == training_record(tmp_path / "straight")["val_loss"]
-    assert not (tmp_path / "m.checkpoint").exists(), "a finished run removes its checkpoint"
+    resumed, straight = training_records(out), training_records(tmp_path / "straight")
+    assert [record["resumed_from_epoch"] for record in resumed] == [2, 1]
+    for key in ("epochs_run", "steps", "val_loss"):
+        assert [record[key] for record in resumed] == [record[key] for record in straight], key
+    assert not checkpoints.exists(), "a finished run removes its checkpoints"

@@ -225,7 +225,7 @@ def train(
         result.steps, result.best_epoch = state["steps"], state["best_epoch"]
         best_val, start_epoch = state["best_val"], state["epoch"]
         best_state = saved["best"]
-        result.resumed_from_epoch = start_epoch
+        result.resumed_from_epoch = result.epochs_run = start_epoch
     elif val_batches:
         best_val = evaluate_loss(model, loss_fn, val_batches, config.bf16)
         result.val_loss.append(best_val)

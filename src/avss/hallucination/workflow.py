@@ -108,14 +108,13 @@ def mitigation_run(
 
     Returns the record (also saved beside the model in ``out``). With ``plan.eval_tasks`` the base and the
     mitigated model are evaluated on test-split questions. Per-epoch checkpoints go to
-    ``options.train.checkpoint_dir`` (default ``OUT.checkpoint``, removed once the model is saved), so an
-    interrupted run continues with ``options.train.resume``.
+    ``options.train.checkpoint_dir`` (default ``OUT.checkpoint``, removed once the model is saved), one folder
+    per round (``round-0``, ...) so that with ``options.train.resume`` every round continues from its own
+    epochs: finished rounds reload their result and the interrupted one goes on where it stopped.
     """
     started = time.perf_counter()
-    checkpoints = None
-    if out is not None:
-        checkpoints = Path(options.train.checkpoint_dir or checkpoint_dir(out))
-        options = replace(options, train=replace(options.train, checkpoint_dir=str(checkpoints)))
+    given = options.train.checkpoint_dir
+    checkpoints = Path(given) if given else checkpoint_dir(out) if out is not None else None
     cache = out.parent / f".{out.name}.cache" if out is not None else None
     train_pairs = pairs.load(loaded, "train", cache)
     val_pairs = pairs.load(loaded, "validation", cache)
@@ -148,7 +147,9 @@ def mitigation_run(
         layers = choose_layers(
             plan.layers, plan.k, get_adapter(model).num_layers, scores and scores.scores, plan.seed
         )
-        model, result = mitigate(model, tokenizer, train_pairs, val_pairs, layers, options)
+        model, result = mitigate(
+            model, tokenizer, train_pairs, val_pairs, layers, round_options(options, checkpoints, round_index)
+        )
         accuracy = pair_accuracy(model, val_batches)
         record["rounds"].append(
             {
@@ -172,8 +173,18 @@ def mitigation_run(
     record["wall_time_s"] = round(time.perf_counter() - started, 3)
     if out is not None:
         save_mitigated(model, tokenizer, out, record, overwrite=overwrite)
-        shutil.rmtree(checkpoints, ignore_errors=True)
+        if checkpoints is not None:
+            shutil.rmtree(checkpoints, ignore_errors=True)
     return record
+
+
+def round_options(options: MitigationOptions, checkpoints: Path | None, index: int) -> MitigationOptions:
+    """``options`` with round ``index``'s own checkpoint folder: rounds train different states (and
+    often different layers), so sharing one would resume a round from another round's epochs."""
+    if checkpoints is None:
+        return options
+    folder = checkpoints / f"round-{index}"
+    return replace(options, train=replace(options.train, checkpoint_dir=str(folder)))
 
 
 def comparison_rows(record: dict[str, Any]) -> list[tuple[str, str, float, float]]:
