@@ -12,35 +12,24 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 from avss.data import DATA_DIR_ENV, file_sha256, read_jsonl
 from avss.errors import DataError
 from avss.evaluation.engine import LanguageModel, Loglikelihood, LoglikelihoodRequest
 from avss.evaluation.hub import Doc, HubData, HubSource, HubUnavailableError
+from avss.registry import class_registrar
 
 # Where a task's documents come from: "auto" (the data directory, else the hub), "local" or "hub" only.
 DATA_SOURCES = ("auto", "local", "hub")
 
 TASKS: dict[str, type[Task]] = {}
 
-T = TypeVar("T", bound="type[Task]")
 
-
-def register_task(name: str) -> Callable[[T], T]:
-    """Class decorator: make a task available under ``name`` to ``evaluate`` and ``avss eval``."""
-
-    def decorator(cls: T) -> T:
-        if name in TASKS:
-            raise ValueError(f"task {name!r} is already registered by {TASKS[name].__qualname__}")
-        cls.name = name
-        TASKS[name] = cls
-        return cls
-
-    return decorator
+register_task = class_registrar(TASKS, "task")
 
 
 def get_task(name: str) -> type[Task]:

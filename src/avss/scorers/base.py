@@ -12,21 +12,19 @@ from __future__ import annotations
 import dataclasses
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from avss.errors import PruneConfigError
 from avss.prune import select_count
+from avss.registry import class_registrar
 
 if TYPE_CHECKING:
     from avss.scorers.context import ScoringContext
 
 SCORERS: dict[str, type[Scorer]] = {}
-
-S = TypeVar("S", bound="type[Scorer]")
 
 
 @dataclass
@@ -106,17 +104,7 @@ class Scorer(ABC):
         return LayerImportance(self.spec, scores.to(torch.float64), self.options(), **kwargs)
 
 
-def register_scorer(name: str) -> Callable[[S], S]:
-    """Class decorator: make a scorer available as ``name`` to ``avss prune --method`` and ``avss study``."""
-
-    def decorator(cls: S) -> S:
-        if name in SCORERS:
-            raise ValueError(f"scorer {name!r} is already registered by {SCORERS[name].__qualname__}")
-        cls.name = name
-        SCORERS[name] = cls
-        return cls
-
-    return decorator
+register_scorer = class_registrar(SCORERS, "scorer")
 
 
 def available_scorers() -> list[str]:
