@@ -26,8 +26,8 @@ demo: $(STAMP)
 	$(BIN)/avss demo --out results/demo --overwrite
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
 
 test: lint
 	$(BIN)/python -m pytest -q
@@ -36,8 +36,8 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 format: $(STAMP)
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks scripts
+	$(BIN)/ruff check --fix src tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) results build src/*.egg-info
