@@ -1,0 +1,60 @@
+"""Where the statistics pass spends its time: torch.profiler over one pass, operators by self CPU time.
+
+Runs the body forward alone and the statistics pass on the same batches (CPU time, one thread, so the
+comparison does not depend on how the OS schedules two threads), then profiles the statistics pass. The
+matrix products and attention are the forward; the comparisons, counts, sums and norms are the statistics.
+
+    python benchmarks/profile_stats.py --model smollm2-135m --sequences 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from bench_stats import make_batches
+from torch.profiler import ProfilerActivity, profile
+
+from avss.collect import collect_statistics
+from avss.models import load_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--sequences", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=20)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    loaded = load_model(args.model, device="cpu")
+    model = loaded.model.eval()
+    batches = make_batches(
+        loaded.tokenizer, args.sequences * args.max_length, args.max_length, args.batch_size
+    )
+    inputs = [{key: batch[key] for key in ("input_ids", "attention_mask")} for batch in batches]
+
+    def body() -> None:
+        for batch in inputs:
+            model.base_model(**batch)
+
+    def statistics() -> None:
+        collect_statistics(model, batches, progress=False)
+
+    with torch.no_grad():
+        body(), statistics()  # warm-up
+        for name, run in (("body forward", body), ("statistics pass", statistics)) * 2:
+            started = time.process_time()
+            run()
+            print(f"{name}: {time.process_time() - started:.2f} s CPU")
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            statistics()
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    main()
