@@ -217,6 +217,24 @@ def make_batches(tokenizer: Any, budget: int, max_length: int, batch_size: int) 
     ).batches
 
 
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--max-length`` and ``--batch-size``: what every statistics benchmark measures on."""
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+
+
+def load_model_and_batches(
+    args: argparse.Namespace, budget: int, device: str = "cpu", dtype: str = "auto"
+) -> tuple[Any, list[Batch]]:
+    """``args.model`` in eval mode and ``budget`` tokens of calibration text, batched as the options say."""
+    from avss.models import load_model
+
+    loaded = load_model(args.model, device=device, dtype=dtype)
+    loaded.model.eval()
+    return loaded, make_batches(loaded.tokenizer, budget, args.max_length, args.batch_size)
+
+
 def git_commit(path: str) -> str:
     where = Path(path).parent
     result = subprocess.run(
@@ -228,13 +246,11 @@ def git_commit(path: str) -> str:
 def child(args: argparse.Namespace) -> dict[str, Any]:
     """Run every variant for one budget in this process and return the measurements."""
     import avss
-    from avss.models import load_model
 
     for path in args.extra_path:
         sys.path.append(path)
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    model = loaded.model.eval()
-    batches = make_batches(loaded.tokenizer, args.budget, args.max_length, args.batch_size)
+    loaded, batches = load_model_and_batches(args, args.budget, args.device, args.dtype)
+    model = loaded.model
     tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
     names = [name for name in args.variants if name in VARIANTS]
     results = {name: Measurement(name, [], 0.0, 0.0, skip_reason(name, model, tokens)) for name in names}
@@ -408,11 +424,9 @@ def targets(group: list[dict[str, Any]]) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--model", default="smollm2-135m")
+    add_model_options(parser)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="rounds per budget (median is reported)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")

@@ -14,29 +14,25 @@ import argparse
 
 import psutil
 import torch
-from bench_stats import make_batches
+from bench_stats import add_model_options, load_model_and_batches
 
 from avss.collect import StatisticsCollector
-from avss.models import load_model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="smollm2-135m")
+    add_model_options(parser)
     parser.add_argument("--tokens", type=int, default=60000)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
-    loaded = load_model(args.model, device="cpu")
-    batches = make_batches(loaded.tokenizer, args.tokens, args.max_length, args.batch_size)
+    loaded, batches = load_model_and_batches(args, args.tokens)
     process = psutil.Process()
     print(f"model loaded: RSS {process.memory_info().rss >> 20} MB")
     print("| batches | tokens | RSS MB |\n|---:|---:|---:|")
     report = {1, 2, 3, 5, len(batches)} | set(range(10, len(batches), 10))
     tokens = 0
-    with torch.no_grad(), StatisticsCollector(loaded.model.eval()) as collector:
+    with torch.no_grad(), StatisticsCollector(loaded.model) as collector:
         for index, batch in enumerate(batches, start=1):
             collector.observe(batch)
             tokens += int(batch["attention_mask"].sum())

@@ -13,30 +13,24 @@ import argparse
 import time
 
 import torch
-from bench_stats import make_batches
+from bench_stats import add_model_options, load_model_and_batches, model_inputs
 from torch.profiler import ProfilerActivity, profile
 
 from avss.collect import collect_statistics
-from avss.models import load_model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="smollm2-135m")
+    add_model_options(parser)
     parser.add_argument("--sequences", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rows", type=int, default=20)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    loaded = load_model(args.model, device="cpu")
-    model = loaded.model.eval()
-    batches = make_batches(
-        loaded.tokenizer, args.sequences * args.max_length, args.max_length, args.batch_size
-    )
-    inputs = [{key: batch[key] for key in ("input_ids", "attention_mask")} for batch in batches]
+    loaded, batches = load_model_and_batches(args, args.sequences * args.max_length)
+    model = loaded.model
+    inputs = [model_inputs(batch) for batch in batches]
 
     def body() -> None:
         for batch in inputs:
