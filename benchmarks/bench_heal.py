@@ -175,6 +175,10 @@ def run(args: argparse.Namespace) -> None:
     atomic_write_text(out / "table.md", report(results))
 
 
+def markdown_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def report(results: dict[str, Any]) -> str:
     original = results["cells"]["original"]["perplexity"]
     corpora = list(original)
@@ -189,41 +193,37 @@ def report(results: dict[str, Any]) -> str:
         "peak RSS MB",
         "trainable params",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [markdown_row(header), "|" + "---|" * len(header)]
     blank = ["", "", "", ""]
-    lines.append(
-        "| original | 0 | - | "
-        + " | ".join(f"{original[c]:.2f}" for c in corpora)
-        + " | "
-        + " | ".join(["-"] * len(corpora))
-        + " | "
-        + " | ".join(blank)
-        + " |"
-    )
+    ppl_cells = lambda ppl: [f"{ppl[c]:.2f}" for c in corpora]  # noqa: E731
+    lines.append(markdown_row(["original", "0", "-", *ppl_cells(original), *["-"] * len(corpora), *blank]))
     for key, cell in results["cells"].items():
         if key == "original" or "pruned" not in cell:
             continue
         pruned = cell["pruned"]["perplexity"]
         removed = f"{len(cell['removed_layers'])} ({cell['fraction']:g})"
         lines.append(
-            f"| {cell['selection']} | {removed} | pruned | "
-            + " | ".join(f"{pruned[c]:.2f}" for c in corpora)
-            + " | "
-            + " | ".join(["0%"] * len(corpora))
-            + " | "
-            + " | ".join(blank)
-            + " |"
+            markdown_row(
+                [cell["selection"], removed, "pruned", *ppl_cells(pruned), *["0%"] * len(corpora), *blank]
+            )
         )
         for method, healed in cell.get("healed", {}).items():
             ppl = healed["perplexity"]
             recovered = [nll_recovered(original[c], pruned[c], ppl[c]) for c in corpora]
             lines.append(
-                f"| {cell['selection']} | {removed} | +{method} | "
-                + " | ".join(f"{ppl[c]:.2f}" for c in corpora)
-                + " | "
-                + " | ".join(f"{r:.0%}" for r in recovered)
-                + f" | {healed['steps']} | {healed['train_time_s']:.0f} | {healed['peak_memory_mb']:.0f}"
-                + f" | {healed['trainable_parameters']:,} |"
+                markdown_row(
+                    [
+                        cell["selection"],
+                        removed,
+                        f"+{method}",
+                        *ppl_cells(ppl),
+                        *[f"{r:.0%}" for r in recovered],
+                        str(healed["steps"]),
+                        f"{healed['train_time_s']:.0f}",
+                        f"{healed['peak_memory_mb']:.0f}",
+                        f"{healed['trainable_parameters']:,}",
+                    ]
+                )
             )
     return "\n".join(lines) + "\n"
 
