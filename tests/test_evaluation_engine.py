@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from _precision import float32_approx
 from _tiny import tiny_model, tiny_tokenizer
 from _tiny_eval import bpe_llama, bpe_tokenizer
 from avss.evaluation import engine
@@ -45,7 +46,7 @@ def test_loglikelihood_matches_direct_computation(bpe):
     results = LanguageModel(model, tokenizer, batch_size=4).loglikelihood(REQUESTS)
     for request, result in zip(REQUESTS, results, strict=True):
         expected = direct_loglikelihood(model, tokenizer, request.context, request.continuation)
-        assert result.logprob == pytest.approx(expected, abs=1e-5)
+        assert result.logprob == float32_approx(expected)
         assert result.logprob < 0
 
 
@@ -64,7 +65,7 @@ def test_batched_and_unbatched_loglikelihoods_agree(kind):
     one = LanguageModel(model, tokenizer, batch_size=1).loglikelihood(REQUESTS)
     many = LanguageModel(model, tokenizer, batch_size=8).loglikelihood(REQUESTS)
     for a, b in zip(one, many, strict=True):
-        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert a.logprob == float32_approx(b.logprob)
         assert (a.is_greedy, a.num_tokens) == (b.is_greedy, b.num_tokens)
 
 
@@ -77,7 +78,7 @@ def test_memory_budget_splits_batches_without_changing_results(bpe, monkeypatch)
     original = lm._forward_tails
     monkeypatch.setattr(lm, "_forward_tails", lambda rows: forwards.append(len(rows)) or original(rows))
     for a, b in zip(lm.loglikelihood(REQUESTS), expected, strict=True):
-        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert a.logprob == float32_approx(b.logprob)
     assert set(forwards) == {1}
 
 
@@ -112,7 +113,7 @@ def test_perplexity_is_exp_of_mean_nll(bpe):
     with torch.no_grad():
         loss = model(torch.tensor([ids]), labels=torch.tensor([ids])).loss  # mean NLL of tokens 1..n-1
     expected = math.exp(float(loss))
-    assert perplexity(model, tokenizer, texts, max_length=256) == pytest.approx(expected, rel=1e-5)
+    assert perplexity(model, tokenizer, texts, max_length=256) == float32_approx(expected)
 
 
 @pytest.mark.parametrize("stride", [None, 5])
@@ -136,7 +137,7 @@ def test_strided_windows_score_every_token_once(bpe, stride):
         previous_end = end
         if end == len(tokens):
             break
-    assert nll.total == pytest.approx(total, rel=1e-5)
+    assert nll.total == float32_approx(total)
 
 
 def test_rolling_nll_rejects_bad_stride(bpe):
@@ -196,5 +197,5 @@ def test_shared_context_cache_matches_independent_forwards(model_type):
     assert len(shared._shared_contexts([shared._encode_request(r) for r in requests])) == 2
     plain = LanguageModel(model, tokenizer, batch_size=3, share_context=False)
     for a, b in zip(shared.loglikelihood(requests), plain.loglikelihood(requests), strict=True):
-        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert a.logprob == float32_approx(b.logprob)
         assert (a.is_greedy, a.num_tokens) == (b.is_greedy, b.num_tokens)
