@@ -53,6 +53,8 @@ FIXES: dict[str, dict[str, str]] = {
         "missing data file": "Check the `--data` path.",
         "empty data file": "Give a file with text: paragraphs separated by blank lines.",
         "whitespace-only data file": "Give a file with text: paragraphs separated by blank lines.",
+        "binary data file": "Pass calibration text: a UTF-8 `.txt` file, or `.jsonl` with a `text` field.",
+        "binary JSONL file": "Pass a UTF-8 `.jsonl` file with one JSON object per line.",
         "empty JSONL file": 'Write one JSON object per line, e.g. `{"text": "..."}`.',
         "malformed JSONL line": "Fix the line named in the message (file:line); each line must be one JSON "
         "object.",
@@ -110,6 +112,9 @@ FIXES: dict[str, dict[str, str]] = {
         "--out is a file": "Give a directory path for the pruned model.",
         "--out below a regular file (prune)": "A parent of `--out` is a file; choose another path.",
         "--out below a regular file (score)": "A parent of `--out` is a file; choose another path.",
+        "--out on a special filesystem (prune)": "`/proc`, `/sys` and read-only mounts accept no new files "
+        "(even for root); choose a path on a normal filesystem.",
+        "--out on a special filesystem (score)": "Choose a path on a normal, writable filesystem.",
         "--out not writable": "Choose a directory you can write to.",
         "disk full writing scores JSON": "Free space and rerun; the previous file is intact.",
         "disk full mid-save of a pruned model": "Free space and rerun; the previous model folder is intact "

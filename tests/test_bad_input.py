@@ -142,6 +142,15 @@ def disk_full_mid_save(self: PreTrainedModel, directory: str | Path, *args: obje
     disk_full()
 
 
+def binary_file(ws: Workspace, name: str) -> str:
+    """Seeded random bytes (not UTF-8) under a text file's name, as a mistaken ``--data`` would be."""
+    path = ws.root / name
+    path.write_bytes(
+        torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).byte().numpy().tobytes()
+    )
+    return str(path)
+
+
 @dataclass(frozen=True)
 class Case:
     """One bad input: the command line it builds, what the message must say, and an optional failure patch."""
@@ -248,6 +257,16 @@ CLI_CASES = [
         "whitespace-only data file",
         lambda ws: score(ws, "--data", ws.file("blank.txt", "\n\n  \n")),
         ("blank.txt is empty",),
+    ),
+    Case(
+        "binary data file",
+        lambda ws: score(ws, "--data", binary_file(ws, "random.txt")),
+        ("random.txt is not UTF-8 text", "invalid byte at offset"),
+    ),
+    Case(
+        "binary JSONL file",
+        lambda ws: score(ws, "--data", binary_file(ws, "random.jsonl")),
+        ("random.jsonl is not UTF-8 text",),
     ),
     Case(
         "empty JSONL file",
@@ -418,6 +437,16 @@ CLI_CASES = [
         "--out below a regular file (score)",
         lambda ws: ["score", ws.model, *FAST, "--out", str(Path(ws.file("blocker", "x")) / "s.json")],
         ("cannot create output directory",),
+    ),
+    Case(
+        "--out on a special filesystem (prune)",
+        lambda ws: ["prune", ws.model, *FAST, "--out", "/proc/avss-out"],
+        ("cannot write in /proc", "choose another --out"),
+    ),
+    Case(
+        "--out on a special filesystem (score)",
+        lambda ws: ["score", ws.model, *FAST, "--out", "/proc/avss-scores.json"],
+        ("cannot write in /proc", "choose another --out"),
     ),
     Case(
         "--out not writable",

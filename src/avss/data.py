@@ -55,23 +55,33 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSON-lines file; a malformed line is reported with the file and line number."""
+def read_utf8(path: str | Path) -> str:
+    """The text of a UTF-8 file; a binary or otherwise undecodable file is a :class:`DataError`."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"data file {path} is not UTF-8 text (invalid byte at offset {exc.start}); pass a .txt or .jsonl file"
+        ) from exc
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSON-lines file; a malformed line is reported with the file and line number."""
+    path = Path(path)
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: malformed JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    for number, line in enumerate(read_utf8(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number}: malformed JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     if not rows:
         raise DataError(f"data file {path} is empty")
     return rows
@@ -100,7 +110,7 @@ def read_text_file(path: str | Path, field: str = "text") -> list[str]:
             raise DataError(f"{path}: row {missing[0]} has no string field {field!r}")
         texts = [row[field] for row in rows if row[field].strip()]
     else:
-        texts = split_paragraphs(path.read_text(encoding="utf-8"))
+        texts = split_paragraphs(read_utf8(path))
     if not texts:
         raise DataError(f"data file {path} is empty")
     return texts
@@ -115,7 +125,7 @@ def wikitext2_texts(data_dir: Path, split: str = "test") -> list[str]:
     for relative in candidates:
         path = data_dir / relative
         if path.is_file():
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = read_utf8(path).splitlines()
             return [line.strip() for line in lines if line.strip() and not line.strip().startswith("= ")]
     raise DataError(
         f"WikiText-2 {split} not found under {data_dir} (looked for {', '.join(candidates)}); "

@@ -64,6 +64,23 @@ def ensure_parent_writable(path: Path) -> None:
         raise OutputError(f"cannot create output directory {parent}: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputError(f"output directory {existing} is not writable; choose another --out")
+    _probe_writable(existing)
+
+
+def _probe_writable(directory: Path) -> None:
+    """Create and remove one private file in ``directory``.
+
+    Permission bits are not enough: root passes ``os.access`` on a read-only filesystem and on special
+    filesystems such as ``/proc`` or ``/sys``, where creating a file still fails.
+    """
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".avss-probe.", dir=directory)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write in {directory}: {exc.strerror or exc}; choose another --out"
+        ) from exc
+    os.close(fd)
+    os.unlink(probe)
 
 
 def make_parent(path: Path) -> None:
@@ -79,7 +96,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` and rename the result onto ``path``; remove the temporary file on failure."""
     path = Path(path)
     make_parent(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"failed to write {path}: {exc.strerror or exc}") from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -123,7 +143,10 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
     """
     path = check_output_dir(path, overwrite)
     make_parent(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise OutputError(f"failed to write {path}: {exc.strerror or exc}") from exc
     try:
         yield tmp
         os.chmod(tmp, DIR_MODE)
