@@ -64,7 +64,8 @@ def read_utf8(path: str | Path) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(
-            f"data file {path} is not UTF-8 text (invalid byte at offset {exc.start}); pass a .txt or .jsonl file"
+            f"data file {path} is not UTF-8 text (invalid byte at offset {exc.start}); "
+            "pass a .txt or .jsonl file"
         ) from exc
 
 
