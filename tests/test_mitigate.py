@@ -15,7 +15,7 @@ from _tiny import killed_after_checkpoint, tiny_model
 from avss.evaluation import LanguageModel
 from avss.hallucination import load_pairs
 from avss.hallucination.batches import contrastive_batches
-from avss.hallucination.dola import DolaModel, candidate_layers, dola_contrast
+from avss.hallucination.dola import DolaConfig, DolaModel
 from avss.hallucination.eavss import eavss_scores
 from avss.hallucination.heldout import evaluate_heldout
 from avss.hallucination.losses import infonce, logprob_margin
@@ -109,20 +109,8 @@ def test_saved_mitigated_model_reloads(tokenizer, data_dir: Path, tmp_path: Path
     assert record["layers"] == [2] and record["options"]["lora"] is lora
 
 
-def test_dola_contrast_hand_values() -> None:
-    final = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
-    premature = torch.log(torch.tensor([[[0.7, 0.2, 0.1]], [[0.1, 0.2, 0.7]]]))
-    scores = dola_contrast(final, premature, relative_top=0.0)
-    # The second candidate diverges more; scores are log_softmax(log 7, log 1, log 1/7).
-    expected = torch.log(torch.tensor([7.0, 1.0, 1 / 7]) / (7 + 1 + 1 / 7))
-    torch.testing.assert_close(scores[0], expected)
-    masked = dola_contrast(final, premature, relative_top=0.2)
-    assert masked[0, 2] == -1000.0 and masked[0, 0] == scores[0, 0]
-    assert candidate_layers("high", 8) == [4, 6] and candidate_layers("low", 8) == [0, 2]
-
-
 def test_dola_scoring_and_generation_run_on_a_tiny_model(tokenizer, data_dir: Path) -> None:  # noqa: F811
-    dola = DolaModel(tiny_model("llama", num_layers=4), layers="low")
+    dola = DolaModel(tiny_model("llama", num_layers=4), DolaConfig(buckets="low"))
     result = evaluate_heldout(dola, tokenizer, ["truthfulqa_mc"], data_dir=data_dir, batch_size=4)
     assert 0 < result["num_examples"]["truthfulqa_mc"] < 60
     assert 0.0 <= result["metrics"]["truthfulqa_mc"]["mc2"] <= 1.0

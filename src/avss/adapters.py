@@ -25,6 +25,10 @@ class ArchitectureSpec:
 
     ``layers`` is relative to ``model.base_model``; ``mlp_down`` and ``attn`` are relative to one block.
     ``mlp_down`` names the MLP's output projection: its input is the activation after the nonlinearity.
+
+    ``final_norm`` (relative to ``model.base_model``; None for encoders) is the norm between the last block
+    and the LM head, and ``logit_softcap_field`` the config field of the head's tanh soft-cap (Gemma 2; absent
+    or null elsewhere): with them any layer's hidden state becomes logits the way the last one does (DoLa).
     """
 
     layers: str
@@ -33,11 +37,17 @@ class ArchitectureSpec:
     num_layers_field: str = "num_hidden_layers"
     per_layer_fields: tuple[str, ...] = ("layer_types",)
     causal: bool = True
+    final_norm: str | None = "norm"
+    logit_softcap_field: str | None = "final_logit_softcapping"
 
 
 _DECODER = ArchitectureSpec(layers="layers", mlp_down="mlp.down_proj", attn="self_attn")
 _BERT_LIKE = ArchitectureSpec(
-    layers="encoder.layer", mlp_down="output.dense", attn="attention.output.dense", causal=False
+    layers="encoder.layer",
+    mlp_down="output.dense",
+    attn="attention.output.dense",
+    causal=False,
+    final_norm=None,
 )
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
@@ -50,9 +60,15 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "gemma3_text": _DECODER,
     "phi3": _DECODER,
     "olmo2": _DECODER,
-    "gpt2": ArchitectureSpec(layers="h", mlp_down="mlp.c_proj", attn="attn", num_layers_field="n_layer"),
-    "gpt_neox": ArchitectureSpec(layers="layers", mlp_down="mlp.dense_4h_to_h", attn="attention"),
-    "opt": ArchitectureSpec(layers="decoder.layers", mlp_down="fc2", attn="self_attn"),
+    "gpt2": ArchitectureSpec(
+        layers="h", mlp_down="mlp.c_proj", attn="attn", num_layers_field="n_layer", final_norm="ln_f"
+    ),
+    "gpt_neox": ArchitectureSpec(
+        layers="layers", mlp_down="mlp.dense_4h_to_h", attn="attention", final_norm="final_layer_norm"
+    ),
+    "opt": ArchitectureSpec(
+        layers="decoder.layers", mlp_down="fc2", attn="self_attn", final_norm="decoder.final_layer_norm"
+    ),
     "bert": _BERT_LIKE,
     "roberta": _BERT_LIKE,
     "distilbert": ArchitectureSpec(
@@ -61,6 +77,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         attn="attention",
         num_layers_field="n_layers",
         causal=False,
+        final_norm=None,
     ),
 }
 
@@ -133,6 +150,29 @@ class LayerAdapter:
     @property
     def causal(self) -> bool:
         return self.spec.causal
+
+    def final_norm(self) -> nn.Module:
+        """The norm between the last block and the LM head (identity where the architecture has none)."""
+        if self.spec.final_norm is None:
+            raise UnsupportedArchitectureError(f"{self.model_type} has no LM head to exit early through")
+        parent, _, name = self.spec.final_norm.rpartition(".")
+        owner = self.model.base_model.get_submodule(parent) if parent else self.model.base_model
+        if not hasattr(owner, name):
+            raise UnsupportedArchitectureError(
+                f"{self.model_type}: no final norm at base_model.{self.spec.final_norm}"
+            )
+        norm = getattr(owner, name)  # None for OPT without do_layer_norm_before
+        return norm if norm is not None else nn.Identity()
+
+    def early_exit_logits(self, hidden: torch.Tensor, norm: bool = True) -> torch.Tensor:
+        """LM-head logits of a hidden state (any layer's): final norm (unless ``norm`` is false), the output
+        embedding, then the config's logit soft-cap ``tanh(x / c) * c`` where the architecture has one."""
+        head = self.model.get_output_embeddings()
+        if head is None:
+            raise UnsupportedArchitectureError(f"{self.model_type}: the model has no LM head")
+        logits = head(self.final_norm()(hidden) if norm else hidden)
+        cap = getattr(self.model.config, self.spec.logit_softcap_field or "", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
 
     def site_module(self, layer: int, site: str) -> nn.Module:
         """The module hooked for ``site`` of block ``layer``: the block itself for ``block``/``delta``."""

@@ -113,15 +113,18 @@ def _keep_width(rows: Sequence[_Row]) -> int:
     return width - min(len(row.inputs) - row.n for row in rows)
 
 
-def _pick(logits: torch.Tensor, targets: list[int]) -> Loglikelihood:
+def _pick(logits: torch.Tensor, targets: list[int], normalize: bool = True) -> Loglikelihood:
     """Summed log-probability of ``targets`` under per-position ``logits`` [len(targets), vocab].
 
     Normalizes only the picked entries (logit minus the row's log-sum-exp) instead of materializing a
     vocabulary-wide log-softmax: for a 1024-token window and a 262k vocabulary that tensor is 1 GB.
+    With ``normalize`` false the logits are already per-token scores and are summed as they are.
     """
     logits = logits.float()
     target = torch.tensor(targets, device=logits.device)
-    picked = logits.gather(-1, target[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(-1, target[:, None]).squeeze(-1)
+    if normalize:
+        picked = picked - torch.logsumexp(logits, dim=-1)
     greedy = bool((logits.argmax(-1) == target).all())
     return Loglikelihood(float(picked.sum()), greedy, len(targets))
 
@@ -169,6 +172,8 @@ class LanguageModel:
         # The KV-cache argument (and output field) is `cache` from transformers 5.x, `past_key_values` before.
         self._cache_name = next((name for name in ("cache", "past_key_values") if name in parameters), None)
         self.share_context = share_context and self._cache_name is not None
+        # Wrappers whose ``.logits`` are already the per-token scores to sum (DoLa's contrast) say so.
+        self._normalize = not getattr(model, "logits_are_scores", False)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -235,7 +240,7 @@ class LanguageModel:
                 ).logits
             for row, continuation in enumerate(chunk):
                 scored = torch.cat([first, logits[row, : len(continuation) - 1]])
-                results.append(_pick(scored, continuation))
+                results.append(_pick(scored, continuation, self._normalize))
             self.progress.advance(len(chunk))
             start += len(chunk)
         return results
@@ -298,7 +303,7 @@ class LanguageModel:
             # Input position p predicts token p + 1, so the n targets are predicted by the last n inputs;
             # in the kept window, row's last input sits at len(inputs) - 1 - (width - keep).
             end = len(row.inputs) - (width - keep)
-            results.append(_pick(logits[index, end - row.n : end], row.targets))
+            results.append(_pick(logits[index, end - row.n : end], row.targets, self._normalize))
         return results
 
     # --- rolling log-likelihood (perplexity) -------------------------------------------------------------

@@ -1,80 +1,209 @@
 """DoLa (Chuang et al., 2024): contrast the final layer's next-token distribution with a premature layer's.
 
 :class:`DolaModel` wraps a causal LM so that anything calling ``model(...).logits`` or ``model.generate(...)``
-(the evaluation engine, for log-likelihood scoring and greedy generation) sees DoLa scores instead:
-``log p_final - log p_premature``, renormalized, where the premature layer is chosen per token among the
-candidate layers as the one with the largest Jensen-Shannon divergence from the final layer, and tokens
-outside the final layer's plausible set (``p < relative_top x max p``) are pushed to ``relative_top_value``.
+(the evaluation engine, for log-likelihood scoring and greedy generation) sees DoLa scores instead: per token,
+``log p_mature - log p_premature`` where the mature layer is the last one and the premature layer is picked
+per token among candidate layers as the one that diverges most from it. The engine sums these scores over an
+answer's tokens as they are (:attr:`DolaModel.logits_are_scores`); it does not log-softmax them again.
 
-Transformers 5 moved ``generate(dola_layers=...)`` to a hub-hosted decoding recipe that needs network
-access, so greedy DoLa decoding is done here too (no KV cache: fine for short answers).
+:class:`DolaConfig` holds every choice that differs between implementations, and :data:`DOLA_SETTINGS` names
+two of them:
+
+``paper`` (the default): DoLa as its authors score TruthfulQA multiple choice (voidism/DoLa,
+``tfqa_mc_eval.py`` calling ``DoLa.lm_score`` with ``mode="dola"``, ``relative_top=0.0``,
+``post_softmax=False``):
+
+- candidates: the authors' TruthfulQA bucket, even layers of the second half (``16,18,...,30`` of LLaMA-7B's
+  32, their README's ``--early-exit-layers 16,...,30,32``; the last 10 even layers above 40 layers). Their
+  *other* tasks (FACTOR, GSM8K, StrategyQA) use the first half, ``low`` here;
+- early exit: the LM head applied to the raw hidden state, without the final norm (their modified
+  ``LlamaForCausalLM`` computes ``lm_head(hidden_states[layer])``; the mature layer, ``hidden_states[-1]``, is
+  already normed). Soft-capping, where an architecture has it, is applied to every layer's logits;
+- selection: their divergence ``0.5 * (KL(M || p_mature) + KL(M || p_premature))`` averaged over the
+  vocabulary, ``M = (p_mature + p_premature) / 2`` (``F.kl_div(log_p, M)`` computes ``KL(M || p)``; this is
+  not the Jensen-Shannon divergence, whose KL terms run the other way);
+- score: the raw difference, no relative-top filter, no renormalization.
+
+``avss_v1``: what avss did before, kept for comparison: the ``high`` bucket, early exit through the final
+norm, the true Jensen-Shannon divergence, tokens whose mature probability is below ``0.1 x`` the top one set
+to -1000, and a log-softmax over the vocabulary after that mask (the paper's equation: a softmax over the
+plausible set).
+
+Transformers 5 moved ``generate(dola_layers=...)`` to a hub-hosted decoding recipe that needs network access,
+so greedy DoLa decoding is done here too (no KV cache: fine for short answers). For generation the authors
+filter with ``relative_top=0.1``; without a filter the argmax of the raw difference is often a token the final
+layer finds implausible.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from types import SimpleNamespace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from avss.adapters import get_adapter
+from avss.errors import AvssError
 
-FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_layer_norm")
+BUCKETS = ("paper", "low", "high")
+DIVERGENCES = ("authors", "js")
+
+
+class DolaConfigError(AvssError):
+    """A DoLa option is outside its allowed set."""
 
 
 def candidate_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
-    """DoLa's buckets as in transformers: ``low`` = even depths of the first half, ``high`` = of the second
-    half (hidden-state indices, 0 = embeddings), or explicit indices."""
-    if isinstance(spec, str) and spec in ("low", "high"):
-        half = num_layers // 2
-        return list(range(0, half, 2)) if spec == "low" else list(range(half, num_layers, 2))
-    layers = [int(x) for x in (spec.split(",") if isinstance(spec, str) else spec)]
-    if not layers or not all(0 <= layer < num_layers for layer in layers):
-        raise ValueError(f"DoLa layers must be in 0..{num_layers - 1}, got {spec!r}")
+    """Premature-layer candidates as hidden-state indices (0 = embeddings, ``num_layers`` = the mature layer).
+
+    ``low`` / ``high`` are the even layers of the first / second half (for more than 40 layers: the first /
+    last 10 even layers), as the DoLa authors' README lists them for LLaMA 7B-65B and as transformers'
+    ``dola_layers`` resolves them; ``paper`` is the authors' bucket for TruthfulQA, ``high``. Anything else is
+    a list of indices (or a comma-separated string of them).
+    """
+    if spec == "paper":
+        spec = "high"
+    if spec == "low":
+        return list(range(0, num_layers // 2 if num_layers <= 40 else 20, 2))
+    if spec == "high":
+        return list(range(num_layers // 2 if num_layers <= 40 else num_layers - 20, num_layers, 2))
+    layers = _parse_layers(spec)
+    if not all(layer < num_layers for layer in layers):
+        raise DolaConfigError(f"DoLa layers must be in 0..{num_layers - 1} for this model, got {spec!r}")
+    return list(layers)
+
+
+def _parse_layers(spec: str | Sequence[int]) -> tuple[int, ...]:
+    try:
+        layers = tuple(int(x) for x in (spec.split(",") if isinstance(spec, str) else spec))
+    except (TypeError, ValueError):
+        raise DolaConfigError(
+            f"DoLa buckets must be one of {', '.join(BUCKETS)} or comma-separated layer indices, got {spec!r}"
+        ) from None
+    if not layers or min(layers) < 0:
+        raise DolaConfigError(f"DoLa layers must be non-negative hidden-state indices, got {spec!r}")
     return layers
 
 
-def jensen_shannon(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """JSD between distributions given as log-probabilities over the last axis."""
-    logm = torch.logaddexp(logp, logq) - math.log(2)
-    kl_pm = (logp.exp() * (logp - logm)).sum(-1)
-    kl_qm = (logq.exp() * (logq - logm)).sum(-1)
-    return 0.5 * (kl_pm + kl_qm)
+@dataclass(frozen=True)
+class DolaConfig:
+    """How DoLa turns two layers' logits into a score; the defaults are the authors' multiple-choice setting.
+
+    ``buckets``: ``paper``, ``low``, ``high`` or explicit hidden-state indices (see :func:`candidate_layers`).
+    ``relative_top``: tokens whose mature probability is below ``relative_top x`` the largest get
+    ``relative_top_value`` (0 disables the filter). ``renormalize``: log-softmax the (filtered) scores over
+    the vocabulary. ``divergence``: ``authors`` (their code's ``KL(M || p)`` terms) or ``js``
+    (Jensen-Shannon).
+    ``premature_norm``: pass premature hidden states through the final norm before the LM head.
+    """
+
+    buckets: str | tuple[int, ...] = "paper"
+    relative_top: float = 0.0
+    renormalize: bool = False
+    relative_top_value: float = -1000.0
+    divergence: str = "authors"
+    premature_norm: bool = False
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.buckets, str) and self.buckets in BUCKETS):
+            object.__setattr__(self, "buckets", _parse_layers(self.buckets))
+        if not 0.0 <= self.relative_top < 1.0:
+            raise DolaConfigError(f"DoLa relative_top must be in [0, 1), got {self.relative_top}")
+        if not math.isfinite(self.relative_top_value):
+            raise DolaConfigError(f"DoLa relative_top_value must be finite, got {self.relative_top_value}")
+        if self.divergence not in DIVERGENCES:
+            raise DolaConfigError(
+                f"DoLa divergence must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}"
+            )
+
+    @classmethod
+    def named(cls, name: str, **overrides: Any) -> DolaConfig:
+        """A setting of :data:`DOLA_SETTINGS` by name, with some fields replaced."""
+        if name not in DOLA_SETTINGS:
+            raise DolaConfigError(f"unknown DoLa setting {name!r}; choose one of {', '.join(DOLA_SETTINGS)}")
+        return replace(DOLA_SETTINGS[name], **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        record = asdict(self)
+        record["buckets"] = self.buckets if isinstance(self.buckets, str) else list(self.buckets)
+        return record
 
 
-def dola_contrast(
-    final: torch.Tensor,
-    premature: torch.Tensor,
-    relative_top: float = 0.1,
+DOLA_SETTINGS: dict[str, DolaConfig] = {
+    "paper": DolaConfig(),
+    "avss_v1": DolaConfig(
+        buckets="high", relative_top=0.1, renormalize=True, divergence="js", premature_norm=True
+    ),
+}
+
+
+def divergence(log_mature: torch.Tensor, log_premature: torch.Tensor, kind: str = "authors") -> torch.Tensor:
+    """Per-position divergence between distributions given as log-probabilities over the last axis
+    (broadcast), averaged over the vocabulary as the authors do (a constant factor: the argmax is the same).
+
+    ``authors``: ``0.5 * (KL(M || p) + KL(M || q))``, their ``F.kl_div(log_p, M)`` terms; ``js``:
+    ``0.5 * (KL(p || M) + KL(q || M))``, the Jensen-Shannon divergence. ``M = (p + q) / 2``.
+    """
+    p, q = log_mature.exp(), log_premature.exp()
+    mixture = 0.5 * (p + q)
+    if kind == "authors":
+        kl1 = F.kl_div(log_mature, mixture, reduction="none")
+        kl2 = F.kl_div(log_premature, mixture, reduction="none")
+    elif kind == "js":
+        log_mixture = torch.logaddexp(log_mature, log_premature) - math.log(2)
+        kl1 = F.kl_div(log_mixture, log_mature, reduction="none", log_target=True)
+        kl2 = F.kl_div(log_mixture, log_premature, reduction="none", log_target=True)
+    else:
+        raise DolaConfigError(f"DoLa divergence must be one of {', '.join(DIVERGENCES)}, got {kind!r}")
+    return 0.5 * (kl1.mean(-1) + kl2.mean(-1))
+
+
+def select_premature(
+    log_mature: torch.Tensor, log_candidates: torch.Tensor, kind: str = "authors"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index, log_premature)``: per position, the candidate (C, ..., V) that diverges most from
+    ``log_mature`` (..., V), first one on ties, and its log-probabilities (..., V)."""
+    chosen = divergence(log_mature.unsqueeze(0), log_candidates, kind).argmax(dim=0)
+    picked = torch.gather(log_candidates, 0, chosen[None, ..., None].expand(1, *log_mature.shape)).squeeze(0)
+    return chosen, picked
+
+
+def contrast(
+    log_mature: torch.Tensor,
+    log_premature: torch.Tensor,
+    relative_top: float = 0.0,
     relative_top_value: float = -1000.0,
+    renormalize: bool = False,
 ) -> torch.Tensor:
-    """DoLa log-scores from final (..., V) and per-candidate premature (C, ..., V) log-probabilities."""
-    divergence = jensen_shannon(final.unsqueeze(0), premature)  # (C, ...)
-    chosen = divergence.argmax(dim=0)
-    picked = torch.gather(premature, 0, chosen[None, ..., None].expand(1, *final.shape)).squeeze(0)
-    scores = (final - picked).log_softmax(dim=-1)
+    """DoLa scores ``log_mature - log_premature`` (..., V). With ``relative_top > 0``, tokens whose mature
+    probability is below ``relative_top x`` the largest get ``relative_top_value``; with ``renormalize`` the
+    result is log-softmaxed over the vocabulary (after the mask, i.e. over the plausible set)."""
+    scores = log_mature - log_premature
     if relative_top > 0:
-        floor = final.max(dim=-1, keepdim=True).values + math.log(relative_top)
-        scores = torch.where(final < floor, torch.full_like(scores, relative_top_value), scores)
-    return scores
+        floor = log_mature.max(dim=-1, keepdim=True).values + math.log(relative_top)
+        scores = torch.where(log_mature < floor, torch.full_like(scores, relative_top_value), scores)
+    return scores.log_softmax(dim=-1) if renormalize else scores
 
 
 class DolaModel(nn.Module):
-    """A causal LM whose logits are DoLa scores; see the module docstring."""
+    """A causal LM whose ``.logits`` are DoLa scores; see the module docstring."""
 
-    def __init__(self, model: nn.Module, layers: str | Sequence[int] = "high", relative_top: float = 0.1):
+    logits_are_scores = True
+
+    def __init__(self, model: nn.Module, config: DolaConfig | None = None):
         super().__init__()
         self.model = model
         self.config = model.config
-        self.candidates = candidate_layers(layers, get_adapter(model).num_layers)
-        self.relative_top = relative_top
-        base = model.base_model
-        self.final_norm = next(
-            (getattr(base, n) for n in FINAL_NORM_NAMES if hasattr(base, n)), nn.Identity()
-        )
+        self.dola = config or DolaConfig()
+        self.adapter = get_adapter(model)
+        self.candidates = candidate_layers(self.dola.buckets, self.adapter.num_layers)
+        # How often each candidate was picked, over every scored position (the authors' premature_layer_dist).
+        self.picked_counts = dict.fromkeys(self.candidates, 0)
 
     def get_output_embeddings(self) -> nn.Module:
         return self.model.get_output_embeddings()
@@ -83,20 +212,56 @@ class DolaModel(nn.Module):
         return True
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0
-    ) -> Any:
-        """DoLa scores for the last ``logits_to_keep`` positions (all when 0), as ``.logits``."""
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        head = self.model.get_output_embeddings()
-        keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
-        final = outputs.logits[:, keep].float().log_softmax(-1)
-        premature = torch.stack(
-            [
-                head(self.final_norm(outputs.hidden_states[i][:, keep])).float().log_softmax(-1)
-                for i in self.candidates
-            ]
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        cache: Any = None,
+        use_cache: bool | None = None,
+    ) -> CausalLMOutputWithPast:
+        """DoLa scores for the last ``logits_to_keep`` positions (all when 0) as ``.logits``; ``cache`` and
+        ``use_cache`` go to the wrapped model (the engine scores answer options against a shared context)."""
+        kwargs: dict[str, Any] = {"use_cache": use_cache} if use_cache is not None else {}
+        if cache is not None:
+            kwargs["cache"] = cache
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=True,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
         )
-        return SimpleNamespace(logits=dola_contrast(final, premature, self.relative_top))
+        keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+        log_mature = outputs.logits[:, keep].float().log_softmax(-1)
+        # One candidate at a time, keeping the most divergent so far: memory of two vocabularies per
+        # position instead of one per candidate. Strictly greater keeps the first on ties, as argmax does.
+        best_div, best_log, best_index = None, None, None
+        for index, layer in enumerate(self.candidates):
+            hidden = outputs.hidden_states[layer][:, keep]
+            log_premature = self.adapter.early_exit_logits(hidden, norm=self.dola.premature_norm)
+            log_premature = log_premature.float().log_softmax(-1)
+            div = divergence(log_mature, log_premature, self.dola.divergence)
+            if best_div is None:
+                best_div, best_log = div, log_premature
+                best_index = torch.zeros_like(div, dtype=torch.long)
+            else:
+                better = div > best_div
+                best_div = torch.where(better, div, best_div)
+                best_log = torch.where(better[..., None], log_premature, best_log)
+                best_index = torch.where(better, index, best_index)
+        # Scored positions are the last ones of the mask (a cached context sits before them, padding aside).
+        width = best_index.shape[1]
+        mask = attention_mask[:, -width:].bool() if attention_mask is not None else best_index >= 0
+        for index, count in zip(*best_index[mask].unique(return_counts=True), strict=True):
+            self.picked_counts[self.candidates[int(index)]] += int(count)
+        scores = contrast(
+            log_mature,
+            best_log,
+            self.dola.relative_top,
+            self.dola.relative_top_value,
+            self.dola.renormalize,
+        )
+        return CausalLMOutputWithPast(logits=scores, cache=getattr(outputs, "cache", None))
 
     @torch.no_grad()
     def generate(
