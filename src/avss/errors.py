@@ -15,6 +15,10 @@ class ModelNotFoundError(AvssError):
     """The model path, embedded short name or hub id could not be resolved."""
 
 
+class GgufError(AvssError):
+    """A GGUF file is unreadable (truncated, not GGUF) or cannot be pruned as asked."""
+
+
 class UnsupportedArchitectureError(AvssError):
     """The model's architecture has no entry in the adapter table."""
 

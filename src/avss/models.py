@@ -160,15 +160,27 @@ def _strip_gguf_quantization(model: Any) -> None:
 
 def convert_gguf(gguf_path: Path, target: Path) -> Path:
     """Dequantize a GGUF file once into a safetensors folder (model + tokenizer) at ``target``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from avss.gguf_prune import hf_config_overrides
     from avss.io import atomic_directory
 
+    overrides = hf_config_overrides(gguf_path)  # also refuses a truncated or unreadable file
     with atomic_directory(target, overwrite=True) as tmp:
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-        )
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        kwargs: dict[str, Any] = {}
+        try:
+            if overrides:  # a pruned file's per-layer fields, which transformers' GGUF loader does not read
+                config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+                for key, value in overrides.items():
+                    if hasattr(config, key):
+                        setattr(config, key, value)
+                kwargs["config"] = config
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, **kwargs
+            )
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        except (ValueError, NotImplementedError) as exc:  # e.g. an architecture transformers cannot load
+            raise ModelNotFoundError(f"cannot load GGUF file {gguf_path}: {exc}") from None
         _strip_gguf_quantization(model)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -177,8 +189,10 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
 
 
 def _gguf_cache_path(gguf_path: Path) -> Path:
+    """Keyed by name, size and modification time: a pruned file rewritten at the same path with the same
+    size (another method, the same budget) must not reuse the previous file's conversion."""
     stat = gguf_path.stat()
-    return cache_dir() / "converted" / f"{gguf_path.stem}-{stat.st_size}"
+    return cache_dir() / "converted" / f"{gguf_path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
 
 
 def resolve_model_path(spec: str) -> tuple[Path | str, dict[str, Any]]:

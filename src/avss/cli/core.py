@@ -35,6 +35,7 @@ from avss.cli.options import (
     text_source,
 )
 from avss.distributed import setup_distributed
+from avss.gguf_prune import check_gguf_prune, is_gguf_path, save_pruned_gguf
 from avss.heal import HealConfig, save_or_heal
 from avss.io import check_output_dir, ensure_parent_writable
 from avss.iterative import prune_with_scorer
@@ -209,7 +210,9 @@ def prune_command(
         protect=comma_list(protect),
     ).check()
     heal_config = HealConfig(method=heal, steps=heal_steps) if heal else None
-    check_output_dir(out, overwrite)
+    gguf_input = check_gguf_prune(model, out, overwrite, heal) if is_gguf_path(out) else None
+    if gguf_input is None:
+        check_output_dir(out, overwrite)
     avss_options = f"avss[site={site},variance={variance},threshold={threshold}]"
     scorer = get_scorer(avss_options if method == "avss" else method)
     loaded = load_model(
@@ -221,6 +224,9 @@ def prune_command(
     first = selection.steps[0]
     console.print(importance_table(first, result.removed))
     print_warnings(first.warnings)
-    save_or_heal(loaded, result, out, heal_config, source, overwrite=overwrite)
+    if gguf_input is not None:  # quantized tensors of the kept blocks copied, not re-quantized
+        save_pruned_gguf(gguf_input, out, result.record, overwrite=overwrite)
+    else:
+        save_or_heal(loaded, result, out, heal_config, source, overwrite=overwrite)
     order = " (in this order)" if iterative else ""
     console.print(f"removed layers {selection.order}{order}; {len(result.kept)} remain. Saved to {out}")
