@@ -27,7 +27,7 @@ from avss.hallucination.mitigate import (
     mitigate,
     save_mitigated,
 )
-from avss.training import CHECKPOINT_FILE, TrainConfig, train
+from avss.training import CHECKPOINT_FILE, TrainConfig, lora_module_names, train
 from test_hallucination import data_dir  # noqa: F401  (fixture)
 
 
@@ -92,21 +92,47 @@ def test_contrastive_loss_decreases_when_overfitting(
     assert end < ratio * start, (start, end)
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_saved_mitigated_model_reloads(tokenizer, data_dir: Path, tmp_path: Path, lora: bool) -> None:  # noqa: F811
-    model = tiny_model("llama", num_layers=3)
+@pytest.mark.parametrize(
+    ("model_type", "lora"), [("llama", False), ("llama", True), ("gpt2", False), ("gpt2", True)]
+)
+def test_saved_mitigated_model_reloads(
+    tokenizer,
+    data_dir: Path,  # noqa: F811
+    tmp_path: Path,
+    model_type: str,
+    lora: bool,
+) -> None:
+    """GPT-2's projections are ``Conv1D``: LoRA must find them as it finds ``nn.Linear`` elsewhere."""
+    model = tiny_model(model_type, num_layers=3)
     pairs = load_pairs(["truthfulqa"], data_dir)[:4]
     options = MitigationOptions(
         lora=lora, max_length=48, train=TrainConfig(epochs=1, lr=1e-2, progress=False)
     )
     trained, result = mitigate(model, tokenizer, pairs, pairs[:2], [2], options)
-    assert type(trained).__name__ == "LlamaForCausalLM"
+    assert type(trained) is type(model)
     out = save_mitigated(trained, tokenizer, tmp_path / "mitigated", result.record)
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.tensor([[5, 6, 7, 8]])
     torch.testing.assert_close(reloaded(input_ids=ids).logits, trained(input_ids=ids).logits)
     record = json.loads((out / "avss_mitigation.json").read_text())
     assert record["layers"] == [2] and record["options"]["lora"] is lora
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gpt2_conv1d_blocks_train(tokenizer, data_dir: Path, lora: bool) -> None:  # noqa: F811
+    """Only block 2 changes, with LoRA too (peft used to get no ``nn.Linear`` target on GPT-2 and raise).
+
+    No validation pairs, so the trained weights are kept rather than the best epoch's (here: the start).
+    """
+    model = tiny_model("gpt2", num_layers=3)
+    assert lora_module_names(model, [2], None) == [
+        f"transformer.h.2.{name}" for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    options = MitigationOptions(lora=lora, max_length=48, train=TrainConfig(lr=1e-2, progress=False))
+    trained, _ = mitigate(model, tokenizer, load_pairs(["truthfulqa"], data_dir)[:4], [], [2], options)
+    changed = {name for name, p in trained.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all(name.startswith("transformer.h.2.") for name in changed), changed
 
 
 def test_dola_scoring_and_generation_run_on_a_tiny_model(tokenizer, data_dir: Path) -> None:  # noqa: F811

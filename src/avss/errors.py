@@ -15,6 +15,10 @@ class ModelNotFoundError(AvssError):
     """The model path, embedded short name or hub id could not be resolved."""
 
 
+class ModelAssemblyError(AvssError):
+    """An embedded model's split parts do not assemble into the recorded file (size, magic or sha256)."""
+
+
 class GgufError(AvssError):
     """A GGUF file is unreadable (truncated, not GGUF) or cannot be pruned as asked."""
 
@@ -49,3 +53,7 @@ class OptionError(AvssError):
 
 class CheckpointError(AvssError):
     """A checkpoint to resume from is unreadable or was written by a different run."""
+
+
+class HealConfigError(AvssError):
+    """The requested healing or fine-tuning is impossible (unknown method, no pruning record, no targets)."""

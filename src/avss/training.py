@@ -21,7 +21,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
+from avss.adapters import get_adapter
+from avss.errors import HealConfigError
 from avss.io import atomic_write
 from avss.progress import track
 
@@ -29,6 +32,8 @@ Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 ParamPredicate = Callable[[str, nn.Parameter], bool]
 CHECKPOINT_FILE = "checkpoint.pt"
+# Modules LoRA can adapt: GPT-2's projections are transformers' Conv1D, not nn.Linear.
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
 
 
 @dataclass
@@ -289,3 +294,19 @@ def train(
     result.peak_memory_bytes, result.peak_memory_kind = _peak_memory(device)
     result.wall_time_s = round(time.perf_counter() - started, 3)
     return result
+
+
+def lora_module_names(model: nn.Module, layers: list[int], targets: tuple[str, ...] | None) -> list[str]:
+    """Full names of the linear modules in blocks ``layers`` whose last name component is a target
+    (every linear module of those blocks for ``None`` or ``all-linear``)."""
+    adapter = get_adapter(model)
+    every = targets is None or targets == ("all-linear",)
+    names = []
+    for layer in layers:
+        prefix = adapter.layer_name(layer)
+        for name, module in adapter.blocks[layer].named_modules():
+            if isinstance(module, LINEAR_TYPES) and (every or name.rpartition(".")[2] in targets):
+                names.append(f"{prefix}.{name}")
+    if not names:
+        raise HealConfigError(f"no linear module named {', '.join(targets or ())} in blocks {layers}")
+    return names

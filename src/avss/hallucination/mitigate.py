@@ -25,7 +25,14 @@ from avss.hallucination.losses import CONTRASTS, answer_nll, infonce, logprob_ma
 from avss.hallucination.pairs import Pair, describe_pairs
 from avss.io import atomic_directory
 from avss.pipeline import package_versions
-from avss.training import TrainConfig, TrainResult, prefix_selector, substring_selector, train
+from avss.training import (
+    TrainConfig,
+    TrainResult,
+    lora_module_names,
+    prefix_selector,
+    substring_selector,
+    train,
+)
 
 PROVENANCE_FILE = "avss_mitigation.json"
 
@@ -174,16 +181,11 @@ class MitigationResult:
 
 
 def lora_wrap(model: nn.Module, layers: Sequence[int], rank: int) -> nn.Module:
-    """Wrap ``model`` with LoRA adapters on every linear layer inside the chosen blocks only."""
+    """Wrap ``model`` with LoRA adapters on every linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) inside
+    the chosen blocks only."""
     from peft import LoraConfig, get_peft_model
 
-    adapter = get_adapter(model)
-    targets = [
-        f"{adapter.layer_name(layer)}.{name}"
-        for layer in layers
-        for name, module in adapter.blocks[layer].named_modules()
-        if isinstance(module, nn.Linear)
-    ]
+    targets = lora_module_names(model, list(layers), None)
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets)
     return get_peft_model(model, config)
 
