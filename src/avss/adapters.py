@@ -8,7 +8,7 @@ one line in :data:`ARCHITECTURES`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -26,6 +26,14 @@ class ArchitectureSpec:
     ``layers`` is relative to ``model.base_model``; ``mlp_down`` and ``attn`` are relative to one block.
     ``mlp_down`` names the MLP's output projection: its input is the activation after the nonlinearity.
 
+    ``mlp_output_norm`` names the norm (relative to one block) that stands between ``mlp_down``'s output and
+    the block's output: a post-MLP norm applied before the residual add (Gemma 2/3, OLMo 2) or a post-LN
+    block's norm after it (BERT). Without one, the block's output is its residual stream plus ``mlp_down``'s
+    output, which is what ``--patch linear`` folds its map into. ``pre_norm_field`` is a config flag that,
+    when true, means the norm is not in the way after all (OPT's ``do_layer_norm_before``).
+    ``mlp_down_layout`` is how the projection stores its weight: ``out_in`` (``nn.Linear``) or ``in_out``
+    (GPT-2's ``Conv1D``).
+
     ``final_norm`` (relative to ``model.base_model``; None for encoders) is the norm between the last block
     and the LM head, and ``logit_softcap_field`` the config field of the head's tanh soft-cap (Gemma 2; absent
     or null elsewhere): with them any layer's hidden state becomes logits the way the last one does (DoLa).
@@ -37,16 +45,21 @@ class ArchitectureSpec:
     num_layers_field: str = "num_hidden_layers"
     per_layer_fields: tuple[str, ...] = ("layer_types",)
     causal: bool = True
+    mlp_output_norm: str | None = None
+    pre_norm_field: str | None = None
+    mlp_down_layout: str = "out_in"
     final_norm: str | None = "norm"
     logit_softcap_field: str | None = "final_logit_softcapping"
 
 
 _DECODER = ArchitectureSpec(layers="layers", mlp_down="mlp.down_proj", attn="self_attn")
+_DECODER_POST_MLP_NORM = replace(_DECODER, mlp_output_norm="post_feedforward_layernorm")
 _BERT_LIKE = ArchitectureSpec(
     layers="encoder.layer",
     mlp_down="output.dense",
     attn="attention.output.dense",
     causal=False,
+    mlp_output_norm="output.LayerNorm",
     final_norm=None,
 )
 
@@ -56,18 +69,28 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "qwen2": _DECODER,
     "qwen3": _DECODER,
     "gemma": _DECODER,
-    "gemma2": _DECODER,
-    "gemma3_text": _DECODER,
+    "gemma2": _DECODER_POST_MLP_NORM,
+    "gemma3_text": _DECODER_POST_MLP_NORM,
     "phi3": _DECODER,
-    "olmo2": _DECODER,
+    "olmo2": _DECODER_POST_MLP_NORM,
     "gpt2": ArchitectureSpec(
-        layers="h", mlp_down="mlp.c_proj", attn="attn", num_layers_field="n_layer", final_norm="ln_f"
+        layers="h",
+        mlp_down="mlp.c_proj",
+        attn="attn",
+        num_layers_field="n_layer",
+        mlp_down_layout="in_out",
+        final_norm="ln_f",
     ),
     "gpt_neox": ArchitectureSpec(
         layers="layers", mlp_down="mlp.dense_4h_to_h", attn="attention", final_norm="final_layer_norm"
     ),
     "opt": ArchitectureSpec(
-        layers="decoder.layers", mlp_down="fc2", attn="self_attn", final_norm="decoder.final_layer_norm"
+        layers="decoder.layers",
+        mlp_down="fc2",
+        attn="self_attn",
+        mlp_output_norm="final_layer_norm",
+        pre_norm_field="do_layer_norm_before",
+        final_norm="decoder.final_layer_norm",
     ),
     "bert": _BERT_LIKE,
     "roberta": _BERT_LIKE,
@@ -77,6 +100,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         attn="attention",
         num_layers_field="n_layers",
         causal=False,
+        mlp_output_norm="output_layer_norm",
         final_norm=None,
     ),
 }
@@ -184,6 +208,18 @@ class LayerAdapter:
         if site == "attn":
             return block.get_submodule(self.spec.attn)
         raise ValueError(f"unknown site {site!r}; choose one of {', '.join(SITES)}")
+
+    def mlp_output_obstacle(self) -> str | None:
+        """Why the block's output is not its residual stream plus ``mlp_down``'s output (None when it is)."""
+        spec = self.spec
+        if spec.mlp_output_norm is None:
+            return None
+        if spec.pre_norm_field is not None and getattr(self.model.config, spec.pre_norm_field, False):
+            return None
+        return (
+            f"{self.model_type} passes the MLP output through {spec.mlp_output_norm} on its way into the "
+            "residual stream"
+        )
 
     def layer_name(self, layer: int, site: str = "block") -> str:
         base = f"{self.model.base_model_prefix}.{self.spec.layers}.{layer}"

@@ -18,7 +18,15 @@ from torch import nn
 from avss.adapters import SITES, LayerAdapter, block_input, first_tensor, get_adapter
 from avss.errors import NonFiniteActivationError
 from avss.progress import track
-from avss.stats import ActivationStats, SiteBatch, Threshold, masked_cosine_sum, reduce_site
+from avss.stats import (
+    ACCUMULATOR_DTYPE,
+    ActivationStats,
+    LinearFitStats,
+    SiteBatch,
+    Threshold,
+    masked_cosine_sum,
+    reduce_site,
+)
 
 DEFAULT_THRESHOLDS = ("abs:1e-5", "rel:0.01")
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -284,4 +292,106 @@ def collect_statistics(
                 on_batch(collector.stats, index)
     result = collector.stats.to("cpu")
     check_finite(result, collector.adapter)
+    return result
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the deepest block a pass needs has run, to skip the rest of the model."""
+
+
+class LinearFitCollector:
+    """Hooks streaming the sums of one least-squares fit per ``(source, target)`` block pair.
+
+    For each pair, the inputs are ``m``, the output of ``source``'s MLP down projection, and the targets are
+    ``target``'s output minus ``source``'s residual stream before its MLP was added (``source``'s output
+    minus ``m``): what ``--patch linear`` needs for a removed run ``source + 1 .. target``. Only real tokens
+    count (``stat_mask``, else ``attention_mask``); the forward pass stops after the deepest target. The
+    sums live on the model's execution device; hooks are always removed on exit.
+    """
+
+    def __init__(self, model: nn.Module, pairs: list[tuple[int, int]], width: int):
+        self.model = model
+        self.adapter = get_adapter(model)
+        self.pairs = list(pairs)
+        self.device = execution_device(model)
+        self.stats = LinearFitStats(len(self.pairs), width).to(self.device)
+        self.deepest = max(target for _, target in self.pairs)
+        self._handles: list[Any] = []
+        self._mask: torch.Tensor | None = None
+        self._captured: dict[tuple[str, int], torch.Tensor] = {}
+
+    def __enter__(self) -> LinearFitCollector:
+        for fit, (source, target) in enumerate(self.pairs):
+            down = self.adapter.site_module(source, "mlp")
+            self._handles.append(down.register_forward_hook(self._capture("mlp", source)))
+            block = self.adapter.blocks[source]
+            self._handles.append(block.register_forward_hook(self._capture("block", source)))
+            self._handles.append(self.adapter.blocks[target].register_forward_hook(self._fit(fit)))
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._captured.clear()
+
+    def _capture(self, kind: str, layer: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            assert self._mask is not None, "observe() sets the mask before the forward pass"
+            hidden = first_tensor(output)
+            if hidden.dim() == 2 and hidden.shape[0] == self._mask.numel():
+                hidden = hidden.view(*self._mask.shape, -1)  # OPT flattens (B, T) inside its MLP
+            self._captured[kind, layer] = hidden
+
+        return hook
+
+    def _fit(self, fit: int) -> Callable[..., None]:
+        source, target = self.pairs[fit]
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            assert self._mask is not None
+            produced = first_tensor(output)
+            mlp = self._captured["mlp", source]
+            before_mlp = self._captured["block", source].to(mlp.device, ACCUMULATOR_DTYPE) - mlp.double()
+            wanted = produced.to(mlp.device, ACCUMULATOR_DTYPE) - before_mlp
+            self.stats.update(fit, mlp, wanted, self._mask.to(mlp.device))
+            if target == self.deepest:
+                raise _StopForward
+
+        return hook
+
+    @torch.no_grad()
+    def observe(self, batch: dict[str, torch.Tensor]) -> None:
+        """Run one batch through the model body, up to the deepest target block, and add its sums."""
+        if not self._handles:
+            raise RuntimeError("use LinearFitCollector as a context manager before calling observe()")
+        self._mask = batch.get("stat_mask", batch["attention_mask"]).to(self.device).bool()
+        inputs = {key: batch[key].to(self.device) for key in MODEL_INPUTS if key in batch}
+        try:
+            self.model.base_model(**inputs)
+        except _StopForward:
+            pass
+        finally:
+            self._mask = None
+            self._captured.clear()
+
+
+def collect_linear_fit(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    pairs: list[tuple[int, int]],
+    width: int,
+    *,
+    progress: bool = True,
+) -> LinearFitStats:
+    """Stream ``batches`` through ``model`` and return the sums of :class:`LinearFitCollector` (on CPU)."""
+    with LinearFitCollector(model, pairs, width) as collector:
+        for batch in track(list(batches), "fitting linear patch", enabled=progress):
+            collector.observe(batch)
+    result = collector.stats.to("cpu")
+    if not all(torch.isfinite(tensor).all() for tensor in result.tensors().values()):
+        raise NonFiniteActivationError(
+            "the activations feeding the linear patch contain NaN/Inf; check the weights or use "
+            "--dtype float32"
+        )
     return result

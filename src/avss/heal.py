@@ -41,7 +41,7 @@ from avss.errors import AvssError, DataError, PruneConfigError
 from avss.io import atomic_directory, check_output_dir, to_json
 from avss.models import LoadedModel, load_model
 from avss.pipeline import PruneResult, package_versions
-from avss.prune import PROVENANCE_FILE, save_pruned
+from avss.prune import PROVENANCE_FILE, contiguous_spans, save_pruned
 from avss.training import ParamPredicate, TrainConfig, prefix_selector, substring_selector, train
 
 HEALING_FILE = "avss_healing.json"
@@ -131,17 +131,6 @@ class HealResult:
 
 
 # --- where the removed layers were (pure functions of layer indices) ------------------------------------
-
-
-def contiguous_spans(removed: list[int]) -> list[tuple[int, int]]:
-    """Inclusive ``(first, last)`` runs of consecutive removed layer indices, in order."""
-    spans: list[tuple[int, int]] = []
-    for layer in sorted(set(removed)):
-        if spans and layer == spans[-1][1] + 1:
-            spans[-1] = (spans[-1][0], layer)
-        else:
-            spans.append((layer, layer))
-    return spans
 
 
 def kept_layers(removed: list[int], original_num_layers: int) -> list[int]:

@@ -16,8 +16,9 @@ from avss.adapters import get_adapter
 from avss.data import TextSource
 from avss.errors import PruneConfigError
 from avss.models import LoadedModel
+from avss.patch import check_linear_patch, linear_patch
 from avss.pipeline import CalibrationOptions, PruneResult, command_line, package_versions
-from avss.prune import PruneSpec, PruningRecord, check_budget, protected_layers, remove_layers
+from avss.prune import PruneSpec, PruningRecord, check_budget, remove_layers
 from avss.scorers import LayerImportance, Scorer, ScoringContext, context_for
 
 
@@ -115,12 +116,16 @@ def prune_with_scorer(
     The budget comes from ``spec`` (``count`` rule; ``mass`` only applies to one-shot normalized scores).
     One-shot activation scorers stream their statistics (memory flat in the calibration tokens); the residual
     cache of :class:`~avss.scorers.CachedContext` is kept only where it saves passes: iterative re-scoring and
-    scorers that skip blocks.
+    scorers that skip blocks. ``spec.patch`` fits and folds the linear patch (:mod:`avss.patch`) on the same
+    calibration batches before the blocks are removed; the architecture and memory are checked first.
     """
     started = time.perf_counter()
+    spec.check(iterative)
     batches = calibration.batches(loaded.tokenizer, source)
+    if spec.patch is not None:
+        check_linear_patch(loaded.model, batches.batches)
     num_layers = get_adapter(loaded.model).num_layers
-    protect = protected_layers(num_layers, spec.protect)
+    protect = spec.protected(num_layers)
     cached = iterative or scorer.skips_blocks
     context = context_for(loaded.model, batches, [scorer], cached=cached, progress=progress)
     if spec.rule == "mass":
@@ -134,6 +139,9 @@ def prune_with_scorer(
         selection = select_layers(
             scorer, context, spec.layers_to_remove(num_layers), protect, iterative=iterative
         )
+    patch = None
+    if spec.patch is not None:
+        patch = linear_patch(loaded.model, batches.batches, selection.removed, spec.patch_ridge, progress)
     if not iterative:
         remove_layers(loaded.model, selection.removed)
     kept = [layer for layer in range(num_layers) if layer not in set(selection.removed)]
@@ -155,5 +163,6 @@ def prune_with_scorer(
             "wall_time_s": round(time.perf_counter() - started, 3),
             "versions": package_versions(),
         },
+        patch=patch,
     )
     return PruneResult(selection.removed, kept, record), selection

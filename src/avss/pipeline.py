@@ -22,6 +22,7 @@ from avss.errors import OptionError
 from avss.evaluation.runner import package_versions
 from avss.io import atomic_write_json
 from avss.models import LoadedModel
+from avss.patch import linear_patch
 from avss.prune import PruneSpec, PruningRecord, remove_layers, save_pruned
 from avss.scores import LayerScores, score_layers
 from avss.stats import VARIANCE_KINDS, ActivationStats, Threshold
@@ -156,10 +157,27 @@ class PruneResult:
     record: PruningRecord
 
 
-def prune(loaded: LoadedModel, run: ScoreRun, spec: PruneSpec) -> PruneResult:
-    """Remove the layers ``spec`` selects by AVSS from ``loaded.model`` in place."""
+def prune(
+    loaded: LoadedModel,
+    run: ScoreRun,
+    spec: PruneSpec,
+    source: TextSource | None = None,
+    calibration: CalibrationOptions | None = None,
+    progress: bool = True,
+) -> PruneResult:
+    """Remove the layers ``spec`` selects by AVSS from ``loaded.model`` in place.
+
+    With ``spec.patch`` the linear patch is fitted on ``source`` cut by ``calibration`` (by default the
+    bundled calibration corpus and options, as :func:`score` uses; pass the ones given to it) and folded in
+    before the blocks are removed.
+    """
+    spec.check()
     original = run.scores.num_layers
     removed = spec.select(run.scores.avss)
+    patch = None
+    if spec.patch is not None:
+        batches = (calibration or CalibrationOptions()).batches(loaded.tokenizer, source or TextSource())
+        patch = linear_patch(loaded.model, batches.batches, removed, spec.patch_ridge, progress)
     kept = remove_layers(loaded.model, removed)
     record = PruningRecord(
         source_model=loaded.source,
@@ -170,6 +188,7 @@ def prune(loaded: LoadedModel, run: ScoreRun, spec: PruneSpec) -> PruneResult:
         selection=asdict(spec),
         scores=run.scores.avss.tolist(),
         options={k: v for k, v in run.provenance.items() if k not in ("model",)},
+        patch=patch,
     )
     return PruneResult(removed, kept, record)
 

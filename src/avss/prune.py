@@ -21,6 +21,7 @@ from avss.errors import PruneConfigError
 from avss.io import atomic_directory
 
 RULES = ("count", "mass")
+PATCHES = ("linear",)
 PROVENANCE_FILE = "avss_pruning.json"
 
 
@@ -102,18 +103,45 @@ def select_mass(scores: torch.Tensor, tau: float, protect: set[int] | None = Non
     return sorted(chosen)
 
 
+def contiguous_spans(removed: list[int]) -> list[tuple[int, int]]:
+    """Inclusive ``(first, last)`` runs of consecutive removed layer indices, in order."""
+    spans: list[tuple[int, int]] = []
+    for layer in sorted(set(removed)):
+        if spans and layer == spans[-1][1] + 1:
+            spans[-1] = (spans[-1][0], layer)
+        else:
+            spans.append((layer, layer))
+    return spans
+
+
 @dataclass
 class PruneSpec:
-    """How many layers to remove and how to choose them."""
+    """How many layers to remove and how to choose them, and how to repair what they did.
+
+    ``patch="linear"`` folds a least-squares linear map for each removed run into the preceding kept block's
+    MLP down projection (:mod:`avss.patch`; ``patch_ridge`` is relative to the mean eigenvalue of the fit's
+    Gram matrix). Block 0 then counts as protected: a run starting there has no preceding MLP.
+    """
 
     rule: str = "count"
     fraction: float | None = 0.25
     n_layers: int | None = None
     tau: float | None = None
     protect: tuple[str, ...] = ()
+    patch: str | None = None
+    patch_ridge: float = 0.0
 
-    def check(self) -> PruneSpec:
+    def check(self, iterative: bool = False) -> PruneSpec:
         """Check what does not depend on the model, so a bad option fails before minutes of scoring."""
+        if self.patch is not None and self.patch not in PATCHES:
+            raise PruneConfigError(f"unknown --patch {self.patch!r}; choose one of {', '.join(PATCHES)}")
+        if not (0 <= self.patch_ridge < float("inf")):
+            raise PruneConfigError(f"--patch-ridge must be a finite number >= 0, got {self.patch_ridge}")
+        if self.patch is not None and iterative:
+            raise PruneConfigError(
+                "--patch linear cannot be combined with --iterative (the fit needs the unpruned model's "
+                "activations, and iterative selection prunes the model while it selects); drop one of them"
+            )
         if self.rule not in RULES:
             raise PruneConfigError(f"unknown --rule {self.rule!r}; choose one of {', '.join(RULES)}")
         if self.rule == "count" and self.n_layers is None and self.fraction is not None:
@@ -135,9 +163,13 @@ class PruneSpec:
             )
         return self.n_layers
 
+    def protected(self, num_layers: int) -> set[int]:
+        """The layers never removed: ``protect``, plus block 0 when a patch needs a block before every run."""
+        return protected_layers(num_layers, self.protect) | ({0} if self.patch is not None else set())
+
     def select(self, scores: torch.Tensor) -> list[int]:
         num_layers = scores.numel()
-        protect = protected_layers(num_layers, self.protect)
+        protect = self.protected(num_layers)
         if self.rule == "count":
             return select_count(scores, self.layers_to_remove(num_layers), protect)
         if self.rule == "mass":
@@ -172,6 +204,7 @@ class PruningRecord:
     scores: list[float] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
     avss_version: str = __version__
+    patch: dict[str, Any] | None = None
 
 
 def save_pruned(

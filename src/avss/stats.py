@@ -455,3 +455,78 @@ class ActivationStats:
             sites={name: SiteStats(num_layers, thresholds) for name in sites},
             relations=RelationStats(num_layers),
         )
+
+
+def masked_cross_products(
+    inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch's least-squares sums over the selected tokens, in float64.
+
+    ``inputs`` and ``targets`` are (..., D) with token ``mask`` (...). Returns the token count, ``X^T X``,
+    ``X^T Y`` (both (D, D)) and ``sum |Y|^2`` for the selected rows X of ``inputs`` and Y of ``targets``.
+    Unselected tokens are zeroed rather than gathered (no host sync); the products of float32 values are
+    exact in float64, so only the float64 summation rounds.
+    """
+    keep = mask.to(device=inputs.device, dtype=torch.bool).unsqueeze(-1)
+    x = torch.where(keep, inputs.to(ACCUMULATOR_DTYPE), 0.0).reshape(-1, inputs.shape[-1])
+    y = torch.where(keep, targets.to(device=inputs.device, dtype=ACCUMULATOR_DTYPE), 0.0)
+    y = y.reshape(-1, targets.shape[-1])
+    return keep.sum(dtype=ACCUMULATOR_DTYPE), x.T @ x, x.T @ y, y.square().sum()
+
+
+@dataclass
+class LinearFitStats:
+    """Streamed sums of a least-squares fit ``X T ~ Y`` for ``num_fits`` independent fits of width ``width``.
+
+    Per fit: the token count, ``xtx = X^T X``, ``xty = X^T Y`` and ``yy = sum |Y|^2``, all float64. They are
+    plain sums, so two shards merge by addition (exact up to float64 rounding), and the fit and its residual
+    error follow from them without any activation (:mod:`avss.patch`). Memory: ``2 num_fits width^2`` float64
+    values (268 MB per fit at width 4096), independent of the number of tokens.
+    """
+
+    num_fits: int
+    width: int
+    count: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    xtx: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    xty: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    yy: torch.Tensor = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        shapes = {
+            "count": (self.num_fits,),
+            "xtx": (self.num_fits, self.width, self.width),
+            "xty": (self.num_fits, self.width, self.width),
+            "yy": (self.num_fits,),
+        }
+        for name, shape in shapes.items():
+            if getattr(self, name) is None:
+                setattr(self, name, torch.zeros(shape, dtype=ACCUMULATOR_DTYPE))
+
+    @staticmethod
+    def bytes_needed(num_fits: int, width: int) -> int:
+        """Memory of the accumulators: two (width x width) float64 sums per fit."""
+        return num_fits * 2 * width * width * torch.finfo(ACCUMULATOR_DTYPE).bits // 8
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in ("count", "xtx", "xty", "yy")}
+
+    def to(self, device: torch.device | str) -> LinearFitStats:
+        for name, tensor in self.tensors().items():
+            setattr(self, name, tensor.to(device))
+        return self
+
+    def update(self, fit: int, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> None:
+        """Fold one batch of fit ``fit`` in: ``inputs``/``targets`` (B, T, D) with token ``mask`` (B, T)."""
+        sums = masked_cross_products(inputs, targets, mask)
+        for name, value in zip(("count", "xtx", "xty", "yy"), sums, strict=True):
+            getattr(self, name)[fit] += value.to(self.xtx.device)
+
+    def merge(self, other: LinearFitStats) -> LinearFitStats:
+        """Sums over both shards' tokens (``self`` and ``other`` are left unchanged)."""
+        if (self.num_fits, self.width) != (other.num_fits, other.width):
+            raise ValueError("cannot merge linear-fit sums of different fits or widths")
+        device = self.xtx.device
+        mine, theirs = self.tensors(), other.tensors()
+        return LinearFitStats(
+            self.num_fits, self.width, **{name: mine[name] + theirs[name].to(device) for name in mine}
+        )

@@ -199,6 +199,16 @@ def prune_command(
         str | None, typer.Option(help="Heal before saving on the calibration text: lora, full or replace")
     ] = None,
     heal_steps: Annotated[int, typer.Option(min=1, help="Optimizer steps for --heal (see avss heal)")] = 200,
+    patch: Annotated[
+        str | None,
+        typer.Option(
+            help="Training-free repair: linear folds a least-squares map for each removed run into the MLP "
+            "down projection of the kept block before it (block 0 is then protected)"
+        ),
+    ] = None,
+    patch_ridge: Annotated[
+        float, typer.Option(help="Ridge for --patch linear, relative to the mean eigenvalue of m^T m")
+    ] = 0.0,
 ) -> None:
     """Remove the least important layers of MODEL (AVSS by default) and save a model that reloads with
     from_pretrained."""
@@ -208,7 +218,9 @@ def prune_command(
         n_layers=n_layers,
         tau=tau,
         protect=comma_list(protect),
-    ).check()
+        patch=patch,
+        patch_ridge=patch_ridge,
+    ).check(iterative=iterative)
     heal_config = HealConfig(method=heal, steps=heal_steps) if heal else None
     gguf_input = check_gguf_prune(model, out, overwrite, heal) if is_gguf_path(out) else None
     if gguf_input is None:
@@ -228,5 +240,12 @@ def prune_command(
         save_pruned_gguf(gguf_input, out, result.record, overwrite=overwrite)
     else:
         save_or_heal(loaded, result, out, heal_config, source, overwrite=overwrite)
+    if result.record.patch is not None:
+        runs, tokens = result.record.patch["runs"], result.record.patch["fit_tokens"]
+        left = ", ".join(f"{run['relative_fit_error']:.3f}" for run in runs)
+        console.print(
+            f"linear patch folded into blocks {[run['folded_into'] for run in runs]} ({tokens} fit tokens); "
+            f"hidden-state error left of plain removal: {left}"
+        )
     order = " (in this order)" if iterative else ""
     console.print(f"removed layers {selection.order}{order}; {len(result.kept)} remain. Saved to {out}")
