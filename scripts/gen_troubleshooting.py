@@ -106,6 +106,20 @@ FIXES: dict[str, dict[str, str]] = {
         "Inf activations": "The named layer's weights are broken or overflow: check the checkpoint, try "
         "`--dtype float32`.",
     },
+    "GGUF in, GGUF out": {
+        "truncated .gguf file": "The file is cut off (the message names the first missing tensor): download "
+        "it again and compare its size or checksum.",
+        "GGUF output from a truncated .gguf file": "Download the file again; nothing is pruned from a file "
+        "whose tensors are missing.",
+        "GGUF output from an architecture avss cannot prune": "Use a listed architecture, save a model "
+        "directory instead (`--out DIR`), or add a row to `avss.gguf_prune.GGUF_ARCHITECTURES`.",
+        "GGUF --out exists without --overwrite": "Choose a new `--out`, or pass `--overwrite` (the old file "
+        "is replaced only once the new one is complete).",
+        "GGUF --out from a model directory": "A `.gguf` `--out` copies quantized tensors, so it needs a "
+        "`.gguf` input; give `--out` a directory for other models.",
+        "GGUF --out with --heal": "Healing rewrites the kept blocks' weights; save a directory "
+        "(`--out DIR`).",
+    },
     "Output": {
         "--out not empty without --overwrite": "Choose a new `--out`, or pass `--overwrite` (the old result "
         "is replaced only once the new one is complete).",

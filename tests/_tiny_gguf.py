@@ -58,11 +58,12 @@ def _tokens() -> list[str]:
     return SPECIALS + ["".join(spelling[b] for b in char.encode()) for char in CHARS]
 
 
-def write_tiny_gguf(model, path: Path) -> Path:
-    """Write ``model`` (a tiny llama or gemma3_text from :func:`_tiny.tiny_model`) as a GGUF at ``path``."""
+def write_tiny_gguf(model, path: Path, claimed_arch: str | None = None) -> Path:
+    """Write ``model`` (a tiny llama or gemma3_text from :func:`_tiny.tiny_model`) as a GGUF at ``path``;
+    ``claimed_arch`` writes the same tensors and keys under another ``general.architecture``."""
     config = model.config
     arch = GGUF_ARCH[config.model_type]
-    writer = gguf.GGUFWriter(path, arch)
+    writer = gguf.GGUFWriter(path, claimed_arch or arch)
     writer.add_name(f"tiny-{arch}")
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
@@ -117,5 +118,14 @@ def write_tiny_gguf(model, path: Path) -> Path:
     return path
 
 
-def tiny_gguf(model_type: str, path: Path, num_layers: int = 6, seed: int = 0) -> Path:
-    return write_tiny_gguf(tiny_model(model_type, num_layers, seed), path)
+def tiny_gguf(
+    model_type: str, path: Path, num_layers: int = 6, seed: int = 0, claimed_arch: str | None = None
+) -> Path:
+    return write_tiny_gguf(tiny_model(model_type, num_layers, seed), path, claimed_arch)
+
+
+def truncated_copy(path: Path, target: Path, keep: float = 0.6) -> Path:
+    """The first ``keep`` of ``path``'s bytes: a download cut off in the tensor data."""
+    data = path.read_bytes()
+    target.write_bytes(data[: int(len(data) * keep)])
+    return target

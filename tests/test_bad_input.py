@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from _tiny import VOCAB, random_batch, tiny_model, tiny_tokenizer
+from _tiny_gguf import tiny_gguf, truncated_copy
 from avss import errors
 from avss.cli import main
 
@@ -183,6 +184,29 @@ def eval_cli(ws: Workspace, *extra: str) -> list[str]:
         str(ws.out / "results.json"),
         *extra,
     ]
+
+
+def gguf_file(
+    name: str, claimed_arch: str | None = None, truncated: bool = False
+) -> Callable[[Workspace], None]:
+    """Setup: a tiny llama GGUF at ``WORK/name`` (claiming another architecture, or cut off mid-tensor)."""
+
+    def setup(ws: Workspace) -> None:
+        path = tiny_gguf("llama", ws.root / name, NUM_LAYERS, claimed_arch=claimed_arch)
+        if truncated:
+            truncated_copy(path, path)
+
+    return setup
+
+
+def previous_gguf(ws: Workspace) -> None:
+    gguf_file("model.gguf")(ws)
+    ws.out.mkdir()
+    (ws.out / "pruned.gguf").write_text("previous result")
+
+
+def prune_to_gguf(ws: Workspace, model: str, *extra: str) -> list[str]:
+    return ["prune", model, *FAST, "--out", str(ws.out / "pruned.gguf"), *extra]
 
 
 CLI_CASES = [
@@ -415,6 +439,42 @@ CLI_CASES = [
         "Inf activations",
         lambda ws: prune(ws, model=ws.variant(poison(float("inf")))),
         ("layer 2 (model.layers.2)", "NaN/Inf"),
+    ),
+    # --- GGUF in, GGUF out ---
+    Case(
+        "truncated .gguf file",
+        lambda ws: score(ws, model=str(ws.root / "cut.gguf")),
+        ("GGUF file", "cut.gguf is truncated or corrupt"),
+        setup=gguf_file("cut.gguf", truncated=True),
+    ),
+    Case(
+        "GGUF output from a truncated .gguf file",
+        lambda ws: prune_to_gguf(ws, str(ws.root / "cut.gguf")),
+        ("cut.gguf is truncated or corrupt",),
+        setup=gguf_file("cut.gguf", truncated=True),
+    ),
+    Case(
+        "GGUF output from an architecture avss cannot prune",
+        lambda ws: prune_to_gguf(ws, str(ws.root / "falcon.gguf")),
+        ("GGUF architecture 'falcon' is not supported for GGUF output", "llama"),
+        setup=gguf_file("falcon.gguf", claimed_arch="falcon"),
+    ),
+    Case(
+        "GGUF --out exists without --overwrite",
+        lambda ws: prune_to_gguf(ws, str(ws.root / "model.gguf")),
+        ("pruned.gguf exists", "--overwrite"),
+        setup=previous_gguf,
+    ),
+    Case(
+        "GGUF --out from a model directory",
+        lambda ws: prune_to_gguf(ws, ws.model),
+        ("is a GGUF file, which needs a GGUF model",),
+    ),
+    Case(
+        "GGUF --out with --heal",
+        lambda ws: prune_to_gguf(ws, str(ws.root / "model.gguf"), "--heal", "lora"),
+        ("--heal retrains the kept blocks",),
+        setup=gguf_file("model.gguf"),
     ),
     # --- the output ---
     Case(

@@ -241,3 +241,34 @@ def test_cli_prunes_a_gguf_into_a_gguf_and_evaluates_it(
     loaded = load_model(str(out), device="cpu")
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(**random_batch()).logits, reference, rtol=0, atol=0)
+
+
+def test_an_existing_output_is_kept_unless_overwrite(source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pruned.gguf"
+    out.write_text("previous result")
+    with pytest.raises(errors.OutputError, match="--overwrite"):
+        prune_gguf(source, out, KEPT, RECORD)
+    assert out.read_text() == "previous result"
+    prune_gguf(source, out, KEPT, RECORD, overwrite=True)
+    assert gguf.GGUFReader(out).tensors
+
+
+def test_a_failed_write_leaves_no_partial_file(
+    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    written: list[int] = []
+
+    def disk_full(self: gguf.GGUFWriter, *args: object, **kwargs: object) -> None:
+        written.append(1)
+        if len(written) > 3:  # a few tensors are on disk, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        original(self, *args, **kwargs)
+
+    original = gguf.GGUFWriter.write_tensor_data
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", disk_full)
+    with pytest.raises(errors.OutputError, match="No space left on device"):
+        prune_gguf(source, tmp_path / "pruned.gguf", KEPT, RECORD)
+    assert list(tmp_path.iterdir()) == []

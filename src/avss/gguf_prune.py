@@ -108,12 +108,14 @@ def open_gguf(path: str | Path) -> Any:
     import gguf
 
     path = Path(path)
+    with path.open("rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise GgufError(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
     try:
         reader = gguf.GGUFReader(path)
-    except Exception as exc:  # gguf raises ValueError, IndexError, struct errors... on a bad header
-        raise GgufError(
-            f"cannot read GGUF file {path}: {exc or type(exc).__name__} (truncated or not a GGUF file?)"
-        ) from None
+    except Exception as exc:  # gguf raises ValueError, IndexError, struct errors... on a cut-off file
+        reason = str(exc) or type(exc).__name__
+        raise GgufError(f"GGUF file {path} is truncated or corrupt (gguf: {reason})") from None
     size = path.stat().st_size
     for tensor in reader.tensors:
         if tensor.data_offset + tensor.n_bytes > size or tensor.data.nbytes != tensor.n_bytes:
