@@ -21,7 +21,7 @@ from statistics import mean, pstdev
 from avss.adapters import get_adapter
 from avss.data import resolve_data_dir
 from avss.hallucination.batches import contrastive_batches
-from avss.hallucination.dola import DolaModel
+from avss.hallucination.dola import DOLA_SETTINGS, DolaConfig, DolaModel
 from avss.hallucination.eavss import EavssScores
 from avss.hallucination.heldout import evaluate_heldout
 from avss.hallucination.mitigate import MitigationOptions, choose_layers, mitigate, pair_accuracy
@@ -83,7 +83,10 @@ def run_step(step: str, loaded, args: argparse.Namespace) -> dict:
         record["eval"] = heldout(model, tokenizer, args, tasks)
         return record
     if step == "dola":
-        record["eval"] = heldout(DolaModel(model, layers=args.dola_layers), tokenizer, args, tasks[:2])
+        overrides = {"buckets": args.dola_layers} if args.dola_layers else {}
+        config = DolaConfig.named(args.dola_setting, **overrides)
+        record["dola"] = config.to_dict()
+        record["eval"] = heldout(DolaModel(model, config), tokenizer, args, tasks[:2])
         return record
     _, selection, seed = step.split(":")
     scores = EavssScores.from_dict(json.loads((HERE / "eavss.json").read_text()))
@@ -193,7 +196,10 @@ def main() -> None:
     parser.add_argument("--ppl-lines", type=int, default=8)
     parser.add_argument("--ppl-max-length", type=int, default=512)
     parser.add_argument("--eval-batch-size", type=int, default=8)
-    parser.add_argument("--dola-layers", default="high")
+    parser.add_argument("--dola-setting", default="paper", choices=sorted(DOLA_SETTINGS))
+    parser.add_argument(
+        "--dola-layers", default=None, help="override the setting's bucket (low, high, 1,3,...)"
+    )
     args = parser.parse_args()
     if args.steps == ["table"]:
         table(args.arms_dir)
