@@ -107,8 +107,8 @@ FIXES: dict[str, dict[str, str]] = {
         "`--dtype float32`.",
     },
     "GGUF in, GGUF out": {
-        "truncated .gguf file": "The file is cut off (the message names the first missing tensor): download "
-        "it again and compare its size or checksum.",
+        "truncated .gguf file": "The file is cut off or damaged: download it again and compare its size "
+        "or checksum.",
         "GGUF output from a truncated .gguf file": "Download the file again; nothing is pruned from a file "
         "whose tensors are missing.",
         "GGUF output from an architecture avss cannot prune": "Use a listed architecture, save a model "
