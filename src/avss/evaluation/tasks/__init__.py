@@ -1,5 +1,31 @@
 """Built-in tasks; importing this package registers them (one module per benchmark family)."""
 
-from avss.evaluation.tasks import open_qa, perplexity, sciq, sentiment, truthfulqa, wikiqa
+from avss.evaluation.tasks import (
+    arc,
+    boolq,
+    lambada,
+    open_qa,
+    openbookqa,
+    perplexity,
+    piqa,
+    sciq,
+    sentiment,
+    truthfulqa,
+    wikiqa,
+    winogrande,
+)
 
-__all__ = ["open_qa", "perplexity", "sciq", "sentiment", "truthfulqa", "wikiqa"]
+__all__ = [
+    "arc",
+    "boolq",
+    "lambada",
+    "open_qa",
+    "openbookqa",
+    "perplexity",
+    "piqa",
+    "sciq",
+    "sentiment",
+    "truthfulqa",
+    "wikiqa",
+    "winogrande",
+]
