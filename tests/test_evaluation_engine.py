@@ -140,6 +140,21 @@ def test_strided_windows_score_every_token_once(bpe, stride):
     assert nll.total == float32_approx(total)
 
 
+@pytest.mark.parametrize("stride", [None, 5])
+def test_rolling_nll_splits_by_text(bpe, stride):
+    model, tokenizer = bpe
+    lm = LanguageModel(model, tokenizer, batch_size=3)
+    first = "The quick brown fox jumps over the lazy dog."
+    nll = lm.rolling_nll([first, "Water boils at 100 degrees.", "Paris"], max_length=12, stride=stride)
+    assert len(nll.per_text) == 3 and all(tokens > 0 for _, tokens in nll.per_text)
+    assert sum(tokens for _, tokens in nll.per_text) == nll.num_tokens
+    assert sum(total for total, _ in nll.per_text) == float32_approx(nll.total)
+    # Tokens of the first text never see what follows it: changing the last texts leaves its share alone.
+    other = lm.rolling_nll([first, "Telescopes use lenses."], max_length=12, stride=stride)
+    assert other.per_text[0][1] == nll.per_text[0][1]
+    assert other.per_text[0][0] == float32_approx(nll.per_text[0][0])
+
+
 def test_rolling_nll_rejects_bad_stride(bpe):
     model, tokenizer = bpe
     with pytest.raises(ValueError, match="stride"):

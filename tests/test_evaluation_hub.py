@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from _tiny_eval import FIXTURES, bpe_llama, bpe_tokenizer
+from _zero_shot_hub import ZERO_SHOT_HUB
 from avss.errors import DataError
 from avss.evaluation import TASKS, EvalResult, evaluate, get_task
 from avss.evaluation.hub import HubData
@@ -259,6 +260,7 @@ HUB: dict[str, tuple[tuple[str, str | None, str], list[dict[str, Any]], list[dic
         [{"text": " = Fixture Article = "}, {"text": " The quick brown fox jumps over the lazy dog . "}],
     ),
 }
+HUB.update(ZERO_SHOT_HUB)
 HUB_TASKS = sorted(HUB)
 
 

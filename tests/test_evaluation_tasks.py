@@ -13,6 +13,7 @@ from _tiny_eval import FIXTURES, bpe_llama, bpe_tokenizer
 from avss.errors import DataError, UnsupportedArchitectureError
 from avss.evaluation import TASKS, EvalResult, evaluate, get_task
 from avss.evaluation.base import FewShotSampler
+from avss.evaluation.uncertainty import PairingError
 
 EXPECTED_METRICS = {
     "wikitext2": {"perplexity"},
@@ -24,6 +25,13 @@ EXPECTED_METRICS = {
     "wikiqa": {"map", "mrr"},
     "sst2": {"accuracy"},
     "rotten_tomatoes": {"accuracy"},
+    "arc_easy": {"accuracy", "accuracy_norm"},
+    "arc_challenge": {"accuracy", "accuracy_norm"},
+    "piqa": {"accuracy", "accuracy_norm"},
+    "openbookqa": {"accuracy", "accuracy_norm"},
+    "boolq": {"accuracy"},
+    "winogrande": {"accuracy"},
+    "lambada_openai": {"accuracy", "perplexity"},
 }
 
 
@@ -65,8 +73,48 @@ def test_result_records_provenance_and_round_trips(all_tasks, tmp_path):
     assert all_tasks.options["seed"] == 0 and all_tasks.model["model_type"] == "llama"
     assert all_tasks.wall_time_s > 0
     path = all_tasks.save(tmp_path / "results.json")
-    assert json.loads(path.read_text())["tasks"]["sciq"]["metrics"] == sciq.metrics
-    assert EvalResult.load(path) == all_tasks
+    saved = json.loads(path.read_text())
+    assert saved["format"] == "avss-eval/2"
+    assert saved["tasks"]["sciq"]["metrics"] == sciq.metrics
+    assert len(saved["tasks"]["sciq"]["records"]) == sciq.num_examples
+    assert "nll" not in saved["tasks"]["sciq"]["records"][0]  # fields that do not apply are left out
+    loaded = EvalResult.load(path)
+    assert loaded == all_tasks
+    assert loaded.tasks["sciq"].records == sciq.records
+
+
+def test_every_task_records_each_example(all_tasks):
+    fixture = [json.loads(line) for line in (FIXTURES / "sciq" / "sciq_test.jsonl").read_text().splitlines()]
+    for name, task in all_tasks.tasks.items():
+        records = task.records
+        assert len(records) == (
+            task.num_examples if name not in ("sst2", "rotten_tomatoes") else len(records)
+        )
+        assert len({record.id for record in records}) == len(records), name
+        for metric, value in task.metrics.items():
+            if metric != "perplexity":  # the mean of the records is the task's metric
+                assert sum(r.metrics[metric] for r in records) / len(records) == pytest.approx(value), name
+    sciq = all_tasks.tasks["sciq"].records
+    assert [record.id for record in sciq] == [doc["id"] for doc in fixture]
+    first = sciq[0]
+    assert first.num_options == 4 and len(first.scores) == 4 and first.label == fixture[0]["label"]
+    assert first.option_lengths == [len(choice) for choice in fixture[0]["choices"]]
+    assert first.prediction == max(range(4), key=lambda i: (first.scores[i], -i))
+    assert first.metrics["accuracy"] == float(first.prediction == first.label)
+    truthfulqa = all_tasks.tasks["truthfulqa_mc"].records[0]
+    assert truthfulqa.num_options < len(truthfulqa.scores)  # MC1 choices first, then the MC2 set
+    assert isinstance(all_tasks.tasks["nq_open"].records[0].prediction, str)
+    # Perplexity: per-document NLL and tokens that add up to the corpus figure.
+    wikitext = all_tasks.tasks["wikitext2"]
+    assert len(wikitext.records) == wikitext.num_examples
+    total_nll = sum(record.nll for record in wikitext.records)
+    total_tokens = sum(record.num_tokens for record in wikitext.records)
+    assert math.exp(total_nll / total_tokens) == pytest.approx(wikitext.metrics["perplexity"], rel=1e-5)
+    assert all(record.num_tokens > 0 for record in wikitext.records)
+    summary = wikitext.summary(resamples=500)["perplexity"]
+    assert summary.low <= wikitext.metrics["perplexity"] <= summary.high and summary.n == len(
+        wikitext.records
+    )
 
 
 def test_evaluation_is_deterministic_and_leaves_the_model_mode(bpe):
@@ -92,9 +140,16 @@ def test_limit_takes_a_seeded_sample_in_file_order(bpe):
     assert sciq.select(pool, None, seed=0) == sciq.select(pool, 50, seed=0) == pool
 
 
-def test_retained_against_itself_is_one(all_tasks):
-    for metrics in all_tasks.retained(all_tasks).values():
-        assert all(value == pytest.approx(1.0) for value in metrics.values() if not math.isnan(value))
+def test_comparison_against_itself_changes_nothing(all_tasks):
+    table = all_tasks.compare(all_tasks, resamples=200)
+    assert {(row.task, row.metric) for row in table.rows} == {
+        (name, metric) for name, task in all_tasks.tasks.items() for metric in task.metrics
+    }
+    for row in table.rows:
+        assert row.difference.estimate == row.difference.low == row.difference.high == 0.0, row
+        if row.kind == "accuracy":
+            assert row.mcnemar.p_value == row.holm_p == 1.0
+            assert math.isnan(row.retention.estimate) or row.retention.estimate == pytest.approx(1.0)
 
 
 def test_perplexity_task_reads_a_text_file(bpe, tmp_path):
@@ -177,6 +232,32 @@ def test_cli_eval_writes_json_and_compares(bpe, tmp_path):
     assert set(saved["tasks"]) == {"sciq", "wikitext2"}
     assert saved["model"]["kind"] == "directory" and saved["options"]["max_length"] == 32
 
-    second = runner.invoke(app, ["eval", *common, "--tasks", "wikitext2", "--compare", str(out)])
+    compared = tmp_path / "compared.json"
+    args = ["eval", *common, "--tasks", "wikitext2,sciq", "--compare", str(out), "--out", str(compared)]
+    second = runner.invoke(app, args)
     assert second.exit_code == 0, second.output
-    assert "retained" in second.output and "100.0%" in second.output
+    assert "+0.0000" in second.output  # the model against itself (the table wraps at 80 columns)
+    saved = json.loads(compared.read_text())
+    assert saved["comparison"]["base"]["path"] == str(out)
+    rows = {(row["task"], row["metric"]): row for row in saved["comparison"]["rows"]}
+    assert rows[("wikitext2", "perplexity")]["difference_unit"] == "nats per token"
+    assert rows[("sciq", "accuracy")]["mcnemar"]["p_value"] == 1.0
+    assert EvalResult.load(compared).comparison == saved["comparison"]
+
+    # Another example set (--limit): one line through the CLI's AvssError handler, results still saved.
+    other = tmp_path / "other.json"
+    args = [
+        "eval",
+        *common[:-2],
+        "--tasks",
+        "sciq",
+        "--limit",
+        "2",
+        "--compare",
+        str(out),
+        "--out",
+        str(other),
+    ]
+    third = runner.invoke(app, args)
+    assert isinstance(third.exception, PairingError) and "different examples" in str(third.exception)
+    assert EvalResult.load(other).comparison is None

@@ -1,7 +1,10 @@
-"""``avss eval``: run evaluation tasks on a model and print (and save) a table of metrics."""
+"""``avss eval``: run evaluation tasks on a model and print (and save) a table of metrics with 95% intervals;
+with ``--compare``, the paired comparison against a base result (:meth:`EvalResult.compare`)."""
 
 from __future__ import annotations
 
+import contextlib
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,6 +16,8 @@ from avss.cli._app import app, console, console_err
 from avss.cli.options import AllowPickle, Device, Dtype, ModelArg, TrustRemoteCode, comma_list
 from avss.errors import DataError
 from avss.evaluation import TASKS, EvalResult, evaluate
+from avss.evaluation.comparison import PERPLEXITY, Comparison, ComparisonRow
+from avss.evaluation.uncertainty import Interval, PairingError
 from avss.io import ensure_parent_writable
 from avss.models import load_model
 
@@ -40,7 +45,11 @@ DataSource = Annotated[
 ]
 ResultsOut = Annotated[Path | None, typer.Option(help="Write the results JSON here")]
 Compare = Annotated[
-    Path | None, typer.Option(help="Results JSON of a base model: adds a 'retained' column (pruned / base)")
+    Path | None,
+    typer.Option(
+        help="Results JSON of a base model on the same examples: paired differences with 95% intervals, "
+        "McNemar p (Holm-corrected), chance-normalized retention, NLL change per token"
+    ),
 ]
 MaxLength = Annotated[int | None, typer.Option(min=2, help="Perplexity window in tokens (default 1024)")]
 Stride = Annotated[int | None, typer.Option(min=1, help="Perplexity window step (default: the window)")]
@@ -124,31 +133,97 @@ def eval_command(
             harness_include=str(harness_include) if harness_include else None,
             **options,
         )
-    console.print(results_table(result, base))
+    console.print(results_table(result))
+    if base is not None and compare is not None:
+        try:
+            paired = result.compare(base)
+        except PairingError:
+            if out is not None:  # minutes of evaluation are not lost to a mismatched base file
+                result.save(out)
+                console_err.print(f"results (without comparison) written to {out}")
+            raise
+        for table in comparison_tables(paired):
+            console.print(table)
+        result = result.with_comparison(paired, base, compare)
     if out is not None:
         result.save(out)
         console.print(f"results written to {out}")
 
 
-def results_table(result: EvalResult, base: EvalResult | None = None) -> Table:
-    """One row per task and metric; with ``base``, its value and the retained fraction as well."""
+def _interval(value: Interval | float | None, digits: int = 4, sign: bool = False) -> str:
+    if value is None:
+        return "-"
+    if not isinstance(value, Interval):
+        return f"{value:.{digits}f}"
+    if math.isnan(value.estimate):
+        return "n/a"
+    plus = "+" if sign else ""
+    return f"{value.estimate:{plus}.{digits}f} [{value.low:{plus}.{digits}f}, {value.high:{plus}.{digits}f}]"
+
+
+def _p(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def results_table(result: EvalResult) -> Table:
+    """One row per task and metric: the value, its 95% interval over examples (when the task has
+    per-example records) and the number of examples."""
     table = Table(title=f"avss eval: {result.model.get('name') or result.model.get('class')}")
-    for column in ("task", "metric", "value", "n"):
+    for column in ("task", "metric", "value", "95% interval", "n"):
         table.add_column(column, justify="left" if column in ("task", "metric") else "right")
-    retained = result.retained(base) if base is not None else {}
-    if base is not None:
-        table.add_column("base", justify="right")
-        table.add_column("retained", justify="right")
     for name, task in result.tasks.items():
         for metric, value in task.metrics.items():
-            row = [name, metric, f"{value:.4f}", str(task.num_examples)]
-            if base is not None:
-                base_task = base.tasks.get(name)
-                base_value = base_task.metrics.get(metric) if base_task else None
-                kept = retained.get(name, {}).get(metric)
-                row += [
-                    "-" if base_value is None else f"{base_value:.4f}",
-                    "-" if kept is None else f"{kept:.1%}",
-                ]
-            table.add_row(*row)
+            bounds = "-"
+            with contextlib.suppress(DataError):  # no records, or none this metric can be drawn from
+                found = task.interval(metric)
+                bounds = f"[{found.low:.4f}, {found.high:.4f}]"
+            table.add_row(name, metric, f"{value:.4f}", bounds, str(task.num_examples))
     return table
+
+
+def comparison_tables(comparison: Comparison) -> list[Table]:
+    """Scores and perplexity in separate tables: their differences have different units and are never
+    averaged together."""
+    scores = Table(title="pruned vs base: paired over the same examples (95% intervals)")
+    columns = ("task", "metric", "n", "base", "pruned", "difference", "McNemar p", "Holm p", "chance")
+    for column in (*columns, "retention", "headline"):
+        scores.add_column(column, justify="left" if column in ("task", "metric", "headline") else "right")
+    perplexity = Table(title="perplexity: paired over the same documents (95% intervals)")
+    columns = ("task", "docs", "base", "pruned", "NLL/token base", "NLL/token pruned", "change (nats/token)")
+    for column in columns:
+        perplexity.add_column(column, justify="left" if column == "task" else "right")
+    for row in comparison.rows:
+        if row.metric == PERPLEXITY:
+            perplexity.add_row(*_perplexity_cells(row))
+        else:
+            scores.add_row(*_score_cells(row))
+    return [table for table in (scores, perplexity) if table.row_count]
+
+
+def _score_cells(row: ComparisonRow) -> list[str]:
+    headline = "-" if row.included is None else ("yes" if row.included else f"no: {row.inclusion_reason}")
+    return [
+        row.task,
+        row.metric,
+        "-" if row.n is None else str(row.n),
+        _interval(row.base),
+        _interval(row.new),
+        _interval(row.difference, sign=True),
+        _p(row.mcnemar.p_value if row.mcnemar else None),
+        _p(row.holm_p),
+        "-" if row.chance is None else f"{row.chance:.3f}",
+        _interval(row.retention, digits=3),
+        headline if row.note is None else row.note,
+    ]
+
+
+def _perplexity_cells(row: ComparisonRow) -> list[str]:
+    return [
+        row.task,
+        "-" if row.n is None else str(row.n),
+        _interval(row.base, digits=2),
+        _interval(row.new, digits=2),
+        _interval(row.base_nll_per_token),
+        _interval(row.new_nll_per_token),
+        _interval(row.difference, sign=True) if row.note is None else row.note,
+    ]

@@ -2,10 +2,11 @@
 
 A task is a small dataclass: its fields are its options (``num_fewshot``, ``stride``, ...), ``load`` reads
 its documents from the data directory (or, when its file is missing there, from the hub dataset it declares in
-``hub``), and ``run`` turns documents into metrics through a :class:`LanguageModel`. Two families cover most
-tasks: :class:`MultipleChoiceTask` (score fixed continuations, compare log-likelihoods) and
-:class:`GenerationTask` (greedy answer, compare strings). Tasks register themselves by name, and
-``avss eval --tasks`` only looks names up, as in lm-evaluation-harness.
+``hub``), and ``run`` turns documents into metrics and one :class:`ExampleRecord` per document through a
+:class:`LanguageModel`. Two families cover most tasks: :class:`MultipleChoiceTask` (score fixed
+continuations, compare log-likelihoods) and :class:`GenerationTask` (greedy answer, compare strings); both
+build the records themselves, so a task that implements only ``requests`` and ``score`` gets them for free.
+Tasks register themselves by name, and ``avss eval --tasks`` only looks names up, as in lm-evaluation-harness.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from avss.data import DATA_DIR_ENV, file_sha256, read_jsonl
 from avss.errors import DataError
 from avss.evaluation.engine import LanguageModel, Loglikelihood, LoglikelihoodRequest
 from avss.evaluation.hub import Doc, HubData, HubSource, HubUnavailableError
+from avss.evaluation.metrics import argmax
+from avss.evaluation.records import ExampleRecord, example_id
 from avss.registry import class_registrar
 
 # Where a task's documents come from: "auto" (the data directory, else the hub), "local" or "hub" only.
@@ -61,6 +64,14 @@ DataRecord = DataFile | HubData
 def data_record(item: dict[str, Any]) -> DataRecord:
     """A provenance entry read back from a results file (files written before hub support are local)."""
     return HubData(**item) if item.get("source") == "hub" else DataFile(**item)
+
+
+@dataclass
+class TaskOutput:
+    """What :meth:`Task.run` measured: the task's metrics and the per-example records they average."""
+
+    metrics: dict[str, float]
+    records: list[ExampleRecord]
 
 
 @dataclass
@@ -157,8 +168,14 @@ class Task(ABC):
         return [pool[i] for i in sorted(random.Random(seed).sample(range(len(pool)), limit))]
 
     @abstractmethod
-    def run(self, lm: LanguageModel, docs: list[Doc], pool: list[Doc], seed: int) -> dict[str, float]:
-        """Metrics of the model on ``docs``, selected from ``pool`` (all documents, the few-shot source)."""
+    def run(self, lm: LanguageModel, docs: list[Doc], pool: list[Doc], seed: int) -> TaskOutput:
+        """Metrics and per-example records of the model on ``docs``, selected from ``pool`` (all documents,
+        the few-shot source)."""
+
+    def example_ids(self, docs: list[Doc], pool: list[Doc]) -> list[str]:
+        """Each document's ``id``, else its position in ``pool`` (see :func:`example_id`)."""
+        position = {id(doc): index for index, doc in enumerate(pool)}
+        return [example_id(doc, self.name, position.get(id(doc), index)) for index, doc in enumerate(docs)]
 
     def fewshot(self, pool: list[Doc], seed: int) -> FewShotSampler:
         """Few-shot examples for tasks with a ``num_fewshot`` option; none for the others."""
@@ -167,7 +184,12 @@ class Task(ABC):
 
 @dataclass
 class MultipleChoiceTask(Task):
-    """Scores every document's (context, continuation) pairs in one batched pass; averages per-doc metrics."""
+    """Scores every document's (context, continuation) pairs in one batched pass; averages per-doc metrics.
+
+    Subclasses implement ``requests`` and ``score``; the record of each document (option log-likelihoods
+    and lengths, prediction, label, number of options) comes from the hooks below, whose defaults fit the
+    usual "one request per option, ``doc["label"]`` is the correct index" layout.
+    """
 
     @abstractmethod
     def requests(self, doc: Doc, shots: list[Doc]) -> list[LoglikelihoodRequest]: ...
@@ -175,15 +197,42 @@ class MultipleChoiceTask(Task):
     @abstractmethod
     def score(self, doc: Doc, results: list[Loglikelihood]) -> dict[str, float]: ...
 
-    def run(self, lm: LanguageModel, docs: list[Doc], pool: list[Doc], seed: int) -> dict[str, float]:
+    def prediction(self, doc: Doc, results: list[Loglikelihood]) -> int:
+        """Index of the option the model ranks first: the highest summed log-likelihood."""
+        return argmax([result.logprob for result in results])
+
+    def label(self, doc: Doc) -> int | None:
+        """Index of the correct option, when the document has a single one in ``label``."""
+        label = doc.get("label")
+        return label if isinstance(label, int) and not isinstance(label, bool) else None
+
+    def num_options(self, doc: Doc, requests: list[LoglikelihoodRequest]) -> int | None:
+        """Size of the choice set (the first requests): all of them; ``None`` for a single continuation
+        (LAMBADA-style greedy match), where there is nothing to guess between."""
+        return len(requests) if len(requests) > 1 else None
+
+    def record(
+        self, example: str, doc: Doc, requests: list[LoglikelihoodRequest], results: list[Loglikelihood]
+    ) -> ExampleRecord:
+        return ExampleRecord(
+            id=example,
+            metrics=self.score(doc, results),
+            prediction=self.prediction(doc, results),
+            label=self.label(doc),
+            scores=[result.logprob for result in results],
+            option_lengths=[len(request.continuation.strip()) for request in requests],
+            num_options=self.num_options(doc, requests),
+        )
+
+    def run(self, lm: LanguageModel, docs: list[Doc], pool: list[Doc], seed: int) -> TaskOutput:
         sampler = self.fewshot(pool, seed)
         per_doc = [self.requests(doc, sampler.shots(doc)) for doc in docs]
         flat = lm.loglikelihood([request for requests in per_doc for request in requests])
-        scores, start = [], 0
-        for doc, requests in zip(docs, per_doc, strict=True):
-            scores.append(self.score(doc, flat[start : start + len(requests)]))
+        records, start = [], 0
+        for example, doc, requests in zip(self.example_ids(docs, pool), docs, per_doc, strict=True):
+            records.append(self.record(example, doc, requests, flat[start : start + len(requests)]))
             start += len(requests)
-        return average(scores)
+        return TaskOutput(average([record.metrics for record in records]), records)
 
 
 @dataclass
@@ -199,13 +248,15 @@ class GenerationTask(Task):
     @abstractmethod
     def score(self, doc: Doc, completion: str) -> dict[str, float]: ...
 
-    def run(self, lm: LanguageModel, docs: list[Doc], pool: list[Doc], seed: int) -> dict[str, float]:
+    def run(self, lm: LanguageModel, docs: list[Doc], pool: list[Doc], seed: int) -> TaskOutput:
         sampler = self.fewshot(pool, seed)
         prompts = [self.prompt(doc, sampler.shots(doc)) for doc in docs]
         completions = lm.generate(prompts, until=self.until, max_new_tokens=self.max_new_tokens)
-        return average(
-            [self.score(doc, completion) for doc, completion in zip(docs, completions, strict=True)]
-        )
+        records = [
+            ExampleRecord(id=example, metrics=self.score(doc, completion), prediction=completion)
+            for example, doc, completion in zip(self.example_ids(docs, pool), docs, completions, strict=True)
+        ]
+        return TaskOutput(average([record.metrics for record in records]), records)
 
 
 class FewShotSampler:

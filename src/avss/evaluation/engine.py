@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -53,14 +53,22 @@ class Loglikelihood:
     logprob: float
     is_greedy: bool
     num_tokens: int
+    # Each scored token's log-probability (``logprob`` is their sum); rolling_nll splits them by document.
+    token_logprobs: tuple[float, ...] = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True)
 class NLL:
-    """Summed negative log-likelihood (nats) over ``num_tokens`` predicted tokens."""
+    """Summed negative log-likelihood (nats) over ``num_tokens`` predicted tokens.
+
+    ``per_text`` splits both over the scored texts, ``(nll, tokens)`` per text, each token counted in the
+    text it starts in (the blank line after a text belongs to it); empty when the tokenizer gives no
+    character offsets (slow tokenizers).
+    """
 
     total: float
     num_tokens: int
+    per_text: tuple[tuple[float, int], ...] = field(default=(), compare=False, repr=False)
 
     @property
     def mean(self) -> float:
@@ -126,7 +134,7 @@ def _pick(logits: torch.Tensor, targets: list[int], normalize: bool = True) -> L
     if normalize:
         picked = picked - torch.logsumexp(logits, dim=-1)
     greedy = bool((logits.argmax(-1) == target).all())
-    return Loglikelihood(float(picked.sum()), greedy, len(targets))
+    return Loglikelihood(float(picked.sum()), greedy, len(targets), tuple(picked.tolist()))
 
 
 def is_causal_lm(model: Any) -> bool:
@@ -316,26 +324,52 @@ class LanguageModel:
         (the Hugging Face perplexity recipe). The default ``stride = max_length`` gives disjoint windows, the
         convention of the pruning literature. Each window starts with the tokenizer's BOS token, if any.
         """
-        tokens = self.encode("\n\n".join(texts))
+        tokens, text_of_token = self._encode_texts(texts)
         body = max_length - len(self.prefix_ids)
         stride = stride or body
         if body < 1 or not 0 < stride <= body:
             raise ValueError(f"need 0 < stride <= {body} for max_length {max_length} (got stride {stride})")
-        sequences = []
+        sequences, ends = [], []
         scored_until = 0
         for begin in range(0, len(tokens), stride):
             end = min(begin + body, len(tokens))
             window = self.prefix_ids + tokens[begin:end]
-            sequences.append((window, min(end - scored_until, len(window) - 1)))
+            n = min(end - scored_until, len(window) - 1)
+            if n > 0:
+                sequences.append((window, n))
+                ends.append(end)
             scored_until = end
             if end == len(tokens):
                 break
-        sequences = [(window, n) for window, n in sequences if n > 0]
         if not sequences:
             raise ValueError("the text is too short to score: it needs at least two tokens")
         self.progress.add_total(len(sequences))
         results = self._score_tails(sequences)
-        return NLL(-sum(r.logprob for r in results), sum(r.num_tokens for r in results))
+        per_text: tuple[tuple[float, int], ...] = ()
+        if text_of_token is not None:
+            # A window's scored tokens are the last num_tokens before its end.
+            positions = np.concatenate(
+                [np.arange(end - r.num_tokens, end) for r, end in zip(results, ends, strict=True)]
+            )
+            logprobs = np.concatenate([np.asarray(r.token_logprobs, dtype=np.float64) for r in results])
+            owners = text_of_token[positions]
+            nll = np.bincount(owners, weights=-logprobs, minlength=len(texts))
+            counts = np.bincount(owners, minlength=len(texts))
+            per_text = tuple(zip(nll.tolist(), counts.tolist(), strict=True))
+        return NLL(-sum(r.logprob for r in results), sum(r.num_tokens for r in results), per_text)
+
+    def _encode_texts(self, texts: Sequence[str]) -> tuple[list[int], np.ndarray | None]:
+        """Tokens of ``"\n\n".join(texts)`` and, where the tokenizer reports character offsets, the index
+        of the text each token starts in (the separator after a text counts as part of it)."""
+        joined = "\n\n".join(texts)
+        try:
+            encoding = self.tokenizer(joined, add_special_tokens=False, return_offsets_mapping=True)
+        except NotImplementedError:  # slow (Python) tokenizers have no offsets
+            return self.encode(joined), None
+        starts = np.cumsum([0] + [len(text) + 2 for text in texts[:-1]])
+        token_starts = np.asarray([begin for begin, _ in encoding["offset_mapping"]], dtype=np.int64)
+        owners = np.searchsorted(starts, token_starts, side="right") - 1
+        return list(encoding["input_ids"]), owners
 
     # --- greedy generation -------------------------------------------------------------------------------
 

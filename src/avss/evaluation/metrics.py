@@ -10,12 +10,18 @@ import collections
 import math
 import re
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy.special import logsumexp
 
-# Metrics where smaller is better: `retained` inverts their ratio, so 100% always means "as good as the base".
+# Per-example right-or-wrong metrics: a comparison tests them with McNemar and reports chance-normalized
+# retention (when every example's value is 0 or 1). Other means (F1, MC2, MAP) get intervals only, even on a
+# sample where they happen to be 0 or 1 everywhere.
+ACCURACY_METRICS = frozenset({"accuracy", "accuracy_norm", "mc1", "exact_match", "probe_accuracy"})
+
+# Metrics where smaller is better: `retained_ratio` inverts their ratio, so 100% always means "as good as the
+# base". Comparisons with intervals and chance-normalized retention live in avss.evaluation.comparison.
 LOWER_IS_BETTER = frozenset({"perplexity"})
 
 
@@ -149,18 +155,3 @@ def retained_ratio(metric: str, base: float, new: float) -> float:
     if denominator == 0:
         return math.nan
     return numerator / denominator
-
-
-def retained(
-    base: Mapping[str, Mapping[str, float]], new: Mapping[str, Mapping[str, float]]
-) -> dict[str, dict[str, float]]:
-    """Per task and metric, the ratio of ``new`` to ``base`` for every metric both results report."""
-    return {
-        task: {
-            metric: retained_ratio(metric, base[task][metric], value)
-            for metric, value in metrics.items()
-            if metric in base[task]
-        }
-        for task, metrics in new.items()
-        if task in base
-    }

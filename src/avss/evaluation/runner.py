@@ -2,7 +2,11 @@
 
 The model is never saved or reloaded, so a freshly pruned model is evaluated as it sits in memory. Every
 result records what produced it (model, task options, data file hashes, package versions, seed, wall time) so
-a number in a report can be traced back and reproduced.
+a number in a report can be traced back and reproduced, and one record per example (see
+:mod:`avss.evaluation.records`), so its interval and any paired comparison can be recomputed from the file.
+
+Result files: ``avss-eval/2`` adds ``records`` to each task (and ``comparison`` when evaluated with a base);
+``avss-eval/1`` files (no records) still load, with empty ``records``.
 """
 
 from __future__ import annotations
@@ -22,27 +26,51 @@ from typing import Any
 import numpy as np
 import torch
 
-from avss.data import resolve_data_dir
+from avss.data import file_sha256, resolve_data_dir
 from avss.errors import DataError, UnsupportedArchitectureError
+from avss.evaluation import comparison
 from avss.evaluation.base import TASKS, DataRecord, Task, data_record, get_task
 from avss.evaluation.engine import LanguageModel, Progress, is_causal_lm
 from avss.evaluation.harness import run_harness
-from avss.evaluation.metrics import retained
+from avss.evaluation.records import ExampleRecord
+from avss.evaluation.uncertainty import RESAMPLES, Inclusion, Interval
 from avss.io import atomic_write_json
 
-RESULT_FORMAT = "avss-eval/1"
+RESULT_FORMAT = "avss-eval/2"
+READABLE_FORMATS = ("avss-eval/1", RESULT_FORMAT)
 _PACKAGES = ("avss-llm", "torch", "transformers", "numpy", "scikit-learn")
 
 
 @dataclass
 class TaskResult:
-    """Metrics of one task, with the options and data that produced them."""
+    """Metrics of one task, the per-example records they average, and the options and data behind them.
+
+    ``records`` is empty for lm-evaluation-harness tasks and for results read from ``avss-eval/1`` files;
+    the interval methods then raise :class:`DataError`.
+    """
 
     metrics: dict[str, float]
     num_examples: int
     config: dict[str, Any]
     data: list[DataRecord]
     seconds: float
+    records: list[ExampleRecord] = field(default_factory=list)
+
+    def interval(self, metric: str, *, resamples: int = RESAMPLES, seed: int = 0) -> Interval:
+        """95% interval of ``metric`` over the examples (perplexity: over documents)."""
+        return comparison.interval(self.records, metric, resamples=resamples, seed=seed)
+
+    def summary(self, *, resamples: int = RESAMPLES, seed: int = 0) -> dict[str, Interval]:
+        """Every metric's estimate, 95% interval and number of examples."""
+        return {metric: self.interval(metric, resamples=resamples, seed=seed) for metric in self.metrics}
+
+    def baselines(self) -> dict[str, float]:
+        """Accuracy of the trivial predictors (majority class, longest answer) on these examples."""
+        return comparison.trivial_baselines(self.records)
+
+    def inclusion(self, metric: str, *, resamples: int = RESAMPLES, seed: int = 0) -> Inclusion:
+        """Whether this (base model's) task belongs in a headline table for ``metric``, and why."""
+        return comparison.inclusion(self.records, metric, resamples=resamples, seed=seed)
 
 
 @dataclass
@@ -56,17 +84,31 @@ class EvalResult:
     wall_time_s: float
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     format: str = RESULT_FORMAT
+    # With ``avss eval --compare``: the base file and the comparison table (Comparison.to_dict()).
+    comparison: dict[str, Any] | None = None
 
     @property
     def metrics(self) -> dict[str, dict[str, float]]:
         return {name: task.metrics for name, task in self.tasks.items()}
 
-    def retained(self, base: EvalResult) -> dict[str, dict[str, float]]:
-        """Fraction of ``base``'s score kept by this result, per task and metric (perplexity inverted)."""
-        return retained(base.metrics, self.metrics)
+    def compare(
+        self, base: EvalResult, *, resamples: int = RESAMPLES, seed: int = 0
+    ) -> comparison.Comparison:
+        """Per task and metric: both results with 95% intervals, the paired difference (this minus
+        ``base``), McNemar's test with Holm correction and chance-normalized retention for accuracies, the
+        NLL-per-token change for perplexity. Raises :class:`PairingError` when the example sets differ."""
+        return comparison.compare(
+            {name: (task.metrics, task.records) for name, task in base.tasks.items()},
+            {name: (task.metrics, task.records) for name, task in self.tasks.items()},
+            resamples=resamples,
+            seed=seed,
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        for name, task in self.tasks.items():
+            out["tasks"][name]["records"] = [record.to_dict() for record in task.records]
+        return out
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_json(path, self.to_dict())
@@ -76,15 +118,32 @@ class EvalResult:
         path = Path(path)
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
+            if raw.get("format") not in READABLE_FORMATS:
+                readable = ", ".join(READABLE_FORMATS)
+                raise DataError(f"{path} has format {raw.get('format')!r}; this version reads {readable}")
             tasks = {
-                name: TaskResult(**{**task, "data": [data_record(item) for item in task["data"]]})
+                name: TaskResult(
+                    **{
+                        **task,
+                        "data": [data_record(item) for item in task["data"]],
+                        "records": [ExampleRecord.from_dict(item) for item in task.get("records", [])],
+                    }
+                )
                 for name, task in raw.pop("tasks").items()
             }
             return cls(tasks=tasks, **raw)
         except FileNotFoundError as exc:
             raise DataError(f"results file {path} does not exist") from exc
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise DataError(f"{path} is not an avss eval results file ({exc})") from exc
+
+    def with_comparison(
+        self, table: comparison.Comparison, base: EvalResult, base_path: str | Path
+    ) -> EvalResult:
+        """This result with ``table`` (:meth:`compare` against ``base``, read from ``base_path``) attached,
+        as ``avss eval --compare`` saves it: the base file is named with its sha256."""
+        source = {"path": str(base_path), "sha256": file_sha256(Path(base_path)), "created": base.created}
+        return dataclasses.replace(self, comparison={"base": source, **table.to_dict()})
 
 
 def build_tasks(names: Sequence[str], options: Mapping[str, Any]) -> dict[str, Task]:
@@ -158,13 +217,14 @@ def evaluate(
                 model, tokenizer, batch_size=batch_size, progress=progress(name) if progress else None
             )
             task_started = time.perf_counter()
-            metrics = task.run(lm, docs, pool, seed)
+            output = task.run(lm, docs, pool, seed)
             results[name] = TaskResult(
-                metrics=metrics,
+                metrics=output.metrics,
                 num_examples=len(docs),
                 config=dataclasses.asdict(task),
                 data=files,
                 seconds=round(time.perf_counter() - task_started, 3),
+                records=output.records,
             )
         if harness:
             harness_started = time.perf_counter()

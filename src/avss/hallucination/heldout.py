@@ -53,7 +53,7 @@ def evaluate_heldout(
             docs = heldout_docs(pool, split, limits.get(name))
             lm = LanguageModel(model, tokenizer, batch_size=batch_size)
             task_started = time.perf_counter()
-            metrics[name] = task.run(lm, docs, pool, seed)
+            metrics[name] = task.run(lm, docs, pool, seed).metrics
             counts[name] = len(docs)
             files[name] = [f.digest for f in data_files]
             seconds[name] = round(time.perf_counter() - task_started, 3)

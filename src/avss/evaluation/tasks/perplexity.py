@@ -7,15 +7,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from avss.data import bundled_text, read_text_file, split_paragraphs
-from avss.evaluation.base import DataFile, DataRecord, Doc, Task, register_task
+from avss.data import bundled_text, read_text_file, read_utf8, split_paragraphs
+from avss.evaluation.base import DataFile, DataRecord, Doc, Task, TaskOutput, register_task
 from avss.evaluation.engine import LanguageModel
 from avss.evaluation.hub import HubSource, Row, per_row
+from avss.evaluation.records import ExampleRecord
 
 
 @dataclass
 class PerplexityTask(Task):
-    """Documents are paragraphs joined by blank lines into one token stream; ``limit`` keeps the first."""
+    """Documents are paragraphs joined by blank lines into one token stream; ``limit`` keeps the first.
+
+    Each document's record holds its summed NLL (nats) and scored tokens, so corpus NLL per token and its
+    bootstrap over documents can be recomputed from the result file. A tokenizer without character offsets
+    cannot split the stream by document: then one record covers all of them (id ``<task>:all``).
+    """
 
     max_length: int = 1024
     stride: int | None = None
@@ -23,9 +29,16 @@ class PerplexityTask(Task):
     def select(self, pool: list[Doc], limit: int | None, seed: int) -> list[Doc]:
         return pool[:limit]  # contiguous text, so windows see real context
 
-    def run(self, lm: LanguageModel, docs: list[Doc], pool: list[Doc], seed: int) -> dict[str, float]:
+    def run(self, lm: LanguageModel, docs: list[Doc], pool: list[Doc], seed: int) -> TaskOutput:
         nll = lm.rolling_nll([doc["text"] for doc in docs], max_length=self.max_length, stride=self.stride)
-        return {"perplexity": nll.perplexity}
+        if nll.per_text:
+            records = [
+                ExampleRecord(id=example, nll=total, num_tokens=count)
+                for example, (total, count) in zip(self.example_ids(docs, pool), nll.per_text, strict=True)
+            ]
+        else:
+            records = [ExampleRecord(id=f"{self.name}:all", nll=nll.total, num_tokens=nll.num_tokens)]
+        return TaskOutput({"perplexity": nll.perplexity}, records)
 
 
 def wikitext_row(row: Row, ref: str) -> Doc:
@@ -45,7 +58,7 @@ class WikiText2(PerplexityTask):
     required_fields = ("text",)
 
     def read_docs(self, path: Path) -> list[Doc]:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_utf8(path).splitlines()
         return self.documents([{"text": line} for line in lines], str(path))
 
     def documents(self, rows: list[Doc], origin: str) -> list[Doc]:

@@ -11,10 +11,11 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from avss.errors import DataError
-from avss.evaluation.base import Doc, MultipleChoiceTask, register_task
+from avss.evaluation.base import Doc, MultipleChoiceTask, TaskOutput, average, register_task
 from avss.evaluation.engine import LanguageModel, Loglikelihood, LoglikelihoodRequest, is_causal_lm
 from avss.evaluation.hub import HubSource, Row, per_row
-from avss.evaluation.metrics import accuracy, argmax
+from avss.evaluation.metrics import argmax
+from avss.evaluation.records import ExampleRecord
 
 METHODS = ("auto", "prompt", "probe")
 
@@ -26,7 +27,8 @@ class SentimentTask(MultipleChoiceTask):
 
     ``method="probe"`` fits a logistic regression on mean-pooled final hidden states of one part of the
     documents (a seeded shuffle, ``probe_train_fraction`` of them) and reports ``probe_accuracy`` on the rest:
-    an encoder has no head to prompt, and the probe measures what its representations still encode.
+    an encoder has no head to prompt, and the probe measures what its representations still encode. Only the
+    held-out documents get records (their predicted label, 0/1 ``probe_accuracy``).
     ``auto`` prompts causal LMs and probes everything else.
     """
 
@@ -53,15 +55,27 @@ class SentimentTask(MultipleChoiceTask):
     def score(self, doc: Doc, results: list[Loglikelihood]) -> dict[str, float]:
         return {"accuracy": float(argmax([result.logprob for result in results]) == doc["label"])}
 
-    def run(self, lm: LanguageModel, docs: list[Doc], pool: list[Doc], seed: int) -> dict[str, float]:
+    def run(self, lm: LanguageModel, docs: list[Doc], pool: list[Doc], seed: int) -> TaskOutput:
         method = self.method
         if method == "auto":
             method = "prompt" if is_causal_lm(lm.model) else "probe"
         if method == "prompt":
             return super().run(lm, docs, pool, seed)
-        return {"probe_accuracy": self.probe(lm, docs, seed)}
+        ids = self.example_ids(docs, pool)
+        records = [
+            ExampleRecord(
+                id=ids[index],
+                metrics={"probe_accuracy": float(predicted == docs[index]["label"])},
+                prediction=predicted,
+                label=docs[index]["label"],
+                num_options=len(self.label_words),
+            )
+            for index, predicted in self.probe(lm, docs, seed).items()
+        ]
+        return TaskOutput(average([record.metrics for record in records]), records)
 
-    def probe(self, lm: LanguageModel, docs: list[Doc], seed: int) -> float:
+    def probe(self, lm: LanguageModel, docs: list[Doc], seed: int) -> dict[int, int]:
+        """The probe's predicted label of each held-out document, by its index in ``docs``."""
         order = list(range(len(docs)))
         random.Random(seed).shuffle(order)
         cut = int(len(order) * self.probe_train_fraction)
@@ -75,7 +89,8 @@ class SentimentTask(MultipleChoiceTask):
         features = lm.embed([doc["text"] for doc in docs])
         classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
         classifier.fit(features[train], [labels[i] for i in train])
-        return accuracy(classifier.predict(features[test]).tolist(), [labels[i] for i in test])
+        predicted = classifier.predict(features[test]).tolist()
+        return {index: int(label) for index, label in sorted(zip(test, predicted, strict=True))}
 
 
 def sst2_row(row: Row, ref: str) -> Doc:

@@ -8,7 +8,7 @@ from typing import ClassVar
 from avss.evaluation.base import Doc, MultipleChoiceTask, register_task
 from avss.evaluation.engine import Loglikelihood, LoglikelihoodRequest
 from avss.evaluation.hub import HubSource, Row, per_row
-from avss.evaluation.metrics import mc1, mc2, mc3
+from avss.evaluation.metrics import argmax, mc1, mc2, mc3
 
 # The primer of the TruthfulQA paper ("QA" prompt), byte for byte as lm-evaluation-harness's truthfulqa_mc1/2.
 QA_PRIMER = (
@@ -56,7 +56,8 @@ class TruthfulQAMultipleChoice(MultipleChoiceTask):
     """Each option is scored by its summed token log-probability after the primer and question.
 
     MC1 uses the ``choices``/``mc1_labels`` set, MC2 and MC3 the ``mc2_choices``/``mc2_labels`` set; options
-    present in both are scored once.
+    present in both are scored once. A record's choice set (``prediction``, ``label``, ``num_options``) is
+    the MC1 set, its first ``len(choices)`` scores.
     """
 
     files: ClassVar[dict[str, str]] = {"validation": "truthfulqa/truthfulqa_mc.jsonl"}
@@ -68,6 +69,15 @@ class TruthfulQAMultipleChoice(MultipleChoiceTask):
     def requests(self, doc: Doc, shots: list[Doc]) -> list[LoglikelihoodRequest]:
         context = truthfulqa_context(doc["question"])
         return [LoglikelihoodRequest(context, f" {option}") for option in doc["choices"] + doc["mc2_choices"]]
+
+    def prediction(self, doc: Doc, results: list[Loglikelihood]) -> int:
+        return argmax([result.logprob for result in results[: len(doc["choices"])]])
+
+    def label(self, doc: Doc) -> int | None:
+        return doc["mc1_labels"].index(1) if 1 in doc["mc1_labels"] else None
+
+    def num_options(self, doc: Doc, requests: list[LoglikelihoodRequest]) -> int | None:
+        return len(doc["choices"])
 
     def score(self, doc: Doc, results: list[Loglikelihood]) -> dict[str, float]:
         scores = [result.logprob for result in results]

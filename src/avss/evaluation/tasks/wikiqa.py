@@ -9,7 +9,7 @@ from typing import ClassVar
 from avss.evaluation.base import Doc, MultipleChoiceTask, register_task
 from avss.evaluation.engine import Loglikelihood, LoglikelihoodRequest
 from avss.evaluation.hub import HubSource, Row
-from avss.evaluation.metrics import average_precision, reciprocal_rank
+from avss.evaluation.metrics import argmax, average_precision, reciprocal_rank
 
 
 def wikiqa_rows(rows: Sequence[Row], split: str) -> list[Doc]:
@@ -60,6 +60,10 @@ class WikiQA(MultipleChoiceTask):
     def requests(self, doc: Doc, shots: list[Doc]) -> list[LoglikelihoodRequest]:
         context = f"Question: {doc['question']}\nAnswer:"
         return [LoglikelihoodRequest(context, f" {candidate}") for candidate in doc["candidates"]]
+
+    def prediction(self, doc: Doc, results: list[Loglikelihood]) -> int:
+        """The candidate ranked first: highest mean token log-probability."""
+        return argmax([result.logprob / result.num_tokens for result in results])
 
     def score(self, doc: Doc, results: list[Loglikelihood]) -> dict[str, float]:
         scores = [result.logprob / result.num_tokens for result in results]
