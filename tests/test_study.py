@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from _tiny import tiny_model, tiny_tokenizer
 from avss.cli._app import app
-from avss.errors import OutputError
+from avss.errors import OutputError, PruneConfigError
 from avss.pipeline import CalibrationOptions
 from avss.study import Study, StudyConfig, parse_limits, rank_correlations, slug
 
@@ -62,16 +62,19 @@ def test_study_runs_end_to_end_and_resume_skips_finished_cells(saved_model, data
         "results.csv",
         "results.json",
         "summary.md",
-        "retained.png",
+        "retention.png",
         "removed_layers.png",
         "correlations.png",
     ):
         assert (out / name).stat().st_size > 0, name
     rows = list(csv.DictReader((out / "results.csv").open()))
-    # 6 methods x 2 modes x 3 fractions x (perplexity + accuracy)
-    assert len(rows) == 6 * 2 * 3 * 2
-    unpruned = [row for row in rows if row["fraction"] == "0.0"]
-    assert all(float(row["retained_pct"]) == pytest.approx(100.0) for row in unpruned)
+    # 6 methods x 2 modes x 2 budgets x (perplexity + accuracy + accuracy_norm of sst2 if any)
+    metrics = {(row["task"], row["metric"]) for row in rows}
+    assert len(rows) == 6 * 2 * 2 * len(metrics)
+    assert ("wikitext2", "perplexity") in metrics and ("sst2", "accuracy") in metrics
+    for row in rows:
+        assert int(row["n"]) == 4, row  # --limit 4: intervals and pairs over the same 4 documents
+        assert float(row["value_low"]) <= float(row["value"]) <= float(row["value_high"]), row
     last = {row["removed_layers"] for row in rows if row["method"] == "last" and row["fraction"] == "0.5"}
     assert last == {"1 2"}
     angular = json.loads((out / "selections" / "angular__oneshot.json").read_text())
@@ -108,10 +111,24 @@ def test_interrupted_study_resumes_from_the_cells_on_disk(saved_model, data_dir,
     with pytest.raises(KeyboardInterrupt):
         Study(small, out, progress=False).run()
     finished = sorted(path.name for path in (out / "cells").glob("*.json"))
-    assert len(finished) == 2 and not list((out / "cells").glob(".*tmp"))
+    assert finished == [
+        "avss__oneshot__0.25.eval.json",
+        "avss__oneshot__0.25.json",
+        "base.eval.json",
+        "base.json",
+    ]
+    assert not list((out / "cells").glob(".*tmp"))
+    resumed_calls = []
+    monkeypatch.setattr(
+        Study, "evaluate_model", lambda self, model: resumed_calls.append(1) or original(self, model)
+    )
+    resumed = Study(small, out, progress=False).run()
     monkeypatch.setattr(Study, "evaluate_model", original)
-    Study(small, out, progress=False).run()
-    assert len(list((out / "cells").glob("*.json"))) >= 3
+    uninterrupted = Study(small, tmp_path / "whole", progress=False).run()
+    evaluated = 1 + sum(not cell.reused_from for cell in uninterrupted.cells)  # with the base
+    assert len(resumed_calls) == evaluated - 2  # the base and the finished cell are not evaluated again
+    assert resumed.rows() == uninterrupted.rows()
+    assert resumed.tables["headline"] == uninterrupted.tables["headline"]
 
 
 def test_a_different_study_in_the_same_folder_is_refused(saved_model, data_dir, tmp_path):
@@ -179,3 +196,33 @@ def test_study_with_heal_adds_healed_rows_at_the_same_budget(saved_model, data_d
         assert cell.metrics != plain[method].metrics
     rows = list(csv.DictReader((tmp_path / "study" / "results.csv").open()))
     assert any(row["mode"] == "oneshot+healed" for row in rows)
+
+
+def test_random_null_band_and_protected_variants(saved_model, data_dir, tmp_path):
+    """``random_seeds`` draws are summarized as one band; ``protect`` re-selects without the named blocks."""
+    study_config = config(
+        saved_model,
+        data_dir,
+        methods=["random", "first", "block_influence"],
+        fractions=[0, 0.25, 0.5],
+        iterative=False,
+        random_seeds=3,
+        protect=["first", "last"],
+    )
+    result = Study(study_config, tmp_path / "study", progress=False).run()
+    methods = {cell.method for cell in result.cells}
+    assert {"random", "random[seed=1]", "random[seed=2]", "first", "block_influence"} == methods
+    protected = [cell for cell in result.cells if cell.mode == "oneshot+protect"]
+    assert protected and all(not {0, 3} & set(cell.removed) for cell in protected)
+    first = {c.fraction: c.removed for c in result.cells if (c.method, c.mode) == ("first", "oneshot")}
+    assert first == {0.25: [0], 0.5: [0, 1]}
+    assert [c.removed for c in protected if c.method == "first"] == [[1], [1, 2]]
+    report = json.loads((tmp_path / "study" / "results.json").read_text())
+    bands = [b for b in report["null_bands"] if b["mode"] == "oneshot"]
+    assert bands and all(b["draws"] == 3 and b["low"] <= b["median"] <= b["high"] for b in bands)
+    assert set(report["correlations"]["with_layer_index"]) == {"first", "block_influence"}
+    assert report["correlations"]["with_layer_index"]["first"] == pytest.approx(1.0)
+    summary = (tmp_path / "study" / "summary.md").read_text()
+    assert "| random (3 draws) | oneshot |" in summary and "## Base model" in summary
+    with pytest.raises(PruneConfigError, match="cannot protect 'middle'"):
+        config(saved_model, data_dir, protect=["middle"])

@@ -47,31 +47,59 @@ def plot_layer_scores(
     return save_figure(figure, path)
 
 
-def retained_vs_fraction(rows: list[dict[str, Any]], path: Path) -> Path:
-    """One panel per task metric: retained % against the fraction removed, one line per method (and mode)."""
+def retention_vs_fraction(rows: list[dict[str, Any]], bands: list[dict[str, Any]], path: Path) -> Path:
+    """One panel per task metric against the fraction removed: chance-normalized retention (accuracies) or
+    the change of the metric (perplexity: NLL per token), with 95% error bars, one line per method and mode,
+    and the random order's 5-95% band shaded."""
     panels = list(dict.fromkeys((row["task"], row["metric"]) for row in rows))
     columns = min(3, len(panels))
     lines = math.ceil(len(panels) / columns)
     figure, axes = plt.subplots(lines, columns, figsize=(5 * columns, 3.8 * lines), squeeze=False)
     for axis, (task, metric) in zip(axes.flat, panels, strict=False):
         selected = [row for row in rows if (row["task"], row["metric"]) == (task, metric)]
-        for method, mode in dict.fromkeys((row["method"], row["mode"]) for row in selected):
+        accuracy = selected[0]["kind"] == "accuracy"
+        key = "retention" if accuracy else "difference"
+        for method, mode in dict.fromkeys(
+            (row["method"], row["mode"]) for row in selected if not row["method"].startswith("random")
+        ):
             points = sorted(
-                (row["fraction"], row["retained_pct"])
+                (row["fraction"], row[key], row[f"{key}_low"], row[f"{key}_high"])
                 for row in selected
-                if (row["method"], row["mode"]) == (method, mode)
+                if (row["method"], row["mode"]) == (method, mode) and row[key] is not None
             )
-            label = method if mode == "oneshot" else f"{method} (iterative)"
-            axis.plot(
-                *zip(*points, strict=True),
+            if not points:
+                continue
+            x, y, low, high = (list(values) for values in zip(*points, strict=True))
+            errors = [
+                [v - lo for v, lo in zip(y, low, strict=True)],
+                [hi - v for v, hi in zip(y, high, strict=True)],
+            ]
+            axis.errorbar(
+                x,
+                y,
+                yerr=errors,
                 marker="o",
+                capsize=3,
                 linestyle="-" if mode == "oneshot" else "--",
-                label=label,
+                label=method if mode == "oneshot" else f"{method} ({mode})",
             )
-        axis.axhline(90, color="grey", linewidth=0.8, linestyle=":")
+        band = sorted(
+            (b["fraction"], b["low"], b["median"], b["high"])
+            for b in bands
+            if (b["task"], b["metric"], b["mode"]) == (task, metric, "oneshot")
+        )
+        if band:
+            x, low, median, high = (list(values) for values in zip(*band, strict=True))
+            axis.fill_between(x, low, high, color="grey", alpha=0.25, label="random (5-95%)")
+            axis.plot(x, median, color="grey", linewidth=1)
+        axis.axhline(1.0 if accuracy else 0.0, color="grey", linewidth=0.8, linestyle=":")
+        if accuracy:
+            axis.axhline(0.0, color="black", linewidth=0.6)
         axis.set_title(f"{task}: {metric}")
         axis.set_xlabel("fraction of layers removed")
-        axis.set_ylabel("retained %")
+        axis.set_ylabel(
+            "chance-normalized retention" if accuracy else f"change ({selected[0]['difference_unit']})"
+        )
     for axis in list(axes.flat)[len(panels) :]:
         axis.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()

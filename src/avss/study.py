@@ -5,15 +5,21 @@ the copy is evaluated with :func:`avss.evaluation.evaluate`. Selections come fro
 (one statistics pass for every hook-based method); with ``iterative`` each activation-based method is also run
 iteratively once to the largest budget, whose removal order yields every smaller budget.
 
-Every finished cell is written atomically to ``cells/`` and skipped on a rerun, so an interrupted study loses
-at most the cell in progress. Two cells that remove the same layers are the same model, so the second reuses
-the first one's metrics (recorded as ``reused_from``).
+Every finished cell is written atomically to ``cells/`` with its evaluation result (per-example records) and
+skipped on a rerun, so an interrupted study loses at most the cell in progress. Two cells that remove the same
+layers are the same model, so the second reuses the first one's result (recorded as ``reused_from``).
+
+Controls: ``random_seeds`` draws of the random order give a null band instead of one draw; ``protect``
+evaluates every one-shot selection again with those blocks kept (``oneshot+protect``). The statistics of the
+tables (intervals, paired tests, retention, the inclusion rule) are computed from the records by
+:mod:`avss.study_analysis`.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import functools
 import io
 import json
 import math
@@ -28,36 +34,27 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from avss import __version__
+from avss import study_analysis as analysis
 from avss.adapters import get_adapter
 from avss.data import TextSource
 from avss.errors import OutputError, PruneConfigError
 from avss.evaluation import evaluate, get_task
-from avss.evaluation.metrics import retained_ratio
+from avss.evaluation.runner import EvalResult
+from avss.evaluation.uncertainty import RESAMPLES
 from avss.heal import HealConfig, get_heal_method, heal_in_memory
 from avss.io import atomic_write_json, atomic_write_text, to_json
 from avss.iterative import Selection, select_iteratively, select_oneshot
 from avss.models import LoadedModel, load_model
 from avss.pipeline import CalibrationOptions, package_versions
-from avss.prune import remove_layers
+from avss.prune import protected_layers, remove_layers
 from avss.scorers import Scorer, context_for, get_scorer
 
 DEFAULT_FRACTIONS = (0.0, 0.125, 0.25, 0.375, 0.5)
 DEFAULT_TASKS = ("wikitext2", "truthfulqa_mc", "sst2")
 ONESHOT, ITERATIVE = "oneshot", "iterative"
+PROTECTED = "oneshot+protect"  # a one-shot selection that keeps the blocks named by ``StudyConfig.protect``
 HEALED = "+healed"  # mode suffix of a cell whose pruned model was healed before evaluation
-CSV_COLUMNS = (
-    "method",
-    "mode",
-    "fraction",
-    "n_removed",
-    "removed_layers",
-    "task",
-    "metric",
-    "value",
-    "base_value",
-    "retained_pct",
-    "reused_from",
-)
+RANDOM = "random"
 
 
 @dataclass
@@ -78,10 +75,22 @@ class StudyConfig:
     seed: int = 0
     heal: str | None = None
     heal_steps: int = 32
+    resamples: int = RESAMPLES  # bootstrap resamples of every interval in the tables
+    # Draws of the random order (seeds 0..N-1), reported as a null band; 1 keeps a single draw.
+    random_seeds: int = 1
+    # Blocks every one-shot selection is also evaluated without (e.g. ["first", "last"]); empty: none.
+    protect: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.methods:
             raise PruneConfigError("give at least one method")
+        if self.random_seeds < 1:
+            raise PruneConfigError(f"random_seeds must be >= 1, got {self.random_seeds}")
+        if self.protect:
+            protected_layers(2, [item for item in self.protect if item in ("first", "last")])
+            bad = [item for item in self.protect if item not in ("first", "last") and not item.isdigit()]
+            if bad:
+                raise PruneConfigError(f"cannot protect {bad[0]!r}: use first, last or a layer index")
         self.scorers()  # validate names and options before any model is loaded
         if self.heal is not None:
             get_heal_method(self.heal)
@@ -93,10 +102,20 @@ class StudyConfig:
         self.fractions = sorted(set(self.fractions))
 
     def scorers(self) -> list[Scorer]:
-        return [get_scorer(method) for method in self.methods]
+        """The methods' scorers; a plain ``random`` stands for ``random_seeds`` seeded draws."""
+        scorers = []
+        for method in self.methods:
+            scorer = get_scorer(method)
+            if scorer.spec == RANDOM and self.random_seeds > 1:
+                scorers += [get_scorer(f"{RANDOM}[seed={seed}]") for seed in range(self.random_seeds)]
+            else:
+                scorers.append(scorer)
+        return scorers
 
     def modes(self) -> list[str]:
-        return [ONESHOT, ITERATIVE] if self.iterative else [ONESHOT]
+        """Pruning modes of the selections: one-shot, iterative, one-shot with protected blocks."""
+        modes = [ONESHOT, ITERATIVE] if self.iterative else [ONESHOT]
+        return [*modes, PROTECTED] if self.protect else modes
 
     def cell_modes(self) -> list[str]:
         """Modes of evaluated cells: every pruning mode, and with ``heal`` its healed twin."""
@@ -149,6 +168,16 @@ class Cell:
     def key(self) -> str:
         return "base" if self.method == "base" else f"{slug(self.method)}__{self.mode}__{self.fraction:g}"
 
+    @property
+    def evaluated_key(self) -> str:
+        """The cell whose evaluation this one's metrics are (itself, or the twin it reuses)."""
+        return self.reused_from or self.key
+
+
+def evaluation_path(out: Path, key: str) -> Path:
+    """Where a cell's :class:`EvalResult` (with per-example records) is stored."""
+    return out / "cells" / f"{key}.eval.json"
+
 
 class Study:
     """Runs a :class:`StudyConfig` into an output folder, resuming whatever an earlier run finished."""
@@ -195,6 +224,8 @@ class Study:
         else:
             atomic_write_json(path, wanted)
         for file in sorted((self.out / "cells").glob("*.json")):
+            if file.name.endswith(".eval.json"):
+                continue
             cell = Cell(**json.loads(file.read_text(encoding="utf-8")))
             self.cells[cell.key] = cell
 
@@ -219,10 +250,11 @@ class Study:
                     self.selections[name] = selection_from_dict(json.loads(path.read_text(encoding="utf-8")))
                     continue
                 started = time.perf_counter()
-                if mode == ONESHOT or not scorer.uses_activations:
+                if mode in (ONESHOT, PROTECTED) or not scorer.uses_activations:
                     if shared is None:
                         shared = context_for(model, batches, scorers, cached=True, progress=self.progress)
-                    selection = oneshot_order(scorer, shared, config.fractions, num_layers)
+                    protect = protected_layers(num_layers, config.protect) if mode == PROTECTED else set()
+                    selection = oneshot_order(scorer, shared, config.fractions, num_layers, protect)
                     selection.iterative = mode == ITERATIVE
                 else:
                     self.log(f"iterative selection: {scorer.spec} (removing {largest} of {num_layers})")
@@ -255,9 +287,10 @@ class Study:
                         cells.append((scorer.spec, mode + HEALED, fraction, removed))
         return cells
 
-    def evaluate_model(self, model: Any) -> dict[str, dict[str, float]]:
+    def evaluate_model(self, model: Any) -> EvalResult:
+        """Every task of the study on ``model``, as one result with per-example records."""
         config = self.config
-        metrics = {}
+        merged: EvalResult | None = None
         for task in config.tasks:
             accepted = {f.name for f in fields(get_task(task))}
             options = {k: v for k, v in config.task_options.items() if k in accepted}
@@ -271,8 +304,13 @@ class Study:
                 seed=config.seed,
                 **options,
             )
-            metrics.update(result.metrics)
-        return metrics
+            if merged is None:
+                merged = result
+            else:
+                merged.tasks.update(result.tasks)
+                merged.wall_time_s += result.wall_time_s
+        assert merged is not None  # StudyConfig has at least one task
+        return merged
 
     def run_cell(self, method: str, mode: str, fraction: float, removed: list[int]) -> Cell:
         healed = mode.endswith(HEALED)
@@ -296,7 +334,9 @@ class Study:
                 remove_layers(model, removed)
             if healed:
                 model = self.heal(model, removed)
-            cell.metrics = self.evaluate_model(model)
+            result = self.evaluate_model(model)
+            result.save(evaluation_path(self.out, cell.key))
+            cell.metrics = result.metrics
             cell.seconds = round(time.perf_counter() - started, 3)
             del model
         atomic_write_json(self.out / "cells" / f"{cell.key}.json", asdict(cell))
@@ -338,10 +378,12 @@ class Study:
             self.prepare()
         self.load_selections()
         planned = [Cell(*spec, {}, 0.0).key for spec in self.plan()]
+        cells = [self.cells[key] for key in planned if key in self.cells]
+        keys = ["base", *(cell.evaluated_key for cell in cells)]
         result = StudyResult(
             config=self.config,
             base=self.cells["base"],
-            cells=[self.cells[key] for key in planned if key in self.cells],
+            cells=cells,
             selections=self.selections,
             num_layers=self.num_layers,
             wall_time_s=round(time.perf_counter() - started, 3),
@@ -351,6 +393,7 @@ class Study:
                 "model": self._loaded.source if self._loaded else {"name": self.config.model},
             },
             complete=all(key in self.cells for key in planned),
+            evaluations=analysis.load_evaluations(self.out, keys),
         )
         result.write(self.out)
         return result
@@ -370,20 +413,28 @@ class Study:
         return get_adapter(self.loaded.model).num_layers
 
 
-def oneshot_order(scorer: Scorer, context: Any, fractions: Sequence[float], num_layers: int) -> Selection:
+def oneshot_order(
+    scorer: Scorer,
+    context: Any,
+    fractions: Sequence[float],
+    num_layers: int,
+    protect: set[int] | None = None,
+) -> Selection:
     """A one-shot selection for every budget; ``order`` lists layers by ascending score.
 
-    Scorers with their own selection rule (angular picks a contiguous span per budget) get one selection per
-    budget, stored in ``by_budget``.
+    Each budget's layers come from the scorer's own rule (angular picks a contiguous span per budget), never
+    touching ``protect``, and are stored in ``by_budget``.
     """
+    protect = protect or set()
     largest = max(budget(f, num_layers) for f in fractions)
     first = select_oneshot(scorer, context, largest)
     importance = first.steps[0]
-    selection = Selection(scorer.spec, False, list(importance.ranking()), [importance])
+    order = [layer for layer in importance.ranking() if layer not in protect]
+    selection = Selection(scorer.spec, False, order, [importance])
     for fraction in fractions:
         n = budget(fraction, num_layers)
         if n:
-            selection.by_budget[n] = scorer.select(importance, n, set())
+            selection.by_budget[n] = scorer.select(importance, n, protect)
     return selection
 
 
@@ -411,6 +462,8 @@ def torch_tensor(values: list[float]) -> Any:
 
 @dataclass
 class StudyResult:
+    """A study's cells and selections; its tables are computed once from the cells' stored evaluations."""
+
     config: StudyConfig
     base: Cell
     cells: list[Cell]
@@ -419,37 +472,66 @@ class StudyResult:
     wall_time_s: float
     environment: dict[str, Any]
     complete: bool = True
+    evaluations: dict[str, EvalResult] = field(default_factory=dict, repr=False)
+
+    def cell_infos(self) -> list[analysis.CellInfo]:
+        """The pruned cells whose evaluation is stored (a study from before per-example records has none)."""
+        return [
+            analysis.CellInfo(c.method, c.mode, c.fraction, c.removed, c.evaluated_key, c.reused_from)
+            for c in self.cells
+            if c.evaluated_key in self.evaluations
+        ]
+
+    @functools.cached_property
+    def tables(self) -> dict[str, Any]:
+        """Rows, base table, null bands and headline; bootstrap: ``config.resamples``, ``config.seed``."""
+        options = {"resamples": self.config.resamples, "seed": self.config.seed}
+        if "base" not in self.evaluations:
+            return {"rows": [], "base": [], "null_bands": [], "headline": []}
+        cells = self.cell_infos()
+        rows = analysis.comparison_rows(cells, self.evaluations, **options)
+        base = analysis.base_table(self.evaluations["base"], **options)
+        included = [(e["task"], e["metric"]) for e in base if e.get("included")]
+        return {
+            "rows": rows,
+            "base": base,
+            "null_bands": analysis.null_bands(rows),
+            "headline": analysis.headline(cells, self.evaluations, included, **options),
+        }
 
     def rows(self) -> list[dict[str, Any]]:
-        """One row per method x mode x fraction x task metric, including the unpruned row of each method."""
-        rows = []
-        for method in self.config.methods:
-            spec = get_scorer(method).spec
-            for mode in self.config.cell_modes():
-                cells = [Cell(spec, mode, 0.0, [], self.base.metrics, 0.0, reused_from="base")]
-                cells += [c for c in self.cells if c.method == spec and c.mode == mode]
-                for cell in cells:
-                    rows.extend(cell_rows(cell, self.base, self.num_layers))
-        return rows
+        """One row per pruned cell and task metric, compared with the unpruned model (see study_analysis)."""
+        return self.tables["rows"]
 
     def correlations(self) -> dict[str, Any]:
-        """Spearman and Kendall rank correlations between the methods' one-shot layer scores."""
+        """Spearman and Kendall rank correlations between the methods' one-shot layer scores, and of each
+        method with the layer index (is a method a depth order in disguise?)."""
         scores = {
             selection.method: selection.steps[0].scores.numpy()
             for name, selection in self.selections.items()
-            if name.endswith(f"__{ONESHOT}") and selection.steps
+            if name.endswith(f"__{ONESHOT}") and selection.steps and not analysis.is_random(selection.method)
         }
-        return rank_correlations(scores)
+        correlations = rank_correlations(scores)
+        depth = np.arange(self.num_layers, dtype=np.float64)
+        correlations["with_layer_index"] = {
+            method: float(scipy_stats.spearmanr(values, depth).statistic) for method, values in scores.items()
+        }
+        return correlations
 
     def to_dict(self) -> dict[str, Any]:
+        tables = self.tables
         return {
-            "format": "avss-study/1",
+            "format": "avss-study/2",
             "complete": self.complete,
             "config": self.config.to_dict(),
             "num_layers": self.num_layers,
             "wall_time_s": self.wall_time_s,
+            "cell_seconds": {cell.key: cell.seconds for cell in [self.base, *self.cells]},
             "environment": self.environment,
-            "rows": self.rows(),
+            "base": tables["base"],
+            "headline": tables["headline"],
+            "null_bands": tables["null_bands"],
+            "rows": tables["rows"],
             "selections": {name: s.to_dict() for name, s in self.selections.items()},
             "correlations": self.correlations(),
         }
@@ -457,11 +539,15 @@ class StudyResult:
     def write(self, out: Path) -> None:
         from avss import plots
 
-        rows = self.rows()
+        tables = self.tables
         atomic_write_json(out / "results.json", self.to_dict())
-        atomic_write_text(out / "results.csv", rows_to_csv(rows))
-        atomic_write_text(out / "summary.md", summary_markdown(rows, self.config.fractions))
-        plots.retained_vs_fraction(rows, out / "retained.png")
+        atomic_write_text(out / "results.csv", rows_to_csv(tables["rows"]))
+        summary = analysis.summary_markdown(
+            tables["rows"], self.config.fractions, tables["base"], tables["null_bands"], tables["headline"]
+        )
+        atomic_write_text(out / "summary.md", summary)
+        if tables["rows"]:
+            plots.retention_vs_fraction(tables["rows"], tables["null_bands"], out / "retention.png")
         plots.removed_layers(self.removal_matrix(), self.num_layers, out / "removed_layers.png")
         correlations = self.correlations()
         if len(correlations["methods"]) > 1:
@@ -470,8 +556,10 @@ class StudyResult:
     def removal_matrix(self) -> dict[str, list[float]]:
         """Per method and mode: for each layer, the smallest fraction at which it is removed (NaN: never)."""
         matrix = {}
-        for method in self.config.methods:
-            spec = get_scorer(method).spec
+        for scorer in self.config.scorers():
+            spec = scorer.spec
+            if analysis.is_random(spec) and spec != "random[seed=0]" and spec != "random":
+                continue  # one draw stands for the band
             for mode in self.config.modes():
                 first = [math.nan] * self.num_layers
                 cells = sorted(
@@ -483,29 +571,6 @@ class StudyResult:
                             first[layer] = cell.fraction
                 matrix[spec if len(self.config.modes()) == 1 else f"{spec} ({mode})"] = first
         return matrix
-
-
-def cell_rows(cell: Cell, base: Cell, num_layers: int) -> list[dict[str, Any]]:
-    rows = []
-    for task, metrics in cell.metrics.items():
-        for metric, value in metrics.items():
-            base_value = base.metrics[task][metric]
-            rows.append(
-                {
-                    "method": cell.method,
-                    "mode": cell.mode,
-                    "fraction": cell.fraction,
-                    "n_removed": len(cell.removed),
-                    "removed_layers": " ".join(map(str, cell.removed)),
-                    "task": task,
-                    "metric": metric,
-                    "value": value,
-                    "base_value": base_value,
-                    "retained_pct": 100.0 * retained_ratio(metric, base_value, value),
-                    "reused_from": cell.reused_from or "",
-                }
-            )
-    return rows
 
 
 def rank_correlations(scores: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -524,29 +589,7 @@ def rank_correlations(scores: dict[str, np.ndarray]) -> dict[str, Any]:
 
 def rows_to_csv(rows: list[dict[str, Any]]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=analysis.CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
-
-
-def summary_markdown(rows: list[dict[str, Any]], fractions: Sequence[float]) -> str:
-    """Retained % per method (rows) and fraction (columns), one table per task metric."""
-    lines = []
-    metrics = list(dict.fromkeys((row["task"], row["metric"]) for row in rows))
-    for task, metric in metrics:
-        selected = [row for row in rows if (row["task"], row["metric"]) == (task, metric)]
-        base = selected[0]["base_value"]
-        lines += [f"### {task} {metric} (base {base:.4g}): retained %", ""]
-        lines.append("| method | mode | " + " | ".join(f"{f:g}" for f in fractions) + " |")
-        lines.append("|---|---|" + "---|" * len(fractions))
-        for method, mode in dict.fromkeys((row["method"], row["mode"]) for row in selected):
-            values = {
-                row["fraction"]: row["retained_pct"]
-                for row in selected
-                if (row["method"], row["mode"]) == (method, mode)
-            }
-            cells = [f"{values[f]:.1f}" if f in values else "" for f in fractions]
-            lines.append(f"| {method} | {mode} | " + " | ".join(cells) + " |")
-        lines.append("")
-    return "\n".join(lines)

@@ -51,6 +51,16 @@ def study_command(
     heal_steps: Annotated[
         int, typer.Option(min=1, help="Optimizer steps per healed model (same budget for all)")
     ] = 32,
+    random_seeds: Annotated[
+        int,
+        typer.Option(min=1, help="Draws of the random order (seeds 0..N-1), reported as a null band"),
+    ] = 1,
+    protect: Annotated[
+        str | None,
+        typer.Option(
+            help="Also evaluate every one-shot selection with these blocks kept (e.g. first,last)",
+        ),
+    ] = None,
     report_only: Annotated[
         bool, typer.Option("--report-only", help="Only write results of the cells finished so far")
     ] = False,
@@ -81,6 +91,8 @@ def study_command(
         seed=seed,
         heal=heal,
         heal_steps=heal_steps,
+        random_seeds=random_seeds,
+        protect=list(comma_list(protect)) if protect else [],
     )
     study = Study(config, out, log=lambda message: console.print(f"[dim]{message}[/]"))
     result = study.report() if report_only else study.run()

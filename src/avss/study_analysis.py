@@ -1,0 +1,392 @@
+"""The study's tables, computed from the per-example records its cells saved.
+
+Every pruned cell is compared with the unpruned model on the same examples
+(:meth:`avss.evaluation.runner.EvalResult.compare`): both scores with 95% intervals, the paired difference,
+McNemar's exact test for accuracies, chance-normalized retention ``(pruned - chance) / (base - chance)`` for
+accuracies and the change of NLL per token (nats) for perplexity, never a ratio averaged with accuracies.
+McNemar p-values are Holm-corrected within each table (one task metric, every method, mode and budget).
+
+Two summaries answer the study's question:
+
+- the **null band** of the random order: the median and the 5-95% range over its seeded draws of each
+  statistic, at each budget, instead of one lucky or unlucky draw;
+- the **headline** table: the macro average of chance-normalized retention over the accuracy tasks whose base
+  score clears the inclusion rule (lower 95% bound above chance and above the best trivial predictor), with
+  a bootstrap interval that resamples every task's examples independently. Excluded tasks are listed with the
+  reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from avss.evaluation import uncertainty as u
+from avss.evaluation.comparison import ComparisonRow, chance_per_example, metric_values
+from avss.evaluation.runner import EvalResult
+
+RANDOM_PREFIX = "random"
+BAND = (5.0, 50.0, 95.0)  # percentiles of the null band: low, median, high
+ALPHA = 0.05  # family-wise level of the significance marks (Holm)
+
+CSV_COLUMNS = (
+    "method",
+    "mode",
+    "fraction",
+    "n_removed",
+    "removed_layers",
+    "task",
+    "metric",
+    "kind",
+    "n",
+    "value",
+    "value_low",
+    "value_high",
+    "base_value",
+    "base_low",
+    "base_high",
+    "difference",
+    "difference_low",
+    "difference_high",
+    "difference_unit",
+    "mcnemar_p",
+    "holm_p",
+    "chance",
+    "retention",
+    "retention_low",
+    "retention_high",
+    "included",
+    "reused_from",
+)
+
+
+def is_random(method: str) -> bool:
+    """Seeded draws of the random order (``random``, ``random[seed=3]``) form the null band."""
+    return method == RANDOM_PREFIX or method.startswith(f"{RANDOM_PREFIX}[")
+
+
+@dataclass
+class CellInfo:
+    """What the tables need of a cell: its identity and the key of the evaluation it uses."""
+
+    method: str
+    mode: str
+    fraction: float
+    removed: list[int]
+    evaluated_key: str
+    reused_from: str | None
+
+
+def _interval_fields(prefix: str, value: u.Interval | float | None) -> dict[str, Any]:
+    if isinstance(value, u.Interval):
+        return {prefix: value.estimate, f"{prefix}_low": value.low, f"{prefix}_high": value.high}
+    return {prefix: value, f"{prefix}_low": None, f"{prefix}_high": None}
+
+
+def row_fields(cell: CellInfo, comparison: ComparisonRow) -> dict[str, Any]:
+    """One CSV/JSON row: the cell's identity and its comparison with the base on one task metric."""
+    base = _interval_fields("base", comparison.base)
+    return {
+        "method": cell.method,
+        "mode": cell.mode,
+        "fraction": cell.fraction,
+        "n_removed": len(cell.removed),
+        "removed_layers": " ".join(map(str, cell.removed)),
+        "task": comparison.task,
+        "metric": comparison.metric,
+        "kind": comparison.kind,
+        "n": comparison.n,
+        **_interval_fields("value", comparison.new),
+        "base_value": base["base"],
+        "base_low": base["base_low"],
+        "base_high": base["base_high"],
+        **_interval_fields("difference", comparison.difference),
+        "difference_unit": comparison.difference_unit,
+        "mcnemar_p": comparison.mcnemar.p_value if comparison.mcnemar else None,
+        "holm_p": None,
+        "chance": comparison.chance,
+        **_interval_fields("retention", comparison.retention),
+        "included": comparison.included,
+        "reused_from": cell.reused_from or "",
+    }
+
+
+def comparison_rows(
+    cells: Sequence[CellInfo], evaluations: dict[str, EvalResult], *, resamples: int, seed: int
+) -> list[dict[str, Any]]:
+    """Every cell against the base (``evaluations["base"]``), Holm-corrected within each task metric.
+
+    Cells that reuse another cell's evaluation share its comparison (computed once per evaluated model).
+    """
+    base = evaluations["base"]
+    computed: dict[str, list[ComparisonRow]] = {}
+    rows = []
+    for cell in cells:
+        if cell.evaluated_key not in computed:
+            table = evaluations[cell.evaluated_key].compare(base, resamples=resamples, seed=seed)
+            computed[cell.evaluated_key] = table.rows
+        rows += [row_fields(cell, comparison) for comparison in computed[cell.evaluated_key]]
+    holm_within_tables(rows)
+    return rows
+
+
+def holm_within_tables(rows: list[dict[str, Any]]) -> None:
+    """Fill ``holm_p``: Holm over every McNemar p-value of one task metric (one summary table)."""
+    families: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row["mcnemar_p"] is not None:
+            families[(row["task"], row["metric"])].append(row)
+    for family in families.values():
+        for row, adjusted in zip(family, u.holm([row["mcnemar_p"] for row in family]), strict=True):
+            row["holm_p"] = adjusted
+
+
+def statistic(row: dict[str, Any]) -> float | None:
+    """The number a summary table shows for a row: retention for accuracies, the difference otherwise."""
+    return row["retention"] if row["kind"] == "accuracy" else row["difference"]
+
+
+def null_bands(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per mode, budget and task metric: percentiles of :func:`statistic` over the random order's draws."""
+    groups: dict[tuple[str, float, str, str], list[float]] = defaultdict(list)
+    for row in rows:
+        value = statistic(row)
+        if is_random(row["method"]) and value is not None and not math.isnan(value):
+            groups[(row["mode"], row["fraction"], row["task"], row["metric"])].append(value)
+    bands = []
+    for (mode, fraction, task, metric), values in groups.items():
+        low, median, high = np.percentile(values, BAND).tolist()
+        bands.append(
+            {
+                "mode": mode,
+                "fraction": fraction,
+                "task": task,
+                "metric": metric,
+                "draws": len(values),
+                "low": low,
+                "median": median,
+                "high": high,
+                "percentiles": list(BAND),
+            }
+        )
+    return bands
+
+
+def base_table(base: EvalResult, *, resamples: int, seed: int) -> list[dict[str, Any]]:
+    """The unpruned model per task metric: score with interval, chance, trivial baselines, inclusion."""
+    table = []
+    for task, result in base.tasks.items():
+        if not result.records:
+            continue
+        for metric in result.metrics:
+            entry: dict[str, Any] = {"task": task, "metric": metric}
+            entry.update(result.interval(metric, resamples=resamples, seed=seed).to_dict())
+            values = list(metric_values(result.records, metric).values()) if metric != "perplexity" else []
+            if values and u.is_binary(values):
+                decision = result.inclusion(metric, resamples=resamples, seed=seed)
+                entry.update(
+                    chance=float(chance_per_example(result.records).mean()),
+                    trivial=result.baselines(),
+                    included=decision.included,
+                    reason=decision.reason,
+                )
+            table.append(entry)
+    return table
+
+
+def retention_draws(
+    base: np.ndarray, new: np.ndarray, chance: np.ndarray, *, resamples: int, seed: int
+) -> np.ndarray:
+    """Bootstrap draws of chance-normalized retention on one task (NaN where a resample's base is not above
+    chance), the same resampling as :func:`avss.evaluation.uncertainty.retention_interval`."""
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, base.size, size=(resamples, base.size))
+    b, n, c = (column[rows].mean(axis=1) for column in (base, new, chance))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(b > c, (n - c) / (b - c), np.nan)
+
+
+def headline(
+    cells: Sequence[CellInfo],
+    evaluations: dict[str, EvalResult],
+    included: Sequence[tuple[str, str]],
+    *,
+    resamples: int,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """Macro chance-normalized retention over the ``included`` (task, metric) pairs for every cell.
+
+    Tasks hold different examples, so each task is resampled on its own (seed offset by its position) and
+    the macro interval is the percentile interval of the mean of the tasks' draws.
+    """
+    if not included:
+        return []
+    base = evaluations["base"]
+    out = []
+    for cell in cells:
+        evaluation = evaluations[cell.evaluated_key]
+        draws, estimates = [], []
+        for offset, (task, metric) in enumerate(included):
+            b_values = metric_values(base.tasks[task].records, metric)
+            b, n = u.paired(b_values, metric_values(evaluation.tasks[task].records, metric), f"task {task}")
+            by_id = {record.id: record for record in base.tasks[task].records}
+            chance = chance_per_example([by_id[i] for i in b_values])
+            estimates.append(u.retention(float(b.mean()), float(n.mean()), float(chance.mean())))
+            draws.append(retention_draws(b, n, chance, resamples=resamples, seed=seed + offset))
+        macro = np.mean(np.vstack(draws), axis=0)
+        low, high = np.nanpercentile(macro, [2.5, 97.5]).tolist()
+        out.append(
+            {
+                "method": cell.method,
+                "mode": cell.mode,
+                "fraction": cell.fraction,
+                "tasks": [f"{task}:{metric}" for task, metric in included],
+                "retention": float(np.mean(estimates)),
+                "retention_low": low,
+                "retention_high": high,
+            }
+        )
+    return out
+
+
+def load_evaluations(out: Path, keys: Iterable[str]) -> dict[str, EvalResult]:
+    """The stored evaluation of each key that has one (cells of studies before records have none)."""
+    found = {}
+    for key in set(keys):
+        path = out / "cells" / f"{key}.eval.json"
+        if path.is_file():
+            found[key] = EvalResult.load(path)
+    return found
+
+
+# --- markdown ---------------------------------------------------------------------------------------------
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def interval_text(estimate: float | None, low: float | None, high: float | None, digits: int = 3) -> str:
+    return f"{fmt(estimate, digits)} [{fmt(low, digits)}, {fmt(high, digits)}]"
+
+
+def summary_markdown(
+    rows: Sequence[dict[str, Any]],
+    fractions: Sequence[float],
+    base: Sequence[dict[str, Any]],
+    bands: Sequence[dict[str, Any]],
+    macro: Sequence[dict[str, Any]],
+) -> str:
+    """The study's tables: base scores and inclusion, the headline, then one table per task metric."""
+    budgets = [f for f in fractions if f > 0]
+    lines = ["## Base model", "", "| task | metric | value [95% CI] | n | chance | best trivial | headline |"]
+    lines.append("|---|---|---|---|---|---|---|")
+    for entry in base:
+        trivial = entry.get("trivial") or {}
+        best = max(trivial.items(), key=lambda item: item[1]) if trivial else None
+        verdict = (
+            "n/a" if "included" not in entry else ("yes" if entry["included"] else "no: " + entry["reason"])
+        )
+        lines.append(
+            f"| {entry['task']} | {entry['metric']} | "
+            f"{interval_text(entry['estimate'], entry['low'], entry['high'])} | {entry['n']} | "
+            f"{fmt(entry.get('chance'))} | {f'{best[0]} {best[1]:.3f}' if best else 'n/a'} | {verdict} |"
+        )
+    lines.append("")
+    if macro:
+        lines += headline_markdown(macro, budgets, bands)
+    lines += [
+        "Cells: chance-normalized retention [95% CI] for accuracies, change of the metric (perplexity:",
+        "NLL in nats per token) [95% CI] otherwise, pruned minus base on the same examples; `*` marks a",
+        f"Holm-corrected McNemar p < {ALPHA} within the table. Random: median [5%, 95%] over its draws.",
+        "",
+    ]
+    for task, metric in dict.fromkeys((row["task"], row["metric"]) for row in rows):
+        selected = [row for row in rows if (row["task"], row["metric"]) == (task, metric)]
+        kind = selected[0]["kind"]
+        what = "retention" if kind == "accuracy" else f"change ({selected[0]['difference_unit']})"
+        lines += [f"### {task} {metric}: {what}", ""]
+        lines.append("| method | mode | " + " | ".join(f"{f:g}" for f in budgets) + " |")
+        lines.append("|---|---|" + "---|" * len(budgets))
+        for method, mode in dict.fromkeys(
+            (row["method"], row["mode"]) for row in selected if not is_random(row["method"])
+        ):
+            cells = {
+                row["fraction"]: row for row in selected if (row["method"], row["mode"]) == (method, mode)
+            }
+            lines.append(
+                f"| {method} | {mode} | " + " | ".join(cell_text(cells.get(f)) for f in budgets) + " |"
+            )
+        for mode in dict.fromkeys(band["mode"] for band in bands):
+            found = {
+                band["fraction"]: band
+                for band in bands
+                if (band["task"], band["metric"], band["mode"]) == (task, metric, mode)
+            }
+            if found:
+                draws = max(band["draws"] for band in found.values())
+                texts = [band_text(found.get(f)) for f in budgets]
+                lines.append(f"| random ({draws} draws) | {mode} | " + " | ".join(texts) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def headline_markdown(
+    macro: Sequence[dict[str, Any]], budgets: Sequence[float], bands: Sequence[dict[str, Any]]
+) -> list[str]:
+    tasks = ", ".join(macro[0]["tasks"])
+    lines = [
+        "## Headline: macro chance-normalized retention over the included accuracy tasks",
+        "",
+        f"Tasks: {tasks}. 1 keeps all of the base model's skill above chance, 0 is guessing.",
+        "",
+        "| method | mode | " + " | ".join(f"{f:g}" for f in budgets) + " |",
+        "|---|---|" + "---|" * len(budgets),
+    ]
+    randoms: dict[tuple[str, float], list[float]] = defaultdict(list)
+    for method, mode in dict.fromkeys((entry["method"], entry["mode"]) for entry in macro):
+        entries = {e["fraction"]: e for e in macro if (e["method"], e["mode"]) == (method, mode)}
+        if is_random(method):
+            for fraction, entry in entries.items():
+                randoms[(mode, fraction)].append(entry["retention"])
+            continue
+        texts = [
+            interval_text(e["retention"], e["retention_low"], e["retention_high"]) if e else ""
+            for e in (entries.get(f) for f in budgets)
+        ]
+        lines.append(f"| {method} | {mode} | " + " | ".join(texts) + " |")
+    for mode in dict.fromkeys(mode for mode, _ in randoms):
+        texts = []
+        for fraction in budgets:
+            values = randoms.get((mode, fraction))
+            if values:
+                low, median, high = np.percentile(values, BAND).tolist()
+                texts.append(interval_text(median, low, high))
+            else:
+                texts.append("")
+        draws = max(len(v) for (m, _), v in randoms.items() if m == mode)
+        lines.append(f"| random ({draws} draws) | {mode} | " + " | ".join(texts) + " |")
+    lines.append("")
+    return lines
+
+
+def cell_text(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return ""
+    prefix = "retention" if row["kind"] == "accuracy" else "difference"
+    text = interval_text(row[prefix], row[f"{prefix}_low"], row[f"{prefix}_high"])
+    if row["holm_p"] is not None and row["holm_p"] < ALPHA:
+        text += "*"
+    return text
+
+
+def band_text(band: dict[str, Any] | None) -> str:
+    return "" if band is None else interval_text(band["median"], band["low"], band["high"])
