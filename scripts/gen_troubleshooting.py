@@ -99,6 +99,13 @@ FIXES: dict[str, dict[str, str]] = {
         "unknown --rule": "Use `count` or `mass`.",
         "--protect out of range": "Use `first`, `last` or an index below the number of layers.",
         "--protect leaves too few layers": "Protect fewer layers or remove fewer.",
+        "--layers out of range": "Blocks are numbered from 0 to the model's count minus one (`avss score` "
+        "lists them).",
+        "--layers duplicate": "Name each block to remove once.",
+        "--layers every block": "Leave at least one block.",
+        "--layers not integers": "Give block indices separated by commas, e.g. `--layers 3,5,21`.",
+        "--layers with --fraction": "`--layers` is the whole selection: drop the options that choose blocks "
+        "by score (`--fraction`, `--n-layers`, `--method`, ...).",
     },
     "Activations": {
         "NaN activations": "The named layer's weights are broken or overflow: check the checkpoint, try "

@@ -429,6 +429,15 @@ CLI_CASES = [
         lambda ws: prune(ws, "--protect", "0,1,2", "--n-layers", "2"),
         ("cannot remove 2 of 4 layers (3 protected)",),
     ),
+    Case("--layers out of range", lambda ws: prune(ws, "--layers", "1,4"), ("block 4 out of range", "0-3")),
+    Case("--layers duplicate", lambda ws: prune(ws, "--layers", "1,2,1"), ("lists block 1 twice",)),
+    Case("--layers every block", lambda ws: prune(ws, "--layers", "0,1,2,3"), ("all 4 blocks",)),
+    Case("--layers not integers", lambda ws: prune(ws, "--layers", "1,two"), ("block indices", "'two'")),
+    Case(
+        "--layers with --fraction",
+        lambda ws: prune(ws, "--layers", "1", "--fraction", "0.5"),
+        ("drop --fraction",),
+    ),
     # --- activations ---
     Case(
         "NaN activations",

@@ -31,29 +31,30 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from avss import __version__
 from avss.adapters import block_input, first_tensor, get_adapter
 from avss.checkpoint import checkpoint_dir
 from avss.data import TextSource, tokenize_texts
-from avss.errors import AvssError, DataError, PruneConfigError
+from avss.errors import DataError, HealConfigError, PruneConfigError
 from avss.io import atomic_directory, check_output_dir, to_json
 from avss.models import LoadedModel, load_model
 from avss.pipeline import PruneResult, package_versions
 from avss.prune import PROVENANCE_FILE, contiguous_spans, save_pruned
-from avss.training import ParamPredicate, TrainConfig, prefix_selector, substring_selector, train
+from avss.training import (
+    ParamPredicate,
+    TrainConfig,
+    lora_module_names,
+    prefix_selector,
+    substring_selector,
+    train,
+)
 
 HEALING_FILE = "avss_healing.json"
 EVALUATION_FILES = ("wiki.test.raw", "test.tokens.txt")
-LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)  # GPT-2 projections are Conv1D
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
-
-
-class HealConfigError(AvssError):
-    """The requested healing is impossible (unknown method, no pruning record, ...)."""
 
 
 # --- configuration and results
@@ -361,22 +362,6 @@ def default_target_modules(model_type: str) -> tuple[str, ...] | None:
 
     targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
     return tuple(targets) if targets else None
-
-
-def lora_module_names(model: nn.Module, layers: list[int], targets: tuple[str, ...] | None) -> list[str]:
-    """Full names of the linear modules in blocks ``layers`` whose last name component is a target
-    (every linear module of those blocks for ``None`` or ``all-linear``)."""
-    adapter = get_adapter(model)
-    every = targets is None or targets == ("all-linear",)
-    names = []
-    for layer in layers:
-        prefix = adapter.layer_name(layer)
-        for name, module in adapter.blocks[layer].named_modules():
-            if isinstance(module, LINEAR_TYPES) and (every or name.rpartition(".")[2] in targets):
-                names.append(f"{prefix}.{name}")
-    if not names:
-        raise HealConfigError(f"no linear module named {', '.join(targets or ())} in blocks {layers}")
-    return names
 
 
 def prepare_lora(model: nn.Module, config: HealConfig, context: HealContext) -> Objective:

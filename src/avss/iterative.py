@@ -21,6 +21,8 @@ from avss.pipeline import CalibrationOptions, PruneResult, command_line, package
 from avss.prune import PruneSpec, PruningRecord, check_budget, remove_layers
 from avss.scorers import LayerImportance, Scorer, ScoringContext, context_for
 
+GIVEN = "layers"  # the method recorded when the blocks to remove are given (avss prune --layers)
+
 
 @dataclass
 class Selection:
@@ -103,7 +105,7 @@ def select_layers(
 
 def prune_with_scorer(
     loaded: LoadedModel,
-    scorer: Scorer,
+    scorer: Scorer | None,
     source: TextSource,
     calibration: CalibrationOptions,
     spec: PruneSpec,
@@ -118,27 +120,37 @@ def prune_with_scorer(
     cache of :class:`~avss.scorers.CachedContext` is kept only where it saves passes: iterative re-scoring and
     scorers that skip blocks. ``spec.patch`` fits and folds the linear patch (:mod:`avss.patch`) on the same
     calibration batches before the blocks are removed; the architecture and memory are checked first.
+    ``spec.layers`` gives the blocks to remove: they are checked against the model and removed without any
+    scoring pass (``scorer`` may be ``None``; the record's method is ``layers``).
     """
     started = time.perf_counter()
     spec.check(iterative)
-    batches = calibration.batches(loaded.tokenizer, source)
+    num_layers = get_adapter(loaded.model).num_layers
+    scoring = spec.layers is None
+    if not scoring:  # the blocks are given: checked right after loading, and no scoring pass
+        spec.check_given_layers(iterative, num_layers)
+    elif scorer is None:
+        raise PruneConfigError("a scorer is needed unless the blocks to remove are given (PruneSpec.layers)")
+    batches = calibration.batches(loaded.tokenizer, source) if scoring or spec.patch else None
     if spec.patch is not None:
         check_linear_patch(loaded.model, batches.batches)
-    num_layers = get_adapter(loaded.model).num_layers
     protect = spec.protected(num_layers)
-    cached = iterative or scorer.skips_blocks
-    context = context_for(loaded.model, batches, [scorer], cached=cached, progress=progress)
-    if spec.rule == "mass":
-        if iterative:
-            raise PruneConfigError(
-                "--rule mass cannot be combined with --iterative; use --fraction or --n-layers"
-            )
-        importance = scorer.score(context)
-        selection = Selection(scorer.spec, False, spec.select(importance.scores), [importance])
+    if not scoring:
+        selection = Selection(GIVEN, False, sorted(spec.layers or ()))
     else:
-        selection = select_layers(
-            scorer, context, spec.layers_to_remove(num_layers), protect, iterative=iterative
-        )
+        cached = iterative or scorer.skips_blocks
+        context = context_for(loaded.model, batches, [scorer], cached=cached, progress=progress)
+        if spec.rule == "mass":
+            if iterative:
+                raise PruneConfigError(
+                    "--rule mass cannot be combined with --iterative; use --fraction or --n-layers"
+                )
+            importance = scorer.score(context)
+            selection = Selection(scorer.spec, False, spec.select(importance.scores), [importance])
+        else:
+            selection = select_layers(
+                scorer, context, spec.layers_to_remove(num_layers), protect, iterative=iterative
+            )
     patch = None
     if spec.patch is not None:
         patch = linear_patch(loaded.model, batches.batches, selection.removed, spec.patch_ridge, progress)
@@ -150,16 +162,16 @@ def prune_with_scorer(
         removed_layers=selection.removed,
         kept_layers=kept,
         original_num_layers=num_layers,
-        method=scorer.spec,
+        method=selection.method,
         selection={**asdict(spec), "iterative": iterative, "order": selection.order},
-        scores=selection.steps[0].scores.tolist(),
+        scores=selection.steps[0].scores.tolist() if selection.steps else [],
         options={
             "avss_version": __version__,
             "command": command_line(),
-            "scorer": scorer.options(),
-            "data": source.describe(),
-            "calibration": asdict(calibration),
-            "num_tokens": batches.num_tokens,
+            "scorer": scorer.options() if scoring else None,
+            "data": source.describe() if batches is not None else None,
+            "calibration": asdict(calibration) if batches is not None else None,
+            "num_tokens": batches.num_tokens if batches is not None else 0,
             "wall_time_s": round(time.perf_counter() - started, 3),
             "versions": package_versions(),
         },

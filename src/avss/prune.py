@@ -114,6 +114,17 @@ def contiguous_spans(removed: list[int]) -> list[tuple[int, int]]:
     return spans
 
 
+def parse_layers(text: str) -> tuple[int, ...]:
+    """``--layers 3,5,21``: the block indices to remove, as given (checked by :meth:`PruneSpec.check`)."""
+    items = [item.strip() for item in text.split(",")]
+    bad = next((item for item in items if not item.lstrip("+-").isdigit()), None)
+    if bad is not None:
+        raise PruneConfigError(
+            f"--layers takes comma-separated block indices such as 3,5,21; got {bad!r} in {text!r}"
+        )
+    return tuple(int(item) for item in items)
+
+
 @dataclass
 class PruneSpec:
     """How many layers to remove and how to choose them, and how to repair what they did.
@@ -130,9 +141,12 @@ class PruneSpec:
     protect: tuple[str, ...] = ()
     patch: str | None = None
     patch_ridge: float = 0.0
+    layers: tuple[int, ...] | None = None
 
     def check(self, iterative: bool = False) -> PruneSpec:
         """Check what does not depend on the model, so a bad option fails before minutes of scoring."""
+        if self.layers is not None:
+            self.check_given_layers(iterative)
         if self.patch is not None and self.patch not in PATCHES:
             raise PruneConfigError(f"unknown --patch {self.patch!r}; choose one of {', '.join(PATCHES)}")
         if not (0 <= self.patch_ridge < float("inf")):
@@ -151,6 +165,40 @@ class PruneSpec:
         if self.rule == "mass" and self.tau is not None:
             check_tau(self.tau)
         return self
+
+    def check_given_layers(self, iterative: bool = False, num_layers: int | None = None) -> None:
+        """``layers``, the blocks to remove as given: no duplicates, no negative index, no budget or rule
+        beside them; with ``num_layers``, also in range, not protected and not every block."""
+        layers = list(self.layers or ())
+        if not layers:
+            raise PruneConfigError("--layers needs at least one block index, e.g. --layers 3,5,21")
+        if iterative or self.n_layers is not None or self.rule != "count" or self.protect:
+            raise PruneConfigError(
+                "--layers gives the blocks to remove; it cannot be combined with --n-layers, --rule, "
+                "--protect or --iterative"
+            )
+        twice = next((layer for layer in layers if layers.count(layer) > 1), None)
+        if twice is not None:
+            raise PruneConfigError(f"--layers lists block {twice} twice")
+        if min(layers) < 0:
+            raise PruneConfigError(f"--layers block {min(layers)} is negative; blocks are numbered from 0")
+        if num_layers is None:
+            return
+        if max(layers) >= num_layers:
+            raise PruneConfigError(
+                f"--layers block {max(layers)} out of range for a {num_layers}-block model "
+                f"(blocks 0-{num_layers - 1})"
+            )
+        if len(layers) >= num_layers:
+            raise PruneConfigError(
+                f"--layers lists all {num_layers} blocks of the model; at least one must remain"
+            )
+        protected = sorted(set(layers) & self.protected(num_layers))
+        if protected:
+            raise PruneConfigError(
+                f"--layers block {protected[0]} cannot be removed with --patch (a patched run needs a kept "
+                "block before it)"
+            )
 
     def layers_to_remove(self, num_layers: int) -> int:
         """The ``count`` rule's budget for a ``num_layers``-layer model: ``n_layers``, else ``fraction``."""

@@ -35,13 +35,14 @@ from avss.cli.options import (
     text_source,
 )
 from avss.distributed import setup_distributed
+from avss.errors import PruneConfigError
 from avss.gguf_prune import check_gguf_prune, is_gguf_path, save_pruned_gguf
 from avss.heal import HealConfig, save_or_heal
 from avss.io import check_output_dir, ensure_parent_writable
 from avss.iterative import prune_with_scorer
-from avss.models import DEFAULT_MODEL, EMBEDDED_MODELS, load_model
+from avss.models import DEFAULT_MODEL, EMBEDDED_MODELS, load_model, peek_num_layers
 from avss.pipeline import ScoreOptions, ScoreRun, score
-from avss.prune import PruneSpec
+from avss.prune import PruneSpec, parse_layers
 from avss.scorers import LayerImportance, get_scorer
 
 
@@ -53,7 +54,9 @@ def models() -> None:
     table.add_column("package")
     table.add_column("description")
     for model in EMBEDDED_MODELS.values():
-        table.add_row(model.name, model.package.replace("_", "-"), model.description)
+        packages = model.packages
+        label = packages[0] if len(packages) == 1 else f"{packages[0]} ... {packages[-1]}"
+        table.add_row(model.name, label, model.description)
     console.print(table)
     console.print("Supported architectures (config.model_type): " + ", ".join(supported_model_types()))
 
@@ -161,8 +164,20 @@ def score_command(
         checkpoint.finish()
 
 
+# `avss prune` options that choose blocks by score, so they cannot be combined with --layers.
+SCORE_SELECTION = ("fraction", "n_layers", "rule", "tau", "protect", "method", "iterative")
+AVSS_OPTIONS = ("site", "variance", "threshold")
+
+
+def from_default(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` kept its default (was not given on the command line or by the environment)."""
+    source = ctx.get_parameter_source(name)
+    return source is None or source.name in ("DEFAULT", "DEFAULT_MAP")
+
+
 @app.command("prune")
 def prune_command(
+    ctx: typer.Context,
     model: ModelArg = DEFAULT_MODEL,
     out: Out = Path("pruned"),
     fraction: Annotated[float, typer.Option(help="Share of layers to remove (rule count)")] = 0.25,
@@ -174,6 +189,13 @@ def prune_command(
     protect: Annotated[
         str, typer.Option(help="Comma-separated layers never removed: first,last or indices")
     ] = "",
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated blocks to remove, e.g. 3,5,21 (a study cell's or a paper's selection): "
+            "no scoring pass; not with the options that choose blocks by score"
+        ),
+    ] = None,
     overwrite: Overwrite = False,
     data: Data = None,
     data_dir: DataDir = None,
@@ -212,30 +234,45 @@ def prune_command(
 ) -> None:
     """Remove the least important layers of MODEL (AVSS by default) and save a model that reloads with
     from_pretrained."""
+    given = None if layers is None else parse_layers(layers)
+    if given is not None:
+        scored = [
+            f"--{name.replace('_', '-')}"
+            for name in (*SCORE_SELECTION, *AVSS_OPTIONS)
+            if not from_default(ctx, name)
+        ]
+        if scored:
+            raise PruneConfigError(
+                f"--layers gives the blocks to remove; drop {', '.join(scored)} (they choose blocks by score)"
+            )
     spec = PruneSpec(
         rule=rule,
-        fraction=fraction,
+        fraction=None if given else fraction,
         n_layers=n_layers,
         tau=tau,
         protect=comma_list(protect),
         patch=patch,
         patch_ridge=patch_ridge,
+        layers=given,
     ).check(iterative=iterative)
     heal_config = HealConfig(method=heal, steps=heal_steps) if heal else None
-    gguf_input = check_gguf_prune(model, out, overwrite, heal) if is_gguf_path(out) else None
+    gguf_input = check_gguf_prune(model, out, overwrite, heal, patch) if is_gguf_path(out) else None
     if gguf_input is None:
         check_output_dir(out, overwrite)
     avss_options = f"avss[site={site},variance={variance},threshold={threshold}]"
-    scorer = get_scorer(avss_options if method == "avss" else method)
+    scorer = None if given else get_scorer(avss_options if method == "avss" else method)
+    if given and (num_layers := peek_num_layers(model)) is not None:
+        spec.check_given_layers(iterative, num_layers)  # before the model loads, where its config is at hand
     loaded = load_model(
         model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
     )
     source = text_source(data, dataset, data_dir)
     options = calibration(samples, max_length, batch_size, seed)
     result, selection = prune_with_scorer(loaded, scorer, source, options, spec, iterative=iterative)
-    first = selection.steps[0]
-    console.print(importance_table(first, result.removed))
-    print_warnings(first.warnings)
+    if selection.steps:
+        first = selection.steps[0]
+        console.print(importance_table(first, result.removed))
+        print_warnings(first.warnings)
     if gguf_input is not None:  # quantized tensors of the kept blocks copied, not re-quantized
         save_pruned_gguf(gguf_input, out, result.record, overwrite=overwrite)
     else:
