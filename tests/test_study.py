@@ -226,3 +226,32 @@ def test_random_null_band_and_protected_variants(saved_model, data_dir, tmp_path
     assert "| random (3 draws) | oneshot |" in summary and "## Base model" in summary
     with pytest.raises(PruneConfigError, match="cannot protect 'middle'"):
         config(saved_model, data_dir, protect=["middle"])
+
+
+def test_study_with_patch_adds_patched_cells_except_from_block_0(saved_model, data_dir, tmp_path):
+    """``avss study --patch``: each pruned model is also evaluated with its runs replaced by a linear map."""
+    study_config = config(
+        saved_model, data_dir, methods=["block_influence", "first"], fractions=[0, 0.25], iterative=False
+    )
+    study_config.patch = True
+    result = Study(study_config, tmp_path / "study", progress=False).run()
+    patched = {cell.method: cell for cell in result.cells if cell.mode == "oneshot+patch"}
+    plain = {cell.method: cell for cell in result.cells if cell.mode == "oneshot"}
+    assert plain["first"].removed == [0] and "first" not in patched  # no MLP before block 0
+    for method, cell in patched.items():
+        assert 0 not in cell.removed and cell.removed == plain[method].removed
+        assert cell.metrics != plain[method].metrics
+
+
+def test_an_option_added_later_keeps_an_older_study_folder_resumable(saved_model, data_dir, tmp_path):
+    out = tmp_path / "study"
+    small = config(saved_model, data_dir, methods=["random"], iterative=False, fractions=[0])
+    Study(small, out).prepare()
+    stored = json.loads((out / "config.json").read_text())
+    del stored["patch"], stored["random_seeds"]  # as written before these options existed
+    (out / "config.json").write_text(json.dumps(stored))
+    Study(small, out).prepare()
+    with pytest.raises(OutputError, match="differs in patch"):
+        Study(
+            config(saved_model, data_dir, methods=["random"], iterative=False, fractions=[0], patch=True), out
+        ).prepare()

@@ -26,7 +26,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from avss.heal import HealConfig, get_heal_method, heal_in_memory
 from avss.io import atomic_write_json, atomic_write_text, to_json
 from avss.iterative import Selection, select_iteratively, select_oneshot
 from avss.models import LoadedModel, load_model
+from avss.patch import check_patchable, linear_patch
 from avss.pipeline import CalibrationOptions, package_versions
 from avss.prune import protected_layers, remove_layers
 from avss.scorers import Scorer, context_for, get_scorer
@@ -54,6 +55,8 @@ DEFAULT_TASKS = ("wikitext2", "truthfulqa_mc", "sst2")
 ONESHOT, ITERATIVE = "oneshot", "iterative"
 PROTECTED = "oneshot+protect"  # a one-shot selection that keeps the blocks named by ``StudyConfig.protect``
 HEALED = "+healed"  # mode suffix of a cell whose pruned model was healed before evaluation
+PATCHED = "+patch"  # mode suffix of a cell whose removed runs were replaced by a fitted linear map
+REPAIRS = (HEALED, PATCHED)
 RANDOM = "random"
 
 
@@ -75,6 +78,8 @@ class StudyConfig:
     seed: int = 0
     heal: str | None = None
     heal_steps: int = 32
+    # Also evaluate every pruned model with its removed runs replaced by a fitted linear map (avss.patch).
+    patch: bool = False
     resamples: int = RESAMPLES  # bootstrap resamples of every interval in the tables
     # Draws of the random order (seeds 0..N-1), reported as a null band; 1 keeps a single draw.
     random_seeds: int = 1
@@ -117,13 +122,27 @@ class StudyConfig:
         modes = [ONESHOT, ITERATIVE] if self.iterative else [ONESHOT]
         return [*modes, PROTECTED] if self.protect else modes
 
+    def repairs(self) -> list[str]:
+        """Mode suffixes of the repaired twins of every pruned cell ("" is the unrepaired cell itself)."""
+        return ["", *([HEALED] if self.heal else []), *([PATCHED] if self.patch else [])]
+
     def cell_modes(self) -> list[str]:
-        """Modes of evaluated cells: every pruning mode, and with ``heal`` its healed twin."""
-        modes = self.modes()
-        return modes + [mode + HEALED for mode in modes] if self.heal else modes
+        """Modes of evaluated cells: every pruning mode and its repaired twins."""
+        return [mode + repair for repair in self.repairs() for mode in self.modes()]
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(to_json(asdict(self)))
+
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        """The JSON form of every option that has a default."""
+        values = {}
+        for item in fields(cls):
+            if item.default is not MISSING:
+                values[item.name] = item.default
+            elif item.default_factory is not MISSING:
+                values[item.name] = item.default_factory()
+        return json.loads(to_json(values))
 
 
 def parse_limits(text: str | None, tasks: Sequence[str]) -> dict[str, int | None]:
@@ -214,7 +233,12 @@ class Study:
         path = self.out / "config.json"
         wanted = self.config.to_dict()
         if path.exists():
-            found = json.loads(path.read_text(encoding="utf-8"))
+            # An option added to StudyConfig after the folder was written reads as its default there.
+            defaults = StudyConfig.option_defaults()
+            found = {
+                **{k: v for k, v in defaults.items() if k in wanted},
+                **json.loads(path.read_text("utf-8")),
+            }
             if found != wanted:
                 changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
                 raise OutputError(
@@ -235,7 +259,7 @@ class Study:
         """Every method's selection (one shared context for one-shot; one run per method for iterative)."""
         config = self.config
         model = self.loaded.model
-        batches = list(config.calibration.batches(self.loaded.tokenizer, config.calibration_data))
+        batches = self.calibration_batches
         scorers = config.scorers()
         num_layers = get_adapter(model).num_layers
         largest = budget(max(config.fractions), num_layers)
@@ -282,9 +306,10 @@ class Study:
             for scorer in self.config.scorers():
                 for mode in self.config.modes():
                     removed = self.selections[f"{slug(scorer.spec)}__{mode}"].removed_for(n)
-                    cells.append((scorer.spec, mode, fraction, removed))
-                    if self.config.heal:
-                        cells.append((scorer.spec, mode + HEALED, fraction, removed))
+                    for repair in self.config.repairs():
+                        if repair == PATCHED and 0 in removed:
+                            continue  # a run from block 0 has no preceding MLP to carry the map
+                        cells.append((scorer.spec, mode + repair, fraction, removed))
         return cells
 
     def evaluate_model(self, model: Any) -> EvalResult:
@@ -312,17 +337,22 @@ class Study:
         assert merged is not None  # StudyConfig has at least one task
         return merged
 
+    @functools.cached_property
+    def calibration_batches(self) -> list[dict[str, Any]]:
+        """The calibration batches of the selections, reused by the linear patch's fit."""
+        return list(self.config.calibration.batches(self.loaded.tokenizer, self.config.calibration_data))
+
     def run_cell(self, method: str, mode: str, fraction: float, removed: list[int]) -> Cell:
-        healed = mode.endswith(HEALED)
+        repair = repair_of(mode)
         by_layers = {
-            (tuple(cell.removed), cell.mode.endswith(HEALED)): cell
+            (tuple(cell.removed), repair_of(cell.mode)): cell
             for cell in self.cells.values()
             if cell.reused_from is None
         }
         cell = Cell(method, mode, fraction, removed, {}, 0.0)
         if cell.key in self.cells:
             return self.cells[cell.key]
-        twin = by_layers.get((tuple(removed), healed))
+        twin = by_layers.get((tuple(removed), repair))
         if twin is not None:
             cell.metrics, cell.reused_from = twin.metrics, twin.key
         else:
@@ -331,8 +361,10 @@ class Study:
             model = self.loaded.model
             if removed:
                 model = copy.deepcopy(model)
+                if repair == PATCHED:
+                    linear_patch(model, self.calibration_batches, removed, progress=self.progress)
                 remove_layers(model, removed)
-            if healed:
+            if repair == HEALED:
                 model = self.heal(model, removed)
             result = self.evaluate_model(model)
             result.save(evaluation_path(self.out, cell.key))
@@ -362,6 +394,8 @@ class Study:
     def run(self) -> StudyResult:
         started = time.perf_counter()
         self.prepare()
+        if self.config.patch:
+            check_patchable(self.loaded.model)  # refuse a post-MLP-norm architecture before any cell
         self.run_cell("base", ONESHOT, 0.0, [])
         self.select()
         for method, mode, fraction, removed in self.plan():
@@ -411,6 +445,11 @@ class Study:
             if selection.steps:
                 return selection.steps[0].num_layers
         return get_adapter(self.loaded.model).num_layers
+
+
+def repair_of(mode: str) -> str:
+    """The repair suffix of a cell's mode (``oneshot+patch`` -> ``+patch``; "" when unrepaired)."""
+    return next((repair for repair in REPAIRS if mode.endswith(repair)), "")
 
 
 def oneshot_order(

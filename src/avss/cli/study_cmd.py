@@ -51,6 +51,13 @@ def study_command(
     heal_steps: Annotated[
         int, typer.Option(min=1, help="Optimizer steps per healed model (same budget for all)")
     ] = 32,
+    patch: Annotated[
+        bool,
+        typer.Option(
+            "--patch",
+            help="Also evaluate every pruned model repaired by a fitted linear map (--patch linear)",
+        ),
+    ] = False,
     random_seeds: Annotated[
         int,
         typer.Option(min=1, help="Draws of the random order (seeds 0..N-1), reported as a null band"),
@@ -91,6 +98,7 @@ def study_command(
         seed=seed,
         heal=heal,
         heal_steps=heal_steps,
+        patch=patch,
         random_seeds=random_seeds,
         protect=list(comma_list(protect)) if protect else [],
     )
