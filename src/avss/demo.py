@@ -1,12 +1,17 @@
-"""The end-to-end demo behind ``make demo``: score, prune 25%, save, reload, and compare perplexity.
+"""The end-to-end demo behind ``make demo``: three ways to remove 25% of the blocks, measured side by side.
 
-Runs offline on the embedded default model and the bundled corpus; when a data directory with WikiText-2 is
-present, perplexity is also measured on (the start of) its test split.
+On the embedded default model it removes the same number of blocks with AVSS as the paper specifies, with
+block influence (ShortGPT), and with block influence followed by the linear patch (ReplaceMe-style repair,
+:mod:`avss.patch`), through the same :func:`~avss.iterative.prune_with_scorer` as ``avss prune``. Each pruned
+model is evaluated on the bundled evaluation text (perplexity) and, when a data directory is present, on the
+start of WikiText-2 and a sample of ARC-Easy (a task the model does above chance), and compared with the
+unpruned model on the same examples: 95% intervals, the paired NLL change and chance-normalized retention.
+The patched model is saved, reloaded with plain ``from_pretrained`` and checked against the in-memory one.
 """
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,14 +19,34 @@ from typing import Any
 
 import torch
 
-from avss.data import bundled_text, resolve_data_dir, split_paragraphs, wikitext2_texts
-from avss.errors import DataError
-from avss.evaluation import perplexity
+from avss.adapters import get_adapter
+from avss.data import TextSource, resolve_data_dir
+from avss.evaluation import evaluate
+from avss.evaluation.runner import EvalResult
 from avss.io import atomic_directory, atomic_write_json, atomic_write_text
-from avss.models import DEFAULT_MODEL, load_model
-from avss.pipeline import CalibrationOptions, ScoreOptions, ScoreRun, package_versions, prune, save, score
-from avss.plots import plot_layer_scores
-from avss.prune import PruneSpec
+from avss.iterative import prune_with_scorer
+from avss.models import DEFAULT_MODEL, LoadedModel, load_model
+from avss.pipeline import CalibrationOptions, package_versions
+from avss.prune import PruneSpec, save_pruned
+from avss.scorers import get_scorer
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of pruning: a layer-importance method, optionally repaired by the linear patch."""
+
+    name: str
+    method: str
+    patch: bool = False
+
+
+VARIANTS = (
+    Variant("avss", "avss"),
+    Variant("block_influence", "block_influence"),
+    Variant("block_influence+patch", "block_influence", patch=True),
+)
+SAVED = "block_influence+patch"  # the variant whose model is saved and reloaded
+PERPLEXITY_TASKS = ("perplexity", "wikitext2")
 
 
 @dataclass
@@ -33,94 +58,111 @@ class DemoOptions:
     batch_size: int = 8
     ppl_max_length: int = 512
     wikitext_paragraphs: int = 200
+    arc_examples: int = 200
     device: str = "auto"
     dtype: str = "auto"
     data_dir: str | None = None
 
+    def tasks(self) -> tuple[list[str], dict[str, int | None]]:
+        """Tasks and per-task limits: the bundled text always, WikiText-2 and ARC-Easy with a data dir."""
+        tasks: dict[str, int | None] = {"perplexity": None}
+        if resolve_data_dir(self.data_dir) is not None:
+            tasks.update(wikitext2=self.wikitext_paragraphs, arc_easy=self.arc_examples)
+        return list(tasks), tasks
+
 
 @dataclass
 class DemoResult:
-    removed_layers: list[int]
     num_layers_before: int
-    num_layers_after: int
-    perplexity: dict[str, dict[str, float]] = field(default_factory=dict)
+    removed: dict[str, list[int]] = field(default_factory=dict)
+    comparisons: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    base: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_logit_difference_after_reload: float = 0.0
     wall_time_s: float = 0.0
     options: dict[str, Any] = field(default_factory=dict)
 
-    def summary_line(self) -> str:
-        parts = [
-            f"{name}: {values['before']:.2f} -> {values['after']:.2f} ({values['retained']:.1%} retained)"
-            for name, values in self.perplexity.items()
+    def lines(self) -> list[str]:
+        """One line per variant: removed blocks, then every task metric against the base."""
+        return [
+            f"{name}: removed {self.removed[name]}; " + "; ".join(describe(row) for row in rows)
+            for name, rows in self.comparisons.items()
         ]
-        return (
-            f"removed {len(self.removed_layers)}/{self.num_layers_before} layers {self.removed_layers}; "
-            f"perplexity {'; '.join(parts)}"
-        )
 
 
-def _perplexity_sets(data_dir: str | None, paragraphs: int) -> dict[str, list[str]]:
-    sets = {"bundled_evaluation": split_paragraphs(bundled_text("evaluation"))}
-    directory = resolve_data_dir(data_dir)
-    if directory is not None:
-        with contextlib.suppress(DataError):  # a data directory without WikiText-2 is fine here
-            sets["wikitext2_test"] = wikitext2_texts(directory, "test")[:paragraphs]
-    return sets
+def describe(row: dict[str, Any]) -> str:
+    """A saved comparison row (``ComparisonRow.to_dict``) as ``task metric base -> pruned [95% CI]`` and its
+    paired NLL change (perplexity) or chance-normalized retention (accuracy)."""
+
+    def interval(key: str, sign: str = "") -> str:
+        value = row[key]
+        return f"{value['estimate']:{sign}.3g} [{value['low']:{sign}.3g}, {value['high']:{sign}.3g}]"
+
+    text = f"{row['task']} {row['metric']} {row['base']['estimate']:.3g} -> {interval('new')}"
+    if row["kind"] == "perplexity":
+        return text + f" (NLL {interval('difference', '+')} nats/token)"
+    if row.get("retention"):
+        return text + f" (retention {interval('retention')})"
+    return text
 
 
-def run_demo(
-    out: str | Path, options: DemoOptions | None = None, overwrite: bool = False
-) -> tuple[DemoResult, ScoreRun]:
-    """Score all layers, prune ``fraction`` of them, save + reload, and measure perplexity before/after."""
+def pruned_copy(loaded: LoadedModel, variant: Variant, options: DemoOptions) -> tuple[LoadedModel, Any]:
+    """A copy of ``loaded`` pruned by ``variant`` through the one pruning path of ``avss prune``."""
+    copied = LoadedModel(copy.deepcopy(loaded.model), loaded.tokenizer, loaded.source)
+    spec = PruneSpec(fraction=options.fraction, patch="linear" if variant.patch else None)
+    calibration = CalibrationOptions(options.samples, options.max_length, options.batch_size)
+    result, _ = prune_with_scorer(copied, get_scorer(variant.method), TextSource(), calibration, spec)
+    return copied, result
+
+
+def run_demo(out: str | Path, options: DemoOptions | None = None, overwrite: bool = False) -> DemoResult:
+    """Prune ``fraction`` of the blocks three ways, evaluate each against the base, save the patched one."""
     from transformers import AutoModelForCausalLM
 
     options = options or DemoOptions()
     started = time.perf_counter()
-    eval_sets = _perplexity_sets(options.data_dir, options.wikitext_paragraphs)
+    tasks, limits = options.tasks()
+
+    def measure(model: Any, tokenizer: Any) -> EvalResult:
+        results = [
+            evaluate(
+                model,
+                tokenizer,
+                [task],
+                limit=limits[task],
+                data_dir=options.data_dir,
+                **({"max_length": options.ppl_max_length} if task in PERPLEXITY_TASKS else {}),
+            )
+            for task in tasks
+        ]
+        merged = results[0]
+        for result in results[1:]:
+            merged.tasks.update(result.tasks)
+        return merged
+
     with atomic_directory(out, overwrite=overwrite) as tmp:
         loaded = load_model(options.model, device=options.device, dtype=options.dtype)
-        calibration = CalibrationOptions(options.samples, options.max_length, options.batch_size)
-        run = score(loaded, calibration=calibration, options=ScoreOptions())
-        before = {
-            name: perplexity(loaded.model, loaded.tokenizer, texts, max_length=options.ppl_max_length)
-            for name, texts in eval_sets.items()
-        }
-        num_layers = run.scores.num_layers
-        result = prune(loaded, run, PruneSpec(fraction=options.fraction))
-        save(loaded, result, tmp / "model")
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp / "model", dtype=loaded.model.dtype)
-        reloaded.to(loaded.model.device).eval()
-        probe = loaded.tokenizer(["The tide comes in twice a day."], return_tensors="pt").to(reloaded.device)
-        with torch.no_grad():
-            difference = (reloaded(**probe).logits - loaded.model(**probe).logits).abs().max().item()
-        after = {
-            name: perplexity(reloaded, loaded.tokenizer, texts, max_length=options.ppl_max_length)
-            for name, texts in eval_sets.items()
-        }
-        demo = DemoResult(
-            removed_layers=result.removed,
-            num_layers_before=num_layers,
-            num_layers_after=len(result.kept),
-            perplexity={
-                name: {"before": before[name], "after": after[name], "retained": before[name] / after[name]}
-                for name in eval_sets
-            },
-            max_logit_difference_after_reload=difference,
-            wall_time_s=round(time.perf_counter() - started, 1),
-            options=asdict(options),
-        )
-        run.save(tmp / "scores.json")
-        plot_layer_scores(
-            run.scores, tmp / "scores.png", result.removed, title=f"AVSS per layer: {options.model}"
-        )
+        base = measure(loaded.model, loaded.tokenizer)
+        demo = DemoResult(num_layers_before=get_adapter(loaded.model).num_layers, options=asdict(options))
+        demo.base = {name: task.metrics for name, task in base.tasks.items()}
+        for variant in VARIANTS:
+            pruned, result = pruned_copy(loaded, variant, options)
+            table = measure(pruned.model, pruned.tokenizer).compare(base)
+            demo.removed[variant.name] = result.removed
+            demo.comparisons[variant.name] = [row.to_dict() for row in table.rows]
+            if variant.name == SAVED:
+                save_pruned(pruned.model, pruned.tokenizer, tmp / "model", result.record)
+                reloaded = AutoModelForCausalLM.from_pretrained(tmp / "model", dtype=pruned.model.dtype)
+                reloaded.to(pruned.model.device).eval()
+                probe = pruned.tokenizer(["The tide comes in twice a day."], return_tensors="pt")
+                probe = probe.to(reloaded.device)
+                with torch.no_grad():
+                    difference = (reloaded(**probe).logits - pruned.model(**probe).logits).abs().max().item()
+                demo.max_logit_difference_after_reload = difference
+            del pruned
+        demo.wall_time_s = round(time.perf_counter() - started, 1)
         atomic_write_json(
             tmp / "summary.json",
-            {
-                **asdict(demo),
-                "model": loaded.source,
-                "versions": package_versions(),
-                "summary": demo.summary_line(),
-            },
+            {**asdict(demo), "model": loaded.source, "versions": package_versions(), "summary": demo.lines()},
         )
-        atomic_write_text(tmp / "summary.txt", demo.summary_line() + "\n")
-    return demo, run
+        atomic_write_text(tmp / "summary.txt", "\n".join(demo.lines()) + "\n")
+    return demo

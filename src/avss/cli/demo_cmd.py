@@ -8,9 +8,8 @@ from typing import Annotated
 import typer
 
 from avss.cli._app import app, console
-from avss.cli.core import print_warnings, scores_table
 from avss.cli.options import DataDir, Device, Dtype, ModelArg, Overwrite
-from avss.demo import DemoOptions, run_demo
+from avss.demo import SAVED, DemoOptions, run_demo
 from avss.models import DEFAULT_MODEL
 
 
@@ -25,7 +24,8 @@ def demo(
     dtype: Dtype = "auto",
     overwrite: Overwrite = False,
 ) -> None:
-    """Score every layer, prune the lowest 25% by AVSS, save, reload, and compare perplexity."""
+    """Remove 25% of the blocks three ways (AVSS, block influence, block influence + linear patch), compare
+    each with the unpruned model on the same examples, and save and reload the patched model."""
     options = DemoOptions(
         model=model,
         fraction=fraction,
@@ -34,12 +34,10 @@ def demo(
         dtype=dtype,
         data_dir=str(data_dir) if data_dir else None,
     )
-    result, run = run_demo(out, options, overwrite=overwrite)
-    console.print(scores_table(run, result.removed_layers))
-    print_warnings(run.scores.warnings())
-    console.print(f"[bold]{result.summary_line()}[/]")
+    result = run_demo(out, options, overwrite=overwrite)
+    console.print(f"[bold]{options.model}: {result.num_layers_before} blocks, removing {fraction:.0%}[/]")
+    for line in result.lines():
+        console.print(line, markup=False, highlight=False)
     difference = result.max_logit_difference_after_reload
-    console.print(f"reloaded model matches in-memory logits (max |diff| = {difference:.2e})")
-    console.print(
-        f"outputs in {out}: model/, scores.json, scores.png, summary.json ({result.wall_time_s:.0f} s)"
-    )
+    console.print(f"reloaded {SAVED} model matches in-memory logits (max |diff| = {difference:.2e})")
+    console.print(f"outputs in {out}: model/, summary.json, summary.txt ({result.wall_time_s:.0f} s)")
