@@ -107,6 +107,10 @@ FIXES: dict[str, dict[str, str]] = {
         "--layers with --fraction": "`--layers` is the whole selection: drop the options that choose blocks "
         "by score (`--fraction`, `--n-layers`, `--method`, ...).",
     },
+    "Hallucination and mitigation options": {
+        "unknown --combine (hallucination)": "Use `--combine ratio` (H/T) or `--combine diff` (|H-T|).",
+        "unknown --combine (mitigate)": "Use `--combine ratio` or `--combine diff`; checked before loading.",
+    },
     "Activations": {
         "NaN activations": "The named layer's weights are broken or overflow: check the checkpoint, try "
         "`--dtype float32`.",

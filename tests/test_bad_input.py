@@ -128,6 +128,11 @@ def poison(value: float, layer: int = 2) -> Callable[[Path], None]:
     return edit
 
 
+def refuse_to_load(*args: object, **kwargs: object) -> None:
+    """Stands in for ``load_model`` where options must be rejected before any model is loaded."""
+    raise AssertionError("the model was loaded before the options were checked")
+
+
 def deny_writing(path: object, mode: int, **kwargs: object) -> bool:
     """``os.access`` as seen by a user without write permission (root ignores permission bits)."""
     return not mode & os.W_OK
@@ -484,6 +489,19 @@ CLI_CASES = [
         lambda ws: prune_to_gguf(ws, str(ws.root / "model.gguf"), "--heal", "lora"),
         ("--heal retrains the kept blocks",),
         setup=gguf_file("model.gguf"),
+    ),
+    # --- hallucination and mitigation options ---
+    Case(
+        "unknown --combine (hallucination)",
+        lambda ws: ["hallucination", ws.model, "--combine", "product", "--out", str(ws.out / "eavss")],
+        ("invalid --combine 'product'", "ratio, diff"),
+        patch=lambda mp: mp.setattr("avss.cli.hallucination_cmd.load_model", refuse_to_load),
+    ),
+    Case(
+        "unknown --combine (mitigate)",
+        lambda ws: ["mitigate", ws.model, "--combine", "product", "--out", str(ws.out / "mitigated")],
+        ("invalid --combine 'product'",),
+        patch=lambda mp: mp.setattr("avss.cli.hallucination_cmd.load_model", refuse_to_load),
     ),
     # --- the output ---
     Case(

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from _tiny import random_batch, tiny_model
+from avss.errors import CheckpointError
 from avss.training import TrainConfig, prefix_selector, set_trainable, train
 
 
@@ -89,3 +90,21 @@ def test_resume_continues_from_the_checkpoint(tmp_path: Path) -> None:
     assert result.resumed_from_epoch == 1 and result.epochs_run == 2 and result.steps == 4
     for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"PK\x03\x04truncated zip"])
+def test_a_corrupted_checkpoint_is_a_clear_error_and_is_kept(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "checkpoint.pt").write_bytes(content)
+    config = TrainConfig(epochs=1, resume=True, progress=False, checkpoint_dir=str(tmp_path))
+    model = tiny_model("llama", num_layers=2)
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt is unreadable"):
+        train(model, lm_loss, batches(1), trainable=lambda n, p: True, config=config)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == content
+
+
+def test_a_checkpoint_that_would_run_pickled_code_is_refused(tmp_path: Path) -> None:
+    """``weights_only``: a checkpoint holding an arbitrary object (here a function) does not load."""
+    torch.save({"state": print}, tmp_path / "checkpoint.pt")
+    config = TrainConfig(epochs=1, resume=True, progress=False, checkpoint_dir=str(tmp_path))
+    with pytest.raises(CheckpointError):
+        train(tiny_model("llama", 2), lm_loss, batches(1), trainable=lambda n, p: True, config=config)

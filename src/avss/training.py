@@ -24,7 +24,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from avss.adapters import get_adapter
-from avss.errors import HealConfigError
+from avss.errors import CheckpointError, HealConfigError
 from avss.io import atomic_write
 from avss.progress import track
 
@@ -182,7 +182,13 @@ class Checkpoint:
     def load(self) -> dict[str, Any] | None:
         if self.path is None or not self.path.is_file():
             return None
-        return torch.load(self.path, map_location="cpu", weights_only=False)
+        try:  # tensors, numbers and containers only: no pickled code runs (the project refuses pickles)
+            return torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a truncated or foreign file: torch raises several unrelated types
+            raise CheckpointError(
+                f"training checkpoint {self.path} is unreadable ({type(exc).__name__}); "
+                "delete it to start over"
+            ) from exc
 
 
 def train(

@@ -63,9 +63,9 @@ def hallucination_command(
 ) -> None:
     """Score every layer of MODEL by EAVSS on truthful vs hallucinated answers (train-split questions)."""
     check_output_dir(out, overwrite)
-    loaded = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     options = EavssOptions(site, variance, threshold, combine, max_length, batch_size)
     spec = PairSpec(comma_list(pairs), str(data_dir) if data_dir else None, limit)
+    loaded = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     run = hallucination_scores(loaded, spec, options, out)
     table = Table(title=f"EAVSS per layer ({combine}, site={site}, threshold={threshold})")
     for column in ("layer", "HSAV~", "HSS~", "EAVSS~", "AVSS~", "rank"):
@@ -133,7 +133,6 @@ def mitigate_command(
 ) -> None:
     """Train only the chosen layers of MODEL with LM loss + lambda x contrastive loss, then save it."""
     check_output_dir(out, overwrite)
-    loaded = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     train_config = TrainConfig(
         epochs=epochs,
         lr=lr,
@@ -164,6 +163,7 @@ def mitigate_command(
     )
     spec = PairSpec(comma_list(pairs), str(data_dir) if data_dir else None, limit, val_limit)
     eavss = EavssOptions(site=site, threshold=threshold, combine=combine, max_length=max_length)
+    loaded = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     record = mitigation_run(loaded, spec, plan, options, eavss, out, overwrite)
     trained = [round_["layers"] for round_ in record["rounds"]]
     console.print(f"trained layers per round: {trained}; saved to {out}")

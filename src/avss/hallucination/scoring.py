@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from avss.collect import collect_statistics
+from avss.errors import OptionError
 from avss.hallucination.batches import answer_batches
-from avss.hallucination.eavss import EavssScores, eavss_scores
+from avss.hallucination.eavss import COMBINERS, EavssScores, eavss_scores
 from avss.hallucination.pairs import Pair, describe_pairs
 from avss.io import atomic_write, atomic_write_json
 from avss.pipeline import ScoreOptions, package_versions
@@ -33,6 +34,14 @@ class EavssOptions:
     max_length: int = 128
     batch_size: int = 8
     max_hallucinated: int | None = 3
+
+    def __post_init__(self) -> None:
+        """Reject bad options before the model loads and both statistics passes run (was a traceback)."""
+        ScoreOptions(site=self.site, variance=self.variance, threshold=self.threshold)
+        if self.combine not in COMBINERS:
+            raise OptionError(f"invalid --combine {self.combine!r}; choose one of {', '.join(COMBINERS)}")
+        if self.max_length < 2 or self.batch_size < 1:
+            raise OptionError("--max-length must be >= 2 and --batch-size >= 1")
 
 
 @dataclass
