@@ -35,7 +35,7 @@ def test_score_layers_from_statistics_matches_manual_computation():
     layer1 = torch.tensor([[0.0, 0.1], [4.0, -4.0]], dtype=torch.float64)  # var 8.0025..., sparsity 2/4
     mask = torch.ones(1, 2, dtype=torch.bool)
     for layer, tokens in enumerate((layer0, layer1)):
-        stats.sites["block"].update(layer, tokens, tokens.unsqueeze(0), mask)
+        stats.sites["block"].update(layer, tokens.unsqueeze(0), mask)
     scores = score_layers(stats, "block", "elements", "abs:0.5")
     v = torch.stack([layer0.var(unbiased=False), layer1.var(unbiased=False)])
     s = torch.tensor([0.25, 0.5], dtype=torch.float64)
@@ -50,7 +50,7 @@ def test_floored_layers_produce_a_warning():
     tokens = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
     for layer in range(2):
         stats.sites["block"].update(
-            layer, tokens * (layer + 1), tokens.unsqueeze(0), torch.ones(1, 3, dtype=torch.bool)
+            layer, tokens.unsqueeze(0) * (layer + 1), torch.ones(1, 3, dtype=torch.bool)
         )
     scores = score_layers(stats, threshold="abs:1e-9")
     assert scores.floored == [0, 1]

@@ -86,9 +86,9 @@ def test_site_stats_merge_equals_single_pass():
     mask = torch.ones(4, 5, dtype=torch.bool)
     whole, first, second = (SiteStats(2, thresholds) for _ in range(3))
     for layer in range(2):
-        whole.update(layer, hidden[mask] * (layer + 1), hidden * (layer + 1), mask)
-        first.update(layer, hidden[:2][mask[:2]] * (layer + 1), hidden[:2] * (layer + 1), mask[:2])
-        second.update(layer, hidden[2:][mask[2:]] * (layer + 1), hidden[2:] * (layer + 1), mask[2:])
+        whole.update(layer, hidden * (layer + 1), mask)
+        first.update(layer, hidden[:2] * (layer + 1), mask[:2])
+        second.update(layer, hidden[2:] * (layer + 1), mask[2:])
     merged = first.merge(second)
     for name, tensor in whole.tensors().items():
         torch.testing.assert_close(merged.tensors()[name], tensor, rtol=1e-9, atol=1e-12)
@@ -111,7 +111,7 @@ def test_state_dict_round_trip_is_exact():
     stats = ActivationStats.empty(3, ("block",), thresholds)
     hidden = torch.randn(2, 4, 5, dtype=torch.float64)
     mask = torch.ones(2, 4, dtype=torch.bool)
-    stats.sites["block"].update(1, hidden[mask], hidden, mask)
+    stats.sites["block"].update(1, hidden, mask)
     restored = ActivationStats.from_state_dict(stats.state_dict())
     for name, tensor in stats.sites["block"].tensors().items():
         assert torch.equal(restored.sites["block"].tensors()[name], tensor)
@@ -148,7 +148,7 @@ def test_vectorized_fold_equals_per_layer_updates():
     mask[1, 3:] = False
     one_by_one, folded = SiteStats(3, thresholds), SiteStats(3, thresholds)
     for layer, values in enumerate(hidden):
-        one_by_one.update(layer, values[mask], values, mask)
+        one_by_one.update(layer, values, mask)
     folded.fold(SiteBatch.stack([reduce_site(values, mask, thresholds)[0] for values in hidden], "cpu"))
     for name, tensor in one_by_one.tensors().items():
         torch.testing.assert_close(folded.tensors()[name], tensor, rtol=1e-12, atol=0)

@@ -113,10 +113,6 @@ def _teardown() -> None:
         dist.destroy_process_group()
 
 
-def is_main_process() -> bool:
-    return context().is_main
-
-
 def _flat_tensors(stats: ActivationStats) -> list[torch.Tensor]:
     site_tensors = [tensor for site in stats.sites.values() for tensor in site.tensors().values()]
     return site_tensors + list(stats.relations.tensors().values())

@@ -251,13 +251,12 @@ class SiteStats:
             setattr(self, name, tensor.to(device))
         return self
 
-    def update(self, layer: int, tokens: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor) -> None:
+    def update(self, layer: int, hidden: torch.Tensor, mask: torch.Tensor) -> None:
         """Fold one batch of one layer in: ``hidden`` (B, T, D) with token ``mask`` (B, T).
 
-        ``tokens`` (= ``hidden[mask]``) is part of the original signature; the reduction reads ``hidden`` and
-        ``mask`` so that it never gathers (a boolean gather synchronizes GPU and host).
+        The reduction reads ``hidden`` and ``mask`` and never gathers the real tokens (a boolean gather
+        synchronizes GPU and host).
         """
-        del tokens
         batch, _ = reduce_site(hidden, mask, self.thresholds)
         self.fold(SiteBatch.stack([batch], self.count.device), layers=[layer])
 
