@@ -31,7 +31,8 @@ from avss.evaluation import perplexity
 from avss.heal import HEAL_METHODS, HealConfig, heal_in_memory
 from avss.io import atomic_write_json, atomic_write_text
 from avss.models import load_model
-from avss.pipeline import CalibrationOptions, ScoreOptions, package_versions, score
+from avss.pipeline import CalibrationOptions, ScoreOptions, score
+from avss.provenance import package_versions
 from avss.prune import PruneSpec, remove_layers
 
 SELECTIONS = ("avss", "block_influence")

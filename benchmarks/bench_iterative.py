@@ -23,7 +23,7 @@ from avss.data import TextSource, tokenize_texts
 from avss.io import atomic_write_json, atomic_write_text
 from avss.iterative import select_iteratively, select_oneshot
 from avss.models import load_model
-from avss.pipeline import package_versions
+from avss.provenance import package_versions
 from avss.scorers import context_for, get_scorer
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import avss
 from avss.data import TextSource, resolve_data_dir
 from avss.iterative import prune_with_scorer
-from avss.pipeline import CalibrationOptions, package_versions
+from avss.pipeline import CalibrationOptions
+from avss.provenance import package_versions
 from avss.prune import PruneSpec, remove_layers
 from avss.scorers import get_scorer
 

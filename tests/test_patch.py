@@ -19,9 +19,10 @@ from _tiny import random_batch, tiny_config, tiny_model, tiny_tokenizer
 from avss.adapters import first_tensor, get_adapter
 from avss.collect import collect_linear_fit
 from avss.data import TextSource, bundled_text, split_paragraphs, tokenize_texts
-from avss.distributed import DistributedContext, collect_linear_fit_distributed
+from avss.distributed import collect_linear_fit_distributed
 from avss.errors import PruneConfigError
 from avss.iterative import prune_with_scorer
+from avss.launch import DistributedContext
 from avss.models import LoadedModel
 from avss.patch import (
     LinearPatch,

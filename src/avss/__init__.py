@@ -12,18 +12,50 @@ The public API is small; everything the command line does is reachable from here
 
 __version__ = "0.1.0"
 
-from avss.adapters import LayerAdapter, get_adapter, supported_model_types
-from avss.collect import StatisticsCollector, collect_statistics
-from avss.data import TextSource, tokenize_texts
-from avss.evaluation import evaluate, perplexity
-from avss.hallucination import eavss_scores, load_pairs
-from avss.models import LoadedModel, load_model
-from avss.prune import PruneSpec, remove_layers, save_pruned
-from avss.scorers import LayerImportance, get_scorer
-from avss.scores import LayerScores, score_layers
-from avss.stats import ActivationStats, SiteStats
+# Each public name and the module that defines it. Importing ``avss`` imports none of them: a name is
+# imported on first use (PEP 562), so ``import avss.models`` costs only what loading a model needs.
+_EXPORTS = {
+    "ActivationStats": "avss.stats",
+    "LayerAdapter": "avss.adapters",
+    "LayerImportance": "avss.scorers",
+    "LayerScores": "avss.scores",
+    "LoadedModel": "avss.models",
+    "PruneSpec": "avss.prune",
+    "SiteStats": "avss.stats",
+    "StatisticsCollector": "avss.collect",
+    "TextSource": "avss.data",
+    "collect_statistics": "avss.collect",
+    "eavss_scores": "avss.hallucination",
+    "evaluate": "avss.evaluation",
+    "get_adapter": "avss.adapters",
+    "get_scorer": "avss.scorers",
+    "get_task": "avss.evaluation",
+    "load_model": "avss.models",
+    "load_pairs": "avss.hallucination",
+    "perplexity": "avss.evaluation",
+    "remove_layers": "avss.prune",
+    "save_pruned": "avss.prune",
+    "score_layers": "avss.scores",
+    "supported_model_types": "avss.adapters",
+    "tokenize_texts": "avss.data",
+}
 
-__all__ = [
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'avss' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = [  # resolved lazily by __getattr__
     "ActivationStats",
     "LayerAdapter",
     "LayerImportance",
@@ -39,6 +71,7 @@ __all__ = [
     "evaluate",
     "get_adapter",
     "get_scorer",
+    "get_task",
     "load_model",
     "load_pairs",
     "perplexity",

@@ -26,7 +26,8 @@ from avss.evaluation.runner import EvalResult
 from avss.io import atomic_directory, atomic_write_json, atomic_write_text
 from avss.iterative import prune_with_scorer
 from avss.models import DEFAULT_MODEL, LoadedModel, load_model
-from avss.pipeline import CalibrationOptions, package_versions
+from avss.pipeline import CalibrationOptions
+from avss.provenance import package_versions
 from avss.prune import PruneSpec, save_pruned
 from avss.scorers import get_scorer
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from avss.distributed import rank_max_memory
 from avss.errors import AvssError, DeviceError, ModelAssemblyError, ModelNotFoundError
+from avss.launch import rank_max_memory
 
 DEFAULT_MODEL = "smollm2-135m"
 

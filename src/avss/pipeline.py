@@ -5,8 +5,6 @@ provenance.
 
 from __future__ import annotations
 
-import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,12 +15,13 @@ from avss.adapters import SITES
 from avss.checkpoint import Progress, StatisticsCheckpoint
 from avss.collect import DEFAULT_THRESHOLDS
 from avss.data import TextSource, TokenBatches, tokenize_texts
-from avss.distributed import collect_distributed, context
+from avss.distributed import collect_distributed
 from avss.errors import OptionError
-from avss.evaluation.runner import package_versions
 from avss.io import atomic_write_json
+from avss.launch import context
 from avss.models import LoadedModel
 from avss.patch import linear_patch
+from avss.provenance import command_line, package_versions
 from avss.prune import PruneSpec, PruningRecord, remove_layers, save_pruned
 from avss.scores import LayerScores, score_layers
 from avss.stats import VARIANCE_KINDS, ActivationStats, Threshold
@@ -143,11 +142,6 @@ def score(
         "command": command_line(),
     }
     return ScoreRun(stats, scores, provenance)
-
-
-def command_line() -> str:
-    """The running command as a shell line (``avss score ...`` from the CLI), so a result can be re-run."""
-    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
 
 
 @dataclass

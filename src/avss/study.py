@@ -46,7 +46,8 @@ from avss.io import atomic_write_json, atomic_write_text, to_json
 from avss.iterative import Selection, select_iteratively, select_oneshot
 from avss.models import LoadedModel, load_model
 from avss.patch import check_patchable, linear_patch
-from avss.pipeline import CalibrationOptions, package_versions
+from avss.pipeline import CalibrationOptions
+from avss.provenance import package_versions
 from avss.prune import protected_layers, remove_layers
 from avss.scorers import Scorer, context_for, get_scorer
 

@@ -34,12 +34,12 @@ from avss.cli.options import (
     comma_list,
     text_source,
 )
-from avss.distributed import setup_distributed
 from avss.errors import PruneConfigError
 from avss.gguf_prune import check_gguf_prune, is_gguf_path, save_pruned_gguf
 from avss.heal import HealConfig, save_or_heal
 from avss.io import check_output_dir, ensure_parent_writable
 from avss.iterative import prune_with_scorer
+from avss.launch import setup_distributed
 from avss.models import DEFAULT_MODEL, EMBEDDED_MODELS, load_model, peek_num_layers
 from avss.pipeline import ScoreOptions, ScoreRun, score
 from avss.prune import PruneSpec, parse_layers

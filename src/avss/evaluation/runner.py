@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +33,10 @@ from avss.evaluation.harness import run_harness
 from avss.evaluation.records import ExampleRecord
 from avss.evaluation.uncertainty import RESAMPLES, Inclusion, Interval
 from avss.io import atomic_write_json
+from avss.provenance import package_versions
 
 RESULT_FORMAT = "avss-eval/2"
 READABLE_FORMATS = ("avss-eval/1", RESULT_FORMAT)
-_PACKAGES = ("avss-llm", "torch", "transformers", "numpy", "scikit-learn")
 
 
 @dataclass
@@ -264,16 +262,6 @@ def describe_model(model: Any) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
-
-
-def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in _PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
 
 
 def _seed_everything(seed: int) -> None:

@@ -15,8 +15,9 @@ from typing import Any
 
 from avss.data import resolve_data_dir
 from avss.evaluation import LanguageModel, get_task
-from avss.evaluation.runner import build_tasks, package_versions
+from avss.evaluation.runner import build_tasks
 from avss.hallucination.pairs import split_of
+from avss.provenance import package_versions
 
 
 def heldout_docs(docs: list[dict[str, Any]], split: str, limit: int | None) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ from avss.hallucination.eavss import EavssScores
 from avss.hallucination.losses import CONTRASTS, answer_nll, infonce, logprob_margin, masked_mean
 from avss.hallucination.pairs import Pair, describe_pairs
 from avss.io import atomic_directory
-from avss.pipeline import package_versions
+from avss.provenance import package_versions
 from avss.training import (
     TrainConfig,
     TrainResult,

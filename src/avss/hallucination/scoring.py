@@ -18,7 +18,8 @@ from avss.hallucination.batches import answer_batches
 from avss.hallucination.eavss import COMBINERS, EavssScores, eavss_scores
 from avss.hallucination.pairs import Pair, describe_pairs
 from avss.io import atomic_write, atomic_write_json
-from avss.pipeline import ScoreOptions, package_versions
+from avss.pipeline import ScoreOptions
+from avss.provenance import package_versions
 from avss.scores import LayerScores, score_layers, sparsity
 from avss.stats import ActivationStats, Threshold
 
