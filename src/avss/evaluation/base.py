@@ -22,7 +22,7 @@ from avss.data import DATA_DIR_ENV, file_sha256, read_jsonl
 from avss.errors import DataError
 from avss.evaluation.engine import LanguageModel, Loglikelihood, LoglikelihoodRequest
 from avss.evaluation.hub import Doc, HubData, HubSource, HubUnavailableError
-from avss.evaluation.metrics import argmax
+from avss.evaluation.metrics import argmax, length_normalized
 from avss.evaluation.records import ExampleRecord, example_id
 from avss.registry import class_registrar
 
@@ -233,6 +233,22 @@ class MultipleChoiceTask(Task):
             records.append(self.record(example, doc, requests, flat[start : start + len(requests)]))
             start += len(requests)
         return TaskOutput(average([record.metrics for record in records]), records)
+
+
+@dataclass
+class ChoiceTask(MultipleChoiceTask):
+    """One request per option of ``doc["choices"]``, the gold option at ``doc["label"]``.
+
+    ``accuracy`` compares summed log-likelihoods; ``accuracy_norm`` divides them by the option's length in
+    characters first, which removes the bias towards short options (lm-evaluation-harness ``acc_norm``).
+    """
+
+    def score(self, doc: Doc, results: list[Loglikelihood]) -> dict[str, float]:
+        scores, gold = [result.logprob for result in results], doc["label"]
+        return {
+            "accuracy": float(argmax(scores) == gold),
+            "accuracy_norm": float(argmax(length_normalized(scores, doc["choices"])) == gold),
+        }
 
 
 @dataclass

@@ -6,10 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from avss.evaluation.base import Doc, MultipleChoiceTask, register_task
-from avss.evaluation.engine import Loglikelihood, LoglikelihoodRequest
+from avss.evaluation.base import ChoiceTask, Doc, register_task
+from avss.evaluation.engine import LoglikelihoodRequest
 from avss.evaluation.hub import HubSource, Row, RowConverter, per_row
-from avss.evaluation.metrics import argmax, length_normalized
 
 
 def arc_row(prefix: str) -> RowConverter:
@@ -32,7 +31,7 @@ def arc_row(prefix: str) -> RowConverter:
 
 
 @dataclass
-class ARC(MultipleChoiceTask):
+class ARC(ChoiceTask):
     """``accuracy`` compares summed log-likelihoods of `` OPTION``; ``accuracy_norm`` divides them by the
     option's length in characters (lm-evaluation-harness ``acc`` and ``acc_norm``). Most questions have 4
     options, a few 3 or 5 (chance is ``1 / len(choices)`` per question). Each document's ``label`` is its
@@ -46,13 +45,6 @@ class ARC(MultipleChoiceTask):
     def requests(self, doc: Doc, shots: list[Doc]) -> list[LoglikelihoodRequest]:
         context = f"Question: {doc['question']}\nAnswer:"
         return [LoglikelihoodRequest(context, f" {choice}") for choice in doc["choices"]]
-
-    def score(self, doc: Doc, results: list[Loglikelihood]) -> dict[str, float]:
-        scores, gold = [result.logprob for result in results], doc["label"]
-        return {
-            "accuracy": float(argmax(scores) == gold),
-            "accuracy_norm": float(argmax(length_normalized(scores, doc["choices"])) == gold),
-        }
 
 
 @register_task("arc_easy")

@@ -7,10 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from avss.evaluation.base import Doc, MultipleChoiceTask, register_task
-from avss.evaluation.engine import Loglikelihood, LoglikelihoodRequest
+from avss.evaluation.base import ChoiceTask, Doc, register_task
+from avss.evaluation.engine import LoglikelihoodRequest
 from avss.evaluation.hub import HubSource, Row
-from avss.evaluation.metrics import argmax, length_normalized
 
 
 def openbookqa_rows(rows: Sequence[Row], split: str) -> list[Doc]:
@@ -36,7 +35,7 @@ def openbookqa_rows(rows: Sequence[Row], split: str) -> list[Doc]:
 
 @register_task("openbookqa")
 @dataclass
-class OpenBookQA(MultipleChoiceTask):
+class OpenBookQA(ChoiceTask):
     """``accuracy`` and ``accuracy_norm`` (per-character) over the 4 options of each test question; the
     context is the question stem alone, with no "Question:" template (lm-eval's ``doc_to_text:
     question_stem``). Chance is 1/4. Each document's ``label`` is its ``answer_index``."""
@@ -50,10 +49,3 @@ class OpenBookQA(MultipleChoiceTask):
 
     def requests(self, doc: Doc, shots: list[Doc]) -> list[LoglikelihoodRequest]:
         return [LoglikelihoodRequest(doc["question_stem"], f" {choice}") for choice in doc["choices"]]
-
-    def score(self, doc: Doc, results: list[Loglikelihood]) -> dict[str, float]:
-        scores, gold = [result.logprob for result in results], doc["label"]
-        return {
-            "accuracy": float(argmax(scores) == gold),
-            "accuracy_norm": float(argmax(length_normalized(scores, doc["choices"])) == gold),
-        }

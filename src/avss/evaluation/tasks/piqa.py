@@ -6,10 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from avss.evaluation.base import Doc, MultipleChoiceTask, register_task
-from avss.evaluation.engine import Loglikelihood, LoglikelihoodRequest
+from avss.evaluation.base import ChoiceTask, Doc, register_task
+from avss.evaluation.engine import LoglikelihoodRequest
 from avss.evaluation.hub import HubSource, Row, per_row
-from avss.evaluation.metrics import argmax, length_normalized
 
 
 def piqa_row(row: Row, ref: str) -> Doc:
@@ -26,7 +25,7 @@ def piqa_row(row: Row, ref: str) -> Doc:
 
 @register_task("piqa")
 @dataclass
-class PIQA(MultipleChoiceTask):
+class PIQA(ChoiceTask):
     """``accuracy`` and ``accuracy_norm`` (per-character) over ``[sol1, sol2]``, kept as each document's
     ``choices`` (chance 1/2). Solutions are scored exactly as stored, trailing spaces included, as lm-eval
     does."""
@@ -41,10 +40,3 @@ class PIQA(MultipleChoiceTask):
     def requests(self, doc: Doc, shots: list[Doc]) -> list[LoglikelihoodRequest]:
         context = f"Question: {doc['goal']}\nAnswer:"
         return [LoglikelihoodRequest(context, f" {choice}") for choice in doc["choices"]]
-
-    def score(self, doc: Doc, results: list[Loglikelihood]) -> dict[str, float]:
-        scores, gold = [result.logprob for result in results], doc["label"]
-        return {
-            "accuracy": float(argmax(scores) == gold),
-            "accuracy_norm": float(argmax(length_normalized(scores, doc["choices"])) == gold),
-        }

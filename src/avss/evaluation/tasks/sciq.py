@@ -6,10 +6,9 @@ import hashlib
 from dataclasses import dataclass
 from typing import ClassVar
 
-from avss.evaluation.base import Doc, MultipleChoiceTask, register_task
-from avss.evaluation.engine import Loglikelihood, LoglikelihoodRequest
+from avss.evaluation.base import ChoiceTask, Doc, register_task
+from avss.evaluation.engine import LoglikelihoodRequest
 from avss.evaluation.hub import HubSource, Row, per_row
-from avss.evaluation.metrics import argmax, length_normalized
 
 
 def sciq_row(row: Row, ref: str) -> Doc:
@@ -33,7 +32,7 @@ def sciq_row(row: Row, ref: str) -> Doc:
 
 @register_task("sciq")
 @dataclass
-class SciQ(MultipleChoiceTask):
+class SciQ(ChoiceTask):
     """``accuracy`` compares summed log-likelihoods; ``accuracy_norm`` divides them by the option's length in
     characters, which removes the bias towards short options (lm-evaluation-harness ``acc_norm``)."""
 
@@ -46,10 +45,3 @@ class SciQ(MultipleChoiceTask):
     def requests(self, doc: Doc, shots: list[Doc]) -> list[LoglikelihoodRequest]:
         context = f"{doc['support'].lstrip()}\nQuestion: {doc['question']}\nAnswer:"
         return [LoglikelihoodRequest(context, f" {choice}") for choice in doc["choices"]]
-
-    def score(self, doc: Doc, results: list[Loglikelihood]) -> dict[str, float]:
-        scores = [result.logprob for result in results]
-        return {
-            "accuracy": float(argmax(scores) == doc["label"]),
-            "accuracy_norm": float(argmax(length_normalized(scores, doc["choices"])) == doc["label"]),
-        }
