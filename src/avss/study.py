@@ -531,7 +531,11 @@ class StudyResult:
         cells = self.cell_infos()
         rows = analysis.comparison_rows(cells, self.evaluations, **options)
         base = analysis.base_table(self.evaluations["base"], **options)
-        included = [(e["task"], e["metric"]) for e in base if e.get("included")]
+        included = [
+            (e["task"], e["metric"])
+            for e in base
+            if e.get("included") and e["metric"] == analysis.HEADLINE_METRIC
+        ]
         return {
             "rows": rows,
             "base": base,

@@ -34,6 +34,7 @@ from avss.evaluation.runner import EvalResult
 RANDOM_PREFIX = "random"
 BAND = (5.0, 50.0, 95.0)  # percentiles of the null band: low, median, high
 ALPHA = 0.05  # family-wise level of the significance marks (Holm)
+HEADLINE_METRIC = "accuracy"  # one metric per task in the macro average (acc_norm would count a task twice)
 
 CSV_COLUMNS = (
     "method",
