@@ -211,12 +211,14 @@ def tokenize_texts(
     batch_size: int = 8,
     seed: int = 0,
     min_tokens: int = 2,
+    part: int = 0,
 ) -> TokenBatches:
     """Tokenize the texts into ``samples`` sequences of up to ``max_length`` tokens, packed greedily.
 
     Texts are concatenated and cut into windows so short paragraphs still fill a sequence, then ``samples``
     windows are drawn with a seeded shuffle. Sequences are sorted by length within the draw so batches waste
-    little padding.
+    little padding. ``part`` k takes the k-th block of ``samples`` windows of the same shuffle, so parts
+    0, 1, ... of one text are disjoint calibration sets.
     """
     if not texts:
         raise DataError("no calibration text: the data source is empty")
@@ -231,8 +233,15 @@ def tokenize_texts(
     windows = [bos + ids[start : start + window] for start in range(0, len(ids), window)]
     windows = [w for w in windows if len(w) >= min_tokens]
     random.Random(seed).shuffle(windows)
+    if part and samples is None:
+        raise DataError("calibration part > 0 needs a number of samples per part")
     if samples is not None:
-        windows = windows[:samples]
+        if part and len(windows) < (part + 1) * samples:  # part 0 keeps what there is, as always
+            raise DataError(
+                f"calibration part {part} needs {(part + 1) * samples} windows of {max_length} tokens; "
+                f"the text has {len(windows)}. Provide more text or fewer --samples"
+            )
+        windows = windows[part * samples : (part + 1) * samples]
     windows.sort(key=len, reverse=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = []

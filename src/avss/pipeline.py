@@ -35,6 +35,7 @@ class CalibrationOptions:
     max_length: int = 256
     batch_size: int = 8
     seed: int = 0
+    part: int = 0  # which disjoint block of ``samples`` windows of the seeded shuffle (tokenize_texts)
 
     def batches(self, tokenizer: Any, source: TextSource) -> TokenBatches:
         """Load ``source`` and cut it into padded calibration batches with these options."""
@@ -45,6 +46,7 @@ class CalibrationOptions:
             max_length=self.max_length,
             batch_size=self.batch_size,
             seed=self.seed,
+            part=self.part,
         )
 
 

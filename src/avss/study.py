@@ -146,6 +146,16 @@ class StudyConfig:
         return json.loads(to_json(values))
 
 
+def with_defaults(stored: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``stored`` with every key it lacks taken from ``defaults``, nested option groups included."""
+    merged = dict(defaults)
+    for key, value in stored.items():
+        default = defaults.get(key)
+        both_groups = isinstance(value, dict) and isinstance(default, dict)
+        merged[key] = with_defaults(value, default) if both_groups else value
+    return merged
+
+
 def parse_limits(text: str | None, tasks: Sequence[str]) -> dict[str, int | None]:
     """``"100"`` (every task) or ``"wikitext2=40,sst2=200"`` (per task; unnamed tasks are not limited)."""
     if not text:
@@ -235,11 +245,8 @@ class Study:
         wanted = self.config.to_dict()
         if path.exists():
             # An option added to StudyConfig after the folder was written reads as its default there.
-            defaults = StudyConfig.option_defaults()
-            found = {
-                **{k: v for k, v in defaults.items() if k in wanted},
-                **json.loads(path.read_text("utf-8")),
-            }
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            found = with_defaults(stored, StudyConfig.option_defaults())
             if found != wanted:
                 changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
                 raise OutputError(

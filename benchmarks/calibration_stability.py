@@ -1,0 +1,89 @@
+"""Do the selected layers survive another calibration set? (issue: calibration robustness)
+
+Scores the model on several disjoint calibration sets (parts 0..K-1 of the shared C4 validation slice and,
+when present, WikiText-2 valid), selects the blocks to remove at each budget, and writes the Jaccard
+overlap of the selections and the spread of the scores per method (:mod:`avss.stability`). Usage::
+
+    .venv/bin/python benchmarks/calibration_stability.py --model smollm2-135m --c4-parts 4 \\
+        --samples 64 --max-length 512 --budgets 4,8 --out benchmarks/calibration_stability_smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import avss
+from avss.data import TextSource, resolve_data_dir
+from avss.pipeline import CalibrationOptions
+from avss.provenance import package_versions
+from avss.stability import CalibrationSet, calibration_stability
+
+
+def machine() -> str:
+    lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name")), "?")
+    return f"{name}, {platform.machine()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--methods", default="avss,block_influence,angular")
+    parser.add_argument("--c4-parts", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--budgets", default="4,8")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/calibration_stability_smollm2"))
+    args = parser.parse_args()
+
+    data_dir = resolve_data_dir(None)
+    if data_dir is None:
+        raise SystemExit("needs the shared data directory (../shared/data or $AVSS_DATA_DIR)")
+    c4 = TextSource(data=str(data_dir / "c4" / "c4_validation_2k.jsonl"))
+    options = {"samples": args.samples, "max_length": args.max_length}
+    sets = [
+        CalibrationSet(f"c4-part{k}", c4, CalibrationOptions(**options, part=k)) for k in range(args.c4_parts)
+    ]
+    sets.append(
+        CalibrationSet("wikitext2-valid", TextSource(data_dir=str(data_dir)), CalibrationOptions(**options))
+    )
+    loaded = avss.load_model(args.model, device="cpu")
+    started = time.perf_counter()
+    budgets = [int(n) for n in args.budgets.split(",")]
+    result = calibration_stability(loaded, args.methods.split(","), sets, budgets)
+    seconds = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = {
+        **result.to_dict(),
+        "seconds": round(seconds, 1),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "versions": package_versions(),
+    }
+    (args.out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    tokens = ", ".join(f"{s['name']} {s['tokens']}" for s in result.sets)
+    text = (
+        f"# Calibration stability: {args.model}\n\n"
+        f"{record['date']}, {record['machine']}, {seconds:.0f} s. Command: "
+        "`.venv/bin/python benchmarks/calibration_stability.py "
+        f"--model {args.model} --methods {args.methods} "
+        f"--c4-parts {args.c4_parts} --samples {args.samples} --max-length {args.max_length} "
+        f"--budgets {args.budgets} --out {args.out}`\n\n"
+        f"Sets (tokens): {tokens}. The C4 parts are disjoint windows of one seeded shuffle.\n\n"
+        f"Jaccard: mean and minimum over the {len(sets) * (len(sets) - 1) // 2} pairs of sets of the "
+        "blocks selected at each budget. Score CV: per block, std / |mean| of its score over the sets, "
+        "averaged over blocks. Spearman: mean rank correlation of the score vectors between sets.\n\n"
+        + result.markdown()
+    )
+    (args.out / "README.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
