@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from _tiny import tiny_model, tiny_tokenizer
 from avss.demo import SAVED, VARIANTS, DemoOptions, run_demo
+from avss.report import collect, render_markdown
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 
@@ -66,3 +67,5 @@ def test_demo_compares_three_variants_and_reloads_the_patched_model(saved_model,
     assert record["patch"] is not None and record["removed_layers"] == result.removed[SAVED]
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert len(summary["summary"]) == len(VARIANTS) and "retention" in summary["summary"][1]
+    page = render_markdown(collect([tmp_path / "demo"]), title="demo")  # the report reads the real writer
+    assert "Prune three ways and compare" in page and "block_influence+patch" in page

@@ -173,24 +173,46 @@ def evaluation_results(path: Path, data: dict[str, Any]) -> Section:
     return Section("Evaluation", path, facts=facts, tables=[table], provenance=provenance_of(data))
 
 
-@reader(lambda path, data: isinstance(data.get("perplexity"), dict) and "removed_layers" in data)
+@reader(lambda path, data: isinstance(data.get("comparisons"), dict) and "removed" in data)
 def demo_summary(path: Path, data: dict[str, Any]) -> Section:
+    """``make demo``'s summary: each pruning variant against the base, one row per task metric."""
+
+    def interval(value: Any) -> str:
+        if not isinstance(value, dict) or value.get("estimate") is None:
+            return ""
+        return f"{value['estimate']:.4g} [{value['low']:.4g}, {value['high']:.4g}]"
+
     rows = [
-        [name, values.get("before"), values.get("after"), percent(values.get("retained"))]
-        for name, values in data["perplexity"].items()
+        [
+            variant,
+            row["task"],
+            row["metric"],
+            interval(row.get("base")),
+            interval(row.get("new")),
+            interval(row.get("retention") if row.get("kind") == "accuracy" else row.get("difference")),
+        ]
+        for variant, comparison in data["comparisons"].items()
+        for row in comparison
     ]
     facts = {
         "model": model_name(data.get("model")),
-        "layers": f"{data.get('num_layers_before')} -> {data.get('num_layers_after')}",
-        "removed": ", ".join(map(str, data["removed_layers"])),
+        "blocks": data.get("num_layers_before"),
+        **{
+            f"removed by {variant}": ", ".join(map(str, removed))
+            for variant, removed in data["removed"].items()
+        },
         "max |logit difference| after reload": data.get("max_logit_difference_after_reload"),
         "wall time (s)": data.get("wall_time_s"),
-        **{f"option {key}": value for key, value in data.get("options", {}).items() if value is not None},
     }
-    table = Table(["text", "perplexity before", "perplexity after", "retained"], rows)
-    notes = [data["summary"]] if data.get("summary") else []
+    columns = ["variant", "task", "metric", "base [95% CI]", "pruned [95% CI]", "retention or NLL change"]
+    notes = list(data.get("summary") or [])
     return Section(
-        "Prune and compare", path, facts=facts, tables=[table], notes=notes, provenance=provenance_of(data)
+        "Prune three ways and compare",
+        path,
+        facts=facts,
+        tables=[Table(columns, rows)],
+        notes=notes,
+        provenance=provenance_of(data),
     )
 
 
