@@ -272,3 +272,32 @@ def test_a_failed_write_leaves_no_partial_file(
     with pytest.raises(errors.OutputError, match="No space left on device"):
         prune_gguf(source, tmp_path / "pruned.gguf", KEPT, RECORD)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_linear_patch_goes_into_the_gguf_as_f32(
+    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--patch linear`` with a .gguf --out: the folded down projections are written as F32, every other
+    tensor is copied, and the file reloads with the logits of the same patch saved as a model directory."""
+    if "gemma3" in source.name:
+        pytest.skip("the patch refuses post-MLP-norm architectures such as Gemma 3")
+    calibration = ["--samples", "16", "--max-length", "32", "--batch-size", "8", "--device", "cpu"]
+    patch = ["--n-layers", "2", "--method", "block_influence", "--patch", "linear"]  # FAST is too few tokens
+    common = ["prune", str(source), *calibration, *patch]
+    out, directory = tmp_path / "patched.gguf", tmp_path / "patched-dir"
+    for target in (out, directory):
+        code, text = run_cli([*common, "--out", str(target)], monkeypatch, capsys)
+        assert code == 0, text
+    record = json.loads(sidecar_path(out).read_text())
+    assert record["patch"]["runs"] and 0 not in record["removed_layers"]
+    reader = gguf.GGUFReader(out)
+    types = {tensor.name: tensor.tensor_type for tensor in reader.tensors}
+    kept = record["kept_layers"]
+    folded = {f"blk.{kept.index(run['folded_into'])}.ffn_down.weight" for run in record["patch"]["runs"]}
+    assert all(types[name] == gguf.GGMLQuantizationType.F32 for name in folded)
+    assert any(
+        types[name] != gguf.GGMLQuantizationType.F32 for name in types if name.endswith("ffn_up.weight")
+    )
+    reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reload(out)(**random_batch()).logits, reference(**random_batch()).logits)

@@ -57,6 +57,8 @@ class GgufArchitecture:
     model_type: str
     swa_period: int | None = None
     swa_needs_window: bool = True
+    # The MLP down projection's tensor name in a block (``blk.N.<name>.weight``), where a linear patch lands.
+    mlp_down: str = "ffn_down"
 
 
 GGUF_ARCHITECTURES: dict[str, GgufArchitecture] = {
@@ -389,12 +391,11 @@ def gguf_source(source: Mapping[str, Any]) -> Path | None:
     return Path(path) if path and is_gguf_path(path) else None
 
 
-def check_gguf_prune(
-    model: str, out: str | Path, overwrite: bool, heal: str | None = None, patch: str | None = None
-) -> Path:
+def check_gguf_prune(model: str, out: str | Path, overwrite: bool, heal: str | None = None) -> Path:
     """Everything ``avss prune MODEL --out FILE.gguf`` can check before loading and scoring: the output
-    path, the input being a readable GGUF of a known architecture, and no option that changes kept blocks'
-    weights (their quantized tensors are copied, so the change would be lost). Returns the input's path."""
+    path, the input being a readable GGUF of a known architecture, and no healing (it retrains the kept
+    blocks, whose quantized tensors are copied). A linear patch is fine: the few tensors it changes are
+    written as F32. Returns the input's path."""
     from avss.models import EMBEDDED_MODELS
 
     check_gguf_output(out, overwrite)
@@ -402,11 +403,6 @@ def check_gguf_prune(
         raise OptionError(
             "--heal retrains the kept blocks, so their quantized tensors cannot be copied into a .gguf "
             "--out; save a model directory instead (--out DIR)"
-        )
-    if patch:
-        raise OptionError(
-            f"--patch {patch} is not written into a .gguf --out yet (prune_gguf takes the patched tensors "
-            "as replacements, but avss prune does not pass them); save a model directory instead (--out DIR)"
         )
     path = EMBEDDED_MODELS[model].locate() if model in EMBEDDED_MODELS else Path(model).expanduser()
     if not is_gguf_path(path):
@@ -420,12 +416,57 @@ def check_gguf_prune(
     return path
 
 
+def patched_tensors(source: str | Path, model: Any, record: Mapping[str, Any]) -> dict[str, Any]:
+    """The tensors a linear patch changed, as :func:`prune_gguf` replacements: each run's folded MLP down
+    projection (and bias, if any) of the pruned in-memory ``model``, named by its block's new index.
+
+    The down projection is stored unpermuted in GGUF (numpy shape = the Hugging Face weight's (out, in)), so
+    the folded weight goes in as it is. Empty when the record holds no patch.
+    """
+    from avss.adapters import get_adapter
+
+    patch = record.get("patch")
+    if not patch:
+        return {}
+    _, architecture = architecture_of(open_gguf(source))
+    adapter = get_adapter(model)
+    kept = list(record["kept_layers"])
+    tensors = {}
+    for run in patch["runs"]:
+        index = kept.index(run["folded_into"])
+        module = adapter.site_module(index, "mlp")  # the down projection (its input is the MLP site)
+        name = f"blk.{index}.{architecture.mlp_down}"
+        tensors[f"{name}.weight"] = module.weight.detach().float().cpu().numpy()
+        if getattr(module, "bias", None) is not None:
+            tensors[f"{name}.bias"] = module.bias.detach().float().cpu().numpy()
+    return tensors
+
+
 def save_pruned_gguf(
-    source: str | Path, out: str | Path, record: Any, *, overwrite: bool = False, **kwargs: Any
+    source: str | Path,
+    out: str | Path,
+    record: Any,
+    *,
+    model: Any = None,
+    overwrite: bool = False,
+    **kwargs: Any,
 ) -> Path:
-    """:func:`prune_gguf` with the kept blocks taken from a :class:`avss.prune.PruningRecord`."""
+    """:func:`prune_gguf` with the kept blocks taken from a :class:`avss.prune.PruningRecord`; with a linear
+    patch in the record, the pruned ``model``'s folded down projections replace the quantized ones (F32 by
+    default: no error beyond float32)."""
     data = asdict(record) if hasattr(record, "__dataclass_fields__") else dict(record)
-    return prune_gguf(source, out, data["kept_layers"], data, overwrite=overwrite, **kwargs)
+    replacements = patched_tensors(source, model, data) if model is not None else {}
+    if data.get("patch") and not replacements:
+        raise OptionError("a patched pruning record needs the patched model to write its tensors")
+    return prune_gguf(
+        source,
+        out,
+        data["kept_layers"],
+        data,
+        replacements=replacements or None,
+        overwrite=overwrite,
+        **kwargs,
+    )
 
 
 def hf_config_overrides(path: str | Path) -> dict[str, Any]:

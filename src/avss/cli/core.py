@@ -256,7 +256,7 @@ def prune_command(
         layers=given,
     ).check(iterative=iterative)
     heal_config = HealConfig(method=heal, steps=heal_steps) if heal else None
-    gguf_input = check_gguf_prune(model, out, overwrite, heal, patch) if is_gguf_path(out) else None
+    gguf_input = check_gguf_prune(model, out, overwrite, heal) if is_gguf_path(out) else None
     if gguf_input is None:
         check_output_dir(out, overwrite)
     avss_options = f"avss[site={site},variance={variance},threshold={threshold}]"
@@ -273,8 +273,8 @@ def prune_command(
         first = selection.steps[0]
         console.print(importance_table(first, result.removed))
         print_warnings(first.warnings)
-    if gguf_input is not None:  # quantized tensors of the kept blocks copied, not re-quantized
-        save_pruned_gguf(gguf_input, out, result.record, overwrite=overwrite)
+    if gguf_input is not None:  # quantized tensors of the kept blocks copied, the patched ones written F32
+        save_pruned_gguf(gguf_input, out, result.record, model=loaded.model, overwrite=overwrite)
     else:
         save_or_heal(loaded, result, out, heal_config, source, overwrite=overwrite)
     if result.record.patch is not None:
