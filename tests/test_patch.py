@@ -37,8 +37,8 @@ from avss.patch import (
     solve_linear_map,
     squared_error,
 )
-from avss.pipeline import CalibrationOptions, prune, save, score
-from avss.prune import PROVENANCE_FILE, PruneSpec, remove_layers
+from avss.pipeline import CalibrationOptions
+from avss.prune import PROVENANCE_FILE, PruneSpec, remove_layers, save_pruned
 from avss.scorers import ScoringContext, get_scorer
 from avss.stats import LinearFitStats, masked_cross_products
 
@@ -299,7 +299,7 @@ def test_saved_patched_model_reloads_with_the_same_logits_size_and_a_provenance_
         result, _ = prune_with_scorer(
             loaded, get_scorer("block_influence"), TextSource(), calibration, spec, progress=False
         )
-        save(loaded, result, tmp_path / str(patch))
+        save_pruned(loaded.model, loaded.tokenizer, tmp_path / str(patch), result.record)
         results[patch] = (loaded, result)
     loaded, result = results["linear"]
     unpatched_loaded, unpatched = results[None]
@@ -331,10 +331,8 @@ def test_python_api_prune_patches_with_the_bundled_calibration_text(trained):
     model, tokenizer, _ = trained
     loaded = LoadedModel(copy.deepcopy(model), tokenizer, {"name": "tiny-trained"})
     calibration = CalibrationOptions(samples=8, max_length=32, batch_size=4)
-    run = score(loaded, calibration=calibration, progress=False)
-    result = prune(
-        loaded, run, PruneSpec(n_layers=2, patch="linear"), calibration=calibration, progress=False
-    )
+    spec = PruneSpec(n_layers=2, patch="linear")
+    result, _ = prune_with_scorer(loaded, get_scorer("avss"), TextSource(), calibration, spec, progress=False)
     assert 0 not in result.removed
     assert result.record.patch is not None and result.record.patch["fit_tokens"] > 0
 

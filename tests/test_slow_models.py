@@ -4,9 +4,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from avss.data import TextSource
+from avss.iterative import prune_with_scorer
 from avss.models import load_model
-from avss.pipeline import CalibrationOptions, prune, save, score
-from avss.prune import PruneSpec
+from avss.pipeline import CalibrationOptions, score
+from avss.prune import PruneSpec, save_pruned
+from avss.scorers import get_scorer
 
 pytestmark = pytest.mark.slow
 
@@ -14,12 +17,14 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize(("name", "num_layers"), [("smollm2-135m", 30), ("gemma3-270m", 18)])
 def test_score_prune_save_reload(tmp_path, name, num_layers):
     loaded = load_model(name, device="cpu")
-    run = score(loaded, calibration=CalibrationOptions(samples=8, max_length=128), progress=False)
+    calibration = CalibrationOptions(samples=8, max_length=128)
+    run = score(loaded, calibration=calibration, progress=False)
     assert run.scores.num_layers == num_layers
     assert torch.isfinite(run.scores.avss).all()
-    result = prune(loaded, run, PruneSpec(fraction=0.25))
-    assert len(result.removed) == round(0.25 * num_layers)
-    save(loaded, result, tmp_path / "pruned")
+    spec = PruneSpec(fraction=0.25)
+    result, _ = prune_with_scorer(loaded, get_scorer("avss"), TextSource(), calibration, spec, progress=False)
+    assert len(result.removed) == round(0.25 * num_layers) and result.removed == spec.select(run.scores.avss)
+    save_pruned(loaded.model, loaded.tokenizer, tmp_path / "pruned", result.record)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
     prompt = loaded.tokenizer(["The capital of France is"], return_tensors="pt")
     with torch.no_grad():

@@ -39,9 +39,8 @@ from avss.data import TextSource, tokenize_texts
 from avss.errors import DataError, HealConfigError, PruneConfigError
 from avss.io import atomic_directory, check_output_dir, to_json
 from avss.models import LoadedModel, load_model
-from avss.pipeline import PruneResult
 from avss.provenance import package_versions
-from avss.prune import PROVENANCE_FILE, contiguous_spans, save_pruned
+from avss.prune import PROVENANCE_FILE, PruneResult, contiguous_spans, save_pruned
 from avss.training import (
     ParamPredicate,
     TrainConfig,

@@ -17,9 +17,9 @@ from avss.data import TextSource
 from avss.errors import PruneConfigError
 from avss.models import LoadedModel
 from avss.patch import check_linear_patch, linear_patch
-from avss.pipeline import CalibrationOptions, PruneResult
+from avss.pipeline import CalibrationOptions
 from avss.provenance import command_line, package_versions
-from avss.prune import PruneSpec, PruningRecord, check_budget, remove_layers
+from avss.prune import PruneResult, PruneSpec, PruningRecord, check_budget, remove_layers
 from avss.scorers import LayerImportance, Scorer, ScoringContext, context_for
 
 GIVEN = "layers"  # the method recorded when the blocks to remove are given (avss prune --layers)

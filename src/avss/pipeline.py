@@ -1,6 +1,6 @@
-"""The score and prune workflows shared by the CLI, the demo and the study: load text, stream statistics,
-score, select, remove, save. Each step is a library function; this module only composes them and records
-provenance.
+"""The scoring workflow of ``avss score``: calibration text to batches, streamed statistics (resumable,
+sharded under torchrun), AVSS scores and their provenance. Pruning has one path for every method,
+:func:`avss.iterative.prune_with_scorer`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from avss.errors import OptionError
 from avss.io import atomic_write_json
 from avss.launch import context
 from avss.models import LoadedModel
-from avss.patch import linear_patch
 from avss.provenance import command_line, package_versions
-from avss.prune import PruneSpec, PruningRecord, remove_layers, save_pruned
 from avss.scores import LayerScores, score_layers
 from avss.stats import VARIANCE_KINDS, ActivationStats, Threshold
 
@@ -144,50 +142,3 @@ def score(
         "command": command_line(),
     }
     return ScoreRun(stats, scores, provenance)
-
-
-@dataclass
-class PruneResult:
-    removed: list[int]
-    kept: list[int]
-    record: PruningRecord
-
-
-def prune(
-    loaded: LoadedModel,
-    run: ScoreRun,
-    spec: PruneSpec,
-    source: TextSource | None = None,
-    calibration: CalibrationOptions | None = None,
-    progress: bool = True,
-) -> PruneResult:
-    """Remove the layers ``spec`` selects by AVSS from ``loaded.model`` in place.
-
-    With ``spec.patch`` the linear patch is fitted on ``source`` cut by ``calibration`` (by default the
-    bundled calibration corpus and options, as :func:`score` uses; pass the ones given to it) and folded in
-    before the blocks are removed.
-    """
-    spec.check()
-    original = run.scores.num_layers
-    removed = spec.select(run.scores.avss)
-    patch = None
-    if spec.patch is not None:
-        batches = (calibration or CalibrationOptions()).batches(loaded.tokenizer, source or TextSource())
-        patch = linear_patch(loaded.model, batches.batches, removed, spec.patch_ridge, progress)
-    kept = remove_layers(loaded.model, removed)
-    record = PruningRecord(
-        source_model=loaded.source,
-        removed_layers=removed,
-        kept_layers=kept,
-        original_num_layers=original,
-        method="avss",
-        selection=asdict(spec),
-        scores=run.scores.avss.tolist(),
-        options={k: v for k, v in run.provenance.items() if k not in ("model",)},
-        patch=patch,
-    )
-    return PruneResult(removed, kept, record)
-
-
-def save(loaded: LoadedModel, result: PruneResult, out: str | Path, overwrite: bool = False) -> Path:
-    return save_pruned(loaded.model, loaded.tokenizer, out, result.record, overwrite=overwrite)

@@ -255,6 +255,15 @@ class PruningRecord:
     patch: dict[str, Any] | None = None
 
 
+@dataclass
+class PruneResult:
+    """What one pruning removed and kept (original indices), and its provenance record."""
+
+    removed: list[int]
+    kept: list[int]
+    record: PruningRecord
+
+
 def save_pruned(
     model: nn.Module, tokenizer: Any, out: str | Path, record: PruningRecord, overwrite: bool = False
 ) -> Path:
