@@ -98,7 +98,8 @@ def describe(row: dict[str, Any]) -> str:
         value = row[key]
         return f"{value['estimate']:{sign}.3g} [{value['low']:{sign}.3g}, {value['high']:{sign}.3g}]"
 
-    text = f"{row['task']} {row['metric']} {row['base']['estimate']:.3g} -> {interval('new')}"
+    name = row["task"] if row["task"] == row["metric"] else f"{row['task']} {row['metric']}"
+    text = f"{name} {row['base']['estimate']:.3g} -> {interval('new')}"
     if row["kind"] == "perplexity":
         return text + f" (NLL {interval('difference', '+')} nats/token)"
     if row.get("retention"):
