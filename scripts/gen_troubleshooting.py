@@ -111,6 +111,14 @@ FIXES: dict[str, dict[str, str]] = {
         "unknown --combine (hallucination)": "Use `--combine ratio` (H/T) or `--combine diff` (|H-T|).",
         "unknown --combine (mitigate)": "Use `--combine ratio` or `--combine diff`; checked before loading.",
     },
+    "Study, report and heal": {
+        "unknown study method": "Pick methods from `avss study --help`; options go in brackets.",
+        "study fraction out of range": "Fractions are shares of blocks in [0, 1), e.g. `--fractions 0,0.25`.",
+        "study --out on a special filesystem": "Choose a study folder on a normal, writable filesystem.",
+        "study --out is a file": "`--out` of a study is a folder; choose another path.",
+        "report of a missing run directory": "Pass folders written by avss commands.",
+        "heal a model that was not pruned": "Heal the folder that `avss prune` wrote.",
+    },
     "Activations": {
         "NaN activations": "The named layer's weights are broken or overflow: check the checkpoint, try "
         "`--dtype float32`.",

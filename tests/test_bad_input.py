@@ -503,6 +503,37 @@ CLI_CASES = [
         ("invalid --combine 'product'",),
         patch=lambda mp: mp.setattr("avss.cli.hallucination_cmd.load_model", refuse_to_load),
     ),
+    # --- study, report and heal ---
+    Case(
+        "unknown study method",
+        lambda ws: ["study", ws.model, "--methods", "avss,nosuch", "--out", str(ws.out / "study")],
+        ("nosuch",),
+    ),
+    Case(
+        "study fraction out of range",
+        lambda ws: ["study", ws.model, "--fractions", "0,1.5", "--out", str(ws.out / "study")],
+        ("fractions must be in [0, 1)",),
+    ),
+    Case(
+        "study --out on a special filesystem",
+        lambda ws: ["study", ws.model, "--methods", "random", "--out", "/proc/avss-study"],
+        ("cannot write in /proc",),
+    ),
+    Case(
+        "study --out is a file",
+        lambda ws: ["study", ws.model, "--methods", "random", "--out", ws.file("study.txt", "keep me")],
+        ("exists and is a file",),
+    ),
+    Case(
+        "report of a missing run directory",
+        lambda ws: ["report", str(ws.root / "no-run"), "--out", str(ws.out / "report.html")],
+        ("does not exist",),
+    ),
+    Case(
+        "heal a model that was not pruned",
+        lambda ws: ["heal", ws.model, "--out", str(ws.out / "healed")],
+        ("has no avss_pruning.json",),
+    ),
     # --- the output ---
     Case(
         "--out not empty without --overwrite",

@@ -42,7 +42,7 @@ from avss.evaluation import evaluate, get_task
 from avss.evaluation.runner import EvalResult
 from avss.evaluation.uncertainty import RESAMPLES
 from avss.heal import HealConfig, get_heal_method, heal_in_memory
-from avss.io import atomic_write_json, atomic_write_text, to_json
+from avss.io import atomic_write_json, atomic_write_text, ensure_parent_writable, to_json
 from avss.iterative import Selection, select_iteratively, select_oneshot
 from avss.models import LoadedModel, load_model
 from avss.patch import check_patchable, linear_patch
@@ -238,9 +238,14 @@ class Study:
 
     def prepare(self) -> None:
         """Create the folder, or check that the study already in it is this one (resume)."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "cells").mkdir(exist_ok=True)
-        (self.out / "selections").mkdir(exist_ok=True)
+        if self.out.exists() and not self.out.is_dir():
+            raise OutputError(f"--out {self.out} exists and is a file; choose a directory path")
+        ensure_parent_writable(self.out / "config.json")
+        try:
+            for folder in (self.out, self.out / "cells", self.out / "selections"):
+                folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the study folder {self.out}: {exc.strerror or exc}") from exc
         path = self.out / "config.json"
         wanted = self.config.to_dict()
         if path.exists():
