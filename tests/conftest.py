@@ -21,3 +21,22 @@ def tokenizer():
     from _tiny import tiny_tokenizer
 
     return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def saved_tiny_model(tmp_path_factory):
+    """``saved_tiny_model(num_layers)``: a tiny random llama and its tokenizer saved once per depth for the
+    whole session, the model directory every CLI test starts from. Tests that change it copy it first."""
+    from _tiny import tiny_model, tiny_tokenizer
+
+    saved = {}
+
+    def save(num_layers: int = 4):
+        if num_layers not in saved:
+            path = tmp_path_factory.mktemp("saved-models") / f"tiny-llama-{num_layers}"
+            tiny_model("llama", num_layers).save_pretrained(path)
+            tiny_tokenizer().save_pretrained(path)
+            saved[num_layers] = path
+        return saved[num_layers]
+
+    return save

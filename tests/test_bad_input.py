@@ -39,12 +39,8 @@ NUM_LAYERS = 4
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 4-layer tiny llama saved once, with tokenizer; cases copy it before editing."""
-    path = tmp_path_factory.mktemp("tiny") / "llama"
-    tiny_model("llama", NUM_LAYERS).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+def tiny_dir(saved_tiny_model) -> Path:
+    return saved_tiny_model(NUM_LAYERS)
 
 
 @dataclass

@@ -3,21 +3,18 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM
 
-from _tiny import tiny_model, tiny_tokenizer
 from avss.cli import main
 from avss.prune import PROVENANCE_FILE
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tiny_model("llama", num_layers=6).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+def model_dir(saved_tiny_model) -> Path:
+    return saved_tiny_model(6)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from _tiny import tiny_model, tiny_tokenizer
 from avss.demo import SAVED, VARIANTS, DemoOptions, run_demo
 from avss.report import collect, render_markdown
 
@@ -17,11 +16,8 @@ FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 
 
 @pytest.fixture(scope="module")
-def saved_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "tiny-llama"
-    tiny_model("llama", 6).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+def saved_model(saved_tiny_model) -> Path:
+    return saved_tiny_model(6)
 
 
 @pytest.fixture(scope="module")

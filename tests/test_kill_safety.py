@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from _tiny import tiny_model, tiny_tokenizer
 from avss.cli import main
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX SIGKILL")
@@ -84,11 +83,8 @@ def test_json_killed_mid_write(tmp_path: Path, previous: dict | None) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("kill") / "llama"
-    tiny_model("llama", 4).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+def tiny_dir(saved_tiny_model) -> Path:
+    return saved_tiny_model(4)
 
 
 PRUNE = textwrap.dedent(

@@ -24,11 +24,8 @@ NUM_LAYERS = 6
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tiny_model("llama", NUM_LAYERS).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+def model_dir(saved_tiny_model) -> Path:
+    return saved_tiny_model(NUM_LAYERS)
 
 
 @pytest.fixture

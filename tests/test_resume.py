@@ -127,11 +127,8 @@ def avss(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("resume") / "llama"
-    tiny_model("llama", 4).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+def tiny_dir(saved_tiny_model) -> Path:
+    return saved_tiny_model(4)
 
 
 def test_cli_score_resume_after_interrupt(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from _tiny import tiny_model, tiny_tokenizer
 from avss.cli._app import app
 from avss.errors import OutputError, PruneConfigError
 from avss.pipeline import CalibrationOptions
@@ -18,11 +18,8 @@ METHODS = ["avss", "avss[site=delta]", "angular", "random", "last", "loo_nll"]
 
 
 @pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny-llama"
-    tiny_model("llama", 4).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+def saved_model(saved_tiny_model) -> Path:
+    return saved_tiny_model(4)
 
 
 @pytest.fixture(scope="module")
