@@ -6,6 +6,7 @@ Plotting takes plain scores, rows and matrices, never a model, so the study's fi
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -59,9 +60,16 @@ def retention_vs_fraction(rows: list[dict[str, Any]], bands: list[dict[str, Any]
         selected = [row for row in rows if (row["task"], row["metric"]) == (task, metric)]
         accuracy = selected[0]["kind"] == "accuracy"
         key = "retention" if accuracy else "difference"
-        for method, mode in dict.fromkeys(
-            (row["method"], row["mode"]) for row in selected if not row["method"].startswith("random")
-        ):
+        series = list(
+            dict.fromkeys(
+                (row["method"], row["mode"]) for row in selected if not row["method"].startswith("random")
+            )
+        )
+        # Methods side by side around each budget, so error bars at the same fraction do not hide each other.
+        fractions = sorted({row["fraction"] for row in selected})
+        spacing = min((b - a for a, b in itertools.pairwise(fractions)), default=0.1)
+        for index, (method, mode) in enumerate(series):
+            shift = 0.6 * spacing * ((index + 0.5) / len(series) - 0.5)
             points = sorted(
                 (row["fraction"], row[key], row[f"{key}_low"], row[f"{key}_high"])
                 for row in selected
@@ -70,6 +78,7 @@ def retention_vs_fraction(rows: list[dict[str, Any]], bands: list[dict[str, Any]
             if not points:
                 continue
             x, y, low, high = (list(values) for values in zip(*points, strict=True))
+            x = [value + shift for value in x]
             errors = [
                 [v - lo for v, lo in zip(y, low, strict=True)],
                 [hi - v for v, hi in zip(y, high, strict=True)],
