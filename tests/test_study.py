@@ -221,6 +221,19 @@ def test_random_null_band_and_protected_variants(saved_model, data_dir, tmp_path
     assert report["correlations"]["with_layer_index"]["first"] == pytest.approx(1.0)
     summary = (tmp_path / "study" / "summary.md").read_text()
     assert "| random (3 draws) | oneshot |" in summary and "## Base model" in summary
+    # Method against method on the same examples, against the one with the highest macro retention.
+    from avss import study_analysis
+
+    macro = [
+        {"method": method, "mode": "oneshot", "fraction": 0.25, "retention": value}
+        for method, value in (("first", 0.9), ("block_influence", 0.1), ("random", 2.0))
+    ]
+    versus = study_analysis.versus_best(result.cell_infos(), result.evaluations, macro, resamples=200, seed=0)
+    assert versus and {(row["method"], row["reference"]) for row in versus} <= {("block_influence", "first")}
+    assert all(
+        row["n"] == 4 and row["difference_low"] <= row["difference"] <= row["difference_high"]
+        for row in versus
+    )
     with pytest.raises(PruneConfigError, match="cannot protect 'middle'"):
         config(saved_model, data_dir, protect=["middle"])
 

@@ -539,7 +539,7 @@ class StudyResult:
         """Rows, base table, null bands and headline; bootstrap: ``config.resamples``, ``config.seed``."""
         options = {"resamples": self.config.resamples, "seed": self.config.seed}
         if "base" not in self.evaluations:
-            return {"rows": [], "base": [], "null_bands": [], "headline": []}
+            return {"rows": [], "base": [], "null_bands": [], "headline": [], "versus_best": []}
         cells = self.cell_infos()
         rows = analysis.comparison_rows(cells, self.evaluations, **options)
         base = analysis.base_table(self.evaluations["base"], **options)
@@ -548,11 +548,13 @@ class StudyResult:
             for e in base
             if e.get("included") and e["metric"] == analysis.HEADLINE_METRIC
         ]
+        macro = analysis.headline(cells, self.evaluations, included, **options)
         return {
             "rows": rows,
             "base": base,
             "null_bands": analysis.null_bands(rows),
-            "headline": analysis.headline(cells, self.evaluations, included, **options),
+            "headline": macro,
+            "versus_best": analysis.versus_best(cells, self.evaluations, macro, **options),
         }
 
     def rows(self) -> list[dict[str, Any]]:
@@ -587,6 +589,7 @@ class StudyResult:
             "base": tables["base"],
             "headline": tables["headline"],
             "null_bands": tables["null_bands"],
+            "versus_best": tables["versus_best"],
             "rows": tables["rows"],
             "selections": {name: s.to_dict() for name, s in self.selections.items()},
             "correlations": self.correlations(),
@@ -599,7 +602,12 @@ class StudyResult:
         atomic_write_json(out / "results.json", self.to_dict())
         atomic_write_text(out / "results.csv", rows_to_csv(tables["rows"]))
         summary = analysis.summary_markdown(
-            tables["rows"], self.config.fractions, tables["base"], tables["null_bands"], tables["headline"]
+            tables["rows"],
+            self.config.fractions,
+            tables["base"],
+            tables["null_bands"],
+            tables["headline"],
+            tables["versus_best"],
         )
         atomic_write_text(out / "summary.md", summary)
         if tables["rows"]:

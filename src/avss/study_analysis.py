@@ -256,6 +256,40 @@ def headline(
     return out
 
 
+def versus_best(
+    cells: Sequence[CellInfo],
+    evaluations: dict[str, EvalResult],
+    macro: Sequence[dict[str, Any]],
+    *,
+    resamples: int,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """Method against method on the same examples: at each mode and budget, every other non-random cell
+    minus the cell with the highest macro retention, per task metric (paired difference, McNemar, Holm over
+    all of these comparisons)."""
+    rows: list[dict[str, Any]] = []
+    by_key = {(c.method, c.mode, c.fraction): c for c in cells}
+    for mode, fraction in dict.fromkeys((entry["mode"], entry["fraction"]) for entry in macro):
+        group = [
+            e for e in macro if (e["mode"], e["fraction"]) == (mode, fraction) and not is_random(e["method"])
+        ]
+        if len(group) < 2:
+            continue
+        best = by_key[(max(group, key=lambda e: e["retention"])["method"], mode, fraction)]
+        for entry in group:
+            other = by_key[(entry["method"], mode, fraction)]
+            if other.evaluated_key == best.evaluated_key:
+                continue
+            table = evaluations[other.evaluated_key].compare(
+                evaluations[best.evaluated_key], resamples=resamples, seed=seed
+            )
+            for comparison in table.rows:
+                row = row_fields(other, comparison)
+                rows.append({**row, "reference": best.method})
+    holm_within_tables(rows)
+    return rows
+
+
 def load_evaluations(out: Path, keys: Iterable[str]) -> dict[str, EvalResult]:
     """The stored evaluation of each key that has one (cells of studies before records have none)."""
     found = {}
@@ -285,6 +319,7 @@ def summary_markdown(
     base: Sequence[dict[str, Any]],
     bands: Sequence[dict[str, Any]],
     macro: Sequence[dict[str, Any]],
+    versus: Sequence[dict[str, Any]] = (),
 ) -> str:
     """The study's tables: base scores and inclusion, the headline, then one table per task metric."""
     budgets = [f for f in fractions if f > 0]
@@ -304,6 +339,8 @@ def summary_markdown(
     lines.append("")
     if macro:
         lines += headline_markdown(macro, budgets, bands)
+    if versus:
+        lines += versus_markdown(versus)
     lines += [
         "Cells: chance-normalized retention [95% CI] for accuracies, change of the metric (perplexity:",
         "NLL in nats per token) [95% CI] otherwise, pruned minus base on the same examples; `*` marks a",
@@ -377,6 +414,25 @@ def headline_markdown(
         lines.append(f"| random ({draws} draws) | {mode} | " + " | ".join(texts) + " |")
     lines.append("")
     return lines
+
+
+def versus_markdown(versus: Sequence[dict[str, Any]]) -> list[str]:
+    """Each method against the best one, per task metric: the paired difference (accuracy points, or NLL
+    nats per token) and the Holm-corrected McNemar p-value."""
+    lines = [
+        f"## Against the best method ({versus[0]['reference']}, highest macro retention), same examples",
+        "",
+        "| method | mode | budget | task | metric | difference [95% CI] | Holm p |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in versus:
+        holm = "n/a" if row["holm_p"] is None else f"{row['holm_p']:.2g}"
+        difference = interval_text(row["difference"], row["difference_low"], row["difference_high"])
+        lines.append(
+            f"| {row['method']} | {row['mode']} | {row['fraction']:g} | {row['task']} | {row['metric']} | "
+            f"{difference} | {holm} |"
+        )
+    return [*lines, ""]
 
 
 def cell_text(row: dict[str, Any] | None) -> str:
