@@ -201,18 +201,6 @@ def base_table(base: EvalResult, *, resamples: int, seed: int) -> list[dict[str,
     return table
 
 
-def retention_draws(
-    base: np.ndarray, new: np.ndarray, chance: np.ndarray, *, resamples: int, seed: int
-) -> np.ndarray:
-    """Bootstrap draws of chance-normalized retention on one task (NaN where a resample's base is not above
-    chance), the same resampling as :func:`avss.evaluation.uncertainty.retention_interval`."""
-    rng = np.random.default_rng(seed)
-    rows = rng.integers(0, base.size, size=(resamples, base.size))
-    b, n, c = (column[rows].mean(axis=1) for column in (base, new, chance))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(b > c, (n - c) / (b - c), np.nan)
-
-
 def headline(
     cells: Sequence[CellInfo],
     evaluations: dict[str, EvalResult],
@@ -239,7 +227,7 @@ def headline(
             by_id = {record.id: record for record in base.tasks[task].records}
             chance = chance_per_example([by_id[i] for i in b_values])
             estimates.append(u.retention(float(b.mean()), float(n.mean()), float(chance.mean())))
-            draws.append(retention_draws(b, n, chance, resamples=resamples, seed=seed + offset))
+            draws.append(u.retention_draws(b, n, chance, resamples=resamples, seed=seed + offset))
         macro = np.mean(np.vstack(draws), axis=0)
         low, high = np.nanpercentile(macro, [2.5, 97.5]).tolist()
         out.append(

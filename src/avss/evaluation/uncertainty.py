@@ -359,18 +359,32 @@ def retention_interval(
     Resamples where the base is not above chance have no retention and are dropped; if the base itself is
     not above chance, every field is NaN.
     """
-    columns = [_as_array(values, "retention") for values in (base, new, chance)]
-    if len({column.size for column in columns}) != 1:
-        raise PairingError("retention needs the same examples on both sides")
-    b, n, c = columns
+    b, n, c = (_as_array(values, "retention") for values in (base, new, chance))
     estimate = retention(float(b.mean()), float(n.mean()), float(c.mean()))
     if math.isnan(estimate):
         return Interval(math.nan, math.nan, math.nan, b.size, "paired-bootstrap", confidence)
-    bs, ns, cs = _resampled_sums(columns, resamples, seed)
-    above = bs > cs
-    ratios = (ns[above] - cs[above]) / (bs[above] - cs[above])
-    low, high = _percentiles(ratios, confidence)
+    draws = retention_draws(b, n, c, resamples=resamples, seed=seed)
+    low, high = _percentiles(draws[np.isfinite(draws)], confidence)
     return Interval(estimate, low, high, b.size, "paired-bootstrap", confidence)
+
+
+def retention_draws(
+    base: Sequence[float] | np.ndarray,
+    new: Sequence[float] | np.ndarray,
+    chance: Sequence[float] | np.ndarray,
+    *,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> np.ndarray:
+    """Bootstrap draws of chance-normalized retention over the same resampled examples (NaN where a
+    resample's base is not above chance): the distribution behind :func:`retention_interval`, and what a
+    macro average over tasks with different examples resamples task by task."""
+    columns = [_as_array(values, "retention") for values in (base, new, chance)]
+    if len({column.size for column in columns}) != 1:
+        raise PairingError("retention needs the same examples on both sides")
+    bs, ns, cs = _resampled_sums(columns, resamples, seed)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(bs > cs, (ns - cs) / (bs - cs), np.nan)
 
 
 def majority_class_accuracy(labels: Sequence[int]) -> float:
