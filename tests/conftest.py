@@ -40,3 +40,24 @@ def saved_tiny_model(tmp_path_factory):
         return saved[num_layers]
 
     return save
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """``cli(*ARGS)`` runs ``avss ARGS`` in process through the real entry point and returns its exit code,
+    stdout and stderr as a ``CompletedProcess``."""
+    import subprocess
+
+    from avss.cli import main
+
+    def run(*args: object) -> subprocess.CompletedProcess:
+        monkeypatch.setattr(sys, "argv", ["avss", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code or 0
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+    return run

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from avss.cli import main
 from avss.prune import PROVENANCE_FILE
 
 
@@ -24,23 +23,6 @@ def text_file(tmp_path_factory):
         "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(20))
     )
     return path
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    """Run ``avss ARGS`` in-process through the real entry point, capturing exit code and output."""
-
-    def run(*args) -> subprocess.CompletedProcess:
-        monkeypatch.setattr(sys, "argv", ["avss", *map(str, args)])
-        try:
-            main()
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code or 0
-        captured = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
-
-    return run
 
 
 def test_score_writes_json_with_every_option(cli, model_dir, text_file, tmp_path):

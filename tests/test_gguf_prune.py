@@ -8,7 +8,6 @@ are compared exactly.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import gguf
@@ -20,7 +19,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from _tiny import random_batch
 from _tiny_gguf import tiny_gguf
 from avss import errors
-from avss.cli import main
 from avss.gguf_prune import (
     MetadataEntry,
     hf_config_overrides,
@@ -186,17 +184,10 @@ def test_replacement_tensors_are_written_as_float(source: Path, tmp_path: Path, 
     assert not (tmp_path / "bad.gguf").exists()
 
 
-def run_cli(
-    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["avss", *argv])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+def run_cli(cli, argv: list[str]) -> tuple[int, str]:
+    """``avss ARGV`` through the shared ``cli`` fixture: exit code and everything it printed."""
+    result = cli(*argv)
+    return result.returncode, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize(
@@ -206,13 +197,12 @@ def test_cli_prunes_a_gguf_into_a_gguf_and_evaluates_it(
     source: Path,
     tmp_path: Path,
     extra: list[str],
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    cli,
 ) -> None:
     if "gemma3" in source.name and "--iterative" in extra:
         pytest.skip("one iterative run (llama) is enough")
     out = tmp_path / "pruned.gguf"
-    code, text = run_cli(["prune", str(source), *FAST, "--out", str(out), *extra], monkeypatch, capsys)
+    code, text = run_cli(cli, ["prune", str(source), *FAST, "--out", str(out), *extra])
     assert code == 0, text
     record = json.loads(sidecar_path(out).read_text())
     assert record["source_model"]["kind"] == "gguf"
@@ -235,7 +225,7 @@ def test_cli_prunes_a_gguf_into_a_gguf_and_evaluates_it(
         "--out",
         str(results),
     ]
-    code, text = run_cli(argv, monkeypatch, capsys)
+    code, text = run_cli(cli, argv)
     assert code == 0, text
     assert json.loads(results.read_text())["model"]["kind"] == "gguf"
     loaded = load_model(str(out), device="cpu")
@@ -274,9 +264,7 @@ def test_a_failed_write_leaves_no_partial_file(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_linear_patch_goes_into_the_gguf_as_f32(
-    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_linear_patch_goes_into_the_gguf_as_f32(source: Path, tmp_path: Path, cli) -> None:
     """``--patch linear`` with a .gguf --out: the folded down projections are written as F32, every other
     tensor is copied, and the file reloads with the logits of the same patch saved as a model directory."""
     if "gemma3" in source.name:
@@ -286,7 +274,7 @@ def test_a_linear_patch_goes_into_the_gguf_as_f32(
     common = ["prune", str(source), *calibration, *patch]
     out, directory = tmp_path / "patched.gguf", tmp_path / "patched-dir"
     for target in (out, directory):
-        code, text = run_cli([*common, "--out", str(target)], monkeypatch, capsys)
+        code, text = run_cli(cli, [*common, "--out", str(target)])
         assert code == 0, text
     record = json.loads(sidecar_path(out).read_text())
     assert record["patch"]["runs"] and 0 not in record["removed_layers"]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from _tiny import random_batch, tiny_model, tiny_tokenizer
-from avss.cli import main
 from avss.data import TextSource
 from avss.errors import PruneConfigError
 from avss.iterative import GIVEN, prune_with_scorer
@@ -26,23 +23,6 @@ NUM_LAYERS = 6
 @pytest.fixture(scope="module")
 def model_dir(saved_tiny_model) -> Path:
     return saved_tiny_model(NUM_LAYERS)
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    """``avss ARGS`` in process through the real entry point: exit code, stdout, stderr."""
-
-    def run(*args: object) -> subprocess.CompletedProcess:
-        monkeypatch.setattr(sys, "argv", ["avss", *map(str, args)])
-        try:
-            main()
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code or 0
-        captured = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
-
-    return run
 
 
 def test_parse_layers():
