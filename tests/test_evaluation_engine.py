@@ -214,3 +214,31 @@ def test_shared_context_cache_matches_independent_forwards(model_type):
     for a, b in zip(shared.loglikelihood(requests), plain.loglikelihood(requests), strict=True):
         assert a.logprob == float32_approx(b.logprob)
         assert (a.is_greedy, a.num_tokens) == (b.is_greedy, b.num_tokens)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_contexts_of_different_lengths_batch_exactly(model_type):
+    # Left-padded contexts with explicit positions: every option scores as in its own unpadded forward.
+    model, tokenizer = tiny_model(model_type), tiny_tokenizer()
+    contexts = ["Q: why?\nA:", "A much longer question on the weather?\nA:", "Hello there, friend:", "Two:"]
+    requests = [LoglikelihoodRequest(c, a) for c in contexts for a in (" y", " no", " ok")]
+    batched = LanguageModel(model, tokenizer, batch_size=4)
+    sequences = [batched._encode_request(r) for r in requests]
+    groups = [
+        (list(c), [sequences[i][0][-sequences[i][1] :] for i in members])
+        for c, members in batched._shared_contexts(sequences).items()
+    ]
+    assert len(groups) == 4 and batched._can_batch_contexts(groups)
+    plain = LanguageModel(model, tokenizer, batch_size=4, share_context=False)
+    for a, b in zip(batched.loglikelihood(requests), plain.loglikelihood(requests), strict=True):
+        assert a.logprob == float32_approx(b.logprob)
+        assert (a.is_greedy, a.num_tokens) == (b.is_greedy, b.num_tokens)
+
+
+def test_contexts_wider_than_a_sliding_window_run_one_at_a_time():
+    # Padding would take part of the window, so such contexts are not batched (tiny gemma3: 4 tokens).
+    model, tokenizer = tiny_model("gemma3_text"), tiny_tokenizer()
+    lm = LanguageModel(model, tokenizer)
+    assert lm._attention_window == model.config.sliding_window
+    assert not lm._can_batch_contexts([([1, 2, 3], [[4]]), ([1, 2], [[5, 6]])])
+    assert lm._can_batch_contexts([([1], [[4]]), ([1, 2], [[5]])])

@@ -65,9 +65,10 @@ def test_study_runs_end_to_end_and_resume_skips_finished_cells(saved_model, data
     ):
         assert (out / name).stat().st_size > 0, name
     rows = list(csv.DictReader((out / "results.csv").open()))
-    # 6 methods x 2 modes x 2 budgets x (perplexity + accuracy + accuracy_norm of sst2 if any)
+    # (4 re-scoring methods x 2 modes + random and last one-shot only) x 2 budgets x task metrics
     metrics = {(row["task"], row["metric"]) for row in rows}
-    assert len(rows) == 6 * 2 * 2 * len(metrics)
+    assert len(rows) == (4 * 2 + 2) * 2 * len(metrics)
+    assert not any(row["mode"] == "iterative" for row in rows if row["method"] in ("random", "last"))
     assert ("wikitext2", "perplexity") in metrics and ("sst2", "accuracy") in metrics
     for row in rows:
         assert int(row["n"]) == 4, row  # --limit 4: intervals and pairs over the same 4 documents
@@ -131,8 +132,28 @@ def test_interrupted_study_resumes_from_the_cells_on_disk(saved_model, data_dir,
 def test_a_different_study_in_the_same_folder_is_refused(saved_model, data_dir, tmp_path):
     out = tmp_path / "study"
     Study(config(saved_model, data_dir, methods=["random"], iterative=False, fractions=[0]), out).prepare()
-    with pytest.raises(OutputError, match="different study"):
-        Study(config(saved_model, data_dir, methods=["last"], iterative=False, fractions=[0]), out).prepare()
+    other = config(saved_model, data_dir, methods=["random"], iterative=False, fractions=[0], seed=1)
+    with pytest.raises(OutputError, match=r"different study \(differs in seed\)"):
+        Study(other, out).prepare()
+
+
+def test_a_study_grows_by_methods_and_budgets_without_recomputing(
+    saved_model, data_dir, tmp_path, monkeypatch
+):
+    out = tmp_path / "study"
+    Study(config(saved_model, data_dir, methods=["last"], iterative=False, fractions=[0, 0.25]), out).run()
+    grown = config(
+        saved_model, data_dir, methods=["last", "first"], iterative=False, fractions=[0, 0.25, 0.5]
+    )
+    evaluated = []
+    original = Study.evaluate_model
+    monkeypatch.setattr(Study, "evaluate_model", lambda self, m: evaluated.append(1) or original(self, m))
+    result = Study(grown, out, progress=False).run()
+    assert len(evaluated) == 3  # first at 0.25, first and last at 0.5: nothing finished runs again
+    assert json.loads((out / "config.json").read_text())["methods"] == ["last", "first"]
+    assert {(c.method, c.fraction) for c in result.cells} == {
+        (m, f) for m in ("last", "first") for f in (0.25, 0.5)
+    }
 
 
 def test_cli_study_writes_the_summary(saved_model, data_dir, tmp_path):
@@ -258,11 +279,14 @@ def test_an_option_added_later_keeps_an_older_study_folder_resumable(saved_model
     small = config(saved_model, data_dir, methods=["random"], iterative=False, fractions=[0])
     Study(small, out).prepare()
     stored = json.loads((out / "config.json").read_text())
-    del stored["patch"], stored["random_seeds"]  # as written before these options existed
+    del stored["patch"], stored["dtype"]  # as written before these options existed
     del stored["calibration"]["part"]  # nested option groups too
     (out / "config.json").write_text(json.dumps(stored))
     Study(small, out).prepare()
-    with pytest.raises(OutputError, match="differs in patch"):
+    with pytest.raises(OutputError, match="differs in dtype"):
         Study(
-            config(saved_model, data_dir, methods=["random"], iterative=False, fractions=[0], patch=True), out
+            config(
+                saved_model, data_dir, methods=["random"], iterative=False, fractions=[0], dtype="bfloat16"
+            ),
+            out,
         ).prepare()

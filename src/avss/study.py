@@ -44,7 +44,7 @@ from avss.evaluation.uncertainty import RESAMPLES
 from avss.heal import HealConfig, get_heal_method, heal_in_memory
 from avss.io import atomic_write_json, atomic_write_text, ensure_parent_writable, to_json
 from avss.iterative import Selection, select_iteratively, select_oneshot
-from avss.models import LoadedModel, load_model
+from avss.models import DTYPES, LoadedModel, load_model
 from avss.patch import check_patchable, linear_patch
 from avss.pipeline import CalibrationOptions
 from avss.provenance import package_versions
@@ -59,6 +59,9 @@ HEALED = "+healed"  # mode suffix of a cell whose pruned model was healed before
 PATCHED = "+patch"  # mode suffix of a cell whose removed runs were replaced by a fitted linear map
 REPAIRS = (HEALED, PATCHED)
 RANDOM = "random"
+# Options that only say which cells exist (or how the tables resample them): a rerun may change them, and
+# every finished cell stays valid. Every other option defines what a cell measures and must match.
+GROWABLE = frozenset({"methods", "fractions", "random_seeds", "protect", "iterative", "patch", "resamples"})
 
 
 @dataclass
@@ -86,6 +89,8 @@ class StudyConfig:
     random_seeds: int = 1
     # Blocks every one-shot selection is also evaluated without (e.g. ["first", "last"]); empty: none.
     protect: list[str] = field(default_factory=list)
+    # Precision of every cell (load_model's --dtype); "auto" is float32 on CPU, bfloat16 on recent GPUs.
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -100,6 +105,8 @@ class StudyConfig:
         self.scorers()  # validate names and options before any model is loaded
         if self.heal is not None:
             get_heal_method(self.heal)
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise PruneConfigError(f"invalid dtype {self.dtype!r}; use auto, {', '.join(DTYPES)}")
         for task in self.tasks:
             get_task(task)
         bad = [f for f in self.fractions if not 0 <= f < 1]
@@ -122,6 +129,17 @@ class StudyConfig:
         """Pruning modes of the selections: one-shot, iterative, one-shot with protected blocks."""
         modes = [ONESHOT, ITERATIVE] if self.iterative else [ONESHOT]
         return [*modes, PROTECTED] if self.protect else modes
+
+    def modes_of(self, scorer: Scorer) -> list[str]:
+        """The modes a method runs in. Iterating only means something for a method that re-scores the
+        pruned model (position rules and random draws give the same order again), and the random null
+        band is drawn once, unprotected: protecting its draws would double the study for a control."""
+        return [
+            mode
+            for mode in self.modes()
+            if not (mode == ITERATIVE and not scorer.uses_activations)
+            and not (mode == PROTECTED and scorer.spec.startswith(RANDOM))
+        ]
 
     def repairs(self) -> list[str]:
         """Mode suffixes of the repaired twins of every pruned cell ("" is the unrepaired cell itself)."""
@@ -219,8 +237,10 @@ class Study:
         loaded: LoadedModel | None = None,
         progress: bool = True,
         log: Callable[[str], None] = lambda message: None,
+        device: str = "auto",
     ):
         self.config = config
+        self.device = device
         self.out = Path(out)
         self.progress = progress
         self.log = log
@@ -231,7 +251,7 @@ class Study:
     @property
     def loaded(self) -> LoadedModel:
         if self._loaded is None:
-            self._loaded = load_model(self.config.model)
+            self._loaded = load_model(self.config.model, device=self.device, dtype=self.config.dtype)
         return self._loaded
 
     # --- folder ---------------------------------------------------------------------------------------
@@ -252,12 +272,16 @@ class Study:
             # An option added to StudyConfig after the folder was written reads as its default there.
             stored = json.loads(path.read_text(encoding="utf-8"))
             found = with_defaults(stored, StudyConfig.option_defaults())
-            if found != wanted:
-                changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+            changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+            fixed = [key for key in changed if key not in GROWABLE]
+            if fixed:
                 raise OutputError(
-                    f"{self.out} holds a different study (differs in {', '.join(changed)}); "
+                    f"{self.out} holds a different study (differs in {', '.join(fixed)}); "
                     "choose another --out or delete it"
                 )
+            if changed:
+                self.log(f"study grows ({', '.join(changed)}); finished cells are kept")
+                atomic_write_json(path, wanted)
         else:
             atomic_write_json(path, wanted)
         for file in sorted((self.out / "cells").glob("*.json")):
@@ -280,7 +304,7 @@ class Study:
             return
         shared = None
         for scorer in scorers:
-            for mode in config.modes():
+            for mode in config.modes_of(scorer):
                 name = f"{slug(scorer.spec)}__{mode}"
                 path = self.out / "selections" / f"{name}.json"
                 if path.exists():
@@ -317,7 +341,7 @@ class Study:
             if n == 0:
                 continue
             for scorer in self.config.scorers():
-                for mode in self.config.modes():
+                for mode in self.config.modes_of(scorer):
                     removed = self.selections[f"{slug(scorer.spec)}__{mode}"].removed_for(n)
                     for repair in self.config.repairs():
                         if repair == PATCHED and 0 in removed:
@@ -624,7 +648,7 @@ class StudyResult:
             spec = scorer.spec
             if analysis.is_random(spec) and spec != "random[seed=0]" and spec != "random":
                 continue  # one draw stands for the band
-            for mode in self.config.modes():
+            for mode in self.config.modes_of(scorer):
                 first = [math.nan] * self.num_layers
                 cells = sorted(
                     (c for c in self.cells if c.method == spec and c.mode == mode), key=lambda c: c.fraction

@@ -8,7 +8,19 @@ from typing import Annotated
 import typer
 
 from avss.cli._app import app, console
-from avss.cli.options import BatchSize, Data, DataDir, Dataset, MaxLength, ModelArg, Samples, Seed, comma_list
+from avss.cli.options import (
+    BatchSize,
+    Data,
+    DataDir,
+    Dataset,
+    Device,
+    Dtype,
+    MaxLength,
+    ModelArg,
+    Samples,
+    Seed,
+    comma_list,
+)
 from avss.data import TextSource
 from avss.models import DEFAULT_MODEL
 from avss.pipeline import CalibrationOptions
@@ -78,6 +90,8 @@ def study_command(
     max_length: MaxLength = 256,
     batch_size: BatchSize = 8,
     seed: Seed = 0,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     """Prune MODEL with every method at every fraction, evaluate, and write tables, plots and correlations."""
     task_list = list(comma_list(tasks))
@@ -101,8 +115,9 @@ def study_command(
         patch=patch,
         random_seeds=random_seeds,
         protect=list(comma_list(protect)) if protect else [],
+        dtype=dtype,
     )
-    study = Study(config, out, log=lambda message: console.print(f"[dim]{message}[/]"))
+    study = Study(config, out, log=lambda message: console.print(f"[dim]{message}[/]"), device=device)
     result = study.report() if report_only else study.run()
     console.print((out / "summary.md").read_text(encoding="utf-8"), markup=False, highlight=False)
     console.print(f"study written to {out} in {result.wall_time_s:.0f} s")

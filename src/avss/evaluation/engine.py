@@ -180,6 +180,8 @@ class LanguageModel:
         # The KV-cache argument (and output field) is `cache` from transformers 5.x, `past_key_values` before.
         self._cache_name = next((name for name in ("cache", "past_key_values") if name in parameters), None)
         self.share_context = share_context and self._cache_name is not None
+        self._accepts_position_ids = "position_ids" in parameters
+        self._attention_window = _attention_window(model)
         # Wrappers whose ``.logits`` are already the per-token scores to sum (DoLa's contrast) say so.
         self._normalize = not getattr(model, "logits_are_scores", False)
 
@@ -195,9 +197,12 @@ class LanguageModel:
         groups = self._shared_contexts(sequences)
         scores: dict[int, Loglikelihood] = {}
         self.progress.add_total(len(sequences))
-        for context, members in groups.items():
-            continuations = [sequences[i][0][-sequences[i][1] :] for i in members]
-            scores.update(zip(members, self._score_shared_context(list(context), continuations), strict=True))
+        continuations = [
+            (list(context), [sequences[i][0][-sequences[i][1] :] for i in members])
+            for context, members in groups.items()
+        ]
+        for members, scored in zip(groups.values(), self._score_shared_contexts(continuations), strict=True):
+            scores.update(zip(members, scored, strict=True))
         rest = [i for i in range(len(sequences)) if i not in scores]
         scores.update(zip(rest, self._score_tails([sequences[i] for i in rest]), strict=True))
         by_request = {request: scores[i] for i, request in enumerate(unique)}
@@ -206,7 +211,12 @@ class LanguageModel:
     def _shared_contexts(
         self, sequences: Sequence[tuple[list[int], int]]
     ) -> dict[tuple[int, ...], list[int]]:
-        """Contexts shared by several requests whose sequences fit the window (no left truncation)."""
+        """Contexts worth sharing: several requests' sequences fit the window (no left truncation) and the
+        repeats of the context a cache saves outweigh the continuations themselves.
+
+        Sharing costs an extra forward; where continuations are longer than the context (PIQA's solutions)
+        plain batches of whole sequences are faster, where they are short (SciQ, ARC) the cache is.
+        """
         if not self.share_context:
             return {}
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -215,40 +225,84 @@ class LanguageModel:
         return {
             context: members
             for context, members in groups.items()
-            if len(members) > 1 and all(len(sequences[i][0]) <= self.max_length for i in members)
+            if all(len(sequences[i][0]) <= self.max_length for i in members)
+            and (len(members) - 1) * len(context) >= sum(sequences[i][1] for i in members)
         }
 
-    @torch.inference_mode()
-    def _score_shared_context(
-        self, context: list[int], continuations: list[list[int]]
-    ) -> list[Loglikelihood]:
-        """Score continuations of one context: one forward over the context, then batches of continuations
-        attending to a copy of its KV cache (positions continue where the context ends)."""
-        kwargs: dict[str, Any] = {"logits_to_keep": 1} if self._accepts_logits_to_keep else {}
-        prefix = self.model(input_ids=torch.tensor([context], device=self.device), use_cache=True, **kwargs)
-        # The context's last position predicts every continuation's first token.
-        first = prefix.logits[0, -1:]
-        results = []
+    def _score_shared_contexts(
+        self, groups: Sequence[tuple[list[int], list[list[int]]]]
+    ) -> list[list[Loglikelihood]]:
+        """Score each ``(context, continuations)`` group: every context runs once, and its continuations
+        attend to its KV cache instead of repeating it (a SciQ passage is shared by four options).
+
+        Contexts of similar length (longest first) run together in one left-padded batch, so each one's
+        last token sits in the last column; explicit position ids keep every row's positions those of an
+        unpadded run. Groups run one at a time where a batch would not be exact: for models whose forward
+        takes no position ids, and where the padded rows would not fit a sliding attention window (padding
+        would take part of it).
+        """
+        order = sorted(range(len(groups)), key=lambda g: -len(groups[g][0]))
+        results: dict[int, list[Loglikelihood]] = {}
         start = 0
-        while start < len(continuations):
-            candidates = continuations[start : start + self.batch_size]
-            chunk = candidates[: self._rows_within_budget(max(len(c) for c in candidates))]
+        while start < len(order):
+            chunk = [order[start]]
+            for g in order[start + 1 : start + self.batch_size]:
+                candidate = [*chunk, g]
+                if not self._can_batch_contexts([groups[i] for i in candidate]):
+                    break
+                chunk = candidate
+            results.update(zip(chunk, self._score_context_batch([groups[g] for g in chunk]), strict=True))
+            start += len(chunk)
+        return [results[g] for g in range(len(groups))]
+
+    def _can_batch_contexts(self, groups: Sequence[tuple[list[int], list[list[int]]]]) -> bool:
+        if not self._accepts_position_ids:
+            return False
+        width = max(len(context) for context, _ in groups)
+        longest = max(len(c) for _, continuations in groups for c in continuations)
+        return self._attention_window is None or width + longest <= self._attention_window
+
+    @torch.inference_mode()
+    def _score_context_batch(
+        self, groups: Sequence[tuple[list[int], list[list[int]]]]
+    ) -> list[list[Loglikelihood]]:
+        """One forward over the groups' contexts, then batches of continuations on the rows of its cache."""
+        kwargs: dict[str, Any] = {"logits_to_keep": 1} if self._accepts_logits_to_keep else {}
+        input_ids, mask = _padded([context for context, _ in groups], self.pad_id, left=True)
+        if self._accepts_position_ids:
+            kwargs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0).to(self.device)
+        prefix = self.model(
+            input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), use_cache=True, **kwargs
+        )
+        # Each context's last position predicts its continuations' first token.
+        first = prefix.logits[:, -1:]
+        lengths = mask.sum(1)
+        rows = [
+            (g, continuation) for g, (_, continuations) in enumerate(groups) for continuation in continuations
+        ]
+        results: list[list[Loglikelihood]] = [[] for _ in groups]
+        start = 0
+        while start < len(rows):
+            candidates = rows[start : start + self.batch_size]
+            chunk = candidates[: self._rows_within_budget(max(len(c) for _, c in candidates))]
+            owners = torch.tensor([g for g, _ in chunk])
             logits = first.new_empty(len(chunk), 0, first.shape[-1])
-            if max(len(c) for c in chunk) > 1:
+            if max(len(c) for _, c in chunk) > 1:
                 # Each continuation's last token is only a target, never an input.
-                input_ids, mask = _padded([c[:-1] for c in chunk], self.pad_id)
-                attention_mask = torch.cat([torch.ones(len(chunk), len(context), dtype=torch.long), mask], 1)
-                cache = copy.deepcopy(prefix[self._cache_name])
-                cache.batch_repeat_interleave(len(chunk))
+                continuation_ids, continuation_mask = _padded([c[:-1] for _, c in chunk], self.pad_id)
+                step: dict[str, Any] = {self._cache_name: _cache_rows(prefix[self._cache_name], owners)}
+                if self._accepts_position_ids:
+                    offsets = torch.arange(continuation_ids.shape[1])
+                    step["position_ids"] = (lengths[owners, None] + offsets).to(self.device)
                 logits = self.model(
-                    input_ids=input_ids.to(self.device),
-                    attention_mask=attention_mask.to(self.device),
+                    input_ids=continuation_ids.to(self.device),
+                    attention_mask=torch.cat([mask[owners], continuation_mask], 1).to(self.device),
                     use_cache=True,
-                    **{self._cache_name: cache},
+                    **step,
                 ).logits
-            for row, continuation in enumerate(chunk):
-                scored = torch.cat([first, logits[row, : len(continuation) - 1]])
-                results.append(_pick(scored, continuation, self._normalize))
+            for row, (g, continuation) in enumerate(chunk):
+                scored = torch.cat([first[g], logits[row, : len(continuation) - 1]])
+                results[g].append(_pick(scored, continuation, self._normalize))
             self.progress.advance(len(chunk))
             start += len(chunk)
         return results
@@ -478,6 +532,28 @@ def perplexity(
     """
     lm = LanguageModel(model, tokenizer, batch_size=batch_size)
     return lm.rolling_nll(texts, max_length=max_length, stride=stride).perplexity
+
+
+def _cache_rows(cache: Any, rows: torch.Tensor) -> Any:
+    """A cache holding ``cache``'s batch rows ``rows`` (repeats allowed), leaving ``cache`` as it was.
+
+    The layers are copied without their tensors (selecting rows makes new ones), so a batch of
+    continuations does not pay for a copy of every context's cache.
+    """
+    layers = getattr(cache, "layers", ())
+    shared = {id(v): v for layer in layers for v in vars(layer).values() if isinstance(v, torch.Tensor)}
+    selected = copy.deepcopy(cache, shared)
+    selected.batch_select_indices(rows.to(next(iter(shared.values())).device) if shared else rows)
+    return selected
+
+
+def _attention_window(model: Any) -> int | None:
+    """The sliding attention window of the model's local layers, or None when every layer sees everything."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or getattr(config, "use_sliding_window", True) is False:
+        return None
+    return window
 
 
 def _model_max_length(model: Any) -> int:
