@@ -14,9 +14,9 @@ from _tiny_eval import FIXTURES, bpe_llama, bpe_tokenizer
 from avss.data import default_data_dir, read_jsonl
 from avss.evaluation import TASKS, evaluate
 from avss.evaluation.engine import LanguageModel
+from avss.evaluation.harness import sciq_hub_order, write_local_config, write_local_task
 
 lm_eval = pytest.importorskip("lm_eval")
-BUILTIN_TASKS = Path(lm_eval.__file__).parent / "tasks"
 # The first 40 test items include two with an empty support (rows 35 and 37), whose prompt starts with "\n".
 SCIQ_ITEMS = 40
 
@@ -26,26 +26,6 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """lm-eval and ``datasets`` may read only the local files the tests write."""
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-def _local_task(directory: Path, builtin: Path, name: str, split: str, rows: list[dict[str, Any]]) -> str:
-    """lm-eval's own task config ``builtin``, renamed ``name`` and pointed at ``rows`` (in the hub schema its
-    templates read) as the local JSON-lines split ``split`` ("validation" or "test"). The other splits are
-    switched off so nothing is looked for on the hub; prompt, choices, target and metrics stay lm-eval's."""
-    data = directory / f"{name}.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    splits = "".join(
-        f"{kind}_split: {kind if kind == split else 'null'}\n" for kind in ("training", "validation", "test")
-    )
-    (directory / f"{name}.yaml").write_text(
-        f"include: {builtin}\n"
-        f"task: {name}\n"
-        "tag: []\n"
-        "dataset_path: json\n"
-        "dataset_name: null\n"
-        f"dataset_kwargs:\n  data_files:\n    {split}: {data}\n" + splits
-    )
-    return name
 
 
 def _local_truthfulqa_tasks(directory: Path) -> list[str]:
@@ -59,29 +39,11 @@ def _local_truthfulqa_tasks(directory: Path) -> list[str]:
         for row in read_jsonl(FIXTURES / "truthfulqa" / "truthfulqa_mc.jsonl")
     ]
     return [
-        _local_task(
-            directory,
-            BUILTIN_TASKS / "truthfulqa" / f"truthfulqa_{metric}.yaml",
-            f"avss_truthfulqa_{metric}",
-            "validation",
-            rows,
+        write_local_config(
+            directory, f"truthfulqa/truthfulqa_{metric}.yaml", "validation", rows, f"avss_truthfulqa_{metric}"
         )
         for metric in ("mc1", "mc2")
     ]
-
-
-def _sciq_hub_row(row: dict[str, Any]) -> dict[str, Any]:
-    """Our SciQ row back in the ``allenai/sciq`` schema. The shared file inserted the correct answer at
-    ``label`` among the distractors kept in order (../shared/data/README.md), so removing it restores them."""
-    distractors = [choice for index, choice in enumerate(row["choices"]) if index != row["label"]]
-    return {
-        "question": row["question"],
-        "distractor1": distractors[0],
-        "distractor2": distractors[1],
-        "distractor3": distractors[2],
-        "correct_answer": row["choices"][row["label"]],
-        "support": row["support"],
-    }
 
 
 def _harness_run(model: Any, tokenizer: Any, directory: Path, names: list[str]) -> dict[str, Any]:
@@ -128,16 +90,14 @@ def test_sciq_matches_lm_eval(tmp_path, offline):
     task, lm = TASKS["sciq"](), LanguageModel(model, tokenizer)
     our_logprobs = [[result.logprob for result in lm.loglikelihood(task.requests(row, []))] for row in rows]
 
-    hub_rows = [_sciq_hub_row(row) for row in rows]
-    name = _local_task(tmp_path, BUILTIN_TASKS / "sciq" / "sciq.yaml", "avss_sciq", "test", hub_rows)
+    name = write_local_task(tmp_path, "sciq", rows)
     run = _harness_run(model, tokenizer, tmp_path, [name])
     theirs = run["results"][name]
     print("avss", ours, "lm-eval", {key: theirs[key] for key in ("acc,none", "acc_norm,none")})
     for sample in run["samples"][name]:
         row = rows[sample["doc_id"]]
         # lm-eval's options are [distractor1, distractor2, distractor3, correct_answer].
-        hub_order = [i for i in range(len(row["choices"])) if i != row["label"]] + [row["label"]]
-        mine = [our_logprobs[sample["doc_id"]][i] for i in hub_order]
+        mine = [our_logprobs[sample["doc_id"]][i] for i in sciq_hub_order(row)]
         assert mine == pytest.approx([logprob for logprob, _ in sample["filtered_resps"]], abs=1e-4)
     assert len(run["samples"][name]) == len(rows)
     assert ours["accuracy"] == pytest.approx(theirs["acc,none"], abs=1e-4)

@@ -23,39 +23,11 @@ from avss.evaluation import evaluate, get_task
 from avss.evaluation.engine import LanguageModel
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (the harness extra)")
-from test_evaluation_harness import BUILTIN_TASKS, _harness_run, _local_task  # noqa: E402
+from avss.evaluation.harness import HARNESS_TASKS, write_local_task  # noqa: E402
+from test_evaluation_harness import _harness_run  # noqa: E402
 
 ITEMS = 40
 Row = dict[str, Any]
-
-
-def _arc(row: Row) -> Row:
-    choices = {"text": row["choices"], "label": row["labels"]}
-    return {
-        "id": row["source_id"],
-        "question": row["question"],
-        "choices": choices,
-        "answerKey": row["answer_key"],
-    }
-
-
-def _openbookqa(row: Row) -> Row:
-    return {
-        "id": row["source_id"],
-        "question_stem": row["question_stem"],
-        "choices": {"text": row["choices"], "label": row["labels"]},
-        "answerKey": row["answer_key"],
-    }
-
-
-def _boolq(row: Row) -> Row:
-    """SuperGLUE's copy, which lm-eval reads: the title leads the passage (../shared/data/README.md)."""
-    passage = f"{row['title']} -- {row['passage']}"
-    return {"question": row["question"], "passage": passage, "idx": 0, "label": int(row["answer"])}
-
-
-def _fields(*names: str) -> Callable[[Row], Row]:
-    return lambda row: {name: row[name] for name in names}
 
 
 Extra = Callable[[list[Row], LanguageModel, Callable[[Row], bool]], list[Row]]
@@ -80,21 +52,13 @@ def _lambada_greedy(later: list[Row], lm: LanguageModel, fits: Callable[[Row], b
     ]
 
 
-# task -> (lm-eval YAML under lm_eval/tasks, split it reads, our row -> its hub row, extra rows to include)
-CASES: dict[str, tuple[str, str, Callable[[Row], Row], Extra | None]] = {
-    "arc_easy": ("arc/arc_easy.yaml", "test", _arc, _arc_quirks),
-    "arc_challenge": ("arc/arc_challenge.yaml", "test", _arc, _arc_quirks),
-    "piqa": ("piqa/piqa.yaml", "validation", _fields("goal", "sol1", "sol2", "label"), None),
-    "boolq": ("super_glue/boolq/default.yaml", "validation", _boolq, None),
-    "winogrande": (
-        "winogrande/default.yaml",
-        "validation",
-        _fields("sentence", "option1", "option2", "answer"),
-        None,
-    ),
-    "openbookqa": ("openbookqa/openbookqa.yaml", "test", _openbookqa, None),
-    "lambada_openai": ("lambada/lambada_openai.yaml", "test", _fields("text"), _lambada_greedy),
+# task -> extra rows to include beside the first ITEMS (lm-eval's config and schema: HARNESS_TASKS)
+EXTRAS: dict[str, Extra] = {
+    "arc_easy": _arc_quirks,
+    "arc_challenge": _arc_quirks,
+    "lambada_openai": _lambada_greedy,
 }
+CASES = [task for task in HARNESS_TASKS if task != "sciq"]  # SciQ: test_evaluation_harness.py
 # lm-eval's metric name for each of ours, per task.
 METRICS = {
     "arc_easy": {"accuracy": "acc", "accuracy_norm": "acc_norm"},
@@ -120,7 +84,7 @@ def _sample(task: str, path: Path, lm: LanguageModel) -> list[Row]:
             for r in task_.requests(doc, [])
         )
 
-    rows, extra = read_jsonl(path), CASES[task][3]
+    rows, extra = read_jsonl(path), EXTRAS.get(task)
     first = list(itertools.islice((index for index, row in enumerate(rows) if fits(row)), ITEMS))
     sample = [rows[i] for i in first]
     return sample + (extra(rows[first[-1] + 1 :], lm, fits) if extra else [])
@@ -138,7 +102,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_DATASETS_OFFLINE", "1")
         patch.setenv("HF_HUB_OFFLINE", "1")
-        for task, (yaml, split, to_hub, _) in CASES.items():
+        for task in CASES:
             cls = get_task(task)
             relative = next(iter(cls.files.values()))
             if shared is None or not (shared / relative).is_file():
@@ -151,9 +115,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             docs = instance.documents(rows, task)
             results = [lm.loglikelihood(instance.requests(doc, [])) for doc in docs]
             metrics = evaluate(model, tokenizer, [task], data_dir=ours_dir).tasks[task].metrics
-            name = _local_task(
-                directory, BUILTIN_TASKS / yaml, f"avss_{task}", split, [to_hub(r) for r in rows]
-            )
+            name = write_local_task(directory, task, rows)
             out[task] = {"rows": rows, "results": results, "metrics": metrics, "name": name}
         if out:
             run = _harness_run(model, tokenizer, directory, [case["name"] for case in out.values()])
@@ -164,7 +126,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", list(CASES))
+@pytest.mark.parametrize("task", CASES)
 def test_zero_shot_task_matches_lm_eval(task: str, runs: dict[str, Any]):
     if task not in runs:
         pytest.skip(f"no {task} data: ../shared/data/{next(iter(get_task(task).files.values()))} is absent")
