@@ -1,7 +1,8 @@
 """The one place that knows how architectures differ.
 
 A table maps ``config.model_type`` to where the block list lives, which module's *input* is the MLP's
-post-nonlinearity activation, which module is the attention sublayer, and which config fields depend on depth.
+post-nonlinearity activation, which modules are the attention and MLP sublayers and where the residual stream
+between them can be read, and which config fields depend on depth.
 Everything else in avss asks a :class:`LayerAdapter` and never branches on the model type. Adding a family is
 one line in :data:`ARCHITECTURES`.
 """
@@ -37,6 +38,14 @@ class ArchitectureSpec:
     ``final_norm`` (relative to ``model.base_model``; None for encoders) is the norm between the last block
     and the LM head, and ``logit_softcap_field`` the config field of the head's tanh soft-cap (Gemma 2; absent
     or null elsewhere): with them any layer's hidden state becomes logits the way the last one does (DoLa).
+
+    ``attn_residual`` names the module (relative to one block) whose *input* is the residual stream after the
+    attention sublayer, ``x + F(LN x)``: the pre-MLP norm of pre-LN decoders (``post_attention_layernorm`` in
+    Llama, ``pre_feedforward_layernorm`` in Gemma 2/3, GPT-2's ``ln_2``) or, without a pre-MLP norm, the MLP
+    itself (OLMo 2). With it, each sublayer's share of the block can be measured (LLM-Drop's similarity) and
+    ``sublayer_module`` names the ``attn``/``mlp`` modules that sublayer removal replaces. None where no
+    module sees that stream: parallel attention and MLP (GPT-NeoX), post-LN blocks (BERT, OPT-350m), or an
+    MLP without its own module (OPT); sublayer scoring and removal are refused there.
     """
 
     layers: str
@@ -50,10 +59,16 @@ class ArchitectureSpec:
     mlp_down_layout: str = "out_in"
     final_norm: str | None = "norm"
     logit_softcap_field: str | None = "final_logit_softcapping"
+    attn_residual: str | None = None
+    mlp: str = "mlp"
 
 
-_DECODER = ArchitectureSpec(layers="layers", mlp_down="mlp.down_proj", attn="self_attn")
-_DECODER_POST_MLP_NORM = replace(_DECODER, mlp_output_norm="post_feedforward_layernorm")
+_DECODER = ArchitectureSpec(
+    layers="layers", mlp_down="mlp.down_proj", attn="self_attn", attn_residual="post_attention_layernorm"
+)
+_DECODER_POST_MLP_NORM = replace(
+    _DECODER, mlp_output_norm="post_feedforward_layernorm", attn_residual="pre_feedforward_layernorm"
+)
 _BERT_LIKE = ArchitectureSpec(
     layers="encoder.layer",
     mlp_down="output.dense",
@@ -72,7 +87,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "gemma2": _DECODER_POST_MLP_NORM,
     "gemma3_text": _DECODER_POST_MLP_NORM,
     "phi3": _DECODER,
-    "olmo2": _DECODER_POST_MLP_NORM,
+    "olmo2": replace(_DECODER_POST_MLP_NORM, attn_residual="mlp"),  # no pre-MLP norm
     "gpt2": ArchitectureSpec(
         layers="h",
         mlp_down="mlp.c_proj",
@@ -80,6 +95,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         num_layers_field="n_layer",
         mlp_down_layout="in_out",
         final_norm="ln_f",
+        attn_residual="ln_2",
     ),
     "gpt_neox": ArchitectureSpec(
         layers="layers", mlp_down="mlp.dense_4h_to_h", attn="attention", final_norm="final_layer_norm"
@@ -220,6 +236,39 @@ class LayerAdapter:
             f"{self.model_type} passes the MLP output through {spec.mlp_output_norm} on its way into the "
             "residual stream"
         )
+
+    def sublayer_path(self, kind: str) -> str:
+        """Where the ``attn`` or ``mlp`` sublayer sits in a block; refuses architectures without
+        ``attn_residual`` (see :class:`ArchitectureSpec`), where removing one sublayer is not well defined."""
+        if self.spec.attn_residual is None:
+            raise UnsupportedArchitectureError(
+                f"{self.model_type} has no residual stream between its attention and MLP sublayers that avss "
+                "can read, so sublayers cannot be scored or removed separately; supported: "
+                + ", ".join(sorted(name for name, spec in ARCHITECTURES.items() if spec.attn_residual))
+            )
+        paths = {"attn": self.spec.attn, "mlp": self.spec.mlp}
+        if kind not in paths:
+            raise ValueError(f"unknown sublayer {kind!r}; choose one of {', '.join(paths)}")
+        return paths[kind]
+
+    def sublayer_module(self, layer: int, kind: str) -> nn.Module:
+        """Block ``layer``'s ``attn`` or ``mlp`` sublayer (the module sublayer removal replaces)."""
+        return self.blocks[layer].get_submodule(self.sublayer_path(kind))
+
+    def set_sublayer_module(self, layer: int, kind: str, module: nn.Module) -> nn.Module:
+        """Put ``module`` where block ``layer``'s ``kind`` sublayer was; returns the module it replaced."""
+        parent_path, _, name = self.sublayer_path(kind).rpartition(".")
+        block = self.blocks[layer]
+        parent = block.get_submodule(parent_path) if parent_path else block
+        previous = getattr(parent, name)
+        setattr(parent, name, module)
+        return previous
+
+    def attn_residual_module(self, layer: int) -> nn.Module:
+        """The module of block ``layer`` whose input is the residual stream after its attention sublayer."""
+        self.sublayer_path("attn")  # refuses architectures without one
+        assert self.spec.attn_residual is not None
+        return self.blocks[layer].get_submodule(self.spec.attn_residual)
 
     def layer_name(self, layer: int, site: str = "block") -> str:
         base = f"{self.model.base_model_prefix}.{self.spec.layers}.{layer}"

@@ -3,7 +3,8 @@
 ``with StatisticsCollector(model, sites=...) as collector: collector.observe(batch)`` attaches hooks to every
 block, reduces each activation on its own device into :mod:`avss.stats` accumulators, and always removes the
 hooks, even when a batch raises. Only real tokens count: the batch's ``stat_mask`` (e.g. answer tokens for
-EAVSS) or else its ``attention_mask`` selects them. No activation outlives its hook call.
+EAVSS) or else its ``attention_mask`` selects them. No activation outlives its hook call (the residual stream
+between a block's two sublayers lives until that block's output hook has reduced it).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from avss.errors import NonFiniteActivationError
 from avss.progress import track
 from avss.stats import (
     ACCUMULATOR_DTYPE,
+    SUBLAYER_KINDS,
     ActivationStats,
     LinearFitStats,
     SiteBatch,
@@ -71,6 +73,10 @@ class StatisticsCollector:
     on different GPUs) into a :class:`~avss.stats.SiteBatch` and moves only those few numbers to the
     accumulators' device. After the forward pass the per-layer reductions are stacked and folded in with one
     vectorized Chan merge per site. Nothing is read back to the host, so GPU kernels never wait for Python.
+
+    ``sublayers`` also measures each block's attention and MLP similarity
+    (:class:`~avss.stats.SublayerStats`): a pre-hook on the adapter's ``attn_residual`` module reads the
+    stream between the two sublayers, and the block's output hook reduces both cosines.
     """
 
     def __init__(
@@ -81,6 +87,7 @@ class StatisticsCollector:
         relations: bool = True,
         stats: ActivationStats | None = None,
         compile: bool = False,
+        sublayers: bool = False,
     ):
         self.model = model
         self.adapter: LayerAdapter = get_adapter(model)
@@ -90,9 +97,14 @@ class StatisticsCollector:
             raise ValueError(f"unknown site(s) {', '.join(unknown)}; choose from {', '.join(SITES)}")
         self.thresholds = tuple(Threshold.parse(t) for t in thresholds)
         self.relations = relations
+        self.sublayers = sublayers
+        if sublayers:
+            self.adapter.sublayer_path("attn")  # refuses architectures without a stream between sublayers
         self.device = execution_device(model)
         if stats is None:
-            stats = ActivationStats.empty(self.adapter.num_layers, self.sites, self.thresholds)
+            stats = ActivationStats.empty(self.adapter.num_layers, self.sites, self.thresholds, sublayers)
+        if sublayers and stats.sublayers is None:
+            raise ValueError("the statistics to continue were measured without sublayer similarities")
         self.stats = stats.to(self.device)
         self._reduce_site, self._cosine_sum = (
             compiled_reductions() if compile else (reduce_site, masked_cosine_sum)
@@ -101,11 +113,14 @@ class StatisticsCollector:
         self._batch: _BatchState | None = None
 
     def __enter__(self) -> StatisticsCollector:
-        needs_input = self.relations or "delta" in self.sites
+        needs_input = self.relations or self.sublayers or "delta" in self.sites
         for layer, block in enumerate(self.adapter.blocks):
             if needs_input:
                 pre_hook = self._block_pre_hook(layer)
                 self._handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            if self.sublayers:
+                module = self.adapter.attn_residual_module(layer)
+                self._handles.append(module.register_forward_pre_hook(self._between_hook(layer)))
             self._handles.append(block.register_forward_hook(self._block_hook(layer)))
             if "mlp" in self.sites:
                 module = self.adapter.site_module(layer, "mlp")
@@ -150,6 +165,9 @@ class StatisticsCollector:
             if "delta" in self.sites:
                 assert before is not None
                 self._update_site("delta", layer, hidden - before.to(hidden.device))
+            if self.sublayers:
+                assert before is not None
+                self._sublayer_cosines(layer, before, state.between.pop(layer), hidden, norms)
             if self.relations:
                 assert before is not None
                 before = before.to(hidden.device)
@@ -162,6 +180,33 @@ class StatisticsCollector:
             state.remember(hidden, norms)
 
         return hook
+
+    def _between_hook(self, layer: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            self._state.between[layer] = args[0]
+
+        return hook
+
+    def _sublayer_cosines(
+        self,
+        layer: int,
+        before: torch.Tensor,
+        between: torch.Tensor,
+        after: torch.Tensor,
+        after_norms: torch.Tensor | None,
+    ) -> None:
+        """Stage cos(x, x + attention) and cos(x + attention, block output) of block ``layer``'s tokens."""
+        state = self._state
+        device = between.device
+        mask = state.mask_on(device)
+        before_norms = state.norms_of(before)
+        between_norms = torch.linalg.vector_norm(
+            between.to(torch.promote_types(between.dtype, torch.float32)), dim=-1
+        )
+        attn = self._cosine_sum(before.to(device), between, mask, before_norms, between_norms)
+        mlp = self._cosine_sum(between, after.to(device), mask, between_norms, after_norms)
+        state.sublayer_cosines["attn"][layer] = attn
+        state.sublayer_cosines["mlp"][layer] = mlp
 
     def _mlp_hook(self, layer: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -201,6 +246,13 @@ class StatisticsCollector:
             if ran:
                 batch = SiteBatch.stack([staged[layer] for layer in ran], self.device)
                 self.stats.sites[site].fold(batch, self._subset(ran))
+        if self.stats.sublayers is not None:
+            for kind, staged_cosines in state.sublayer_cosines.items():
+                ran = sorted(staged_cosines)
+                if ran:
+                    sums = torch.stack([staged_cosines[layer][0].to(self.device) for layer in ran])
+                    counts = torch.stack([staged_cosines[layer][1].to(self.device) for layer in ran])
+                    self.stats.sublayers.fold(kind, sums, counts, self._subset(ran))
         if not self.relations or not state.cosines:
             return
         ran = sorted(state.cosines)
@@ -227,6 +279,10 @@ class _BatchState:
         self.sites: dict[str, dict[int, SiteBatch]] = {site: {} for site in sites}
         self.inputs: dict[int, torch.Tensor] = {}
         self.cosines: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.between: dict[int, torch.Tensor] = {}  # the stream between each block's two sublayers
+        self.sublayer_cosines: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {
+            kind: {} for kind in SUBLAYER_KINDS
+        }
         self.last_tokens: dict[int, torch.Tensor] = {}
         self._masks: dict[torch.device, torch.Tensor] = {mask.device: mask}
         self._last: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -277,15 +333,16 @@ def collect_statistics(
     progress: bool = True,
     on_batch: Callable[[ActivationStats, int], None] | None = None,
     compile: bool = False,
+    sublayers: bool = False,
 ) -> ActivationStats:
     """Stream ``batches`` through ``model`` and return the merged statistics (on CPU).
 
     ``stats`` continues an earlier partial pass (resume); ``on_batch(stats, index)`` is called after each
     batch, e.g. to checkpoint. ``compile`` fuses each layer's reductions with ``torch.compile`` (see
-    :func:`compiled_reductions`).
+    :func:`compiled_reductions`). ``sublayers`` adds each block's attention and MLP similarities.
     """
     batches = list(batches)
-    with StatisticsCollector(model, sites, thresholds, relations, stats, compile) as collector:
+    with StatisticsCollector(model, sites, thresholds, relations, stats, compile, sublayers) as collector:
         for index, batch in enumerate(track(batches, "collecting statistics", enabled=progress)):
             collector.observe(batch)
             if on_batch is not None:

@@ -29,7 +29,8 @@ from avss.stats import ActivationStats, LinearFitStats
 
 def _flat_tensors(stats: ActivationStats) -> list[torch.Tensor]:
     site_tensors = [tensor for site in stats.sites.values() for tensor in site.tensors().values()]
-    return site_tensors + list(stats.relations.tensors().values())
+    sublayer_tensors = [] if stats.sublayers is None else list(stats.sublayers.tensors().values())
+    return site_tensors + list(stats.relations.tensors().values()) + sublayer_tensors
 
 
 def pack(stats: ActivationStats) -> torch.Tensor:
@@ -40,8 +41,10 @@ def pack(stats: ActivationStats) -> torch.Tensor:
 
 
 def unpack(flat: torch.Tensor, like: ActivationStats) -> ActivationStats:
-    """Inverse of :func:`pack`, shaped like ``like`` (same layers, sites and thresholds)."""
-    stats = ActivationStats.empty(like.num_layers, tuple(like.sites), like.thresholds)
+    """Inverse of :func:`pack`, shaped like ``like`` (same layers, sites, thresholds and sublayer sums)."""
+    stats = ActivationStats.empty(
+        like.num_layers, tuple(like.sites), like.thresholds, sublayers=like.sublayers is not None
+    )
     stats.meta = dict(like.meta)
     offset = 0
     for tensor in _flat_tensors(stats):

@@ -386,14 +386,79 @@ class RelationStats:
         return self.angular_sum / self.angular_count.clamp_min(1)
 
 
+SUBLAYER_KINDS = ("attn", "mlp")
+
+
+@dataclass
+class SublayerStats:
+    """Per block, the sums behind LLM-Drop's similarity of each sublayer (He et al., arXiv 2406.15786).
+
+    For the attention sublayer, ``x`` is the residual stream entering the block and ``x'`` the stream after
+    the attention sublayer has added its output (``x + F(LN x)``); for the MLP sublayer, ``x`` is that stream
+    and ``x'`` the block's output. ``{kind}_sum`` adds cos(x, x') over real tokens and ``{kind}_count`` counts
+    them, so shards merge by addition and ``1 - sum / count`` is the sublayer's influence (low = the sublayer
+    barely turns the stream, so removing it changes little).
+    """
+
+    num_layers: int
+    attn_sum: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    attn_count: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    mlp_sum: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    mlp_count: torch.Tensor = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        for name in self._names():
+            if getattr(self, name) is None:
+                setattr(self, name, torch.zeros(self.num_layers, dtype=ACCUMULATOR_DTYPE))
+
+    @staticmethod
+    def _names() -> tuple[str, ...]:
+        return tuple(f"{kind}_{part}" for kind in SUBLAYER_KINDS for part in ("sum", "count"))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self._names()}
+
+    def to(self, device: torch.device | str) -> SublayerStats:
+        for name, tensor in self.tensors().items():
+            setattr(self, name, tensor.to(device))
+        return self
+
+    def fold(
+        self, kind: str, sums: torch.Tensor, counts: torch.Tensor, layers: list[int] | None = None
+    ) -> None:
+        """Add per-layer cosine sums and token counts of sublayer ``kind``, vectorized over ``layers``."""
+        total, count = getattr(self, f"{kind}_sum"), getattr(self, f"{kind}_count")
+        index = slice(None) if layers is None else torch.tensor(layers, device=total.device)
+        total[index] += sums.to(total.device)
+        count[index] += counts.to(count.device)
+
+    def merge(self, other: SublayerStats) -> SublayerStats:
+        """Sums over both shards' tokens (``self`` and ``other`` are left unchanged)."""
+        if self.num_layers != other.num_layers:
+            raise ValueError("cannot merge sublayer statistics of models with different depths")
+        device = self.attn_sum.device
+        theirs = other.tensors()
+        return SublayerStats(
+            self.num_layers, **{name: mine + theirs[name].to(device) for name, mine in self.tensors().items()}
+        )
+
+    def influence(self, kind: str) -> torch.Tensor:
+        """``1 - mean token cos(x, x')`` of sublayer ``kind`` for every block."""
+        if kind not in SUBLAYER_KINDS:
+            raise ValueError(f"unknown sublayer {kind!r}; choose one of {', '.join(SUBLAYER_KINDS)}")
+        return 1.0 - getattr(self, f"{kind}_sum") / getattr(self, f"{kind}_count").clamp_min(1)
+
+
 @dataclass
 class ActivationStats:
-    """All statistics of one calibration pass: one :class:`SiteStats` per site plus layer relations."""
+    """All statistics of one calibration pass: one :class:`SiteStats` per site plus layer relations, and the
+    sublayer similarities where the pass measured them (``sublayers``; None otherwise)."""
 
     sites: dict[str, SiteStats]
     relations: RelationStats
     num_sequences: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    sublayers: SublayerStats | None = None
 
     @property
     def num_layers(self) -> int:
@@ -406,32 +471,41 @@ class ActivationStats:
     def merge(self, other: ActivationStats) -> ActivationStats:
         if set(self.sites) != set(other.sites):
             raise ValueError("cannot merge statistics measured at different sites")
+        if (self.sublayers is None) != (other.sublayers is None):
+            raise ValueError("cannot merge statistics with and without sublayer similarities")
+        sublayers = None
+        if self.sublayers is not None and other.sublayers is not None:
+            sublayers = self.sublayers.merge(other.sublayers)
         return ActivationStats(
             sites={name: site.merge(other.sites[name]) for name, site in self.sites.items()},
             relations=self.relations.merge(other.relations),
             num_sequences=self.num_sequences + other.num_sequences,
             meta=dict(self.meta),
+            sublayers=sublayers,
         )
 
     def to(self, device: torch.device | str) -> ActivationStats:
         for site in self.sites.values():
             site.to(device)
         self.relations.to(device)
+        if self.sublayers is not None:
+            self.sublayers.to(device)
         return self
 
     def state_dict(self) -> dict[str, Any]:
         """A JSON-serializable snapshot (float64 values round-trip exactly through Python floats)."""
-        return {
+        as_lists = lambda tensors: {key: value.cpu().tolist() for key, value in tensors.items()}  # noqa: E731
+        state = {
             "num_layers": self.num_layers,
             "thresholds": [str(t) for t in self.thresholds],
             "num_sequences": self.num_sequences,
             "meta": self.meta,
-            "sites": {
-                name: {key: value.cpu().tolist() for key, value in site.tensors().items()}
-                for name, site in self.sites.items()
-            },
-            "relations": {key: value.cpu().tolist() for key, value in self.relations.tensors().items()},
+            "sites": {name: as_lists(site.tensors()) for name, site in self.sites.items()},
+            "relations": as_lists(self.relations.tensors()),
         }
+        if self.sublayers is not None:
+            state["sublayers"] = as_lists(self.sublayers.tensors())
+        return state
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> ActivationStats:
@@ -444,15 +518,23 @@ class ActivationStats:
         relations = RelationStats(
             state["num_layers"], **{k: as_tensor(v) for k, v in state["relations"].items()}
         )
-        return cls(sites, relations, state["num_sequences"], dict(state.get("meta", {})))
+        sublayers = state.get("sublayers")
+        if sublayers is not None:
+            sublayers = SublayerStats(state["num_layers"], **{k: as_tensor(v) for k, v in sublayers.items()})
+        return cls(sites, relations, state["num_sequences"], dict(state.get("meta", {})), sublayers)
 
     @classmethod
     def empty(
-        cls, num_layers: int, sites: tuple[str, ...], thresholds: tuple[Threshold, ...]
+        cls,
+        num_layers: int,
+        sites: tuple[str, ...],
+        thresholds: tuple[Threshold, ...],
+        sublayers: bool = False,
     ) -> ActivationStats:
         return cls(
             sites={name: SiteStats(num_layers, thresholds) for name in sites},
             relations=RelationStats(num_layers),
+            sublayers=SublayerStats(num_layers) if sublayers else None,
         )
 
 

@@ -1,8 +1,10 @@
-"""Scorers reading the shared statistics pass: AVSS, its two halves, block influence, angular distance."""
+"""Scorers reading the shared statistics pass: AVSS, its two halves, block influence, angular distance, and
+the influence of each block's attention and MLP sublayers (LLM-Drop)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from avss.adapters import SITES
 from avss.errors import PruneConfigError
@@ -108,3 +110,42 @@ class AngularScorer(Scorer):
             )
         _, best = min(spans)
         return list(range(best, best + n_remove))
+
+
+@dataclass
+class SublayerInfluenceScorer(Scorer):
+    """LLM-Drop (He et al., arXiv 2406.15786): a sublayer's importance is
+    ``1 - mean token cos(x, x + F(LN x))``, ``x`` the residual stream entering it and ``F(LN x)`` what it
+    adds, over real tokens.
+
+    The scores rank one kind of sublayer per block, so they are what ``avss prune --sublayer`` removes by;
+    read as block scores they say only how much that half of each block turns the stream.
+    """
+
+    kind: ClassVar[str]
+    needs_sublayers = True
+
+    def score(self, context: ScoringContext) -> LayerImportance:
+        sublayers = context.statistics().sublayers
+        if sublayers is None:
+            raise PruneConfigError(
+                f"method {self.name} needs the sublayer similarities; build the context with "
+                "context_for(...) or ScoringContext(..., sublayers=True)"
+            )
+        return self.importance(sublayers.influence(self.kind))
+
+
+@register_scorer("attn_influence")
+@dataclass
+class AttentionInfluenceScorer(SublayerInfluenceScorer):
+    """LLM-Drop's attention similarity: ``1 - mean cos(x, x + attention output)``; low = removable."""
+
+    kind = "attn"
+
+
+@register_scorer("mlp_influence")
+@dataclass
+class MlpInfluenceScorer(SublayerInfluenceScorer):
+    """LLM-Drop's MLP similarity: ``1 - mean cos(x, x + MLP output)``, ``x`` the stream after attention."""
+
+    kind = "mlp"

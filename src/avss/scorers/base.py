@@ -68,6 +68,9 @@ class Scorer(ABC):
     # Whether scoring re-runs the model with single blocks skipped (leave-one-out): a CachedContext then runs
     # only the blocks after the skipped one, which pays for its memory even in a one-shot selection.
     skips_blocks: ClassVar[bool] = False
+    # Whether the scores read each block's attention and MLP similarities (SublayerStats), which the shared
+    # pass measures only when some scorer asks for them.
+    needs_sublayers: ClassVar[bool] = False
 
     @abstractmethod
     def score(self, context: ScoringContext) -> LayerImportance:

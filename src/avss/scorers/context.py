@@ -32,7 +32,7 @@ from avss.collect import (
     last_token_index,
 )
 from avss.progress import track
-from avss.stats import ActivationStats, RelationStats, SiteStats
+from avss.stats import ActivationStats, RelationStats, SiteStats, SublayerStats
 
 Batch = dict[str, torch.Tensor]
 
@@ -130,6 +130,9 @@ def body_inputs(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
 class ScoringContext:
     """Calibration batches bound to a model; statistics are computed once per model state.
 
+    ``sublayers`` adds each block's attention and MLP similarities to the statistics
+    (:class:`~avss.stats.SublayerStats`).
+
     Call :meth:`removed` after removing a block from the model so the next question is answered for the
     pruned model.
     """
@@ -141,12 +144,14 @@ class ScoringContext:
         sites: Iterable[str] = ("block",),
         thresholds: Iterable[str] = DEFAULT_THRESHOLDS,
         progress: bool = False,
+        sublayers: bool = False,
     ):
         self.model = model
         self.batches = list(batches)
         self.sites = tuple(dict.fromkeys(sites)) or ("block",)
         self.thresholds = tuple(dict.fromkeys(thresholds))
         self.progress = progress
+        self.sublayers = sublayers
         self.device = next(model.parameters()).device
         self._stats: ActivationStats | None = None
         self._base_nll: float | None = None
@@ -163,7 +168,12 @@ class ScoringContext:
         """Site and relation statistics of every layer (the shared streaming pass)."""
         if self._stats is None:
             self._stats = collect_statistics(
-                self.model, self.batches, sites=self.sites, thresholds=self.thresholds, progress=self.progress
+                self.model,
+                self.batches,
+                sites=self.sites,
+                thresholds=self.thresholds,
+                progress=self.progress,
+                sublayers=self.sublayers,
             )
         return self._stats
 
@@ -225,7 +235,10 @@ class CachedContext(ScoringContext):
         if start >= num_layers and self._site_stats is not None:
             return
         blocks = list(self.adapter.blocks)
-        with StatisticsCollector(self.model, self.sites, self.thresholds, relations=False) as collector:
+        collector = StatisticsCollector(
+            self.model, self.sites, self.thresholds, relations=False, sublayers=self.sublayers
+        )
+        with collector:
             for index, batch in enumerate(track(self.batches, "re-scoring", enabled=self.progress)):
                 states = self.states[index][: start + 1]
                 captured: dict[int, torch.Tensor] = {}
@@ -282,6 +295,7 @@ class CachedContext(ScoringContext):
             relations=relations,
             num_sequences=self._site_stats.num_sequences,
             meta=dict(self._site_stats.meta),
+            sublayers=self._site_stats.sublayers,
         )
 
     @torch.no_grad()
@@ -328,7 +342,17 @@ def truncate(stats: ActivationStats, keep: int, num_layers: int) -> ActivationSt
             for key, value in site.tensors().items()
         }
         sites[name] = SiteStats(num_layers, site.thresholds, **tensors)
-    return ActivationStats(sites, RelationStats(num_layers), stats.num_sequences, dict(stats.meta))
+    sublayers = None
+    if stats.sublayers is not None:
+        zeros = SublayerStats(num_layers).tensors()
+        sublayers = SublayerStats(
+            num_layers,
+            **{
+                key: torch.cat([value[:keep], zeros[key][keep:]])
+                for key, value in stats.sublayers.tensors().items()
+            },
+        )
+    return ActivationStats(sites, RelationStats(num_layers), stats.num_sequences, dict(stats.meta), sublayers)
 
 
 def splice(old: ActivationStats, fresh: ActivationStats, start: int) -> ActivationStats:
@@ -340,7 +364,17 @@ def splice(old: ActivationStats, fresh: ActivationStats, start: int) -> Activati
             key: torch.cat([before[key][:start], value[start:]]) for key, value in site.tensors().items()
         }
         sites[name] = SiteStats(site.num_layers, site.thresholds, **tensors)
-    return ActivationStats(sites, fresh.relations, fresh.num_sequences, dict(fresh.meta))
+    sublayers = None
+    if fresh.sublayers is not None and old.sublayers is not None:
+        before = old.sublayers.tensors()
+        sublayers = SublayerStats(
+            fresh.num_layers,
+            **{
+                key: torch.cat([before[key][:start], value[start:]])
+                for key, value in fresh.sublayers.tensors().items()
+            },
+        )
+    return ActivationStats(sites, fresh.relations, fresh.num_sequences, dict(fresh.meta), sublayers)
 
 
 def context_for(
@@ -350,9 +384,11 @@ def context_for(
     cached: bool = True,
     progress: bool = False,
 ) -> ScoringContext:
-    """A context measuring every site and threshold ``scorers`` need, so they all share one pass."""
+    """A context measuring every site, threshold and sublayer similarity ``scorers`` need, so they all share
+    one pass."""
     scorers = list(scorers)
     sites = [site for scorer in scorers for site in scorer.sites()] or ["block"]
     thresholds = [*DEFAULT_THRESHOLDS, *(t for scorer in scorers for t in scorer.thresholds())]
+    sublayers = any(scorer.needs_sublayers for scorer in scorers)
     kind = CachedContext if cached else ScoringContext
-    return kind(model, batches, sites=sites, thresholds=thresholds, progress=progress)
+    return kind(model, batches, sites=sites, thresholds=thresholds, progress=progress, sublayers=sublayers)
