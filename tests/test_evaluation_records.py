@@ -11,7 +11,9 @@ import pytest
 from avss.errors import DataError
 from avss.evaluation import EvalResult, TaskResult
 from avss.evaluation.records import ExampleRecord
+from avss.evaluation.runner import RESULT_FORMAT
 from avss.evaluation.uncertainty import PairingError, holm, mcnemar
+from avss.provenance import Provenance
 
 
 def mc_records(correct: list[int], labels: list[int] | None = None) -> list[ExampleRecord]:
@@ -48,7 +50,8 @@ def task(records: list[ExampleRecord]) -> TaskResult:
 
 
 def result(**tasks: list[ExampleRecord]) -> EvalResult:
-    return EvalResult({"class": "Tiny"}, {name: task(r) for name, r in tasks.items()}, {}, {}, 1.0)
+    provenance = Provenance.now(RESULT_FORMAT, model={"class": "Tiny"})
+    return EvalResult({name: task(r) for name, r in tasks.items()}, {}, 1.0, provenance)
 
 
 BASE_SCIQ = [1] * 30 + [0] * 10  # 0.75
@@ -168,7 +171,8 @@ def test_old_result_files_load_without_records(tmp_path: Path) -> None:
 
 def test_a_perplexity_metric_without_per_document_nll_is_reported_without_intervals() -> None:
     records = mc_records(BASE_SCIQ)
-    broken = EvalResult({}, {"x": TaskResult({"perplexity": 9.0}, 40, {}, [], 0.1, records)}, {}, {}, 1.0)
+    tasks = {"x": TaskResult({"perplexity": 9.0}, 40, {}, [], 0.1, records)}
+    broken = EvalResult(tasks, {}, 1.0, Provenance.now(RESULT_FORMAT))
     [row] = broken.compare(broken).rows
     assert row.kind == "perplexity" and row.note == "no per-document NLL" and row.difference is None
     with pytest.raises(DataError, match="no per-document NLL"):

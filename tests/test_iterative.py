@@ -89,7 +89,7 @@ def test_prune_with_the_avss_scorer_matches_the_scores_of_avss_score(spec):
     assert result.record.scores == pytest.approx(run.scores.avss.tolist(), rel=1e-9)
     assert get_adapter(by_scorer.model).num_layers == 6 - len(result.removed)
     assert result.record.method == selection.method == "avss[site=delta,threshold=rel:0.05]"
-    assert result.record.options["command"] and result.record.options["avss_version"]
+    assert result.record.provenance.command and result.record.provenance.avss_version
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from avss.errors import PruneConfigError
 from avss.iterative import GIVEN, prune_with_scorer
 from avss.models import LoadedModel
 from avss.pipeline import CalibrationOptions
-from avss.prune import PROVENANCE_FILE, PruneSpec, parse_layers
+from avss.prune import PROVENANCE_FILE, PRUNING_FORMAT, PruneSpec, parse_layers
 
 NUM_LAYERS = 6
 
@@ -72,7 +72,7 @@ def test_cli_removes_exactly_the_given_blocks(cli, model_dir, tmp_path):
     assert record["method"] == "layers"
     assert record["selection"]["layers"] == [1, 4]
     assert record["removed_layers"] == [1, 4] and record["kept_layers"] == [0, 2, 3, 5]
-    assert record["options"]["command"]  # provenance like every other selection
+    assert record["command"] and record["format"] == PRUNING_FORMAT  # provenance like every other selection
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.config.num_hidden_layers == NUM_LAYERS - 2
     original = AutoModelForCausalLM.from_pretrained(model_dir)

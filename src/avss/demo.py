@@ -27,7 +27,7 @@ from avss.io import atomic_directory, atomic_write_json, atomic_write_text
 from avss.iterative import prune_with_scorer
 from avss.models import DEFAULT_MODEL, LoadedModel, load_model
 from avss.pipeline import CalibrationOptions
-from avss.provenance import package_versions
+from avss.provenance import Provenance
 from avss.prune import PruneSpec, save_pruned
 from avss.scorers import get_scorer
 
@@ -47,6 +47,8 @@ VARIANTS = (
     Variant("block_influence+patch", "block_influence", patch=True),
 )
 SAVED = "block_influence+patch"  # the variant whose model is saved and reloaded
+# summary.json; untagged summaries had the same keys without format, created, avss_version and command
+DEMO_FORMAT = "avss-demo/1"
 PERPLEXITY_TASKS = ("perplexity", "wikitext2")
 
 
@@ -162,9 +164,8 @@ def run_demo(out: str | Path, options: DemoOptions | None = None, overwrite: boo
                 demo.max_logit_difference_after_reload = difference
             del pruned
         demo.wall_time_s = round(time.perf_counter() - started, 1)
-        atomic_write_json(
-            tmp / "summary.json",
-            {**asdict(demo), "model": loaded.source, "versions": package_versions(), "summary": demo.lines()},
-        )
+        provenance = Provenance.now(DEMO_FORMAT, model=loaded.source)
+        summary = {**provenance.to_dict(), **asdict(demo), "summary": demo.lines()}
+        atomic_write_json(tmp / "summary.json", summary)
         atomic_write_text(tmp / "summary.txt", "\n".join(demo.lines()) + "\n")
     return demo

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -301,12 +301,14 @@ def prune_gguf(
 ) -> Path:
     """Write ``source`` with only the blocks ``kept`` (original indices, ascending) to ``out``.
 
-    ``record`` is the pruning provenance (:class:`avss.prune.PruningRecord` as a dict); it goes into the
-    file under ``avss.`` and into :func:`sidecar_path`. ``replacements`` maps output tensor names (after
-    renumbering, e.g. ``blk.3.ffn_down.weight``) to float tensors in GGUF layout, i.e. numpy shape = the
-    GGUF dims reversed, and for llama's ``attn_q``/``attn_k`` llama.cpp's permuted rows; they are written
-    as ``replacement_type`` (``F32``, exact, or ``F16``, relative error <= 2^-11). Every other tensor is
-    copied byte for byte. Both files are written to temporary paths and renamed into place.
+    ``record`` is the pruning provenance (:meth:`avss.prune.PruningRecord.to_dict`, format
+    ``avss-pruning/2``); it goes into the file under ``avss.`` and into :func:`sidecar_path`, which adds a
+    ``gguf`` section (source file, tensors copied and replaced) under the same format. ``replacements``
+    maps output tensor names (after renumbering, e.g. ``blk.3.ffn_down.weight``) to float tensors in GGUF
+    layout, i.e. numpy shape = the GGUF dims reversed, and for llama's ``attn_q``/``attn_k`` llama.cpp's
+    permuted rows; they are written as ``replacement_type`` (``F32``, exact, or ``F16``, relative error
+    <= 2^-11). Every other tensor is copied byte for byte. Both files are written to temporary paths and
+    renamed into place.
     """
     import gguf
 
@@ -451,10 +453,10 @@ def save_pruned_gguf(
     overwrite: bool = False,
     **kwargs: Any,
 ) -> Path:
-    """:func:`prune_gguf` with the kept blocks taken from a :class:`avss.prune.PruningRecord`; with a linear
-    patch in the record, the pruned ``model``'s folded down projections replace the quantized ones (F32 by
-    default: no error beyond float32)."""
-    data = asdict(record) if hasattr(record, "__dataclass_fields__") else dict(record)
+    """:func:`prune_gguf` with the kept blocks taken from a :class:`avss.prune.PruningRecord` (or its dict);
+    with a linear patch in the record, the pruned ``model``'s folded down projections replace the quantized
+    ones (F32 by default: no error beyond float32)."""
+    data = record.to_dict() if hasattr(record, "to_dict") else dict(record)
     replacements = patched_tensors(source, model, data) if model is not None else {}
     if data.get("patch") and not replacements:
         raise OptionError("a patched pruning record needs the patched model to write its tensors")

@@ -32,15 +32,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from avss import __version__
 from avss.adapters import block_input, first_tensor, get_adapter
 from avss.checkpoint import checkpoint_dir
 from avss.data import TextSource, tokenize_texts
 from avss.errors import DataError, HealConfigError, PruneConfigError
 from avss.io import atomic_directory, check_output_dir, to_json
 from avss.models import LoadedModel, load_model
-from avss.provenance import package_versions
-from avss.prune import PROVENANCE_FILE, PruneResult, contiguous_spans, save_pruned
+from avss.provenance import Provenance
+from avss.prune import PROVENANCE_FILE, READABLE_PRUNING_FORMATS, PruneResult, contiguous_spans, save_pruned
 from avss.training import (
     ParamPredicate,
     TrainConfig,
@@ -51,6 +50,9 @@ from avss.training import (
 )
 
 HEALING_FILE = "avss_healing.json"
+# Version 2 carries the provenance at the top level; untagged files (version 1) kept ``versions`` under
+# ``options``.
+HEALING_FORMAT = "avss-healing/2"
 EVALUATION_FILES = ("wiki.test.raw", "test.tokens.txt")
 
 Batch = dict[str, torch.Tensor]
@@ -104,7 +106,8 @@ class HealConfig:
 
 @dataclass
 class HealingRecord:
-    """Provenance written beside a healed model as ``avss_healing.json``."""
+    """How a pruned model was healed, written beside the healed model as ``avss_healing.json``
+    (:meth:`to_dict`); ``pruning`` is the record of the pruning it healed."""
 
     method: str
     config: dict[str, Any]
@@ -120,7 +123,13 @@ class HealingRecord:
     teacher_model: dict[str, Any] | None = None
     merged: bool = True
     options: dict[str, Any] = field(default_factory=dict)
-    avss_version: str = __version__
+    provenance: Provenance = field(default_factory=lambda: Provenance.now(HEALING_FORMAT))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``avss_healing.json`` content: the provenance keys first, then the record."""
+        record = asdict(self)
+        del record["provenance"]
+        return {**self.provenance.to_dict(), **record}
 
 
 @dataclass
@@ -567,12 +576,19 @@ def heal_in_memory(
 
 
 def read_pruning_record(pruned_dir: str | Path) -> dict[str, Any]:
+    """The pruning record of ``pruned_dir``, of a format this version reads (every one it wrote)."""
     path = Path(pruned_dir) / PROVENANCE_FILE
     if not path.is_file():
         raise HealConfigError(
             f"{pruned_dir} has no {PROVENANCE_FILE}; heal a directory written by `avss prune`"
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if record.get("format") not in READABLE_PRUNING_FORMATS:
+        raise HealConfigError(
+            f"{path} has format {record.get('format')!r}, written by a newer avss; this version reads "
+            f"{', '.join(str(tag) for tag in READABLE_PRUNING_FORMATS if tag)} and untagged records"
+        )
+    return record
 
 
 def teacher_spec(source_model: dict[str, Any]) -> str:
@@ -602,7 +618,7 @@ def save_healed(
         result.model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / HEALING_FILE).write_text(to_json(asdict(result.record)), encoding="utf-8")
+        (tmp / HEALING_FILE).write_text(to_json(result.record.to_dict()), encoding="utf-8")
     return Path(out)
 
 
@@ -651,7 +667,7 @@ def heal_loaded(
         data=source.describe(),
         progress=progress,
     )
-    result.record.options = {"pruned_model": loaded.source, "versions": package_versions()}
+    result.record.options = {"pruned_model": loaded.source}
     save_healed(result, loaded.tokenizer, out, base_dir=base_dir, overwrite=overwrite)
     shutil.rmtree(checkpoints, ignore_errors=True)
     return result
@@ -700,7 +716,7 @@ def save_or_heal(
     healed model (LoRA merged, since no separate pruned directory exists for an adapter to point at)."""
     if config is None:
         return save_pruned(loaded.model, loaded.tokenizer, out, result.record, overwrite=overwrite)
-    pruning = asdict(result.record)
+    pruning = result.record.to_dict()
     heal_loaded(
         loaded, pruning, out, replace(config, merge=True), source, overwrite=overwrite, progress=progress
     )

@@ -11,16 +11,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from avss import __version__
 from avss.adapters import get_adapter
 from avss.data import TextSource
 from avss.errors import PruneConfigError
 from avss.models import LoadedModel
 from avss.patch import check_linear_patch, linear_patch
 from avss.pipeline import CalibrationOptions
-from avss.provenance import command_line, package_versions
 from avss.prune import PruneResult, PruneSpec, PruningRecord, check_budget, remove_layers
 from avss.scorers import LayerImportance, Scorer, ScoringContext, context_for
+from avss.sublayers import remove_sublayers, sublayer_record
 
 GIVEN = "layers"  # the method recorded when the blocks to remove are given (avss prune --layers)
 
@@ -122,11 +121,16 @@ def prune_with_scorer(
     scorers that skip blocks. ``spec.patch`` fits and folds the linear patch (:mod:`avss.patch`) on the same
     calibration batches before the blocks are removed; the architecture and memory are checked first.
     ``spec.layers`` gives the blocks to remove: they are checked against the model and removed without any
-    scoring pass (``scorer`` may be ``None``; the record's method is ``layers``).
+    scoring pass (``scorer`` may be ``None``; the record's method is ``layers``). ``spec.sublayer`` removes
+    that sublayer of the selected blocks instead (:mod:`avss.sublayers`): the scores rank sublayers, every
+    block is kept (``removed_layers`` is empty) and the record's ``sublayers`` entry lists what went.
     """
     started = time.perf_counter()
     spec.check(iterative)
-    num_layers = get_adapter(loaded.model).num_layers
+    adapter = get_adapter(loaded.model)
+    num_layers = adapter.num_layers
+    if spec.sublayer is not None:
+        adapter.sublayer_path(spec.sublayer)  # no separable sublayers: refused before scoring
     scoring = spec.layers is None
     if not scoring:  # the blocks are given: checked right after loading, and no scoring pass
         spec.check_given_layers(iterative, num_layers)
@@ -155,27 +159,30 @@ def prune_with_scorer(
     patch = None
     if spec.patch is not None:
         patch = linear_patch(loaded.model, batches.batches, selection.removed, spec.patch_ridge, progress)
-    if not iterative:
+    sublayers = None
+    if spec.sublayer is not None:
+        parameters = remove_sublayers(loaded.model, spec.sublayer, selection.removed)
+        sublayers = sublayer_record(loaded.model, spec.sublayer, selection.removed, parameters)
+    elif not iterative:
         remove_layers(loaded.model, selection.removed)
-    kept = [layer for layer in range(num_layers) if layer not in set(selection.removed)]
+    removed_blocks = [] if spec.sublayer is not None else selection.removed
+    kept = [layer for layer in range(num_layers) if layer not in set(removed_blocks)]
     record = PruningRecord(
         source_model=loaded.source,
-        removed_layers=selection.removed,
+        removed_layers=removed_blocks,
         kept_layers=kept,
         original_num_layers=num_layers,
         method=selection.method,
         selection={**asdict(spec), "iterative": iterative, "order": selection.order},
         scores=selection.steps[0].scores.tolist() if selection.steps else [],
         options={
-            "avss_version": __version__,
-            "command": command_line(),
             "scorer": scorer.options() if scoring else None,
             "data": source.describe() if batches is not None else None,
             "calibration": asdict(calibration) if batches is not None else None,
             "num_tokens": batches.num_tokens if batches is not None else 0,
             "wall_time_s": round(time.perf_counter() - started, 3),
-            "versions": package_versions(),
         },
         patch=patch,
+        sublayers=sublayers,
     )
-    return PruneResult(selection.removed, kept, record), selection
+    return PruneResult(removed_blocks, kept, record), selection

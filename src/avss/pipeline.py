@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from avss import __version__
 from avss.adapters import SITES
 from avss.checkpoint import Progress, StatisticsCheckpoint
 from avss.collect import DEFAULT_THRESHOLDS
@@ -20,9 +19,11 @@ from avss.errors import OptionError
 from avss.io import atomic_write_json
 from avss.launch import context
 from avss.models import LoadedModel
-from avss.provenance import command_line, package_versions
+from avss.provenance import Provenance
 from avss.scores import LayerScores, score_layers
 from avss.stats import VARIANCE_KINDS, ActivationStats, Threshold
+
+SCORES_FORMAT = "avss-scores/1"  # untagged scores files are the same layout without format and created
 
 
 @dataclass
@@ -81,7 +82,8 @@ class ScoreOptions:
 
 @dataclass
 class ScoreRun:
-    """The statistics and AVSS scores of one model, with everything needed to reproduce them."""
+    """The statistics and AVSS scores of one model, with everything needed to reproduce them: ``provenance``
+    leads the saved file (:class:`~avss.provenance.Provenance` keys, then calibration and run details)."""
 
     stats: ActivationStats
     scores: LayerScores
@@ -131,14 +133,12 @@ def score(
     )
     scores = score_layers(stats, options.site, options.variance, options.threshold)
     provenance = {
-        "avss_version": __version__,
-        **{key: run_id[key] for key in ("model", "data", "calibration", "score_options")},
+        **Provenance.now(SCORES_FORMAT, model=run_id["model"], data=run_id["data"]).to_dict(),
+        **{key: run_id[key] for key in ("calibration", "score_options")},
         "num_tokens": batches.num_tokens,
         "num_sequences": batches.num_sequences,
         "resumed_at_batch": resumed.batches_done,
         "world_size": context().world_size,
         "wall_time_s": round(time.perf_counter() - started, 3),
-        "versions": package_versions(),
-        "command": command_line(),
     }
     return ScoreRun(stats, scores, provenance)

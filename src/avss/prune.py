@@ -15,14 +15,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from avss import __version__
 from avss.adapters import get_adapter
 from avss.errors import PruneConfigError
 from avss.io import atomic_directory
+from avss.provenance import Provenance
+from avss.sublayers import check_sublayer, restored_sublayers
 
 RULES = ("count", "mass")
 PATCHES = ("linear",)
 PROVENANCE_FILE = "avss_pruning.json"
+# Version 2 carries the provenance at the top level; untagged files (version 1) kept ``command`` and
+# ``versions`` under ``options``.
+PRUNING_FORMAT = "avss-pruning/2"
+READABLE_PRUNING_FORMATS = (None, PRUNING_FORMAT)
 
 
 def protected_layers(num_layers: int, protect: tuple[str, ...] | list[str] = ()) -> set[int]:
@@ -132,6 +137,9 @@ class PruneSpec:
     ``patch="linear"`` folds a least-squares linear map for each removed run into the preceding kept block's
     MLP down projection (:mod:`avss.patch`; ``patch_ridge`` is relative to the mean eigenvalue of the fit's
     Gram matrix). Block 0 then counts as protected: a run starting there has no preceding MLP.
+
+    ``sublayer`` (``attn`` or ``mlp``) removes that sublayer of the chosen blocks instead of whole blocks
+    (:mod:`avss.sublayers`); the budget (``fraction``, ``n_layers``, ``layers``) then counts sublayers.
     """
 
     rule: str = "count"
@@ -142,9 +150,12 @@ class PruneSpec:
     patch: str | None = None
     patch_ridge: float = 0.0
     layers: tuple[int, ...] | None = None
+    sublayer: str | None = None
 
     def check(self, iterative: bool = False) -> PruneSpec:
         """Check what does not depend on the model, so a bad option fails before minutes of scoring."""
+        if self.sublayer is not None:
+            self.check_sublayer(iterative)
         if self.layers is not None:
             self.check_given_layers(iterative)
         if self.patch is not None and self.patch not in PATCHES:
@@ -165,6 +176,21 @@ class PruneSpec:
         if self.rule == "mass" and self.tau is not None:
             check_tau(self.tau)
         return self
+
+    def check_sublayer(self, iterative: bool) -> None:
+        """Sublayer removal keeps every block, so neither the patch (which stands in for removed blocks) nor
+        iterative selection (which re-scores a model with fewer blocks) applies."""
+        check_sublayer(self.sublayer or "")
+        if self.patch is not None:
+            raise PruneConfigError(
+                "--sublayer cannot be combined with --patch (the patch stands in for removed blocks, and "
+                "--sublayer keeps every block); drop one of them"
+            )
+        if iterative:
+            raise PruneConfigError(
+                "--sublayer cannot be combined with --iterative (iterative selection re-scores after "
+                "removing whole blocks); drop one of them"
+            )
 
     def check_given_layers(self, iterative: bool = False, num_layers: int | None = None) -> None:
         """``layers``, the blocks to remove as given: no duplicates, no negative index, no budget or rule
@@ -241,7 +267,8 @@ def remove_layers(model: nn.Module, remove: list[int]) -> list[int]:
 
 @dataclass
 class PruningRecord:
-    """Provenance written beside a pruned model as ``avss_pruning.json``."""
+    """What a pruning removed and how it chose, written beside a pruned model as ``avss_pruning.json``
+    (:meth:`to_dict`); ``options`` holds the scorer and calibration behind the choice."""
 
     source_model: dict[str, Any]
     removed_layers: list[int]
@@ -251,8 +278,17 @@ class PruningRecord:
     selection: dict[str, Any]
     scores: list[float] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
-    avss_version: str = __version__
     patch: dict[str, Any] | None = None
+    # Removed attention/MLP sublayers (avss.sublayers.sublayer_record): the blocks stay, so removed_layers is
+    # empty; the entry says that the saved files keep those sublayers as zeros and save no compute.
+    sublayers: dict[str, Any] | None = None
+    provenance: Provenance = field(default_factory=lambda: Provenance.now(PRUNING_FORMAT))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``avss_pruning.json`` content: the provenance keys first, then the record."""
+        record = asdict(self)
+        del record["provenance"]
+        return {**self.provenance.to_dict(), **record}
 
 
 @dataclass
@@ -267,10 +303,12 @@ class PruneResult:
 def save_pruned(
     model: nn.Module, tokenizer: Any, out: str | Path, record: PruningRecord, overwrite: bool = False
 ) -> Path:
-    """Save model, tokenizer and provenance atomically; the folder reloads with ``from_pretrained``."""
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    """Save model, tokenizer and provenance atomically; the folder reloads with ``from_pretrained``.
+
+    Removed sublayers are written as zeros (:func:`avss.sublayers.restored_sublayers`)."""
+    with atomic_directory(out, overwrite=overwrite) as tmp, restored_sublayers(model):
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / PROVENANCE_FILE).write_text(json.dumps(asdict(record), indent=2) + "\n", encoding="utf-8")
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(record.to_dict(), indent=2) + "\n", encoding="utf-8")
     return Path(out)

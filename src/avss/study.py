@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 from scipy import stats as scipy_stats
 
-from avss import __version__
 from avss import study_analysis as analysis
 from avss.adapters import get_adapter
 from avss.data import TextSource
@@ -47,7 +46,7 @@ from avss.iterative import Selection, select_iteratively, select_oneshot
 from avss.models import DTYPES, LoadedModel, load_model
 from avss.patch import check_patchable, linear_patch
 from avss.pipeline import CalibrationOptions
-from avss.provenance import package_versions
+from avss.provenance import Provenance
 from avss.prune import protected_layers, remove_layers
 from avss.scorers import Scorer, context_for, get_scorer
 
@@ -58,6 +57,9 @@ PROTECTED = "oneshot+protect"  # a one-shot selection that keeps the blocks name
 HEALED = "+healed"  # mode suffix of a cell whose pruned model was healed before evaluation
 PATCHED = "+patch"  # mode suffix of a cell whose removed runs were replaced by a fitted linear map
 REPAIRS = (HEALED, PATCHED)
+# results.json. Version 3 carries the provenance at the top level, where versions 1 and 2 had an
+# ``environment`` (versions, avss_version, model); cells and config.json are unchanged.
+STUDY_FORMAT = "avss-study/3"
 RANDOM = "random"
 # Options that only say which cells exist (or how the tables resample them): a rerun may change them, and
 # every finished cell stays valid. Every other option defines what a cell measures and must match.
@@ -458,11 +460,9 @@ class Study:
             selections=self.selections,
             num_layers=self.num_layers,
             wall_time_s=round(time.perf_counter() - started, 3),
-            environment={
-                "versions": package_versions(),
-                "avss_version": __version__,
-                "model": self._loaded.source if self._loaded else {"name": self.config.model},
-            },
+            provenance=Provenance.now(
+                STUDY_FORMAT, model=self._loaded.source if self._loaded else {"name": self.config.model}
+            ),
             complete=all(key in self.cells for key in planned),
             evaluations=analysis.load_evaluations(self.out, keys),
         )
@@ -546,7 +546,7 @@ class StudyResult:
     selections: dict[str, Selection]
     num_layers: int
     wall_time_s: float
-    environment: dict[str, Any]
+    provenance: Provenance
     complete: bool = True
     evaluations: dict[str, EvalResult] = field(default_factory=dict, repr=False)
 
@@ -603,13 +603,12 @@ class StudyResult:
     def to_dict(self) -> dict[str, Any]:
         tables = self.tables
         return {
-            "format": "avss-study/2",
+            **self.provenance.to_dict(),
             "complete": self.complete,
             "config": self.config.to_dict(),
             "num_layers": self.num_layers,
             "wall_time_s": self.wall_time_s,
             "cell_seconds": {cell.key: cell.seconds for cell in [self.base, *self.cells]},
-            "environment": self.environment,
             "base": tables["base"],
             "headline": tables["headline"],
             "null_bands": tables["null_bands"],

@@ -6,7 +6,9 @@ a number in a report can be traced back and reproduced, and one record per examp
 :mod:`avss.evaluation.records`), so its interval and any paired comparison can be recomputed from the file.
 
 Result files: ``avss-eval/2`` adds ``records`` to each task (and ``comparison`` when evaluated with a base);
-``avss-eval/1`` files (no records) still load, with empty ``records``.
+``avss-eval/1`` files (no records) still load, with empty ``records``. Both start with the
+:class:`~avss.provenance.Provenance` keys; files written before ``avss_version`` and ``command`` were
+recorded load with them empty.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from avss.evaluation.harness import run_harness
 from avss.evaluation.records import ExampleRecord
 from avss.evaluation.uncertainty import RESAMPLES, Inclusion, Interval
 from avss.io import atomic_write_json
-from avss.provenance import package_versions
+from avss.provenance import Provenance
 
 RESULT_FORMAT = "avss-eval/2"
 READABLE_FORMATS = ("avss-eval/1", RESULT_FORMAT)
@@ -73,17 +74,34 @@ class TaskResult:
 
 @dataclass
 class EvalResult:
-    """Everything :func:`evaluate` measured; ``to_dict``/``load`` round-trip through JSON."""
+    """Everything :func:`evaluate` measured; ``to_dict``/``load`` round-trip through JSON.
 
-    model: dict[str, Any]
+    ``provenance`` names the evaluated model (``model``) beside the format, time and versions; its keys lead
+    the saved file.
+    """
+
     tasks: dict[str, TaskResult]
     options: dict[str, Any]
-    versions: dict[str, str]
     wall_time_s: float
-    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    format: str = RESULT_FORMAT
+    provenance: Provenance
     # With ``avss eval --compare``: the base file and the comparison table (Comparison.to_dict()).
     comparison: dict[str, Any] | None = None
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.provenance.model or {}
+
+    @property
+    def versions(self) -> dict[str, str]:
+        return self.provenance.versions
+
+    @property
+    def created(self) -> str:
+        return self.provenance.created
+
+    @property
+    def format(self) -> str:
+        return self.provenance.format
 
     @property
     def metrics(self) -> dict[str, dict[str, float]]:
@@ -104,9 +122,10 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
+        del out["provenance"]
         for name, task in self.tasks.items():
             out["tasks"][name]["records"] = [record.to_dict() for record in task.records]
-        return out
+        return {**self.provenance.to_dict(), **out}
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_json(path, self.to_dict())
@@ -127,9 +146,15 @@ class EvalResult:
                         "records": [ExampleRecord.from_dict(item) for item in task.get("records", [])],
                     }
                 )
-                for name, task in raw.pop("tasks").items()
+                for name, task in raw["tasks"].items()
             }
-            return cls(tasks=tasks, **raw)
+            return cls(
+                tasks=tasks,
+                options=raw["options"],
+                wall_time_s=raw["wall_time_s"],
+                provenance=Provenance.from_dict(raw),
+                comparison=raw.get("comparison"),
+            )
         except FileNotFoundError as exc:
             raise DataError(f"results file {path} does not exist") from exc
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
@@ -235,7 +260,6 @@ def evaluate(
     finally:
         model.train(was_training)
     return EvalResult(
-        model={**describe_model(model), **(model_info or {})},
         tasks=results,
         options={
             "tasks": list(instances),
@@ -247,8 +271,8 @@ def evaluate(
             "data_source": data_source,
             **task_options,
         },
-        versions=package_versions(),
         wall_time_s=round(time.perf_counter() - started, 3),
+        provenance=Provenance.now(RESULT_FORMAT, model={**describe_model(model), **(model_info or {})}),
     )
 
 

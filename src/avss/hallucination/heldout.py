@@ -17,7 +17,6 @@ from avss.data import resolve_data_dir
 from avss.evaluation import LanguageModel, get_task
 from avss.evaluation.runner import build_tasks
 from avss.hallucination.pairs import split_of
-from avss.provenance import package_versions
 
 
 def heldout_docs(docs: list[dict[str, Any]], split: str, limit: int | None) -> list[dict[str, Any]]:
@@ -68,6 +67,5 @@ def evaluate_heldout(
         "data_sha256": files,
         "seconds": seconds,
         "options": task_options,
-        "versions": package_versions(),
         "wall_time_s": round(time.perf_counter() - started, 3),
     }

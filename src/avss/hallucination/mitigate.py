@@ -24,7 +24,6 @@ from avss.hallucination.eavss import EavssScores
 from avss.hallucination.losses import CONTRASTS, answer_nll, infonce, logprob_margin, masked_mean
 from avss.hallucination.pairs import Pair, describe_pairs
 from avss.io import atomic_directory
-from avss.provenance import package_versions
 from avss.training import (
     TrainConfig,
     TrainResult,
@@ -35,6 +34,9 @@ from avss.training import (
 )
 
 PROVENANCE_FILE = "avss_mitigation.json"
+# Version 2 carries the provenance once at the top level; untagged files (version 1) had no ``format``,
+# ``created``, ``avss_version`` or ``command`` and repeated ``versions`` in every round and evaluation.
+MITIGATION_FORMAT = "avss-mitigation/2"
 
 
 class MitigationConfigError(AvssError):
@@ -240,7 +242,6 @@ def mitigate(
         "training": result.to_dict(),
         "val_pair_accuracy": {"before": before, "after": after},
         "wall_time_s": round(time.perf_counter() - started, 3),
-        "versions": package_versions(),
     }
     return trained, MitigationResult(layers, result, before, after, record)
 

@@ -19,9 +19,11 @@ from avss.hallucination.eavss import COMBINERS, EavssScores, eavss_scores
 from avss.hallucination.pairs import Pair, describe_pairs
 from avss.io import atomic_write, atomic_write_json
 from avss.pipeline import ScoreOptions
-from avss.provenance import package_versions
+from avss.provenance import Provenance
 from avss.scores import LayerScores, score_layers, sparsity
 from avss.stats import ActivationStats, Threshold
+
+EAVSS_FORMAT = "avss-eavss/1"  # untagged files: the same keys without format, created, avss_version, command
 
 
 @dataclass
@@ -47,7 +49,8 @@ class EavssOptions:
 
 @dataclass
 class EavssRun:
-    """Statistics of both answer kinds, their EAVSS and AVSS scores, and provenance."""
+    """Statistics of both answer kinds, their EAVSS and AVSS scores, and provenance: ``provenance`` leads the
+    saved ``eavss.json`` (:class:`~avss.provenance.Provenance` keys, then the pairs and run details)."""
 
     truthful: ActivationStats
     hallucinated: ActivationStats
@@ -111,11 +114,10 @@ def score_eavss(
     union = collected["truthful"].merge(collected["hallucinated"])
     avss = score_layers(union, options.site, options.variance, options.threshold)
     provenance = {
-        "model": model_info or {},
+        **Provenance.now(EAVSS_FORMAT, model=model_info or {}).to_dict(),
         "pairs": describe_pairs(pairs),
         "num_values": {kind: int(stats.sites[options.site].count[0]) for kind, stats in collected.items()},
         "wall_time_s": round(time.perf_counter() - started, 3),
-        "versions": package_versions(),
     }
     return EavssRun(collected["truthful"], collected["hallucinated"], scores, avss, provenance)
 

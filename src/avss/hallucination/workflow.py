@@ -18,6 +18,7 @@ from avss.errors import DataError
 from avss.hallucination.batches import contrastive_batches
 from avss.hallucination.heldout import evaluate_heldout
 from avss.hallucination.mitigate import (
+    MITIGATION_FORMAT,
     MitigationOptions,
     choose_layers,
     mitigate,
@@ -28,6 +29,7 @@ from avss.hallucination.mitigate import (
 from avss.hallucination.pairs import Pair, load_pairs
 from avss.hallucination.scoring import EavssOptions, EavssRun, score_eavss
 from avss.models import LoadedModel
+from avss.provenance import Provenance
 
 
 def greedy_generator(model: Any, tokenizer: Any, batch_size: int = 8) -> Callable[[list[str]], list[str]]:
@@ -127,7 +129,6 @@ def mitigation_run(
         tokenizer, test_pairs, negatives=options.negatives, max_length=options.max_length
     )
     record: dict[str, Any] = {
-        "model": loaded.source,
         "plan": asdict(plan),
         "pair_spec": asdict(pairs),
         "rounds": [],
@@ -171,6 +172,7 @@ def mitigation_run(
     if plan.eval_tasks:
         record["after"] = evaluate_heldout(model, tokenizer, plan.eval_tasks, **heldout)
     record["wall_time_s"] = round(time.perf_counter() - started, 3)
+    record = {**Provenance.now(MITIGATION_FORMAT, model=loaded.source).to_dict(), **record}
     if out is not None:
         save_mitigated(model, tokenizer, out, record, overwrite=overwrite)
         if checkpoints is not None:
