@@ -3,9 +3,11 @@
 :func:`collect` walks each run directory and turns every output it recognizes into a :class:`Section` (facts,
 tables, figures) through a registry of readers, one per kind of output: per-layer scores (``scores.json``,
 ``eavss.json``), pruning records, evaluation results, demo summaries, study tables, provenance files, plots.
-Anything unrecognized falls through to a generic reader, so a report never fails because a run is partial or
-newer than this module. :func:`render_html` and :func:`render_markdown` only format; the HTML embeds plots as
-base64 data URIs and carries its CSS inline, so the page opens offline and can be mailed as one file.
+A JSON file goes to the reader of its ``format`` tag (:mod:`avss.provenance`); only files written before
+avss tagged its outputs are recognized by their keys. Anything unrecognized falls through to a generic
+reader, so a report never fails because a run is partial or newer than this module. :func:`render_html` and
+:func:`render_markdown` only format; the HTML embeds plots as base64 data URIs and carries its CSS inline, so
+the page opens offline and can be mailed as one file.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from avss import __version__
 from avss.checkpoint import is_checkpoint
 from avss.errors import DataError
 from avss.io import atomic_directory, atomic_write_text
+from avss.provenance import utc_now
 
 MAX_TABLE_ROWS = 200
 MAX_JSON_BYTES = 20 << 20
@@ -36,7 +38,7 @@ MODEL_FILES |= {"special_tokens_map.json", "model.safetensors.index.json", "chat
 # Headline results first, long per-layer tables and everything unrecognized after them (stable sort).
 HEADLINES = ("Prune and compare", "summary", "Pruned layers", "Evaluation", "Plots")
 SECTION_ORDER = {title: rank for rank, title in enumerate((*HEADLINES, "EAVSS per layer", "AVSS per layer"))}
-PROVENANCE_KEYS = ("command", "created", "avss_version", "versions", "model", "source_model")
+PROVENANCE_KEYS = ("format", "command", "created", "avss_version", "versions", "model", "source_model")
 
 
 @dataclass
@@ -79,23 +81,35 @@ class RunReport:
 class Report:
     runs: list[RunReport]
     comparisons: list[Table] = field(default_factory=list)
-    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    created: str = field(default_factory=utc_now)
 
 
 # --- readers --------------------------------------------------------------------------------
 
 JsonReader = Callable[[Path, dict[str, Any]], Section]
-READERS: list[tuple[Callable[[Path, Any], bool], JsonReader]] = []
+Shape = Callable[[dict[str, Any]], bool]
+# Format family (the tag before "/", e.g. "avss-pruning") -> its reader, which reads every version of it.
+FORMAT_READERS: dict[str, JsonReader] = {}
+# Files written before avss tagged its outputs have no "format"; these tests of their keys recognize them,
+# tried in registration order.
+UNTAGGED_READERS: list[tuple[Shape, JsonReader]] = []
 
 
-def reader(matches: Callable[[Path, Any], bool]) -> Callable[[JsonReader], JsonReader]:
-    """Register a JSON reader; readers are tried in registration order and the first match wins."""
+def reader(*families: str, untagged: Shape | None = None) -> Callable[[JsonReader], JsonReader]:
+    """Register a JSON reader for the format ``families``; ``untagged`` recognizes the same output in files
+    written before it carried a format tag."""
 
     def register(function: JsonReader) -> JsonReader:
-        READERS.append((matches, function))
+        FORMAT_READERS.update(dict.fromkeys(families, function))
+        if untagged is not None:
+            UNTAGGED_READERS.append((untagged, function))
         return function
 
     return register
+
+
+def format_family(tag: Any) -> str:
+    return str(tag).partition("/")[0]
 
 
 def provenance_of(data: dict[str, Any]) -> dict[str, Any]:
@@ -109,9 +123,11 @@ def model_name(model: Any) -> str:
 
 
 @reader(
-    lambda path, data: (
+    "avss-scores",
+    "avss-eavss",
+    untagged=lambda data: (
         isinstance(data.get("layers"), list) and data["layers"] and "layer" in data["layers"][0]
-    )
+    ),
 )
 def per_layer_scores(path: Path, data: dict[str, Any]) -> Section:
     """Per-layer scores (``avss score``, EAVSS): one row per layer, every numeric column, ranked by score."""
@@ -124,7 +140,7 @@ def per_layer_scores(path: Path, data: dict[str, Any]) -> Section:
         ranks = {layer: rank for rank, layer in enumerate(order)}
         columns = [*columns, f"rank by {rank_key} (0 = lowest)"]
         table_rows = [[*row, ranks[i]] for i, row in enumerate(table_rows)]
-    title = "EAVSS per layer" if "eavss" in path.stem else "AVSS per layer"
+    title = "EAVSS per layer" if rank_key == "eavss" else "AVSS per layer"
     facts = {"model": model_name(data.get("model")), "layers": len(rows), **data.get("options", {})}
     if data.get("num_tokens"):
         facts["calibration tokens"] = data["num_tokens"]
@@ -138,8 +154,9 @@ def per_layer_scores(path: Path, data: dict[str, Any]) -> Section:
     )
 
 
-@reader(lambda path, data: "removed_layers" in data and "kept_layers" in data)
+@reader("avss-pruning", untagged=lambda data: "removed_layers" in data and "kept_layers" in data)
 def pruning_record(path: Path, data: dict[str, Any]) -> Section:
+    """``avss_pruning.json`` beside a pruned model, and the sidecar of a pruned GGUF."""
     original = data.get("original_num_layers") or len(data["removed_layers"]) + len(data["kept_layers"])
     facts = {
         "source model": model_name(data.get("source_model")),
@@ -154,11 +171,12 @@ def pruning_record(path: Path, data: dict[str, Any]) -> Section:
             if value not in (None, [])
         },
     }
+    # Untagged records (version 1) kept command and versions under options.
     provenance = {**provenance_of(data.get("options", {})), **provenance_of(data)}
     return Section("Pruned layers", path, facts=facts, provenance=provenance)
 
 
-@reader(lambda path, data: str(data.get("format", "")).startswith("avss-eval/"))
+@reader("avss-eval")  # every evaluation result carried a format tag
 def evaluation_results(path: Path, data: dict[str, Any]) -> Section:
     rows = [
         [task, metric, value, result.get("num_examples")]
@@ -173,7 +191,7 @@ def evaluation_results(path: Path, data: dict[str, Any]) -> Section:
     return Section("Evaluation", path, facts=facts, tables=[table], provenance=provenance_of(data))
 
 
-@reader(lambda path, data: isinstance(data.get("comparisons"), dict) and "removed" in data)
+@reader("avss-demo", untagged=lambda data: isinstance(data.get("comparisons"), dict) and "removed" in data)
 def demo_summary(path: Path, data: dict[str, Any]) -> Section:
     """``make demo``'s summary: each pruning variant against the base, one row per task metric."""
 
@@ -298,18 +316,26 @@ def read_json(path: Path) -> Any:
         return None
 
 
+def reader_of(data: dict[str, Any]) -> JsonReader | None:
+    """The reader of the file's format family, or by its keys for a file without a tag (written before avss
+    tagged its outputs). Families without a reader here (healing, mitigation, study) are shown generically."""
+    if "format" in data:
+        return FORMAT_READERS.get(format_family(data["format"]))
+    return next((read for matches, read in UNTAGGED_READERS if matches(data)), None)
+
+
 def read_known(path: Path, data: Any) -> Section | None:
-    """The first registered reader's section, or ``None`` when no reader knows this layout (including a
-    newer or hand-edited file that a matching reader cannot parse)."""
+    """The section of the file's reader, or ``None`` when no reader knows this file (including a newer or
+    hand-edited file that its reader cannot parse)."""
     if not isinstance(data, dict):
         return None
-    for matches, read in READERS:
-        if matches(path, data):
-            try:
-                return read(path, data)
-            except (KeyError, TypeError, ValueError, ZeroDivisionError):
-                return None
-    return None
+    read = reader_of(data)
+    if read is None:
+        return None
+    try:
+        return read(path, data)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
 
 
 def collect_run(directory: Path) -> RunReport:
