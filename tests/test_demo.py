@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from avss.demo import SAVED, VARIANTS, DemoOptions, run_demo
+from avss.demo import DEMO_FORMAT, SAVED, VARIANTS, DemoOptions, run_demo
+from avss.prune import PRUNING_FORMAT
 from avss.report import collect, render_markdown
+from test_provenance import assert_stamped
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 
@@ -61,7 +63,9 @@ def test_demo_compares_three_variants_and_reloads_the_patched_model(saved_model,
     assert reloaded.config.num_hidden_layers == 4
     record = json.loads((tmp_path / "demo" / "model" / "avss_pruning.json").read_text())
     assert record["patch"] is not None and record["removed_layers"] == result.removed[SAVED]
+    assert_stamped(record, PRUNING_FORMAT)
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert_stamped(summary, DEMO_FORMAT)
     assert len(summary["summary"]) == len(VARIANTS) and "retention" in summary["summary"][1]
     page = render_markdown(collect([tmp_path / "demo"]), title="demo")  # the report reads the real writer
     assert "Prune three ways and compare" in page and "block_influence+patch" in page

@@ -28,7 +28,8 @@ from avss.gguf_prune import (
     sidecar_path,
 )
 from avss.models import load_model
-from avss.prune import remove_layers
+from avss.prune import PRUNING_FORMAT, remove_layers
+from test_provenance import assert_stamped
 
 NUM_LAYERS = 6
 REMOVED = [1, 4]
@@ -205,7 +206,8 @@ def test_cli_prunes_a_gguf_into_a_gguf_and_evaluates_it(
     code, text = run_cli(cli, ["prune", str(source), *FAST, "--out", str(out), *extra])
     assert code == 0, text
     record = json.loads(sidecar_path(out).read_text())
-    assert record["source_model"]["kind"] == "gguf"
+    assert_stamped(record, PRUNING_FORMAT)
+    assert record["source_model"]["kind"] == "gguf" and record["gguf"]["tensors_copied"]
     assert len(record["removed_layers"]) == 2
     assert record["selection"]["iterative"] == ("--iterative" in extra)
     reference, _ = hf_pruned_logits(source, record["removed_layers"])

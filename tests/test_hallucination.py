@@ -13,7 +13,8 @@ from avss.errors import DataError
 from avss.hallucination import SPLITS, eavss_scores, load_pairs, split_of
 from avss.hallucination.batches import answer_batches, contrastive_batches
 from avss.hallucination.pairs import greedy_answers
-from avss.hallucination.scoring import EavssOptions, score_eavss
+from avss.hallucination.scoring import EAVSS_FORMAT, EavssOptions, score_eavss
+from test_provenance import assert_stamped
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -182,6 +183,7 @@ def test_score_eavss_on_a_tiny_model(tokenizer, data_dir: Path, tmp_path: Path) 
     out = run.save(tmp_path / "run")
     saved = json.loads((out / "eavss.json").read_text())
     assert len(saved["layers"]) == 4 and "avss_normalized" in saved["layers"][0]
+    assert_stamped(saved, EAVSS_FORMAT)
     assert (out / "eavss.png").stat().st_size > 1000
 
 

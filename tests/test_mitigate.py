@@ -20,6 +20,7 @@ from avss.hallucination.eavss import eavss_scores
 from avss.hallucination.heldout import evaluate_heldout
 from avss.hallucination.losses import infonce, logprob_margin
 from avss.hallucination.mitigate import (
+    MITIGATION_FORMAT,
     ContrastiveObjective,
     MitigationConfigError,
     MitigationOptions,
@@ -27,8 +28,11 @@ from avss.hallucination.mitigate import (
     mitigate,
     save_mitigated,
 )
+from avss.hallucination.scoring import EAVSS_FORMAT
+from avss.report import collect
 from avss.training import CHECKPOINT_FILE, TrainConfig, lora_module_names, train
 from test_hallucination import data_dir  # noqa: F401  (fixture)
+from test_provenance import assert_stamped
 
 
 def scores_for(values: list[float]):
@@ -156,7 +160,9 @@ def test_cli_hallucination_and_mitigate(tokenizer, data_dir: Path, tmp_path: Pat
     common = ["--data-dir", str(data_dir), "--device", "cpu", "--limit", "8"]
     scored = runner.invoke(app, ["hallucination", str(model_dir), "--out", str(tmp_path / "eavss"), *common])
     assert scored.exit_code == 0, scored.output
-    assert len(json.loads((tmp_path / "eavss" / "eavss.json").read_text())["layers"]) == 4
+    scores = json.loads((tmp_path / "eavss" / "eavss.json").read_text())
+    assert len(scores["layers"]) == 4
+    assert_stamped(scores, EAVSS_FORMAT)
     args = ["mitigate", str(model_dir), "--out", str(tmp_path / "m"), "--k", "2", "--rounds", "2", *common]
     evaluation = ["--eval", "--eval-tasks", "truthfulqa_mc", "--eval-limit", "3"]
     mitigated = runner.invoke(app, [*args, "--val-limit", "4", "--max-length", "48", *evaluation])
@@ -164,6 +170,12 @@ def test_cli_hallucination_and_mitigate(tokenizer, data_dir: Path, tmp_path: Pat
     record = json.loads((tmp_path / "m" / "avss_mitigation.json").read_text())
     assert 1 <= len(record["rounds"]) <= 2 and len(record["rounds"][0]["layers"]) == 2
     assert record["after"]["num_examples"]["truthfulqa_mc"] == 3 and "Before / after" in mitigated.output
+    assert_stamped(record, MITIGATION_FORMAT)
+    assert record["model"]["kind"] == scores["model"]["kind"]
+    assert "versions" not in record["rounds"][0]["mitigation"], "versions are recorded once, at the top"
+    sections = {section.source.name: section for section in collect([tmp_path]).runs[0].sections}
+    assert sections["eavss.json"].title == "EAVSS per layer", "the report reads the real writers' files"
+    assert sections["avss_mitigation.json"].provenance["format"] == MITIGATION_FORMAT
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "m").config.num_hidden_layers == 4
 
 

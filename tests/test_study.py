@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from avss.cli._app import app
 from avss.errors import OutputError, PruneConfigError
 from avss.pipeline import CalibrationOptions
-from avss.study import Study, StudyConfig, parse_limits, rank_correlations, slug
+from avss.study import STUDY_FORMAT, Study, StudyConfig, parse_limits, rank_correlations, slug
+from test_provenance import assert_stamped
 
 METHODS = ["avss", "avss[site=delta]", "angular", "random", "last", "loo_nll"]
 
@@ -167,6 +168,9 @@ def test_cli_study_writes_the_summary(saved_model, data_dir, tmp_path):
     result = CliRunner().invoke(app, arguments)
     assert result.exit_code == 0, result.output
     assert "avss[variance=pooled]" in (out / "summary.md").read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert_stamped(results, STUDY_FORMAT)
+    assert results["model"]["path"] and "environment" not in results
 
 
 def test_helpers():
