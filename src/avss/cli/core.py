@@ -44,6 +44,7 @@ from avss.models import DEFAULT_MODEL, EMBEDDED_MODELS, load_model, peek_num_lay
 from avss.pipeline import ScoreOptions, ScoreRun, score
 from avss.prune import PruneSpec, parse_layers
 from avss.scorers import LayerImportance, get_scorer
+from avss.sublayers import SAVED_NOTE, SUBLAYER_NAMES
 
 
 @app.command()
@@ -231,6 +232,15 @@ def prune_command(
     patch_ridge: Annotated[
         float, typer.Option(help="Ridge for --patch linear, relative to the mean eigenvalue of m^T m")
     ] = 0.0,
+    sublayer: Annotated[
+        str | None,
+        typer.Option(
+            help="attn or mlp: remove that sublayer of the chosen blocks instead of whole blocks (LLM-Drop; "
+            "rank with attn_influence, mlp_influence or avss, whose --site then defaults to it); --fraction, "
+            "--n-layers and --layers count sublayers. Saved with the removed sublayers' weights zeroed: the "
+            "saved files save no compute or parameters"
+        ),
+    ] = None,
 ) -> None:
     """Remove the least important layers of MODEL (AVSS by default) and save a model that reloads with
     from_pretrained."""
@@ -254,11 +264,19 @@ def prune_command(
         patch=patch,
         patch_ridge=patch_ridge,
         layers=given,
+        sublayer=sublayer,
     ).check(iterative=iterative)
+    if sublayer is not None and (heal or is_gguf_path(out)):
+        raise PruneConfigError(
+            "--sublayer saves a directory without healing: drop "
+            + ("--heal (heal the saved model with avss heal)" if heal else "the .gguf --out")
+        )
     heal_config = HealConfig(method=heal, steps=heal_steps) if heal else None
     gguf_input = check_gguf_prune(model, out, overwrite, heal) if is_gguf_path(out) else None
     if gguf_input is None:
         check_output_dir(out, overwrite)
+    if sublayer is not None and from_default(ctx, "site"):
+        site = sublayer  # AVSS measured where the removal happens
     avss_options = f"avss[site={site},variance={variance},threshold={threshold}]"
     scorer = None if given else get_scorer(avss_options if method == "avss" else method)
     if given and (num_layers := peek_num_layers(model)) is not None:
@@ -284,5 +302,15 @@ def prune_command(
             f"linear patch folded into blocks {[run['folded_into'] for run in runs]} ({tokens} fit tokens); "
             f"hidden-state error left of plain removal: {left}"
         )
+    if result.record.sublayers is not None:
+        removed = result.record.sublayers
+        name, parameters = SUBLAYER_NAMES[removed["kind"]], removed["parameters_removed_in_memory"]
+        console.print(
+            f"removed the {name} sublayers of blocks {removed['removed']}; all {len(result.kept)} blocks "
+            f"remain. {parameters:,} parameters (as many as {removed['block_equivalent']:.2f} blocks) "
+            f"no longer run in memory. Saved to {out}"
+        )
+        console.print(f"note: {SAVED_NOTE}", style="yellow")
+        return
     order = " (in this order)" if iterative else ""
     console.print(f"removed layers {selection.order}{order}; {len(result.kept)} remain. Saved to {out}")
