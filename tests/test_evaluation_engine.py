@@ -228,17 +228,36 @@ def test_contexts_of_different_lengths_batch_exactly(model_type):
         (list(c), [sequences[i][0][-sequences[i][1] :] for i in members])
         for c, members in batched._shared_contexts(sequences).items()
     ]
-    assert len(groups) == 4 and batched._can_batch_contexts(groups)
+    assert len(groups) == 4 and all(batched._can_pack(group) for group in groups)
     plain = LanguageModel(model, tokenizer, batch_size=4, share_context=False)
     for a, b in zip(batched.loglikelihood(requests), plain.loglikelihood(requests), strict=True):
         assert a.logprob == float32_approx(b.logprob)
         assert (a.is_greedy, a.num_tokens) == (b.is_greedy, b.num_tokens)
 
 
-def test_contexts_wider_than_a_sliding_window_run_one_at_a_time():
-    # Padding would take part of the window, so such contexts are not batched (tiny gemma3: 4 tokens).
+def test_sequences_longer_than_a_sliding_window_are_not_packed():
+    # A custom mask would not enforce the window (tiny gemma3: 4 tokens), so those go through the KV cache.
     model, tokenizer = tiny_model("gemma3_text"), tiny_tokenizer()
     lm = LanguageModel(model, tokenizer)
-    assert lm._attention_window == model.config.sliding_window
-    assert not lm._can_batch_contexts([([1, 2, 3], [[4]]), ([1, 2], [[5, 6]])])
-    assert lm._can_batch_contexts([([1], [[4]]), ([1, 2], [[5]])])
+    assert lm._attention_window == model.config.sliding_window == 4
+    assert not lm._can_pack(([1, 2, 3], [[4], [5, 6]]))
+    assert lm._can_pack(([1, 2], [[4], [5, 6]]))
+
+
+def test_packed_rows_score_each_option_as_if_alone():
+    row = engine._PackedRow.of([7, 8, 9], [[1], [2, 3], [4, 5, 6]])
+    assert row.tokens == [7, 8, 9, 2, 4, 5]  # each option's last token is only a target
+    assert row.positions == [0, 1, 2, 3, 3, 4]
+    assert row.segments == [0, 0, 0, 2, 3, 3]
+    assert row.keep == 4
+    assert row.predictors() == [[2], [2, 3], [2, 4, 5]]
+    mask = engine._packed_mask(torch.tensor([[-1, *row.segments]]), torch.float32)[0, 0] == 0
+    assert mask.tolist()[1:] == [
+        [False, True, False, False, False, False, False],
+        [False, True, True, False, False, False, False],
+        [False, True, True, True, False, False, False],
+        [False, True, True, True, True, False, False],
+        [False, True, True, True, False, True, False],
+        [False, True, True, True, False, True, True],
+    ]
+    assert mask[0].tolist() == [True, False, False, False, False, False, False]  # padding sees itself

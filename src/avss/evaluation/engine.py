@@ -79,6 +79,59 @@ class NLL:
         return perplexity_from_nll(self.total, self.num_tokens)
 
 
+Group = tuple[list[int], list[list[int]]]  # a shared context's tokens and its continuations' tokens
+
+
+@dataclass(frozen=True)
+class _PackedRow:
+    """A context and its continuations as one sequence: ``context + c_1[:-1] + c_2[:-1] + ...``.
+
+    Each continuation's last token is only a target. ``positions`` restart after the context for every
+    continuation, so each one is scored at the positions it would have alone; ``segments`` say which part a
+    token belongs to (0 the context, i the i-th continuation) for the attention mask.
+    """
+
+    context: list[int]
+    continuations: list[list[int]]
+    tokens: list[int]
+    positions: list[int]
+    segments: list[int]
+
+    @classmethod
+    def of(cls, context: list[int], continuations: list[list[int]]) -> _PackedRow:
+        tokens, positions, segments = list(context), list(range(len(context))), [0] * len(context)
+        for index, continuation in enumerate(continuations, 1):
+            inputs = continuation[:-1]
+            tokens += inputs
+            positions += range(len(context), len(context) + len(inputs))
+            segments += [index] * len(inputs)
+        return cls(context, continuations, tokens, positions, segments)
+
+    @property
+    def keep(self) -> int:
+        """Trailing positions that hold every prediction: the context's last token and every option input."""
+        return len(self.tokens) - len(self.context) + 1
+
+    def predictors(self) -> list[list[int]]:
+        """Per continuation, the packed indices whose outputs predict its tokens."""
+        out, start = [], len(self.context)
+        for continuation in self.continuations:
+            out.append([len(self.context) - 1, *range(start, start + len(continuation) - 1)])
+            start += len(continuation) - 1
+        return out
+
+
+def _packed_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive ``(batch, 1, width, width)`` mask of packed rows: a token sees the earlier tokens of the
+    context and of its own segment; padding (segment -1) sees only itself, so no softmax row is empty."""
+    query, key = segments[:, :, None], segments[:, None, :]
+    width = segments.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = causal & (key >= 0) & ((key == 0) | (key == query))
+    allowed |= torch.eye(width, dtype=torch.bool)
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
 @dataclass(frozen=True)
 class _Row:
     """Tokens fed to the model plus the one they predict last; the final ``n`` tokens are scored."""
@@ -229,80 +282,106 @@ class LanguageModel:
             and (len(members) - 1) * len(context) >= sum(sequences[i][1] for i in members)
         }
 
-    def _score_shared_contexts(
-        self, groups: Sequence[tuple[list[int], list[list[int]]]]
-    ) -> list[list[Loglikelihood]]:
-        """Score each ``(context, continuations)`` group: every context runs once, and its continuations
-        attend to its KV cache instead of repeating it (a SciQ passage is shared by four options).
+    def _score_shared_contexts(self, groups: Sequence[Group]) -> list[list[Loglikelihood]]:
+        """Score each ``(context, continuations)`` group so that its context runs once.
 
-        Contexts of similar length (longest first) run together in one left-padded batch, so each one's
-        last token sits in the last column; explicit position ids keep every row's positions those of an
-        unpadded run. Groups run one at a time where a batch would not be exact: for models whose forward
-        takes no position ids, and where the padded rows would not fit a sliding attention window (padding
-        would take part of it).
+        Where the model takes position ids, each group becomes one packed row, ``context + option 1 + option 2
+        + ...``, whose attention mask lets every option see the context and itself only; rows of similar
+        length run together, left-padded so that the scored positions share the last columns. Otherwise (and
+        where a sequence would not fit a sliding attention window, which a custom mask would not enforce),
+        the options of one group attend to rows of the context's KV cache.
         """
-        order = sorted(range(len(groups)), key=lambda g: -len(groups[g][0]))
+        packable = [g for g, group in enumerate(groups) if self._can_pack(group)]
+        results = dict(zip(packable, self._score_packed([groups[g] for g in packable]), strict=True))
+        for g, group in enumerate(groups):
+            if g not in results:
+                results[g] = self._score_on_cache(*group)
+        return [results[g] for g in range(len(groups))]
+
+    def _can_pack(self, group: Group) -> bool:
+        context, continuations = group
+        longest = len(context) + max(len(c) for c in continuations)
+        return self._accepts_position_ids and (
+            self._attention_window is None or longest <= self._attention_window
+        )
+
+    def _score_packed(self, groups: Sequence[Group]) -> list[list[Loglikelihood]]:
+        """Packed rows (see :meth:`_score_shared_contexts`), longest first, ``batch_size`` rows a forward."""
+        rows = [_PackedRow.of(context, continuations) for context, continuations in groups]
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i].tokens))
         results: dict[int, list[Loglikelihood]] = {}
         start = 0
         while start < len(order):
-            chunk = [order[start]]
-            for g in order[start + 1 : start + self.batch_size]:
-                candidate = [*chunk, g]
-                if not self._can_batch_contexts([groups[i] for i in candidate]):
-                    break
-                chunk = candidate
-            results.update(zip(chunk, self._score_context_batch([groups[g] for g in chunk]), strict=True))
-            start += len(chunk)
-        return [results[g] for g in range(len(groups))]
-
-    def _can_batch_contexts(self, groups: Sequence[tuple[list[int], list[list[int]]]]) -> bool:
-        if not self._accepts_position_ids:
-            return False
-        width = max(len(context) for context, _ in groups)
-        longest = max(len(c) for _, continuations in groups for c in continuations)
-        return self._attention_window is None or width + longest <= self._attention_window
+            candidates = [rows[i] for i in order[start : start + self.batch_size]]
+            count = self._rows_within_budget(max(row.keep for row in candidates))
+            batch = order[start : start + count]
+            results.update(zip(batch, self._forward_packed([rows[i] for i in batch]), strict=True))
+            self.progress.advance(sum(len(rows[i].continuations) for i in batch))
+            start += count
+        return [results[i] for i in range(len(rows))]
 
     @torch.inference_mode()
-    def _score_context_batch(
-        self, groups: Sequence[tuple[list[int], list[list[int]]]]
-    ) -> list[list[Loglikelihood]]:
-        """One forward over the groups' contexts, then batches of continuations on the rows of its cache."""
+    def _forward_packed(self, rows: list[_PackedRow]) -> list[list[Loglikelihood]]:
+        width = max(len(row.tokens) for row in rows)
+        keep = max(row.keep for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        segments = torch.full(
+            (len(rows), width), -1, dtype=torch.long
+        )  # -1: padding, 0: context, i: option i
+        for r, row in enumerate(rows):
+            span = slice(width - len(row.tokens), width)
+            input_ids[r, span] = torch.tensor(row.tokens)
+            positions[r, span] = torch.tensor(row.positions)
+            segments[r, span] = torch.tensor(row.segments)
+        dtype = next(self.model.parameters()).dtype
+        kwargs: dict[str, Any] = {"logits_to_keep": keep} if self._accepts_logits_to_keep else {}
+        logits = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=_packed_mask(segments, dtype).to(self.device),
+            position_ids=positions.to(self.device),
+            **kwargs,
+        ).logits[:, -keep:]
+        results = []
+        for r, row in enumerate(rows):
+            # Packed index p sits in kept column keep - len(tokens) + p.
+            shift = keep - len(row.tokens)
+            results.append(
+                [
+                    _pick(logits[r, [shift + p for p in predictors]], continuation, self._normalize)
+                    for continuation, predictors in zip(row.continuations, row.predictors(), strict=True)
+                ]
+            )
+        return results
+
+    @torch.inference_mode()
+    def _score_on_cache(self, context: list[int], continuations: list[list[int]]) -> list[Loglikelihood]:
+        """One forward over the context, then batches of continuations on rows of its KV cache (positions
+        continue where the context ends)."""
         kwargs: dict[str, Any] = {"logits_to_keep": 1} if self._accepts_logits_to_keep else {}
-        input_ids, mask = _padded([context for context, _ in groups], self.pad_id, left=True)
-        if self._accepts_position_ids:
-            kwargs["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0).to(self.device)
-        prefix = self.model(
-            input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), use_cache=True, **kwargs
-        )
-        # Each context's last position predicts its continuations' first token.
-        first = prefix.logits[:, -1:]
-        lengths = mask.sum(1)
-        rows = [
-            (g, continuation) for g, (_, continuations) in enumerate(groups) for continuation in continuations
-        ]
-        results: list[list[Loglikelihood]] = [[] for _ in groups]
+        prefix = self.model(input_ids=torch.tensor([context], device=self.device), use_cache=True, **kwargs)
+        # The context's last position predicts every continuation's first token.
+        first = prefix.logits[0, -1:]
+        results = []
         start = 0
-        while start < len(rows):
-            candidates = rows[start : start + self.batch_size]
-            chunk = candidates[: self._rows_within_budget(max(len(c) for _, c in candidates))]
-            owners = torch.tensor([g for g, _ in chunk])
+        while start < len(continuations):
+            candidates = continuations[start : start + self.batch_size]
+            chunk = candidates[: self._rows_within_budget(max(len(c) for c in candidates))]
             logits = first.new_empty(len(chunk), 0, first.shape[-1])
-            if max(len(c) for _, c in chunk) > 1:
+            if max(len(c) for c in chunk) > 1:
                 # Each continuation's last token is only a target, never an input.
-                continuation_ids, continuation_mask = _padded([c[:-1] for _, c in chunk], self.pad_id)
-                step: dict[str, Any] = {self._cache_name: _cache_rows(prefix[self._cache_name], owners)}
-                if self._accepts_position_ids:
-                    offsets = torch.arange(continuation_ids.shape[1])
-                    step["position_ids"] = (lengths[owners, None] + offsets).to(self.device)
+                input_ids, mask = _padded([c[:-1] for c in chunk], self.pad_id)
+                attention_mask = torch.cat([torch.ones(len(chunk), len(context), dtype=torch.long), mask], 1)
+                cache = _cache_rows(prefix[self._cache_name], torch.zeros(len(chunk), dtype=torch.long))
                 logits = self.model(
-                    input_ids=continuation_ids.to(self.device),
-                    attention_mask=torch.cat([mask[owners], continuation_mask], 1).to(self.device),
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=attention_mask.to(self.device),
                     use_cache=True,
-                    **step,
+                    **{self._cache_name: cache},
                 ).logits
-            for row, (g, continuation) in enumerate(chunk):
-                scored = torch.cat([first[g], logits[row, : len(continuation) - 1]])
-                results[g].append(_pick(scored, continuation, self._normalize))
+            for row, continuation in enumerate(chunk):
+                scored = torch.cat([first, logits[row, : len(continuation) - 1]])
+                results.append(_pick(scored, continuation, self._normalize))
             self.progress.advance(len(chunk))
             start += len(chunk)
         return results
