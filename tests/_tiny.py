@@ -50,6 +50,7 @@ TINY_CONFIGS: dict[str, dict] = {
     "gemma2": _DECODER,
     "gemma3_text": dict(_DECODER, sliding_window=4),
     "phi3": _DECODER,
+    "olmo2": {k: v for k, v in _DECODER.items() if k != "head_dim"},
     "gpt2": dict(n_embd=32, n_head=4, n_positions=256),
     "gpt_neox": dict(
         hidden_size=32, intermediate_size=64, num_attention_heads=4, max_position_embeddings=256

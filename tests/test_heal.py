@@ -65,9 +65,12 @@ def test_spans_neighbours_and_replacement_plan():
     assert [(p.first, p.last, p.template, p.insert_at) for p in plans] == [(0, 0, 1, 0), (3, 4, 2, 3)]
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_healing_lowers_the_calibration_loss(method, tokenizer):
-    _, pruned = pruned_pair()
+@pytest.mark.parametrize(
+    ("method", "model_type"), [("lora", "llama"), ("full", "llama"), ("lora", "olmo2"), ("lora", "gpt2")]
+)
+def test_healing_lowers_the_calibration_loss(method, model_type, tokenizer):
+    # olmo2 normalizes after attention and MLP (no pre-MLP norm); gpt2's projections are Conv1D.
+    _, pruned = pruned_pair(model_type)
     batches = [random_batch(seed=s) for s in range(2)]
     result = heal_in_memory(pruned, tokenizer, REMOVED, TEXTS, config(method), progress=False)
     losses = result.record.training["val_loss"]

@@ -97,7 +97,8 @@ def test_contrastive_loss_decreases_when_overfitting(
 
 
 @pytest.mark.parametrize(
-    ("model_type", "lora"), [("llama", False), ("llama", True), ("gpt2", False), ("gpt2", True)]
+    ("model_type", "lora"),
+    [("llama", False), ("llama", True), ("gpt2", False), ("gpt2", True), ("olmo2", False), ("olmo2", True)],
 )
 def test_saved_mitigated_model_reloads(
     tokenizer,
