@@ -106,6 +106,12 @@ FIXES: dict[str, dict[str, str]] = {
         "--layers not integers": "Give block indices separated by commas, e.g. `--layers 3,5,21`.",
         "--layers with --fraction": "`--layers` is the whole selection: drop the options that choose blocks "
         "by score (`--fraction`, `--n-layers`, `--method`, ...).",
+        "unknown --sublayer": "Use `--sublayer attn` (attention) or `--sublayer mlp`.",
+        "--sublayer with --patch": "The linear patch stands in for removed blocks and `--sublayer` keeps "
+        "every block: drop one of the two.",
+        "--sublayer with --heal": "Prune and save first, then heal the saved model with `avss heal`.",
+        "--sublayer on parallel attention and MLP": "Sublayers can be scored and removed only where the "
+        "residual stream between attention and MLP exists (the families listed); remove whole blocks.",
     },
     "Hallucination and mitigation options": {
         "unknown --combine (hallucination)": "Use `--combine ratio` (H/T) or `--combine diff` (|H-T|).",

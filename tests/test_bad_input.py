@@ -112,6 +112,12 @@ def unsupported_architecture(path: Path) -> None:
     tiny_tokenizer().save_pretrained(path)
 
 
+def save_tiny(path: Path, model_type: str) -> None:
+    """A tiny model of another supported family, saved with the tokenizer at ``path``."""
+    tiny_model(model_type, NUM_LAYERS).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+
+
 def poison(value: float, layer: int = 2) -> Callable[[Path], None]:
     """Set one block's MLP output weights to NaN or Inf, so that block's activations are non-finite."""
 
@@ -438,6 +444,23 @@ CLI_CASES = [
         "--layers with --fraction",
         lambda ws: prune(ws, "--layers", "1", "--fraction", "0.5"),
         ("drop --fraction",),
+    ),
+    Case("unknown --sublayer", lambda ws: prune(ws, "--sublayer", "heads"), ("unknown --sublayer 'heads'",)),
+    Case(
+        "--sublayer with --patch",
+        lambda ws: prune(ws, "--sublayer", "attn", "--patch", "linear"),
+        ("--sublayer cannot be combined with --patch",),
+    ),
+    Case(
+        "--sublayer with --heal",
+        lambda ws: prune(ws, "--sublayer", "attn", "--heal", "lora"),
+        ("drop --heal",),
+    ),
+    Case(
+        "--sublayer on parallel attention and MLP",
+        lambda ws: prune(ws, "--sublayer", "attn", model=str(ws.root / "neox")),
+        ("gpt_neox has no residual stream between its attention and MLP sublayers", "supported: gemma"),
+        setup=lambda ws: save_tiny(ws.root / "neox", "gpt_neox"),
     ),
     # --- activations ---
     Case(
