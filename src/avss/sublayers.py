@@ -10,8 +10,9 @@ them can be read, is the architecture table's business (``attn_residual`` and ``
 Saving. A plain Hugging Face config cannot say "block 3 has no attention", and a saved model must reload with
 ``from_pretrained`` and no custom code, so a model with removed sublayers is written with every tensor of each
 removed sublayer set to zero (:func:`restored_sublayers`). Its output is then exactly zero: the attention's
-output projection and bias are zero (and so are its queries, keys and values, so the zeroed sublayer also
-stays dead under LoRA or full fine-tuning, whose gradients through a zero projection of a zero input vanish).
+output projection and bias are zero, and so are its queries, keys and values, so healing cannot revive it
+(every gradient into those weights passes a zero projection or a zero input: LoRA leaves them at zero; full
+fine-tuning can only grow an output bias, where there is one, into a constant).
 The reloaded model gives the in-memory model's logits, but **saves no compute and no parameters in the saved
 files**: the record (``avss_pruning.json``) and the command line say so. What the removal buys on disk and at
 inference needs a runtime that skips zeroed sublayers; a block budget saves both everywhere.
