@@ -31,7 +31,6 @@ from avss.sublayers import (
     removed_sublayers,
     sublayer_parameters,
 )
-from test_sublayer_scores import model_of
 
 # The projection that writes each sublayer's output, by hand for each family (nothing from the adapter).
 OUTPUT_PROJECTION = {
@@ -70,7 +69,7 @@ def assert_float32_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 @pytest.mark.parametrize("kind", ["attn", "mlp"])
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_in_memory_removal_equals_zeroing_the_output_projection(model_type, kind):
-    reference, pruned = model_of(model_type, NUM_LAYERS), model_of(model_type, NUM_LAYERS)
+    reference, pruned = tiny_model(model_type, NUM_LAYERS), tiny_model(model_type, NUM_LAYERS)
     zero_output_projections(reference, kind, [0, 3])
     held = sum(p.numel() for p in pruned.parameters())
     sizes = sublayer_parameters(pruned, kind)
@@ -86,7 +85,7 @@ def test_in_memory_removal_equals_zeroing_the_output_projection(model_type, kind
 def test_cached_decoding_equals_a_full_forward_with_block_0_attention_removed(model_type):
     """Models read the tokens seen from layer 0's cache; a removed attention still advances its layer.
     Gemma 3's tiny config has a sliding window of 4, so its local layers' cache wraps too."""
-    model = model_of(model_type, 4)
+    model = tiny_model(model_type, 4)
     remove_sublayers(model, "attn", [0, 2])
     ids = random_batch(2, 12, pad_rows=False)["input_ids"]
     full = logits(model, {"input_ids": ids})

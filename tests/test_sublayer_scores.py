@@ -8,10 +8,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from _precision import FLOAT32_PATHS
-from _tiny import VOCAB, random_batch, tiny_model
+from _tiny import random_batch, tiny_model
 from avss.adapters import get_adapter
 from avss.collect import collect_statistics
 from avss.distributed import pack, unpack
@@ -29,29 +28,6 @@ ATTENTION_OUTPUT = {
     "gemma3_text": "post_attention_layernorm",
     "olmo2": "post_attention_layernorm",
 }
-
-
-def tiny_olmo2(num_layers: int = 4, seed: int = 0) -> torch.nn.Module:
-    """OLMo 2 (no pre-MLP norm, post-sublayer norms) is not among the shared tiny configs."""
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model(
-        "olmo2",
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        vocab_size=VOCAB,
-        num_hidden_layers=num_layers,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
-def model_of(model_type: str, num_layers: int = 4) -> torch.nn.Module:
-    return tiny_olmo2(num_layers) if model_type == "olmo2" else tiny_model(model_type, num_layers)
 
 
 def batches() -> list[dict[str, torch.Tensor]]:
@@ -107,7 +83,7 @@ def direct_influence(model: torch.nn.Module, data: list[dict[str, torch.Tensor]]
 
 @pytest.mark.parametrize("model_type", sorted(ATTENTION_OUTPUT))
 def test_sublayer_influence_equals_a_direct_computation(model_type):
-    model = model_of(model_type)
+    model = tiny_model(model_type)
     data = batches()
     expected = direct_influence(model, data)
     scorers = [get_scorer("attn_influence"), get_scorer("mlp_influence")]
