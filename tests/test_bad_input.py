@@ -544,6 +544,37 @@ CLI_CASES = [
         ("exists and is a file",),
     ),
     Case(
+        "study --dtype unknown",
+        lambda ws: ["study", ws.model, "--methods", "last", "--dtype", "float8", "--out", str(ws.out / "s")],
+        ("invalid dtype 'float8'",),
+        patch=lambda mp: mp.setattr("avss.study.load_model", refuse_to_load),
+    ),
+    Case(
+        "demo fraction out of range",
+        lambda ws: ["demo", ws.model, "--fraction", "1.5", "--out", str(ws.out / "demo")],
+        ("strictly between 0 and 1",),
+        patch=lambda mp: mp.setattr("avss.demo.load_model", refuse_to_load),
+    ),
+    Case(
+        "demo --dtype unknown",
+        lambda ws: ["demo", ws.model, "--dtype", "float8", "--out", str(ws.out / "demo")],
+        ("invalid --dtype 'float8'",),
+        patch=lambda mp: mp.setattr("avss.demo.load_model", refuse_to_load),
+    ),
+    Case(
+        "demo --out is a file",
+        lambda ws: ["demo", ws.model, "--out", ws.file("demo.txt", "keep me")],
+        ("demo.txt",),
+        patch=lambda mp: mp.setattr("avss.demo.load_model", refuse_to_load),
+    ),
+    Case(
+        "demo --out on a special filesystem",
+        lambda ws: ["demo", ws.model, "--out", "/proc/avss-demo"],
+        ("/proc",),
+        patch=lambda mp: mp.setattr("avss.demo.load_model", refuse_to_load),
+    ),
+    Case("models with an unknown option", lambda ws: ["models", "--frobnicate"], ("No such option",)),
+    Case(
         "report of a missing run directory",
         lambda ws: ["report", str(ws.root / "no-run"), "--out", str(ws.out / "report.html")],
         ("does not exist",),

@@ -21,14 +21,15 @@ import torch
 
 from avss.adapters import get_adapter
 from avss.data import TextSource, resolve_data_dir
+from avss.errors import DeviceError, PruneConfigError
 from avss.evaluation import evaluate
 from avss.evaluation.runner import EvalResult
 from avss.io import atomic_directory, atomic_write_json, atomic_write_text
 from avss.iterative import prune_with_scorer
-from avss.models import DEFAULT_MODEL, LoadedModel, load_model
+from avss.models import DEFAULT_MODEL, DTYPES, LoadedModel, load_model
 from avss.pipeline import CalibrationOptions
 from avss.provenance import Provenance
-from avss.prune import PruneSpec, save_pruned
+from avss.prune import PruneSpec, check_fraction, save_pruned
 from avss.scorers import get_scorer
 
 
@@ -65,6 +66,15 @@ class DemoOptions:
     device: str = "auto"
     dtype: str = "auto"
     data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        """Bad options fail here, before minutes of loading and scoring."""
+        check_fraction(self.fraction)
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise DeviceError(f"invalid --dtype {self.dtype!r}; use auto, {', '.join(DTYPES)}")
+        for name in ("samples", "max_length", "batch_size", "ppl_max_length"):
+            if getattr(self, name) < 1:
+                raise PruneConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
 
     def tasks(self) -> tuple[list[str], dict[str, int | None]]:
         """Tasks and per-task limits: the bundled text always, WikiText-2 and ARC-Easy with a data dir."""
