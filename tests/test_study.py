@@ -294,3 +294,25 @@ def test_an_option_added_later_keeps_an_older_study_folder_resumable(saved_model
             ),
             out,
         ).prepare()
+
+
+def test_attention_cells_remove_the_parameters_of_each_block_budget(saved_model, data_dir, tmp_path):
+    from avss.sublayers import equal_parameter_budget
+
+    out = tmp_path / "study"
+    small = config(
+        saved_model, data_dir, methods=["last"], attention_methods=["attn_influence"], iterative=False,
+        fractions=[0, 0.25, 0.5],
+    )  # fmt: skip
+    result = Study(small, out, progress=False).run()
+    model = Study(small, out).loaded.model
+    attention = {c.fraction: c for c in result.cells if c.mode == "attn"}
+    selection = json.loads((out / "selections" / "attn-influence__attn.json").read_text())
+    for fraction, cell in attention.items():
+        expected = equal_parameter_budget(model, round(fraction * 4), "attn")
+        assert expected.feasible and len(cell.removed) == expected.sublayers
+        assert cell.removed == sorted(selection["order"][: expected.sublayers])
+        assert cell.reused_from is None  # the same indices as a block cell are a different model
+    # One tiny block holds about three attentions' parameters: 3 of 4 fit, two blocks' worth (6) does not.
+    assert list(attention) == [0.25] and not equal_parameter_budget(model, 2, "attn").feasible
+    assert {row["mode"] for row in result.rows()} == {"oneshot", "attn"}

@@ -49,11 +49,13 @@ from avss.pipeline import CalibrationOptions
 from avss.provenance import Provenance
 from avss.prune import protected_layers, remove_layers
 from avss.scorers import Scorer, context_for, get_scorer
+from avss.sublayers import equal_parameter_budget, remove_sublayers
 
 DEFAULT_FRACTIONS = (0.0, 0.125, 0.25, 0.375, 0.5)
 DEFAULT_TASKS = ("wikitext2", "truthfulqa_mc", "sst2")
 ONESHOT, ITERATIVE = "oneshot", "iterative"
 PROTECTED = "oneshot+protect"  # a one-shot selection that keeps the blocks named by ``StudyConfig.protect``
+ATTENTION = "attn"  # attention sublayers removed (every block kept), at the parameters of a block budget
 HEALED = "+healed"  # mode suffix of a cell whose pruned model was healed before evaluation
 PATCHED = "+patch"  # mode suffix of a cell whose removed runs were replaced by a fitted linear map
 REPAIRS = (HEALED, PATCHED)
@@ -63,7 +65,18 @@ STUDY_FORMAT = "avss-study/3"
 RANDOM = "random"
 # Options that only say which cells exist (or how the tables resample them): a rerun may change them, and
 # every finished cell stays valid. Every other option defines what a cell measures and must match.
-GROWABLE = frozenset({"methods", "fractions", "random_seeds", "protect", "iterative", "patch", "resamples"})
+GROWABLE = frozenset(
+    {
+        "methods",
+        "attention_methods",
+        "fractions",
+        "random_seeds",
+        "protect",
+        "iterative",
+        "patch",
+        "resamples",
+    }
+)
 
 
 @dataclass
@@ -93,6 +106,9 @@ class StudyConfig:
     protect: list[str] = field(default_factory=list)
     # Precision of every cell (load_model's --dtype); "auto" is float32 on CPU, bfloat16 on recent GPUs.
     dtype: str = "auto"
+    # Methods that rank attention sublayers (attn_influence, avss[site=attn], random): each block budget is
+    # also spent on attention sublayers holding as many parameters (cells of mode "attn"), where it fits.
+    attention_methods: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -105,6 +121,7 @@ class StudyConfig:
             if bad:
                 raise PruneConfigError(f"cannot protect {bad[0]!r}: use first, last or a layer index")
         self.scorers()  # validate names and options before any model is loaded
+        self.attention_scorers()
         if self.heal is not None:
             get_heal_method(self.heal)
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -126,6 +143,9 @@ class StudyConfig:
             else:
                 scorers.append(scorer)
         return scorers
+
+    def attention_scorers(self) -> list[Scorer]:
+        return [get_scorer(method) for method in self.attention_methods]
 
     def modes(self) -> list[str]:
         """Pruning modes of the selections: one-shot, iterative, one-shot with protected blocks."""
@@ -305,6 +325,7 @@ class Study:
         if largest == 0:
             return
         shared = None
+        everything = [*scorers, *config.attention_scorers()]
         for scorer in scorers:
             for mode in config.modes_of(scorer):
                 name = f"{slug(scorer.spec)}__{mode}"
@@ -315,7 +336,7 @@ class Study:
                 started = time.perf_counter()
                 if mode in (ONESHOT, PROTECTED) or not scorer.uses_activations:
                     if shared is None:
-                        shared = context_for(model, batches, scorers, cached=True, progress=self.progress)
+                        shared = context_for(model, batches, everything, cached=True, progress=self.progress)
                     protect = protected_layers(num_layers, config.protect) if mode == PROTECTED else set()
                     selection = oneshot_order(scorer, shared, config.fractions, num_layers, protect)
                     selection.iterative = mode == ITERATIVE
@@ -327,6 +348,19 @@ class Study:
                 record = {**selection.to_dict(), "seconds": round(time.perf_counter() - started, 3)}
                 atomic_write_json(path, record)
                 self.selections[name] = selection
+        for scorer in config.attention_scorers():
+            name = f"{slug(scorer.spec)}__{ATTENTION}"
+            path = self.out / "selections" / f"{name}.json"
+            if path.exists():
+                self.selections[name] = selection_from_dict(json.loads(path.read_text(encoding="utf-8")))
+                continue
+            if shared is None:
+                shared = context_for(model, batches, everything, cached=True, progress=self.progress)
+            started = time.perf_counter()
+            selection = attention_order(scorer, shared, config.fractions, model)
+            record = {**selection.to_dict(), "seconds": round(time.perf_counter() - started, 3)}
+            atomic_write_json(path, record)
+            self.selections[name] = selection
 
     # --- cells ----------------------------------------------------------------------------------------
 
@@ -349,6 +383,10 @@ class Study:
                         if repair == PATCHED and 0 in removed:
                             continue  # a run from block 0 has no preceding MLP to carry the map
                         cells.append((scorer.spec, mode + repair, fraction, removed))
+            for scorer in self.config.attention_scorers():
+                selection = self.selections[f"{slug(scorer.spec)}__{ATTENTION}"]
+                if n in selection.by_budget:  # absent: attention alone holds fewer parameters
+                    cells.append((scorer.spec, ATTENTION, fraction, selection.removed_for(n)))
         return cells
 
     def evaluate_model(self, model: Any) -> EvalResult:
@@ -384,14 +422,14 @@ class Study:
     def run_cell(self, method: str, mode: str, fraction: float, removed: list[int]) -> Cell:
         repair = repair_of(mode)
         by_layers = {
-            (tuple(cell.removed), repair_of(cell.mode)): cell
+            (tuple(cell.removed), repair_of(cell.mode), cell.mode == ATTENTION): cell
             for cell in self.cells.values()
             if cell.reused_from is None
         }
         cell = Cell(method, mode, fraction, removed, {}, 0.0)
         if cell.key in self.cells:
             return self.cells[cell.key]
-        twin = by_layers.get((tuple(removed), repair))
+        twin = by_layers.get((tuple(removed), repair, mode == ATTENTION))
         if twin is not None:
             cell.metrics, cell.reused_from = twin.metrics, twin.key
         else:
@@ -402,7 +440,10 @@ class Study:
                 model = copy.deepcopy(model)
                 if repair == PATCHED:
                     linear_patch(model, self.calibration_batches, removed, progress=self.progress)
-                remove_layers(model, removed)
+                if mode == ATTENTION:
+                    remove_sublayers(model, "attn", removed)
+                else:
+                    remove_layers(model, removed)
             if repair == HEALED:
                 model = self.heal(model, removed)
             result = self.evaluate_model(model)
@@ -511,6 +552,19 @@ def oneshot_order(
         n = budget(fraction, num_layers)
         if n:
             selection.by_budget[n] = scorer.select(importance, n, protect)
+    return selection
+
+
+def attention_order(scorer: Scorer, context: Any, fractions: Sequence[float], model: Any) -> Selection:
+    """Attention sublayers by ascending score; ``by_budget`` maps each block budget to the sublayers holding
+    as many parameters (:func:`avss.sublayers.equal_parameter_budget`), for the budgets attention can meet."""
+    importance = scorer.score(context)
+    order = importance.ranking()
+    selection = Selection(scorer.spec, False, order, [importance])
+    for fraction in fractions:
+        n = budget(fraction, importance.num_layers)
+        if n and (sublayers := equal_parameter_budget(model, n, "attn")).feasible:
+            selection.by_budget[n] = sorted(order[: sublayers.sublayers])
     return selection
 
 

@@ -80,6 +80,13 @@ def study_command(
             help="Also evaluate every one-shot selection with these blocks kept (e.g. first,last)",
         ),
     ] = None,
+    attention_methods: Annotated[
+        str | None,
+        typer.Option(
+            help="Also remove attention sublayers ranked by these methods (e.g. attn_influence,random), as "
+            "many as hold each block budget's parameters",
+        ),
+    ] = None,
     report_only: Annotated[
         bool, typer.Option("--report-only", help="Only write results of the cells finished so far")
     ] = False,
@@ -116,6 +123,7 @@ def study_command(
         random_seeds=random_seeds,
         protect=list(comma_list(protect)) if protect else [],
         dtype=dtype,
+        attention_methods=split_methods(attention_methods) if attention_methods else [],
     )
     study = Study(config, out, log=lambda message: console.print(f"[dim]{message}[/]"), device=device)
     result = study.report() if report_only else study.run()
