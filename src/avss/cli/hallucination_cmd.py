@@ -41,6 +41,15 @@ PairDataDir = Annotated[Path | None, typer.Option(help="Data directory laid out 
 Limit = Annotated[int | None, typer.Option(min=1, help="At most this many train-split questions per source")]
 Combine = Annotated[str, typer.Option(help="ratio (H/T) or diff (|H-T|)")]
 MaxLength = Annotated[int, typer.Option(min=8, help="Tokens per prompt + answer")]
+FoldCount = Annotated[
+    int | None,
+    typer.Option(
+        "--folds",
+        min=2,
+        help="Split questions into this many cross-validation folds instead of train/val/test",
+    ),
+]
+FoldIndex = Annotated[int, typer.Option(min=0, help="With --folds: the test fold (the others train)")]
 
 
 @app.command("hallucination")
@@ -50,6 +59,8 @@ def hallucination_command(
     pairs: Pairs = "truthfulqa",
     data_dir: PairDataDir = None,
     limit: Limit = None,
+    folds: FoldCount = None,
+    fold: FoldIndex = 0,
     combine: Combine = "ratio",
     site: Site = "block",
     variance: Variance = "elements",
@@ -64,7 +75,7 @@ def hallucination_command(
     """Score every layer of MODEL by EAVSS on truthful vs hallucinated answers (train-split questions)."""
     check_output_dir(out, overwrite)
     options = EavssOptions(site, variance, threshold, combine, max_length, batch_size)
-    spec = PairSpec(comma_list(pairs), str(data_dir) if data_dir else None, limit)
+    spec = PairSpec(comma_list(pairs), str(data_dir) if data_dir else None, limit, folds=folds, fold=fold)
     loaded = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     run = hallucination_scores(loaded, spec, options, out)
     table = Table(title=f"EAVSS per layer ({combine}, site={site}, threshold={threshold})")
@@ -97,6 +108,14 @@ def mitigate_command(
     val_limit: Annotated[
         int | None, typer.Option(min=1, help="At most this many validation questions")
     ] = None,
+    folds: FoldCount = None,
+    fold: FoldIndex = 0,
+    drop_refusals: Annotated[
+        bool,
+        typer.Option(
+            "--drop-refusals", help='Train without pairs whose truthful answer is "I have no comment"'
+        ),
+    ] = False,
     contrast: Annotated[str, typer.Option(help="infonce or logprob")] = "infonce",
     tau: Annotated[float, typer.Option(min=1e-4, help="InfoNCE temperature")] = 0.1,
     lam: Annotated[float, typer.Option("--lambda", min=0.0, help="Weight of the contrastive loss")] = 0.5,
@@ -161,7 +180,15 @@ def mitigate_command(
         eval_tasks=tasks,
         eval_limits=dict.fromkeys(tasks, eval_limit),
     )
-    spec = PairSpec(comma_list(pairs), str(data_dir) if data_dir else None, limit, val_limit)
+    spec = PairSpec(
+        comma_list(pairs),
+        str(data_dir) if data_dir else None,
+        limit,
+        val_limit,
+        folds=folds,
+        fold=fold,
+        drop_refusals=drop_refusals,
+    )
     eavss = EavssOptions(site=site, threshold=threshold, combine=combine, max_length=max_length)
     loaded = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     record = mitigation_run(loaded, spec, plan, options, eavss, out, overwrite)

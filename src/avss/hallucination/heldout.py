@@ -1,4 +1,5 @@
-"""Evaluate a model on held-out questions only: the test split of :func:`avss.hallucination.pairs.split_of`.
+"""Evaluate a model on held-out questions only: the test split of :func:`avss.hallucination.pairs.split_of`,
+or of any other :data:`~avss.hallucination.pairs.Splitter` (a cross-validation fold, a leakage-free subset).
 
 Training pairs come from the train split of the same files, so the registered evaluation tasks are run here on
 the documents whose question falls in the requested split (tasks without questions, such as WikiText-2
@@ -16,12 +17,14 @@ from typing import Any
 from avss.data import resolve_data_dir
 from avss.evaluation import LanguageModel, get_task
 from avss.evaluation.runner import build_tasks
-from avss.hallucination.pairs import split_of
+from avss.hallucination.pairs import Splitter, split_of
 
 
-def heldout_docs(docs: list[dict[str, Any]], split: str, limit: int | None) -> list[dict[str, Any]]:
+def heldout_docs(
+    docs: list[dict[str, Any]], split: str, limit: int | None, splitter: Splitter = split_of
+) -> list[dict[str, Any]]:
     if docs and "question" in docs[0]:
-        docs = [doc for doc in docs if split_of(doc["question"]) == split]
+        docs = [doc for doc in docs if splitter(doc["question"]) == split]
     return docs[:limit]
 
 
@@ -35,9 +38,11 @@ def evaluate_heldout(
     batch_size: int = 8,
     data_dir: str | Path | None = None,
     seed: int = 0,
+    splitter: Splitter = split_of,
     **task_options: Any,
 ) -> dict[str, Any]:
-    """``{"metrics": {task: {...}}, "num_examples": {...}, ...}`` on the ``split`` questions of each task."""
+    """``{"metrics": {task: {...}}, "num_examples": {...}, ...}`` on the questions of each task that
+    ``splitter`` puts in ``split``."""
     for name in tasks:
         get_task(name)  # unknown names fail before any work
     instances = build_tasks(tasks, task_options)
@@ -50,7 +55,7 @@ def evaluate_heldout(
     try:
         for name, task in instances.items():
             pool, data_files = task.load(directory)
-            docs = heldout_docs(pool, split, limits.get(name))
+            docs = heldout_docs(pool, split, limits.get(name), splitter)
             lm = LanguageModel(model, tokenizer, batch_size=batch_size)
             task_started = time.perf_counter()
             metrics[name] = task.run(lm, docs, pool, seed).metrics

@@ -22,7 +22,7 @@ from avss.errors import AvssError
 from avss.hallucination.batches import contrastive_batches
 from avss.hallucination.eavss import EavssScores
 from avss.hallucination.losses import CONTRASTS, answer_nll, infonce, logprob_margin, masked_mean
-from avss.hallucination.pairs import Pair, describe_pairs
+from avss.hallucination.pairs import Pair, Splitter, describe_pairs, split_of
 from avss.io import atomic_directory
 from avss.training import (
     TrainConfig,
@@ -199,11 +199,13 @@ def mitigate(
     val_pairs: Sequence[Pair],
     layers: Sequence[int],
     options: MitigationOptions | None = None,
+    splitter: Splitter = split_of,
 ) -> tuple[nn.Module, MitigationResult]:
     """Train ``layers`` of ``model`` against hallucinated answers; returns the trained (LoRA-merged) model.
 
     Full-weight training changes ``model`` in place; with ``options.lora`` the adapters are merged into the
-    weights before returning, so the result saves and reloads as a plain model.
+    weights before returning, so the result saves and reloads as a plain model. ``splitter`` only names the
+    pairs' splits in the record (a fold run's, rather than the fixed split's).
     """
     options = options or MitigationOptions()
     layers = sorted(layers)
@@ -237,8 +239,8 @@ def mitigate(
     record = {
         "layers": layers,
         "options": asdict(options),
-        "train_pairs": describe_pairs(train_pairs),
-        "val_pairs": describe_pairs(val_pairs),
+        "train_pairs": describe_pairs(train_pairs, splitter),
+        "val_pairs": describe_pairs(val_pairs, splitter),
         "training": result.to_dict(),
         "val_pair_accuracy": {"before": before, "after": after},
         "wall_time_s": round(time.perf_counter() - started, 3),

@@ -25,6 +25,10 @@ SPLITS = ("train", "validation", "test")
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
 SPLIT_SALT = "avss-eavss-split-v1"
 
+# A question -> its split name (one of SPLITS), or None where it takes part in none: the fixed split is
+# :func:`split_of`; cross-validation folds (:mod:`avss.hallucination.folds`) give one per test fold.
+Splitter = Callable[[str], str | None]
+
 
 def split_of(question: str, fractions: Sequence[float] = SPLIT_FRACTIONS) -> str:
     """The split of ``question``: a salted sha1 of the stripped text mapped to a point of [0, 1)."""
@@ -205,8 +209,10 @@ def load_pairs(
     limit: int | None = None,
     generate: Callable[[list[str]], list[str]] | None = None,
     cache_dir: Path | None = None,
+    splitter: Splitter = split_of,
 ) -> list[Pair]:
-    """Pairs of the named sources, optionally one split only, at most ``limit`` per source.
+    """Pairs of the named sources, optionally one split only (as ``splitter`` assigns questions), at most
+    ``limit`` per source.
 
     ``nq`` and ``triviaqa`` need ``generate`` (prompts -> greedy answers) and a ``cache_dir`` for the answers;
     ``limit`` applies to their questions before generation, since generation is the expensive step.
@@ -227,21 +233,24 @@ def load_pairs(
             rows = [
                 r
                 for r in read_jsonl(data_dir / OPEN_QA_FILES[source])
-                if split in (None, split_of(r["question"]))
+                if split in (None, splitter(r["question"]))
             ]
             rows = rows[:limit]
             greedy = greedy_answers(generate, rows, cache_dir / f"greedy_{source}.jsonl")
             selected = open_qa_pairs(rows, greedy, source)
         else:
-            selected = [p for p in PAIR_SOURCES[source](data_dir) if split in (None, p.split)][:limit]
+            loaded = PAIR_SOURCES[source](data_dir)
+            selected = [p for p in loaded if split in (None, splitter(p.question))][:limit]
         pairs.extend(selected)
     return pairs
 
 
-def describe_pairs(pairs: Sequence[Pair]) -> dict[str, Any]:
-    """Counts per source and split, recorded in every output."""
+def describe_pairs(pairs: Sequence[Pair], splitter: Splitter = split_of) -> dict[str, Any]:
+    """Counts per source and split (``splitter``'s, so fold runs count their folds' parts), recorded in every
+    output."""
     counts: dict[str, dict[str, int]] = {}
     for pair in pairs:
         per_source = counts.setdefault(pair.source, {})
-        per_source[pair.split] = per_source.get(pair.split, 0) + 1
+        split = str(splitter(pair.question))
+        per_source[split] = per_source.get(split, 0) + 1
     return {"num_pairs": len(pairs), "counts": counts}

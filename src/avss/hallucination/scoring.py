@@ -16,7 +16,7 @@ from avss.collect import collect_statistics
 from avss.errors import OptionError
 from avss.hallucination.batches import answer_batches
 from avss.hallucination.eavss import COMBINERS, EavssScores, eavss_scores
-from avss.hallucination.pairs import Pair, describe_pairs
+from avss.hallucination.pairs import Pair, Splitter, describe_pairs, split_of
 from avss.io import atomic_write, atomic_write_json
 from avss.pipeline import ScoreOptions
 from avss.provenance import Provenance
@@ -85,8 +85,10 @@ def score_eavss(
     options: EavssOptions | None = None,
     progress: bool = True,
     model_info: dict[str, Any] | None = None,
+    splitter: Splitter = split_of,
 ) -> EavssRun:
-    """Collect answer-token statistics separately for T and H answers and compute EAVSS per layer."""
+    """Collect answer-token statistics separately for T and H answers and compute EAVSS per layer
+    (``splitter`` only names the pairs' splits in the provenance)."""
     options = options or EavssOptions()
     started = time.perf_counter()
     measure = ScoreOptions(site=options.site, variance=options.variance, threshold=options.threshold)
@@ -115,7 +117,7 @@ def score_eavss(
     avss = score_layers(union, options.site, options.variance, options.threshold)
     provenance = {
         **Provenance.now(EAVSS_FORMAT, model=model_info or {}).to_dict(),
-        "pairs": describe_pairs(pairs),
+        "pairs": describe_pairs(pairs, splitter),
         "num_values": {kind: int(stats.sites[options.site].count[0]) for kind, stats in collected.items()},
         "wall_time_s": round(time.perf_counter() - started, 3),
     }

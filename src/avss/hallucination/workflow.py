@@ -16,6 +16,7 @@ from avss.checkpoint import checkpoint_dir
 from avss.data import resolve_data_dir
 from avss.errors import DataError
 from avss.hallucination.batches import contrastive_batches
+from avss.hallucination.folds import Folds, is_refusal
 from avss.hallucination.heldout import evaluate_heldout
 from avss.hallucination.mitigate import (
     MITIGATION_FORMAT,
@@ -26,7 +27,7 @@ from avss.hallucination.mitigate import (
     pair_accuracy,
     save_mitigated,
 )
-from avss.hallucination.pairs import Pair, load_pairs
+from avss.hallucination.pairs import Pair, Splitter, load_pairs, split_of
 from avss.hallucination.scoring import EavssOptions, EavssRun, score_eavss
 from avss.models import LoadedModel
 from avss.provenance import Provenance
@@ -42,26 +43,49 @@ def greedy_generator(model: Any, tokenizer: Any, batch_size: int = 8) -> Callabl
 
 @dataclass
 class PairSpec:
-    """Which pairs to use: sources, data directory, and at most ``limit`` per source and split."""
+    """Which pairs to use: sources, data directory, and at most ``limit`` per source and split.
+
+    Questions are split by :func:`~avss.hallucination.pairs.split_of`, or, with ``folds``, by
+    ``folds``-fold cross-validation (:class:`~avss.hallucination.folds.Folds`, seed ``fold_seed``) with test
+    fold ``fold``. ``drop_refusals`` leaves training pairs whose truthful answer is a refusal ("I have no
+    comment") out, so a gain cannot come from learning that answer style.
+    """
 
     sources: tuple[str, ...] = ("truthfulqa",)
     data_dir: str | None = None
     limit: int | None = None
     val_limit: int | None = None
+    folds: int | None = None
+    fold: int = 0
+    fold_seed: int = 0
+    drop_refusals: bool = False
+
+    def __post_init__(self) -> None:
+        """Reject an impossible fold before the model loads."""
+        self.splitter()
+
+    def splitter(self) -> Splitter:
+        if self.folds is None:
+            return split_of
+        return Folds(self.folds, self.fold_seed).splitter(self.fold)
 
     def load(self, loaded: LoadedModel, split: str, cache_dir: Path | None) -> list[Pair]:
         directory = resolve_data_dir(self.data_dir)
         if directory is None:
             raise DataError("no data directory found: pass --data-dir or set AVSS_DATA_DIR")
         limit = self.val_limit if split == "validation" else self.limit
-        return load_pairs(
+        pairs = load_pairs(
             self.sources,
             directory,
             split=split,
             limit=limit,
             generate=greedy_generator(loaded.model, loaded.tokenizer),
             cache_dir=cache_dir,
+            splitter=self.splitter(),
         )
+        if self.drop_refusals and split == "train":
+            pairs = [pair for pair in pairs if not is_refusal(pair.truthful)]
+        return pairs
 
 
 def hallucination_scores(
@@ -74,7 +98,13 @@ def hallucination_scores(
     """EAVSS of every layer on the train-split pairs (written to ``out`` when given)."""
     train_pairs = pairs.load(loaded, "train", out)
     run = score_eavss(
-        loaded.model, loaded.tokenizer, train_pairs, options, progress, model_info=loaded.source
+        loaded.model,
+        loaded.tokenizer,
+        train_pairs,
+        options,
+        progress,
+        model_info=loaded.source,
+        splitter=pairs.splitter(),
     )
     run.provenance["pair_spec"] = asdict(pairs)
     if out is not None:
@@ -122,8 +152,13 @@ def mitigation_run(
     val_pairs = pairs.load(loaded, "validation", cache)
     test_pairs = pairs.load(loaded, "test", cache)
     model, tokenizer = loaded.model, loaded.tokenizer
+    splitter = pairs.splitter()
     heldout = dict(
-        limits=plan.eval_limits, batch_size=plan.eval_batch_size, data_dir=pairs.data_dir, **plan.eval_options
+        limits=plan.eval_limits,
+        batch_size=plan.eval_batch_size,
+        data_dir=pairs.data_dir,
+        splitter=splitter,
+        **plan.eval_options,
     )
     test_batches = contrastive_batches(
         tokenizer, test_pairs, negatives=options.negatives, max_length=options.max_length
@@ -149,7 +184,13 @@ def mitigation_run(
             plan.layers, plan.k, get_adapter(model).num_layers, scores and scores.scores, plan.seed
         )
         model, result = mitigate(
-            model, tokenizer, train_pairs, val_pairs, layers, round_options(options, checkpoints, round_index)
+            model,
+            tokenizer,
+            train_pairs,
+            val_pairs,
+            layers,
+            round_options(options, checkpoints, round_index),
+            splitter=splitter,
         )
         accuracy = pair_accuracy(model, val_batches)
         record["rounds"].append(
