@@ -18,7 +18,13 @@ from avss.hallucination.batches import contrastive_batches
 from avss.hallucination.dola import DolaConfig, DolaModel
 from avss.hallucination.eavss import eavss_scores
 from avss.hallucination.heldout import evaluate_heldout
-from avss.hallucination.losses import infonce, logprob_margin
+from avss.hallucination.losses import (
+    answer_logprobs,
+    answer_nll,
+    infonce,
+    logprob_margin,
+    reduce_logprobs,
+)
 from avss.hallucination.mitigate import (
     MITIGATION_FORMAT,
     ContrastiveObjective,
@@ -75,18 +81,73 @@ def test_only_chosen_layers_change(tokenizer, data_dir: Path) -> None:  # noqa: 
         assert torch.equal(param, before[name]) != chosen, name
 
 
-@pytest.mark.parametrize(("contrast", "epochs", "ratio"), [("infonce", 10, 0.5), ("logprob", 20, 0.8)])
+def test_answer_logprobs_sum_and_mean_by_hand() -> None:
+    # vocabulary of 2, uniform logits: every token has log-probability log(1/2)
+    logits = torch.zeros(2, 4, 2)
+    input_ids = torch.zeros(2, 4, dtype=torch.long)
+    answer_mask = torch.tensor([[False, True, True, True], [False, False, False, True]])
+    sums, counts = answer_logprobs(logits, input_ids, answer_mask)
+    half = math.log(0.5)
+    torch.testing.assert_close(sums, torch.tensor([3 * half, half]))
+    torch.testing.assert_close(counts, torch.tensor([3.0, 1.0]))
+    torch.testing.assert_close(reduce_logprobs(sums, counts, "sum"), torch.tensor([3 * half, half]))
+    torch.testing.assert_close(reduce_logprobs(sums, counts, "mean"), torch.tensor([half, half]))
+    torch.testing.assert_close(answer_nll(logits, input_ids, answer_mask), torch.tensor([-half, -half]))
+    with pytest.raises(ValueError, match="reduction"):
+        reduce_logprobs(sums, counts, "median")
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_logprob_contrast_compares_sequence_or_per_token_log_likelihoods(
+    tokenizer,
+    data_dir: Path,  # noqa: F811
+    reduction: str,
+) -> None:
+    """The margin is computed on the reduction asked for; the LM loss stays the per-token mean."""
+    model = tiny_model("llama", num_layers=2)
+    pairs = load_pairs(["truthfulqa"], data_dir)[:3]
+    batch = contrastive_batches(tokenizer, pairs, negatives=2, max_length=48, questions_per_batch=3)[0]
+    objective = ContrastiveObjective([0], contrast="logprob", reduction=reduction)
+    with torch.no_grad():
+        lm_loss, contrastive = objective.terms(model, batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    sums, counts = answer_logprobs(logits, batch["input_ids"], batch["answer_mask"])
+    scores = (sums if reduction == "sum" else sums / counts).view(-1, 3)
+    torch.testing.assert_close(contrastive, logprob_margin(scores[:, 0], scores[:, 1:]))
+    torch.testing.assert_close(lm_loss, (-sums / counts).view(-1, 3)[:, 0].mean())
+    assert ContrastiveObjective([0], contrast="logprob").reduction == "sum", "the spec's is the default"
+
+
+def test_an_unknown_reduction_is_refused_before_the_model_loads(cli, monkeypatch, tmp_path: Path) -> None:
+    with pytest.raises(MitigationConfigError, match="logprob-reduction"):
+        MitigationOptions(logprob_reduction="median")
+    with pytest.raises(MitigationConfigError, match="--contrast"):
+        MitigationOptions(contrast="triplet")
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr("avss.cli.hallucination_cmd.load_model", refuse)
+    result = cli("mitigate", "some-model", "--logprob-reduction", "median", "--out", tmp_path / "m")
+    assert result.returncode != 0 and "logprob-reduction 'median'" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("contrast", "reduction", "epochs", "ratio"),
+    [("infonce", "sum", 10, 0.5), ("logprob", "sum", 20, 0.8), ("logprob", "mean", 20, 0.8)],
+)
 def test_contrastive_loss_decreases_when_overfitting(
     tokenizer,
     data_dir: Path,  # noqa: F811
     contrast: str,
+    reduction: str,
     epochs: int,
     ratio: float,
 ) -> None:
     model = tiny_model("llama", num_layers=4)
     pairs = load_pairs(["truthfulqa"], data_dir)[:4]
     batches = contrastive_batches(tokenizer, pairs, negatives=2, max_length=48, questions_per_batch=4)
-    objective = ContrastiveObjective([1, 2], contrast=contrast, tau=0.1, lam=4.0)
+    objective = ContrastiveObjective([1, 2], contrast=contrast, tau=0.1, lam=4.0, reduction=reduction)
     with torch.no_grad():
         start = float(objective.terms(model, batches[0])[1])
     config = TrainConfig(epochs=epochs, lr=1e-2, patience=None, progress=False)

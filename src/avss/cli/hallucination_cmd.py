@@ -117,6 +117,12 @@ def mitigate_command(
         ),
     ] = False,
     contrast: Annotated[str, typer.Option(help="infonce or logprob")] = "infonce",
+    logprob_reduction: Annotated[
+        str,
+        typer.Option(
+            help="logprob contrast: sum (sequence log-likelihood, as MC scores) or mean (per token)"
+        ),
+    ] = "sum",
     tau: Annotated[float, typer.Option(min=1e-4, help="InfoNCE temperature")] = 0.1,
     lam: Annotated[float, typer.Option("--lambda", min=0.0, help="Weight of the contrastive loss")] = 0.5,
     lora: Annotated[
@@ -162,6 +168,7 @@ def mitigate_command(
     )
     options = MitigationOptions(
         contrast=contrast,
+        logprob_reduction=logprob_reduction,
         tau=tau,
         lam=lam,
         lora=lora,

@@ -21,7 +21,16 @@ from avss.adapters import get_adapter
 from avss.errors import AvssError
 from avss.hallucination.batches import contrastive_batches
 from avss.hallucination.eavss import EavssScores
-from avss.hallucination.losses import CONTRASTS, answer_nll, infonce, logprob_margin, masked_mean
+from avss.hallucination.losses import (
+    CONTRASTS,
+    REDUCTIONS,
+    answer_logprobs,
+    answer_nll,
+    infonce,
+    logprob_margin,
+    masked_mean,
+    reduce_logprobs,
+)
 from avss.hallucination.pairs import Pair, Splitter, describe_pairs, split_of
 from avss.io import atomic_directory
 from avss.training import (
@@ -89,13 +98,23 @@ def choose_layers(
 # --- objective ----------------------------------------------------------------------------------------------
 
 
+def check_contrast(contrast: str, reduction: str) -> None:
+    if contrast not in CONTRASTS:
+        raise MitigationConfigError(f"unknown --contrast {contrast!r}; choose from {', '.join(CONTRASTS)}")
+    if reduction not in REDUCTIONS:
+        raise MitigationConfigError(
+            f"unknown --logprob-reduction {reduction!r}; choose from {', '.join(REDUCTIONS)}"
+        )
+
+
 @dataclass
 class ContrastiveObjective:
     """LM loss on truthful answers + ``lam`` x contrastive loss, on batches from :func:`contrastive_batches`.
 
     ``infonce`` contrasts mean-pooled answer representations with the question's pooled representation at
-    each selected layer (averaged over layers); ``logprob`` pushes the truthful answer's per-token
-    log-likelihood above each hallucinated one's.
+    each selected layer (averaged over layers); ``logprob`` pushes the truthful answer's log-likelihood above
+    each hallucinated one's, compared as sequence log-likelihoods (``reduction="sum"``, the method's and the
+    MC metrics') or as per-token means (``"mean"``, a distinct objective). The LM loss is per-token always.
     """
 
     layers: list[int]
@@ -103,12 +122,10 @@ class ContrastiveObjective:
     tau: float = 0.1
     lam: float = 0.5
     margin: float = 0.0
+    reduction: str = "sum"
 
     def __post_init__(self) -> None:
-        if self.contrast not in CONTRASTS:
-            raise MitigationConfigError(
-                f"unknown --contrast {self.contrast!r}; choose from {', '.join(CONTRASTS)}"
-            )
+        check_contrast(self.contrast, self.reduction)
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         lm_loss, contrastive = self.terms(model, batch)
@@ -125,9 +142,11 @@ class ContrastiveObjective:
             attention_mask=batch["attention_mask"].to(device),
             output_hidden_states=self.contrast == "infonce",
         )
-        nll = answer_nll(outputs.logits, input_ids, answer_mask).view(-1, group)
+        sums, counts = answer_logprobs(outputs.logits, input_ids, answer_mask)
+        nll = -reduce_logprobs(sums, counts, "mean").view(-1, group)
         if self.contrast == "logprob":
-            return nll[:, 0].mean(), logprob_margin(-nll[:, 0], -nll[:, 1:], self.margin)
+            scores = reduce_logprobs(sums, counts, self.reduction).view(-1, group)
+            return nll[:, 0].mean(), logprob_margin(scores[:, 0], scores[:, 1:], self.margin)
         prompt_mask = batch["prompt_mask"].to(device)
         per_layer = []
         for layer in self.layers:
@@ -160,9 +179,11 @@ def pair_accuracy(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) 
 
 @dataclass
 class MitigationOptions:
-    """Everything that shapes one mitigation run besides the layers."""
+    """Everything that shapes one mitigation run besides the layers; ``logprob_reduction`` is
+    :class:`ContrastiveObjective`'s ``reduction``."""
 
     contrast: str = "infonce"
+    logprob_reduction: str = "sum"
     tau: float = 0.1
     lam: float = 0.5
     lora: bool = False
@@ -171,6 +192,10 @@ class MitigationOptions:
     max_length: int = 128
     questions_per_batch: int = 4
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        """Reject an unknown contrast or reduction before the model loads (the CLI builds these first)."""
+        check_contrast(self.contrast, self.logprob_reduction)
 
 
 @dataclass
@@ -222,7 +247,9 @@ def mitigate(
     train_batches, val_batches = make(train_pairs), make(val_pairs) if val_pairs else []
     before = pair_accuracy(model, val_batches) if val_batches else None
     prefixes = [get_adapter(model).layer_name(layer) for layer in layers]
-    objective = ContrastiveObjective(layers, options.contrast, options.tau, options.lam)
+    objective = ContrastiveObjective(
+        layers, options.contrast, options.tau, options.lam, reduction=options.logprob_reduction
+    )
     if options.lora:
         trained = lora_wrap(model, layers, options.lora_rank)
         selector = substring_selector("lora_")
