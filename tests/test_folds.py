@@ -174,3 +174,34 @@ def test_cli_refuses_an_impossible_fold_before_loading(cli, monkeypatch, tmp_pat
     for command in ("hallucination", "mitigate"):
         result = cli(command, "some-model", "--folds", "5", "--fold", "5", "--out", tmp_path / command)
         assert result.returncode != 0 and "--fold must be in 0..4" in result.stdout + result.stderr
+
+
+def test_heldout_evaluation_keeps_records_for_pooling_and_takes_a_leakage_free_splitter(
+    tokenizer,
+    data_dir: Path,  # noqa: F811
+) -> None:
+    from avss.evaluation.comparison import interval
+    from avss.evaluation.records import ExampleRecord
+    from avss.hallucination.heldout import evaluate_heldout
+
+    model = tiny_model("llama", num_layers=2)
+    folds = Folds(3)
+    pooled = []
+    for fold in range(3):
+        result = evaluate_heldout(
+            model, tokenizer, ["truthfulqa_mc"], data_dir=data_dir, splitter=folds.splitter(fold)
+        )
+        records = result["records"]["truthfulqa_mc"]
+        assert len(records) == result["num_examples"]["truthfulqa_mc"]
+        pooled += [ExampleRecord.from_dict(record) for record in records]
+    assert len(pooled) == 60, "every question is tested once over the folds"
+    assert 0 <= interval(pooled, "mc1").low <= interval(pooled, "mc1").high <= 1
+    clean = {"What is fact number 3?", "What is fact number 5?"}
+    only_clean = evaluate_heldout(
+        model,
+        tokenizer,
+        ["truthfulqa_mc"],
+        data_dir=data_dir,
+        splitter=lambda question: "test" if question in clean else None,
+    )
+    assert only_clean["num_examples"]["truthfulqa_mc"] == 2

@@ -4,7 +4,10 @@
 turns them into prompt + answer token batches whose statistics mask covers the answer only; ``eavss`` holds
 the pure HSAV / HSS / EAVSS math and ``scoring`` streams the statistics through a model; ``losses`` are the
 contrastive objectives, ``mitigate`` the layer selection and training recipe, ``dola`` the DoLa decoding
-peer, ``heldout`` the evaluation on test-split questions and ``workflow`` the command-line workflows.
+peer, ``steering`` the ITI-style mean-difference peer, ``heldout`` the evaluation on test-split questions and
+``workflow`` the command-line workflows. For measuring EAVSS itself: ``folds`` (question-level
+cross-validation, the answer-leakage filter, refusal-style targets), ``answer_stats`` (per-answer sums that
+recompute EAVSS for any labelling or subset) and ``significance`` (label-permutation null, top-k bootstrap).
 """
 
 from avss.hallucination.eavss import COMBINERS, EavssScores, eavss_scores

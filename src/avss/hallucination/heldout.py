@@ -41,15 +41,17 @@ def evaluate_heldout(
     splitter: Splitter = split_of,
     **task_options: Any,
 ) -> dict[str, Any]:
-    """``{"metrics": {task: {...}}, "num_examples": {...}, ...}`` on the questions of each task that
-    ``splitter`` puts in ``split``."""
+    """``{"metrics": {task: {...}}, "num_examples": {...}, "records": {task: [...]}, ...}`` on the questions
+    of each task that ``splitter`` puts in ``split``. ``records`` are the per-example
+    :class:`~avss.evaluation.records.ExampleRecord` dicts: pooled over cross-validation folds they give one
+    interval for all test questions, and before/after pairs compare per question."""
     for name in tasks:
         get_task(name)  # unknown names fail before any work
     instances = build_tasks(tasks, task_options)
     directory = resolve_data_dir(data_dir)
     limits = limits or {}
     started = time.perf_counter()
-    metrics, counts, files, seconds = {}, {}, {}, {}
+    metrics, counts, files, seconds, records = {}, {}, {}, {}, {}
     was_training = model.training
     model.eval()
     try:
@@ -58,7 +60,9 @@ def evaluate_heldout(
             docs = heldout_docs(pool, split, limits.get(name), splitter)
             lm = LanguageModel(model, tokenizer, batch_size=batch_size)
             task_started = time.perf_counter()
-            metrics[name] = task.run(lm, docs, pool, seed).metrics
+            output = task.run(lm, docs, pool, seed)
+            metrics[name] = output.metrics
+            records[name] = [record.to_dict() for record in output.records]
             counts[name] = len(docs)
             files[name] = [f.digest for f in data_files]
             seconds[name] = round(time.perf_counter() - task_started, 3)
@@ -67,6 +71,7 @@ def evaluate_heldout(
     return {
         "metrics": metrics,
         "num_examples": counts,
+        "records": records,
         "split": split,
         "limits": limits,
         "data_sha256": files,
