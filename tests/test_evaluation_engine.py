@@ -202,14 +202,20 @@ def test_is_causal_lm():
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "gpt2"])
-def test_shared_context_cache_matches_independent_forwards(model_type):
-    # gemma3_text's tiny config has a 4-token sliding window, so its cache drops most of the context.
+def test_shared_prefixes_score_as_independent_forwards(model_type):
+    # gemma3_text's tiny config has a 4-token sliding window: nothing is packed, nothing is wrong.
     model, tokenizer = tiny_model(model_type), tiny_tokenizer()
     context = "Q: What is the capital of France?\nA:"
     requests = [LoglikelihoodRequest(context, answer) for answer in (" Paris", " Lyon is big", " No", "!")]
     requests += REQUESTS + [LoglikelihoodRequest("Single-token answers only:", a) for a in "xyz"]
+    # WinoGrande's shape: two contexts that share a start, one continuation.
+    requests += [
+        LoglikelihoodRequest(f"The trophy did not fit the {o} because the", " case was small")
+        for o in ("case", "suitcase")
+    ]
     shared = LanguageModel(model, tokenizer, batch_size=3)
-    assert len(shared._shared_contexts([shared._encode_request(r) for r in requests])) == 2
+    groups = shared._prefix_groups([shared._encode_request(r) for r in requests])
+    assert [len(group) for group in groups] == ([] if model_type == "gemma3_text" else [6, 3, 2])
     plain = LanguageModel(model, tokenizer, batch_size=3, share_context=False)
     for a, b in zip(shared.loglikelihood(requests), plain.loglikelihood(requests), strict=True):
         assert a.logprob == float32_approx(b.logprob)
@@ -217,40 +223,49 @@ def test_shared_context_cache_matches_independent_forwards(model_type):
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-def test_contexts_of_different_lengths_batch_exactly(model_type):
-    # Left-padded contexts with explicit positions: every option scores as in its own unpadded forward.
+def test_packed_rows_of_different_lengths_batch_exactly(model_type):
+    # Left-padded rows with explicit positions: every option scores as in its own unpadded forward.
     model, tokenizer = tiny_model(model_type), tiny_tokenizer()
     contexts = ["Q: why?\nA:", "A much longer question on the weather?\nA:", "Hello there, friend:", "Two:"]
     requests = [LoglikelihoodRequest(c, a) for c in contexts for a in (" y", " no", " ok")]
     batched = LanguageModel(model, tokenizer, batch_size=4)
-    sequences = [batched._encode_request(r) for r in requests]
-    groups = [
-        (list(c), [sequences[i][0][-sequences[i][1] :] for i in members])
-        for c, members in batched._shared_contexts(sequences).items()
-    ]
-    assert len(groups) == 4 and all(batched._can_pack(group) for group in groups)
+    groups = batched._prefix_groups([batched._encode_request(r) for r in requests])
+    assert groups == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
     plain = LanguageModel(model, tokenizer, batch_size=4, share_context=False)
     for a, b in zip(batched.loglikelihood(requests), plain.loglikelihood(requests), strict=True):
         assert a.logprob == float32_approx(b.logprob)
         assert (a.is_greedy, a.num_tokens) == (b.is_greedy, b.num_tokens)
 
 
+def test_a_prefix_is_shared_only_where_it_saves_tokens():
+    lm = LanguageModel(tiny_model("llama"), tiny_tokenizer())
+    passage = list(range(10, 40))
+    sequences = [([*passage, 1], 1), ([*passage, 2], 1), ([10, 11, 50, 51, 52], 1), ([10, 11, 60, 61], 1)]
+    # The third shares two tokens with the passage: joining would unshare the passage for the first two.
+    assert lm._prefix_groups(sequences) == [[0, 1], [2, 3]]
+
+
 def test_sequences_longer_than_a_sliding_window_are_not_packed():
-    # A custom mask would not enforce the window (tiny gemma3: 4 tokens), so those go through the KV cache.
+    # A custom mask would not enforce the window (tiny gemma3: 4 tokens).
     model, tokenizer = tiny_model("gemma3_text"), tiny_tokenizer()
     lm = LanguageModel(model, tokenizer)
     assert lm._attention_window == model.config.sliding_window == 4
-    assert not lm._can_pack(([1, 2, 3], [[4], [5, 6]]))
-    assert lm._can_pack(([1, 2], [[4], [5, 6]]))
+    assert lm._prefix_groups([([1, 2, 3, 4, 5], 1), ([1, 2, 3, 4, 6], 1)]) == []
+    assert lm._prefix_groups([([1, 2, 3, 4], 1), ([1, 2, 3, 5], 1)]) == [[0, 1]]
 
 
 def test_packed_rows_score_each_option_as_if_alone():
-    row = engine._PackedRow.of([7, 8, 9], [[1], [2, 3], [4, 5, 6]])
+    row = engine._PackedRow.of([([7, 8, 9, 1], 1), ([7, 8, 9, 2, 3], 2), ([7, 8, 9, 4, 5, 6], 3)])
+    assert row.prefix == 3
     assert row.tokens == [7, 8, 9, 2, 4, 5]  # each option's last token is only a target
     assert row.positions == [0, 1, 2, 3, 3, 4]
     assert row.segments == [0, 0, 0, 2, 3, 3]
     assert row.keep == 4
     assert row.predictors() == [[2], [2, 3], [2, 4, 5]]
+    # Two contexts that share a start, and one scored token each (WinoGrande): the prefix stops at the split.
+    split = engine._PackedRow.of([([1, 2, 3, 9], 1), ([1, 2, 4, 5, 9], 1)])
+    assert (split.prefix, split.tokens, split.positions) == (2, [1, 2, 3, 4, 5], [0, 1, 2, 2, 3])
+    assert split.predictors() == [[2], [4]] and split.keep == 3
     mask = engine._packed_mask(torch.tensor([[-1, *row.segments]]), torch.float32)[0, 0] == 0
     assert mask.tolist()[1:] == [
         [False, True, False, False, False, False, False],

@@ -79,46 +79,73 @@ class NLL:
         return perplexity_from_nll(self.total, self.num_tokens)
 
 
-Group = tuple[list[int], list[list[int]]]  # a shared context's tokens and its continuations' tokens
+Sequence_ = tuple[list[int], int]  # a request's tokens, the last ``n`` of which are scored
+# Packed rows stay below this many tokens: their attention mask is (batch, width, width).
+PACKED_WIDTH = 2048
+# A request joins a packed row only if that saves this share of its tokens: attention over a packed row is
+# computed densely, so packing sequences that share little (a BOS token) would cost more than it saves.
+MIN_SHARED = 0.25
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 @dataclass(frozen=True)
 class _PackedRow:
-    """A context and its continuations as one sequence: ``context + c_1[:-1] + c_2[:-1] + ...``.
+    """Requests sharing a prefix as one sequence: ``prefix + s_1[p:-1] + s_2[p:-1] + ...``.
 
-    Each continuation's last token is only a target. ``positions`` restart after the context for every
-    continuation, so each one is scored at the positions it would have alone; ``segments`` say which part a
-    token belongs to (0 the context, i the i-th continuation) for the attention mask.
+    Each sequence's last token is only a target. ``positions`` restart after the prefix for every branch, so
+    each request is scored at the positions it would have alone; ``segments`` say which part a token belongs
+    to (0 the prefix, i the i-th branch) for the attention mask.
     """
 
-    context: list[int]
-    continuations: list[list[int]]
+    sequences: list[Sequence_]
+    prefix: int
     tokens: list[int]
     positions: list[int]
     segments: list[int]
 
     @classmethod
-    def of(cls, context: list[int], continuations: list[list[int]]) -> _PackedRow:
-        tokens, positions, segments = list(context), list(range(len(context))), [0] * len(context)
-        for index, continuation in enumerate(continuations, 1):
-            inputs = continuation[:-1]
-            tokens += inputs
-            positions += range(len(context), len(context) + len(inputs))
+    def of(cls, sequences: Sequence[Sequence_]) -> _PackedRow:
+        first = sequences[0][0]
+        # Every branch keeps at least its last input, so the prefix stops before the shortest sequence's end.
+        prefix = min([len(tokens) - 1 for tokens, _ in sequences] + [_shared(sequences)])
+        tokens, positions, segments = first[:prefix], list(range(prefix)), [0] * prefix
+        for index, (sequence, _) in enumerate(sequences, 1):
+            inputs = sequence[prefix:-1]
+            tokens = tokens + inputs
+            positions += range(prefix, prefix + len(inputs))
             segments += [index] * len(inputs)
-        return cls(context, continuations, tokens, positions, segments)
+        return cls(list(sequences), prefix, tokens, positions, segments)
+
+    def predictors(self) -> list[list[int]]:
+        """Per sequence, the packed indices whose outputs predict its ``n`` scored tokens."""
+        out, offset = [], self.prefix
+        for tokens, n in self.sequences:
+            # Sequence position t predicts token t + 1; t sits in the prefix or at offset + (t - prefix).
+            first = len(tokens) - n - 1
+            out.append(
+                [t if t < self.prefix else offset + t - self.prefix for t in range(first, len(tokens) - 1)]
+            )
+            offset += len(tokens) - 1 - self.prefix
+        return out
 
     @property
     def keep(self) -> int:
-        """Trailing positions that hold every prediction: the context's last token and every option input."""
-        return len(self.tokens) - len(self.context) + 1
+        """Trailing positions that hold every prediction."""
+        return len(self.tokens) - min(index for indices in self.predictors() for index in indices)
 
-    def predictors(self) -> list[list[int]]:
-        """Per continuation, the packed indices whose outputs predict its tokens."""
-        out, start = [], len(self.context)
-        for continuation in self.continuations:
-            out.append([len(self.context) - 1, *range(start, start + len(continuation) - 1)])
-            start += len(continuation) - 1
-        return out
+
+def _shared(sequences: Sequence[Sequence_]) -> int:
+    first = sequences[0][0]
+    return min((_common_prefix(first, tokens) for tokens, _ in sequences[1:]), default=len(first))
+
+
+def _packed_cost(sequences: Sequence[Sequence_]) -> int:
+    """Tokens a packed row of ``sequences`` runs (one sequence alone: its inputs)."""
+    return len(_PackedRow.of(sequences).tokens)
 
 
 def _packed_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -244,33 +271,66 @@ class LanguageModel:
     # --- log-likelihood ------------------------------------------------------------------------------
 
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[Loglikelihood]:
-        """Score every request; identical requests (a primer shared by many choices, say) are scored once."""
+        """Score every request; identical requests (a primer shared by many choices, say) are scored once.
+
+        Requests that share a prefix run it once (:meth:`_prefix_groups`); the rest go in plain batches.
+        """
         unique = list(dict.fromkeys(requests))
         sequences = [self._encode_request(request) for request in unique]
-        groups = self._shared_contexts(sequences)
-        scores: dict[int, Loglikelihood] = {}
         self.progress.add_total(len(sequences))
-        continuations = [
-            (list(context), [sequences[i][0][-sequences[i][1] :] for i in members])
-            for context, members in groups.items()
-        ]
-        for members, scored in zip(groups.values(), self._score_shared_contexts(continuations), strict=True):
-            scores.update(zip(members, scored, strict=True))
+        scores: dict[int, Loglikelihood] = {}
+        if self._can_pack:
+            groups = self._prefix_groups(sequences)
+            rows = [_PackedRow.of([sequences[i] for i in group]) for group in groups]
+            for group, scored in zip(groups, self._score_packed(rows), strict=True):
+                scores.update(zip(group, scored, strict=True))
+        else:
+            for context, members in self._shared_contexts(sequences).items():
+                continuations = [sequences[i][0][-sequences[i][1] :] for i in members]
+                scores.update(zip(members, self._score_on_cache(list(context), continuations), strict=True))
         rest = [i for i in range(len(sequences)) if i not in scores]
         scores.update(zip(rest, self._score_tails([sequences[i] for i in rest]), strict=True))
         by_request = {request: scores[i] for i, request in enumerate(unique)}
         return [by_request[request] for request in requests]
 
-    def _shared_contexts(
-        self, sequences: Sequence[tuple[list[int], int]]
-    ) -> dict[tuple[int, ...], list[int]]:
-        """Contexts worth sharing: several requests' sequences fit the window (no left truncation) and the
-        repeats of the context a cache saves outweigh the continuations themselves.
+    @property
+    def _can_pack(self) -> bool:
+        return self.share_context and self._accepts_position_ids
 
-        Sharing costs an extra forward; where continuations are longer than the context (PIQA's solutions)
-        plain batches of whole sequences are faster, where they are short (SciQ, ARC) the cache is.
+    def _prefix_groups(self, sequences: Sequence[Sequence_]) -> list[list[int]]:
+        """Runs of consecutive requests (tasks list a document's requests together) whose packed row runs
+        fewer tokens than the requests alone: a SciQ passage before four answers, a WinoGrande sentence
+        start before its two fillings. Groups of one are left to the plain batches.
+
+        A request joins the group before it only if the row stays within the window (the model's and any
+        sliding attention window, which a custom mask would not enforce) and saves at least
+        ``MIN_SHARED`` of the request's tokens against running the two apart.
         """
-        if not self.share_context:
+        window = min(self.max_length, self._attention_window or self.max_length)
+        groups: list[list[int]] = []
+        current: list[int] = []
+        for index, (tokens, _) in enumerate(sequences):
+            if len(tokens) > window:
+                continue  # truncated from the left alone: nothing to share
+            if current:
+                before = [sequences[i] for i in current]
+                cost = _packed_cost([*before, sequences[index]])
+                saved = _packed_cost(before) + len(tokens) - 1 - cost
+                if cost <= PACKED_WIDTH and saved >= MIN_SHARED * (len(tokens) - 1):
+                    current.append(index)
+                    continue
+            if len(current) > 1:
+                groups.append(current)
+            current = [index]
+        if len(current) > 1:
+            groups.append(current)
+        return groups
+
+    def _shared_contexts(self, sequences: Sequence[Sequence_]) -> dict[tuple[int, ...], list[int]]:
+        """For models that cannot pack (no position ids): contexts shared by several requests whose
+        sequences fit the window, where the context repeats a KV cache saves outweigh the continuations
+        (sharing costs an extra forward on this path)."""
+        if not self.share_context or self._cache_name is None:
             return {}
         groups: dict[tuple[int, ...], list[int]] = {}
         for index, (tokens, n) in enumerate(sequences):
@@ -282,32 +342,12 @@ class LanguageModel:
             and (len(members) - 1) * len(context) >= sum(sequences[i][1] for i in members)
         }
 
-    def _score_shared_contexts(self, groups: Sequence[Group]) -> list[list[Loglikelihood]]:
-        """Score each ``(context, continuations)`` group so that its context runs once.
+    def _score_packed(self, rows: Sequence[_PackedRow]) -> list[list[Loglikelihood]]:
+        """Packed rows, longest first, ``batch_size`` rows a forward.
 
-        Where the model takes position ids, each group becomes one packed row, ``context + option 1 + option 2
-        + ...``, whose attention mask lets every option see the context and itself only; rows of similar
-        length run together, left-padded so that the scored positions share the last columns. Otherwise (and
-        where a sequence would not fit a sliding attention window, which a custom mask would not enforce),
-        the options of one group attend to rows of the context's KV cache.
+        Rows are left-padded so that every row's predictions sit in the last columns, and the mask lets a
+        branch see the prefix and itself only.
         """
-        packable = [g for g, group in enumerate(groups) if self._can_pack(group)]
-        results = dict(zip(packable, self._score_packed([groups[g] for g in packable]), strict=True))
-        for g, group in enumerate(groups):
-            if g not in results:
-                results[g] = self._score_on_cache(*group)
-        return [results[g] for g in range(len(groups))]
-
-    def _can_pack(self, group: Group) -> bool:
-        context, continuations = group
-        longest = len(context) + max(len(c) for c in continuations)
-        return self._accepts_position_ids and (
-            self._attention_window is None or longest <= self._attention_window
-        )
-
-    def _score_packed(self, groups: Sequence[Group]) -> list[list[Loglikelihood]]:
-        """Packed rows (see :meth:`_score_shared_contexts`), longest first, ``batch_size`` rows a forward."""
-        rows = [_PackedRow.of(context, continuations) for context, continuations in groups]
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i].tokens))
         results: dict[int, list[Loglikelihood]] = {}
         start = 0
@@ -316,7 +356,7 @@ class LanguageModel:
             count = self._rows_within_budget(max(row.keep for row in candidates))
             batch = order[start : start + count]
             results.update(zip(batch, self._forward_packed([rows[i] for i in batch]), strict=True))
-            self.progress.advance(sum(len(rows[i].continuations) for i in batch))
+            self.progress.advance(sum(len(rows[i].sequences) for i in batch))
             start += count
         return [results[i] for i in range(len(rows))]
 
@@ -326,9 +366,7 @@ class LanguageModel:
         keep = max(row.keep for row in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         positions = torch.zeros((len(rows), width), dtype=torch.long)
-        segments = torch.full(
-            (len(rows), width), -1, dtype=torch.long
-        )  # -1: padding, 0: context, i: option i
+        segments = torch.full((len(rows), width), -1, dtype=torch.long)  # -1: padding, 0: prefix, i: branch i
         for r, row in enumerate(rows):
             span = slice(width - len(row.tokens), width)
             input_ids[r, span] = torch.tensor(row.tokens)
@@ -344,12 +382,11 @@ class LanguageModel:
         ).logits[:, -keep:]
         results = []
         for r, row in enumerate(rows):
-            # Packed index p sits in kept column keep - len(tokens) + p.
-            shift = keep - len(row.tokens)
+            shift = keep - len(row.tokens)  # packed index p sits in kept column shift + p
             results.append(
                 [
-                    _pick(logits[r, [shift + p for p in predictors]], continuation, self._normalize)
-                    for continuation, predictors in zip(row.continuations, row.predictors(), strict=True)
+                    _pick(logits[r, [shift + p for p in predictors]], tokens[-n:], self._normalize)
+                    for (tokens, n), predictors in zip(row.sequences, row.predictors(), strict=True)
                 ]
             )
         return results
