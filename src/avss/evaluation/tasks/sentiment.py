@@ -6,10 +6,6 @@ import random
 from dataclasses import dataclass
 from typing import ClassVar
 
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-
 from avss.errors import DataError
 from avss.evaluation.base import Doc, MultipleChoiceTask, TaskOutput, average, register_task
 from avss.evaluation.engine import LanguageModel, Loglikelihood, LoglikelihoodRequest, is_causal_lm
@@ -87,6 +83,11 @@ class SentimentTask(MultipleChoiceTask):
                 f"least one test document; raise --limit (now {len(docs)} documents)"
             )
         features = lm.embed([doc["text"] for doc in docs])
+        # Imported here: scikit-learn costs about a second at start-up, and only this probe needs it.
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
         classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
         classifier.fit(features[train], [labels[i] for i in train])
         predicted = classifier.predict(features[test]).tolist()
