@@ -316,3 +316,26 @@ def test_attention_cells_remove_the_parameters_of_each_block_budget(saved_model,
     # One tiny block holds about three attentions' parameters: 3 of 4 fit, two blocks' worth (6) does not.
     assert list(attention) == [0.25] and not equal_parameter_budget(model, 2, "attn").feasible
     assert {row["mode"] for row in result.rows()} == {"oneshot", "attn"}
+
+
+def test_protected_selections_reuse_the_one_shot_scores(saved_model, data_dir, tmp_path, monkeypatch):
+    # Leave-one-out costs a pass per block: the protected variant selects from the same scores.
+    from avss.scorers.loss import LeaveOneOutScorer
+
+    calls = []
+    original = LeaveOneOutScorer.score
+    monkeypatch.setattr(LeaveOneOutScorer, "score", lambda self, c: calls.append(1) or original(self, c))
+    small = config(
+        saved_model, data_dir, methods=["loo_nll"], iterative=False, fractions=[0, 0.25], protect=["first"]
+    )
+    study = Study(small, tmp_path / "study", progress=False)
+    study.prepare()
+    study.select()
+    assert len(calls) == 1
+    plain, protected = (study.selections[f"loo-nll__{mode}"] for mode in ("oneshot", "oneshot+protect"))
+    assert plain.steps[0].scores.tolist() == protected.steps[0].scores.tolist()
+    assert 0 not in protected.removed_for(1)
+    # Resumed with the one-shot selection on disk only, the protected one is still not re-scored.
+    (tmp_path / "study" / "selections" / "loo-nll__oneshot+protect.json").unlink()
+    Study(small, tmp_path / "study", progress=False).run()
+    assert len(calls) == 1

@@ -42,13 +42,13 @@ from avss.evaluation.runner import EvalResult
 from avss.evaluation.uncertainty import RESAMPLES
 from avss.heal import HealConfig, get_heal_method, heal_in_memory
 from avss.io import atomic_write_json, atomic_write_text, ensure_parent_writable, to_json
-from avss.iterative import Selection, select_iteratively, select_oneshot
+from avss.iterative import Selection, select_iteratively
 from avss.models import DTYPES, LoadedModel, load_model
 from avss.patch import check_patchable, linear_patch
 from avss.pipeline import CalibrationOptions
 from avss.provenance import Provenance
-from avss.prune import protected_layers, remove_layers
-from avss.scorers import Scorer, context_for, get_scorer
+from avss.prune import check_budget, protected_layers, remove_layers
+from avss.scorers import LayerImportance, Scorer, context_for, get_scorer
 from avss.sublayers import equal_parameter_budget, remove_sublayers
 
 DEFAULT_FRACTIONS = (0.0, 0.125, 0.25, 0.375, 0.5)
@@ -269,6 +269,7 @@ class Study:
         self._loaded = loaded
         self.cells: dict[str, Cell] = {}
         self.selections: dict[str, Selection] = {}
+        self._importances: dict[str, LayerImportance] = {}  # one-shot scores measured in this run
 
     @property
     def loaded(self) -> LoadedModel:
@@ -335,10 +336,15 @@ class Study:
                     continue
                 started = time.perf_counter()
                 if mode in (ONESHOT, PROTECTED) or not scorer.uses_activations:
-                    if shared is None:
-                        shared = context_for(model, batches, everything, cached=True, progress=self.progress)
+                    importance = self._oneshot_importance(scorer)
+                    if importance is None:
+                        if shared is None:
+                            shared = context_for(
+                                model, batches, everything, cached=True, progress=self.progress
+                            )
+                        importance = self._importances[scorer.spec] = scorer.score(shared)
                     protect = protected_layers(num_layers, config.protect) if mode == PROTECTED else set()
-                    selection = oneshot_order(scorer, shared, config.fractions, num_layers, protect)
+                    selection = oneshot_order(scorer, importance, config.fractions, protect)
                     selection.iterative = mode == ITERATIVE
                 else:
                     self.log(f"iterative selection: {scorer.spec} (removing {largest} of {num_layers})")
@@ -361,6 +367,17 @@ class Study:
             record = {**selection.to_dict(), "seconds": round(time.perf_counter() - started, 3)}
             atomic_write_json(path, record)
             self.selections[name] = selection
+
+    def _oneshot_importance(self, scorer: Scorer) -> LayerImportance | None:
+        """The scorer's one-shot scores if already measured: every one-shot mode (protected or not) selects
+        from the same scores, so a leave-one-out pass is not run twice. A selection read from disk serves
+        scorers whose rule needs only the scores (not angular distance's span search, which needs details)."""
+        if scorer.spec in self._importances:
+            return self._importances[scorer.spec]
+        stored = self.selections.get(f"{slug(scorer.spec)}__{ONESHOT}")
+        if stored is not None and stored.steps and type(scorer).select is Scorer.select:
+            return stored.steps[0]
+        return None
 
     # --- cells ----------------------------------------------------------------------------------------
 
@@ -532,20 +549,19 @@ def repair_of(mode: str) -> str:
 
 def oneshot_order(
     scorer: Scorer,
-    context: Any,
+    importance: LayerImportance,
     fractions: Sequence[float],
-    num_layers: int,
     protect: set[int] | None = None,
 ) -> Selection:
-    """A one-shot selection for every budget; ``order`` lists layers by ascending score.
+    """A one-shot selection for every budget from one set of scores; ``order`` lists layers by ascending
+    score.
 
     Each budget's layers come from the scorer's own rule (angular picks a contiguous span per budget), never
     touching ``protect``, and are stored in ``by_budget``.
     """
     protect = protect or set()
-    largest = max(budget(f, num_layers) for f in fractions)
-    first = select_oneshot(scorer, context, largest)
-    importance = first.steps[0]
+    num_layers = importance.num_layers
+    check_budget(max(budget(f, num_layers) for f in fractions), num_layers, protect)
     order = [layer for layer in importance.ranking() if layer not in protect]
     selection = Selection(scorer.spec, False, order, [importance])
     for fraction in fractions:
