@@ -259,7 +259,7 @@ class LanguageModel:
         self._accepts_logits_to_keep = "logits_to_keep" in parameters
         # The KV-cache argument (and output field) is `cache` from transformers 5.x, `past_key_values` before.
         self._cache_name = next((name for name in ("cache", "past_key_values") if name in parameters), None)
-        self.share_context = share_context and self._cache_name is not None
+        self.share_context = share_context  # packed rows need position ids; the cache path, a KV cache
         self._accepts_position_ids = "position_ids" in parameters
         self._attention_window = _attention_window(model)
         # Wrappers whose ``.logits`` are already the per-token scores to sum (DoLa's contrast) say so.
@@ -309,19 +309,20 @@ class LanguageModel:
         window = min(self.max_length, self._attention_window or self.max_length)
         groups: list[list[int]] = []
         current: list[int] = []
+        current_cost = 0  # tokens of the current group's packed row
         for index, (tokens, _) in enumerate(sequences):
             if len(tokens) > window:
                 continue  # truncated from the left alone: nothing to share
             if current:
-                before = [sequences[i] for i in current]
-                cost = _packed_cost([*before, sequences[index]])
-                saved = _packed_cost(before) + len(tokens) - 1 - cost
+                cost = _packed_cost([*(sequences[i] for i in current), sequences[index]])
+                saved = current_cost + len(tokens) - 1 - cost
                 if cost <= PACKED_WIDTH and saved >= MIN_SHARED * (len(tokens) - 1):
                     current.append(index)
+                    current_cost = cost
                     continue
             if len(current) > 1:
                 groups.append(current)
-            current = [index]
+            current, current_cost = [index], len(tokens) - 1
         if len(current) > 1:
             groups.append(current)
         return groups
