@@ -157,6 +157,27 @@ def test_a_study_grows_by_methods_and_budgets_without_recomputing(
     }
 
 
+def test_grown_budgets_select_as_a_study_run_with_them_from_the_start(saved_model, data_dir, tmp_path):
+    """Stored selections reach a new budget by the scorer's own rule: angular's contiguous span (from fresh
+    scores, as details are not stored), leave-one-out's lowest scores, a longer iterative order."""
+    methods = ["angular", "loo_nll", "block_influence"]
+    small = config(saved_model, data_dir, methods=methods, fractions=[0, 0.25], protect=["first"])
+    grown = config(saved_model, data_dir, methods=methods, fractions=[0, 0.25, 0.5], protect=["first"])
+    out = tmp_path / "grown"
+    for study in (Study(small, out, progress=False), Study(grown, out, progress=False)):
+        study.prepare()
+        study.select()
+    fresh = Study(grown, tmp_path / "fresh", progress=False)
+    fresh.prepare()
+    fresh.select()
+    assert study.selections.keys() == fresh.selections.keys()
+    for name, selection in fresh.selections.items():
+        assert study.selections[name].removed_for(2) == selection.removed_for(2), name
+    assert 0 not in study.selections["angular__oneshot+protect"].removed_for(2)
+    first, second = study.selections["angular__oneshot"].removed_for(2)
+    assert second == first + 1
+
+
 def test_cli_study_writes_the_summary(saved_model, data_dir, tmp_path):
     out = tmp_path / "cli-study"
     arguments = [

@@ -331,11 +331,16 @@ class Study:
             for mode in config.modes_of(scorer):
                 name = f"{slug(scorer.spec)}__{mode}"
                 path = self.out / "selections" / f"{name}.json"
+                oneshot = mode in (ONESHOT, PROTECTED) or not scorer.uses_activations
+                protect = protected_layers(num_layers, config.protect) if mode == PROTECTED else set()
                 if path.exists():
-                    self.selections[name] = selection_from_dict(json.loads(path.read_text(encoding="utf-8")))
-                    continue
+                    stored = self._stored_selection(path, scorer, oneshot, protect, num_layers)
+                    if stored is not None:
+                        self.selections[name] = stored
+                        continue
+                    self.log(f"{name}: the stored selection does not reach the new budgets; selecting again")
                 started = time.perf_counter()
-                if mode in (ONESHOT, PROTECTED) or not scorer.uses_activations:
+                if oneshot:
                     importance = self._oneshot_importance(scorer)
                     if importance is None:
                         if shared is None:
@@ -343,7 +348,6 @@ class Study:
                                 model, batches, everything, cached=True, progress=self.progress
                             )
                         importance = self._importances[scorer.spec] = scorer.score(shared)
-                    protect = protected_layers(num_layers, config.protect) if mode == PROTECTED else set()
                     selection = oneshot_order(scorer, importance, config.fractions, protect)
                     selection.iterative = mode == ITERATIVE
                 else:
@@ -358,15 +362,41 @@ class Study:
             name = f"{slug(scorer.spec)}__{ATTENTION}"
             path = self.out / "selections" / f"{name}.json"
             if path.exists():
-                self.selections[name] = selection_from_dict(json.loads(path.read_text(encoding="utf-8")))
+                stored = selection_from_dict(json.loads(path.read_text(encoding="utf-8")))
+                self.selections[name] = attention_budgets(stored, config.fractions, model)
                 continue
             if shared is None:
                 shared = context_for(model, batches, everything, cached=True, progress=self.progress)
             started = time.perf_counter()
-            selection = attention_order(scorer, shared, config.fractions, model)
+            importance = scorer.score(shared)
+            selection = Selection(scorer.spec, False, importance.ranking(), [importance])
+            attention_budgets(selection, config.fractions, model)
             record = {**selection.to_dict(), "seconds": round(time.perf_counter() - started, 3)}
             atomic_write_json(path, record)
             self.selections[name] = selection
+
+    def _stored_selection(
+        self, path: Path, scorer: Scorer, oneshot: bool, protect: set[int], num_layers: int
+    ) -> Selection | None:
+        """The selection stored at ``path`` if it serves every budget of the (maybe grown) study, else None.
+
+        A one-shot selection lacking a new budget gains it from its stored scores when the scorer's rule
+        needs only the scores; an iterative one serves every budget up to the length of its removal order.
+        """
+        selection = selection_from_dict(json.loads(path.read_text(encoding="utf-8")))
+        budgets = [n for f in self.config.fractions if (n := budget(f, num_layers))]
+        if not oneshot:
+            return selection if len(selection.order) >= max(budgets, default=0) else None
+        missing = [n for n in budgets if n not in selection.by_budget]
+        if not missing:
+            return selection
+        if not (scorer.selects_from_scores and selection.steps):
+            return None
+        for n in missing:
+            selection.by_budget[n] = scorer.select(selection.steps[0], n, protect)
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        atomic_write_json(path, {**stored, "by_budget": selection.by_budget})
+        return selection
 
     def _oneshot_importance(self, scorer: Scorer) -> LayerImportance | None:
         """The scorer's one-shot scores if already measured: every one-shot mode (protected or not) selects
@@ -375,7 +405,7 @@ class Study:
         if scorer.spec in self._importances:
             return self._importances[scorer.spec]
         stored = self.selections.get(f"{slug(scorer.spec)}__{ONESHOT}")
-        if stored is not None and stored.steps and type(scorer).select is Scorer.select:
+        if stored is not None and stored.steps and scorer.selects_from_scores:
             return stored.steps[0]
         return None
 
@@ -571,16 +601,16 @@ def oneshot_order(
     return selection
 
 
-def attention_order(scorer: Scorer, context: Any, fractions: Sequence[float], model: Any) -> Selection:
-    """Attention sublayers by ascending score; ``by_budget`` maps each block budget to the sublayers holding
-    as many parameters (:func:`avss.sublayers.equal_parameter_budget`), for the budgets attention can meet."""
-    importance = scorer.score(context)
-    order = importance.ranking()
-    selection = Selection(scorer.spec, False, order, [importance])
+def attention_budgets(selection: Selection, fractions: Sequence[float], model: Any) -> Selection:
+    """Fill ``selection.by_budget`` (attention sublayers by ascending score in ``order``): each block budget
+    maps to the lowest-scoring sublayers holding as many parameters
+    (:func:`avss.sublayers.equal_parameter_budget`), for the budgets attention can meet."""
     for fraction in fractions:
-        n = budget(fraction, importance.num_layers)
-        if n and (sublayers := equal_parameter_budget(model, n, "attn")).feasible:
-            selection.by_budget[n] = sorted(order[: sublayers.sublayers])
+        n = budget(fraction, len(selection.order))
+        if not n or n in selection.by_budget:
+            continue
+        if (sublayers := equal_parameter_budget(model, n, "attn")).feasible:
+            selection.by_budget[n] = sorted(selection.order[: sublayers.sublayers])
     return selection
 
 

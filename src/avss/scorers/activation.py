@@ -91,6 +91,8 @@ class AngularScorer(Scorer):
     ``l..l+n-1`` with the smallest ``d(h_l, h_{l+n})``, as in the paper.
     """
 
+    selects_from_scores: ClassVar[bool] = False
+
     def score(self, context: ScoringContext) -> LayerImportance:
         distance = context.statistics().relations.angular_distance
         return self.importance(distance.diagonal(offset=1).clone(), details={"angular_distance": distance})

@@ -71,6 +71,9 @@ class Scorer(ABC):
     # Whether the scores read each block's attention and MLP similarities (SublayerStats), which the shared
     # pass measures only when some scorer asks for them.
     needs_sublayers: ClassVar[bool] = False
+    # Whether ``select`` needs only ``importance.scores`` (not ``details``), so that scores read back from a
+    # result file, where details are not stored, can select for a new budget.
+    selects_from_scores: ClassVar[bool] = True
 
     @abstractmethod
     def score(self, context: ScoringContext) -> LayerImportance:
