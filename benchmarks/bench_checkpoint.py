@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from avss.checkpoint import StatisticsCheckpoint
-from avss.collect import DEFAULT_THRESHOLDS
 from avss.io import atomic_write_json, atomic_write_text
-from avss.stats import ActivationStats, Threshold
+from avss.stats.accumulators import ActivationStats, Threshold
+from avss.stats.checkpoint import StatisticsCheckpoint
+from avss.stats.collect import DEFAULT_THRESHOLDS
 
 HERE = Path(__file__).resolve().parent
 SITES = ("block", "delta", "mlp", "attn")

@@ -1,7 +1,8 @@
 """Healing benchmark: perplexity before pruning, after pruning, and after each healing method.
 
 For each selection method (AVSS, ShortGPT block influence) and each removed fraction, the original model is
-pruned in memory and healed with every method of :data:`avss.heal.HEAL_METHODS` from the same pruned copy, on
+pruned in memory and healed with every method of :data:`avss.healing.heal.HEAL_METHODS` from the same pruned
+copy, on
 WikiText-2 *valid* text, at the same training budget. Perplexity is measured on a capped prefix of WikiText-2
 *test* and on the bundled ``evaluation`` corpus, neither of which is used for scoring or training.
 
@@ -26,14 +27,22 @@ from typing import Any
 
 import torch
 
-from avss.data import TextSource, bundled_text, resolve_data_dir, split_paragraphs, wikitext2_texts
+from avss.adapters import remove_layers
+from avss.data import (
+    CalibrationOptions,
+    TextSource,
+    bundled_text,
+    resolve_data_dir,
+    split_paragraphs,
+    wikitext2_texts,
+)
 from avss.evaluation import perplexity
-from avss.heal import HEAL_METHODS, HealConfig, heal_in_memory
+from avss.healing.heal import HEAL_METHODS, HealConfig, heal_in_memory
 from avss.io import atomic_write_json, atomic_write_text
 from avss.models import load_model
-from avss.pipeline import CalibrationOptions, ScoreOptions, score
 from avss.provenance import package_versions
-from avss.prune import PruneSpec, remove_layers
+from avss.pruning.rules import PruneSpec
+from avss.scorers.run import ScoreOptions, score
 
 SELECTIONS = ("avss", "block_influence")
 

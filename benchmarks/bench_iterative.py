@@ -21,9 +21,9 @@ import torch
 
 from avss.data import TextSource, tokenize_texts
 from avss.io import atomic_write_json, atomic_write_text
-from avss.iterative import select_iteratively, select_oneshot
 from avss.models import load_model
 from avss.provenance import package_versions
+from avss.pruning.select import select_iteratively, select_oneshot
 from avss.scorers import context_for, get_scorer
 
 

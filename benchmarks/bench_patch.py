@@ -1,6 +1,6 @@
 """``--patch linear`` on a real model: perplexity of the same pruned model with and without the patch.
 
-Prunes once with the patch (``prune_with_scorer``, the path of ``avss prune``), removes the same blocks from a
+Prunes once with the patch (``prune``, the path of ``avss prune``), removes the same blocks from a
 fresh copy without it, and evaluates both (plus the unpruned model) on the bundled evaluation text and, when
 the data directory is present, WikiText-2 test. Usage::
 
@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import avss
-from avss.data import TextSource, resolve_data_dir
-from avss.iterative import prune_with_scorer
-from avss.pipeline import CalibrationOptions
+from avss.adapters import remove_layers
+from avss.data import CalibrationOptions, TextSource, resolve_data_dir
 from avss.provenance import package_versions
-from avss.prune import PruneSpec, remove_layers
+from avss.pruning.prune import prune
+from avss.pruning.rules import PruneSpec
 from avss.scorers import get_scorer
 
 
@@ -55,7 +55,7 @@ def main() -> None:
     calibration = CalibrationOptions(samples=args.samples, max_length=args.max_length)
     spec = PruneSpec(fraction=args.fraction, patch="linear", patch_ridge=args.ridge)
     started = time.perf_counter()
-    result, _ = prune_with_scorer(
+    result, _ = prune(
         loaded, get_scorer(args.method), TextSource(), calibration, spec, progress=False
     )
     prune_s = time.perf_counter() - started

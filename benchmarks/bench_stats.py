@@ -97,21 +97,21 @@ def run_bare_body(model: torch.nn.Module, batches: list[Batch]) -> None:
 
 
 def run_avss(model: torch.nn.Module, batches: list[Batch]) -> None:
-    from avss.collect import collect_statistics
+    from avss.stats.collect import collect_statistics
 
     collect_statistics(model, batches, sites=("block",), relations=True, progress=False)
 
 
 def run_avss_compiled(model: torch.nn.Module, batches: list[Batch]) -> None:
-    from avss.collect import collect_statistics
+    from avss.stats.collect import collect_statistics
 
     collect_statistics(model, batches, sites=("block",), relations=True, progress=False, compile=True)
 
 
 def reduce_stored(states: list[torch.Tensor], last: list[torch.Tensor]) -> None:
     """AVSS, block influence and angular statistics from stored (N, D) states of every depth 0..L."""
-    from avss.collect import DEFAULT_THRESHOLDS
-    from avss.stats import RelationStats, Threshold, masked_cosine_sum, reduce_site
+    from avss.stats.accumulators import RelationStats, Threshold, masked_cosine_sum, reduce_site
+    from avss.stats.collect import DEFAULT_THRESHOLDS
 
     thresholds = tuple(Threshold.parse(t) for t in DEFAULT_THRESHOLDS)
     relations = RelationStats(len(states) - 1)
@@ -124,7 +124,7 @@ def reduce_stored(states: list[torch.Tensor], last: list[torch.Tensor]) -> None:
 
 
 def run_store_all(model: torch.nn.Module, batches: list[Batch]) -> None:
-    from avss.collect import last_token_index
+    from avss.stats.collect import last_token_index
 
     stored: list[list[torch.Tensor]] = []
     last: list[list[torch.Tensor]] = []
@@ -146,7 +146,7 @@ def run_nnsight(model: torch.nn.Module, batches: list[Batch]) -> None:
     from nnsight import NNsight
 
     from avss.adapters import get_adapter
-    from avss.collect import last_token_index
+    from avss.stats.collect import last_token_index
 
     wrapped = NNsight(model)
     blocks = wrapped

@@ -1,7 +1,8 @@
 """Resident memory of one statistics pass after each batch: flat memory, or growth with the data?
 
 Peak RSS of a whole pass (``bench_stats.py``) mixes the pass's own memory with glibc's allocator state, which
-moves by tens of MB from run to run. This probe runs a single :class:`~avss.collect.StatisticsCollector` over
+moves by tens of MB from run to run. This probe runs a single
+:class:`~avss.stats.collect.StatisticsCollector` over
 many batches in one process and prints the RSS after selected batches: growth with the data would show as a
 rising column, allocator noise as a fluctuating one.
 
@@ -16,7 +17,7 @@ import psutil
 import torch
 from bench_stats import add_model_options, load_model_and_batches
 
-from avss.collect import StatisticsCollector
+from avss.stats.collect import StatisticsCollector
 
 
 def main() -> None:

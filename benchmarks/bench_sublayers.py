@@ -2,8 +2,8 @@
 
 One calibration pass scores blocks (block influence) and attention sublayers (LLM-Drop's attention influence);
 for each block budget the attention budget holding the same parameters comes from
-:func:`avss.sublayers.equal_parameter_budget`. Each pruned copy is evaluated on the bundled evaluation text
-and, when the data directory is present, WikiText-2 test. Usage::
+:func:`avss.pruning.sublayers.equal_parameter_budget`. Each pruned copy is evaluated on the bundled
+evaluation text and, when the data directory is present, WikiText-2 test. Usage::
 
     .venv/bin/python benchmarks/bench_sublayers.py --model smollm2-135m --blocks 2,4,6 \\
         --wikitext-limit 200 --out benchmarks/sublayers_smollm2.json
@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 import avss
-from avss.data import TextSource, resolve_data_dir
-from avss.pipeline import CalibrationOptions
+from avss.adapters import remove_layers
+from avss.data import CalibrationOptions, TextSource, resolve_data_dir
 from avss.provenance import package_versions
-from avss.prune import remove_layers, select_count
+from avss.pruning.rules import select_count
+from avss.pruning.sublayers import equal_parameter_budget, remove_sublayers
 from avss.scorers import context_for, get_scorer
-from avss.sublayers import equal_parameter_budget, remove_sublayers
 
 METHODS = ("block_influence", "attn_influence", "random")
 

@@ -2,7 +2,7 @@
 
 Scores the model on several disjoint calibration sets (parts 0..K-1 of the shared C4 validation slice and,
 when present, WikiText-2 valid), selects the blocks to remove at each budget, and writes the Jaccard
-overlap of the selections and the spread of the scores per method (:mod:`avss.stability`). Usage::
+overlap of the selections and the spread of the scores per method (:mod:`avss.scorers.stability`). Usage::
 
     .venv/bin/python benchmarks/calibration_stability.py --model smollm2-135m --c4-parts 4 \\
         --samples 64 --max-length 512 --budgets 4,8 --out benchmarks/calibration_stability_smollm2
@@ -19,10 +19,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import avss
-from avss.data import TextSource, resolve_data_dir
-from avss.pipeline import CalibrationOptions
+from avss.data import CalibrationOptions, TextSource, resolve_data_dir
 from avss.provenance import package_versions
-from avss.stability import CalibrationSet, calibration_stability
+from avss.scorers.stability import CalibrationSet, calibration_stability
 
 
 def machine() -> str:

@@ -16,7 +16,7 @@ import torch
 from bench_stats import add_model_options, load_model_and_batches, model_inputs
 from torch.profiler import ProfilerActivity, profile
 
-from avss.collect import collect_statistics
+from avss.stats.collect import collect_statistics
 
 
 def main() -> None:

@@ -143,7 +143,7 @@ FIXES: dict[str, dict[str, str]] = {
         "GGUF output from a truncated .gguf file": "Download the file again; nothing is pruned from a file "
         "whose tensors are missing.",
         "GGUF output from an architecture avss cannot prune": "Use a listed architecture, save a model "
-        "directory instead (`--out DIR`), or add a row to `avss.gguf_prune.GGUF_ARCHITECTURES`.",
+        "directory instead (`--out DIR`), or add a row to `avss.pruning.gguf.GGUF_ARCHITECTURES`.",
         "GGUF --out exists without --overwrite": "Choose a new `--out`, or pass `--overwrite` (the old file "
         "is replaced only once the new one is complete).",
         "GGUF --out from a model directory": "A `.gguf` `--out` copies quantized tensors, so it needs a "

@@ -5,8 +5,8 @@ import torch
 
 from _tiny import ENCODERS, TINY_CONFIGS, random_batch, tiny_model
 from avss.adapters import SITES, get_adapter, supported_model_types
-from avss.collect import collect_statistics
 from avss.errors import UnsupportedArchitectureError
+from avss.stats.collect import collect_statistics
 
 
 def test_table_covers_the_required_families():

@@ -729,7 +729,7 @@ def _evaluate_unknown_task(ws: Workspace) -> object:
 
 
 def _collect_poisoned(ws: Workspace) -> object:
-    from avss.collect import collect_statistics
+    from avss.stats.collect import collect_statistics
 
     model = tiny_model("gpt2", 3)
     with torch.no_grad():
@@ -746,7 +746,7 @@ def _atomic_json_disk_full(ws: Workspace) -> object:
 
 
 def _save_pruned_over_result(ws: Workspace) -> object:
-    from avss.prune import PruningRecord, save_pruned
+    from avss.pruning.prune import PruningRecord, save_pruned
 
     record = PruningRecord({}, [1], [0, 2, 3], 4, "avss", {})
     return save_pruned(tiny_model("llama", 3), None, ws.out / "pruned", record)
@@ -765,13 +765,13 @@ def _read_malformed(ws: Workspace) -> object:
 
 
 def _prune_spec(**kwargs: object) -> Callable[[Workspace], object]:
-    from avss.prune import PruneSpec
+    from avss.pruning.rules import PruneSpec
 
     return lambda ws: PruneSpec(**kwargs).select(torch.tensor([0.4, 0.1, 0.3, 0.2], dtype=torch.float64))  # type: ignore[arg-type]
 
 
 def _remove_all(ws: Workspace) -> object:
-    from avss.prune import remove_layers
+    from avss.adapters import remove_layers
 
     return remove_layers(tiny_model("llama", 2), [0, 1])
 
@@ -784,7 +784,7 @@ def _load(spec_of: Callable[[Workspace], str], **kwargs: object) -> Callable[[Wo
 
 
 def _score_options(**kwargs: str) -> Callable[[Workspace], object]:
-    from avss.pipeline import ScoreOptions
+    from avss.scorers.run import ScoreOptions
 
     return lambda ws: ScoreOptions(**kwargs)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from avss.prune import PROVENANCE_FILE
+from avss.pruning.prune import PROVENANCE_FILE
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import torch
 from accelerate import dispatch_model
 
 from _tiny import random_batch, tiny_model
-from avss.collect import collect_statistics, execution_device
-from avss.distributed import pack
+from avss.stats.collect import collect_statistics, execution_device
+from avss.stats.distributed import pack
 
 SITES = ("block", "delta", "mlp", "attn")
 
@@ -63,7 +63,13 @@ def test_half_precision_model_accumulates_in_float64(dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_per_layer_reductions_never_synchronize_with_the_host():
     """The hooks' work (reduce, cosine, fold) raises under CUDA's sync debug mode if anything syncs."""
-    from avss.stats import SiteBatch, SiteStats, Threshold, masked_cosine_sum, reduce_site
+    from avss.stats.accumulators import (
+        SiteBatch,
+        SiteStats,
+        Threshold,
+        masked_cosine_sum,
+        reduce_site,
+    )
 
     thresholds = (Threshold("abs", 1e-5), Threshold("rel", 0.01))
     hidden = torch.randn(2, 7, 16, device="cuda", dtype=torch.bfloat16)

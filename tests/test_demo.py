@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from avss.demo import DEMO_FORMAT, SAVED, VARIANTS, DemoOptions, run_demo
-from avss.prune import PRUNING_FORMAT
+from avss.pruning.prune import PRUNING_FORMAT
 from avss.report import collect, render_markdown
 from test_provenance import assert_stamped
 

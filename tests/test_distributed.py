@@ -13,11 +13,11 @@ import torch.multiprocessing as mp
 
 from _precision import FLOAT32_PATHS, float32_approx
 from _tiny import random_batch, tiny_model
-from avss.collect import collect_statistics
-from avss.distributed import collect_distributed, pack, unpack
 from avss.errors import OptionError
 from avss.launch import DistributedContext, context, rank_max_memory
-from avss.stats import ActivationStats
+from avss.stats.accumulators import ActivationStats
+from avss.stats.collect import collect_statistics
+from avss.stats.distributed import collect_distributed, pack, unpack
 
 FLOAT64_EPS = torch.finfo(torch.float64).eps
 

@@ -21,7 +21,7 @@ from avss.hallucination.significance import (
     spearman_to,
     topk_gap,
 )
-from avss.stats import SiteBatch, Threshold, reduce_site
+from avss.stats.accumulators import SiteBatch, Threshold, reduce_site
 from test_hallucination import data_dir  # noqa: F401  (fixture)
 
 LAYERS = 6

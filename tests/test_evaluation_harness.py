@@ -110,7 +110,8 @@ def test_pruned_directory_evaluates_with_lm_eval_hf_model(tmp_path, offline):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from avss.prune import PruningRecord, remove_layers, save_pruned
+    from avss.adapters import remove_layers
+    from avss.pruning.prune import PruningRecord, save_pruned
 
     model, tokenizer = bpe_llama(), bpe_tokenizer()
     kept = remove_layers(model, [0])

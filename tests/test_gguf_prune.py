@@ -19,7 +19,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from _tiny import random_batch
 from _tiny_gguf import tiny_gguf
 from avss import errors
-from avss.gguf_prune import (
+from avss.adapters import remove_layers
+from avss.models import load_model
+from avss.pruning.gguf import (
     MetadataEntry,
     hf_config_overrides,
     plan_metadata,
@@ -27,8 +29,7 @@ from avss.gguf_prune import (
     prune_gguf,
     sidecar_path,
 )
-from avss.models import load_model
-from avss.prune import PRUNING_FORMAT, remove_layers
+from avss.pruning.prune import PRUNING_FORMAT
 from test_provenance import assert_stamped
 
 NUM_LAYERS = 6

@@ -12,11 +12,11 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from _tiny import killed_after_checkpoint, random_batch, tiny_model, tiny_tokenizer
-from avss.adapters import get_adapter
+from avss.adapters import get_adapter, remove_layers
 from avss.cli._app import app
 from avss.data import TextSource, bundled_text, split_paragraphs
 from avss.errors import DataError
-from avss.heal import (
+from avss.healing.heal import (
     HEALING_FILE,
     HealConfig,
     HealConfigError,
@@ -29,7 +29,7 @@ from avss.heal import (
     neighbour_layers,
     plan_replacements,
 )
-from avss.prune import PruningRecord, remove_layers, save_pruned
+from avss.pruning.prune import PruningRecord, save_pruned
 from avss.training import CHECKPOINT_FILE
 
 REMOVED = [1, 2, 4]
@@ -173,7 +173,7 @@ def test_inserted_block_sees_in_the_healed_model_what_it_was_trained_on(tokenize
     plans = plan_replacements(REMOVED, NUM_LAYERS)[:1]
     students = ReplacementStudents(SpanTeacher(original, plans), [healed_blocks[1]])
     captured = students._teacher.capture(batch)
-    from avss.heal import _with_hidden
+    from avss.healing.heal import _with_hidden
 
     args, kwargs = _with_hidden(*captured["call", plans[0].template], captured["input", plans[0].first])
     with torch.no_grad():

@@ -7,13 +7,14 @@ import torch
 
 from _tiny import random_batch, tiny_model, tiny_tokenizer
 from avss.adapters import get_adapter
-from avss.data import TextSource
+from avss.data import CalibrationOptions, TextSource
 from avss.errors import PruneConfigError
-from avss.iterative import prune_with_scorer, select_iteratively, select_layers, select_oneshot
 from avss.models import LoadedModel
-from avss.pipeline import CalibrationOptions, ScoreOptions, score
-from avss.prune import PruneSpec
+from avss.pruning.prune import prune
+from avss.pruning.rules import PruneSpec
+from avss.pruning.select import select_iteratively, select_layers, select_oneshot
 from avss.scorers import CachedContext, ScoringContext, context_for, get_scorer
+from avss.scorers.run import ScoreOptions, score
 
 
 def batches() -> list[dict[str, torch.Tensor]]:
@@ -76,13 +77,13 @@ def test_budget_is_checked():
     ids=["count", "mass"],
 )
 def test_prune_with_the_avss_scorer_matches_the_scores_of_avss_score(spec):
-    """`avss prune` goes through prune_with_scorer for every method; for AVSS it must remove what the
+    """`avss prune` goes through prune for every method; for AVSS it must remove what the
     selection rule picks from the streamed scores of `avss score`, and record the same scores."""
     calibration = CalibrationOptions(samples=8, max_length=24, batch_size=2)
     options = ScoreOptions(site="delta", threshold="rel:0.05")
     scorer = get_scorer("avss[site=delta,threshold=rel:0.05]")
     by_scorer = LoadedModel(tiny_model("llama", 6), tiny_tokenizer())
-    result, selection = prune_with_scorer(by_scorer, scorer, TextSource(), calibration, spec, progress=False)
+    result, selection = prune(by_scorer, scorer, TextSource(), calibration, spec, progress=False)
     by_run = LoadedModel(tiny_model("llama", 6), tiny_tokenizer())
     run = score(by_run, TextSource(), calibration, options, progress=False)
     assert result.removed == spec.select(run.scores.avss)
@@ -104,7 +105,7 @@ def test_prune_with_the_avss_scorer_matches_the_scores_of_avss_score(spec):
 def test_only_repeated_passes_keep_the_residual_cache(monkeypatch, method, iterative, cached):
     """One-shot activation scorers stream (memory flat in calibration tokens); the CachedContext, which holds
     every block's input on CPU, is only for re-scoring after removals and for skipping blocks."""
-    import avss.iterative
+    import avss.pruning.prune
 
     built = []
 
@@ -112,11 +113,11 @@ def test_only_repeated_passes_keep_the_residual_cache(monkeypatch, method, itera
         built.append(context_for(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(avss.iterative, "context_for", recording_context_for)
+    monkeypatch.setattr(avss.pruning.prune, "context_for", recording_context_for)
     loaded = LoadedModel(tiny_model("llama", 4), tiny_tokenizer())
     calibration = CalibrationOptions(samples=4, max_length=16, batch_size=2)
     spec = PruneSpec(n_layers=1)
-    prune_with_scorer(loaded, get_scorer(method), TextSource(), calibration, spec, iterative, progress=False)
+    prune(loaded, get_scorer(method), TextSource(), calibration, spec, iterative, progress=False)
     assert [isinstance(context, CachedContext) for context in built] == [cached]
 
 

@@ -123,7 +123,7 @@ def test_pruned_model_killed_mid_save(tiny_dir: Path, tmp_path: Path, previous: 
 
 RESUMABLE = textwrap.dedent(
     """
-    from avss.checkpoint import StatisticsCheckpoint
+    from avss.stats.checkpoint import StatisticsCheckpoint
     from avss.cli import main
 
     save = StatisticsCheckpoint.save

@@ -16,15 +16,10 @@ from transformers.pytorch_utils import Conv1D
 
 from _precision import FLOAT32_EPS, FLOAT32_PATHS
 from _tiny import random_batch, tiny_config, tiny_model, tiny_tokenizer
-from avss.adapters import first_tensor, get_adapter
-from avss.collect import collect_linear_fit
-from avss.data import TextSource, bundled_text, split_paragraphs, tokenize_texts
-from avss.distributed import collect_linear_fit_distributed
+from avss.adapters import first_tensor, get_adapter, remove_layers
+from avss.data import CalibrationOptions, TextSource, bundled_text, split_paragraphs, tokenize_texts
 from avss.errors import PruneConfigError
-from avss.iterative import prune_with_scorer
-from avss.launch import DistributedContext
-from avss.models import LoadedModel
-from avss.patch import (
+from avss.healing.patch import (
     LinearPatch,
     check_linear_patch,
     check_patchable,
@@ -37,10 +32,14 @@ from avss.patch import (
     solve_linear_map,
     squared_error,
 )
-from avss.pipeline import CalibrationOptions
-from avss.prune import PROVENANCE_FILE, PruneSpec, remove_layers, save_pruned
+from avss.launch import DistributedContext
+from avss.models import LoadedModel
+from avss.pruning.prune import PROVENANCE_FILE, prune, save_pruned
+from avss.pruning.rules import PruneSpec
 from avss.scorers import ScoringContext, get_scorer
-from avss.stats import LinearFitStats, masked_cross_products
+from avss.stats.accumulators import LinearFitStats, masked_cross_products
+from avss.stats.collect import collect_linear_fit
+from avss.stats.distributed import collect_linear_fit_distributed
 
 FLOAT64_EPS = torch.finfo(torch.float64).eps
 PATCHABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "gpt_neox", "opt")
@@ -296,7 +295,7 @@ def test_saved_patched_model_reloads_with_the_same_logits_size_and_a_provenance_
     for patch in (None, "linear"):
         loaded = LoadedModel(copy.deepcopy(model), tokenizer, {"name": "tiny-trained"})
         spec = PruneSpec(n_layers=2, patch=patch, patch_ridge=1e-6)
-        result, _ = prune_with_scorer(
+        result, _ = prune(
             loaded, get_scorer("block_influence"), TextSource(), calibration, spec, progress=False
         )
         save_pruned(loaded.model, loaded.tokenizer, tmp_path / str(patch), result.record)
@@ -332,7 +331,7 @@ def test_python_api_prune_patches_with_the_bundled_calibration_text(trained):
     loaded = LoadedModel(copy.deepcopy(model), tokenizer, {"name": "tiny-trained"})
     calibration = CalibrationOptions(samples=8, max_length=32, batch_size=4)
     spec = PruneSpec(n_layers=2, patch="linear")
-    result, _ = prune_with_scorer(loaded, get_scorer("avss"), TextSource(), calibration, spec, progress=False)
+    result, _ = prune(loaded, get_scorer("avss"), TextSource(), calibration, spec, progress=False)
     assert 0 not in result.removed
     assert result.record.patch is not None and result.record.patch["fit_tokens"] > 0
 
@@ -357,7 +356,7 @@ def test_prune_with_a_patch_never_removes_block_zero_even_when_the_scorer_ranks_
     loaded = LoadedModel(tiny_model("llama", 4), tiny_tokenizer())
     calibration = CalibrationOptions(samples=4, max_length=24, batch_size=2)
     spec = PruneSpec(n_layers=2, patch="linear", patch_ridge=1e-3)
-    result, _ = prune_with_scorer(
+    result, _ = prune(
         loaded, get_scorer("first"), TextSource(), calibration, spec, progress=False
     )
     assert result.removed == [1, 2]
@@ -390,10 +389,10 @@ def test_opt_with_pre_norm_and_the_patchable_types_are_accepted():
 def test_memory_figure_and_the_check_before_the_pass(monkeypatch):
     assert LinearFitStats.bytes_needed(1, 4096) == 268_435_456  # two 4096 x 4096 float64 sums
     assert fit_memory_bytes(3, 4096, 0) == 3 * 268_435_456 + 3 * 8 * 4096**2
-    monkeypatch.setattr("avss.patch.available_memory", lambda device: 10_000)
+    monkeypatch.setattr("avss.healing.patch.available_memory", lambda device: 10_000)
     with pytest.raises(PruneConfigError, match=r"needs 0\.0\d GB on cpu.*only 0\.00 GB are free"):
         check_linear_patch(tiny_model("llama", 2), _batches(1))
-    monkeypatch.setattr("avss.patch.available_memory", lambda device: None)  # unknown: no refusal
+    monkeypatch.setattr("avss.healing.patch.available_memory", lambda device: None)  # unknown: no refusal
     assert check_linear_patch(tiny_model("llama", 2), _batches(1)) > 0
 
 

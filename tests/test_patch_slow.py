@@ -5,10 +5,10 @@ import copy
 import pytest
 
 import avss
-from avss.data import TextSource
-from avss.iterative import prune_with_scorer
-from avss.pipeline import CalibrationOptions
-from avss.prune import PruneSpec, remove_layers
+from avss.adapters import remove_layers
+from avss.data import CalibrationOptions, TextSource
+from avss.pruning.prune import prune
+from avss.pruning.rules import PruneSpec
 from avss.scorers import get_scorer
 
 pytestmark = pytest.mark.slow
@@ -22,7 +22,7 @@ def test_patched_smollm2_has_lower_perplexity_than_the_same_pruning_unpatched():
     unpatched = copy.deepcopy(loaded.model)
     calibration = CalibrationOptions(samples=32, max_length=256)
     spec = PruneSpec(fraction=0.25, patch="linear")
-    result, _ = prune_with_scorer(
+    result, _ = prune(
         loaded, get_scorer("block_influence"), TextSource(), calibration, spec, progress=False
     )
     assert len(result.removed) == 8 and 0 not in result.removed

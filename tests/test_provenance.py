@@ -12,11 +12,11 @@ import pytest
 import avss
 from avss.errors import HealConfigError
 from avss.evaluation.runner import RESULT_FORMAT
-from avss.heal import HEALING_FILE, HEALING_FORMAT, read_pruning_record
-from avss.pipeline import SCORES_FORMAT
+from avss.healing.heal import HEALING_FILE, HEALING_FORMAT, read_pruning_record
 from avss.provenance import Provenance
-from avss.prune import PROVENANCE_FILE, PRUNING_FORMAT
+from avss.pruning.prune import PROVENANCE_FILE, PRUNING_FORMAT
 from avss.report import collect
+from avss.scorers.run import SCORES_FORMAT
 
 
 def assert_stamped(data: dict[str, Any], format: str) -> None:

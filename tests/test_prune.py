@@ -7,19 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from _tiny import random_batch, tiny_model, tiny_tokenizer
-from avss.adapters import get_adapter
+from avss.adapters import get_adapter, remove_layers
 from avss.errors import OutputError, PruneConfigError
-from avss.prune import (
-    PROVENANCE_FILE,
-    PruneSpec,
-    PruningRecord,
-    layers_for_fraction,
-    protected_layers,
-    remove_layers,
-    save_pruned,
-    select_count,
-    select_mass,
-)
+from avss.pruning.prune import PROVENANCE_FILE, PruningRecord, save_pruned
+from avss.pruning.rules import PruneSpec, layers_for_fraction, protected_layers, select_count, select_mass
 
 SCORES = torch.tensor([0.30, 0.05, 0.20, 0.10, 0.35], dtype=torch.float64)
 

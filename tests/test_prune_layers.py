@@ -10,12 +10,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from _tiny import random_batch, tiny_model, tiny_tokenizer
-from avss.data import TextSource
+from avss.data import CalibrationOptions, TextSource
 from avss.errors import PruneConfigError
-from avss.iterative import GIVEN, prune_with_scorer
 from avss.models import LoadedModel
-from avss.pipeline import CalibrationOptions
-from avss.prune import PROVENANCE_FILE, PRUNING_FORMAT, PruneSpec, parse_layers
+from avss.pruning.prune import GIVEN, PROVENANCE_FILE, PRUNING_FORMAT, prune
+from avss.pruning.rules import PruneSpec, parse_layers
 
 NUM_LAYERS = 6
 
@@ -34,16 +33,16 @@ def test_parse_layers():
 
 def test_given_blocks_are_removed_without_a_scoring_pass(monkeypatch):
     """The kept blocks are the original ones, weights untouched, and no calibration batch is built."""
-    import avss.iterative
+    import avss.pruning.prune
 
     model = tiny_model("llama", NUM_LAYERS)
     original = [block.state_dict() for block in model.model.layers]
     reference = tiny_model("llama", NUM_LAYERS)
-    monkeypatch.setattr(avss.iterative, "context_for", lambda *a, **k: pytest.fail("no scoring pass"))
+    monkeypatch.setattr(avss.pruning.prune, "context_for", lambda *a, **k: pytest.fail("no scoring pass"))
     monkeypatch.setattr(CalibrationOptions, "batches", lambda *a, **k: pytest.fail("no calibration data"))
     loaded = LoadedModel(model, tiny_tokenizer(), {"name": "tiny"})
     spec = PruneSpec(fraction=None, layers=(4, 1, 2)).check()
-    result, selection = prune_with_scorer(loaded, None, TextSource(), CalibrationOptions(), spec)
+    result, selection = prune(loaded, None, TextSource(), CalibrationOptions(), spec)
     assert result.removed == [1, 2, 4] and result.kept == [0, 3, 5]
     assert selection.method == GIVEN and selection.steps == []
     kept_blocks = list(model.model.layers)
@@ -117,7 +116,7 @@ def test_range_is_checked_after_loading_when_the_config_is_not_at_hand(monkeypat
     loaded = LoadedModel(tiny_model("llama", 4), tiny_tokenizer())
     spec = PruneSpec(fraction=None, layers=(1, 4)).check()
     with pytest.raises(PruneConfigError, match="block 4 out of range for a 4-block model"):
-        prune_with_scorer(loaded, None, TextSource(), CalibrationOptions(), spec)
+        prune(loaded, None, TextSource(), CalibrationOptions(), spec)
     assert len(loaded.model.model.layers) == 4
 
 

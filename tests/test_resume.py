@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 from _tiny import tiny_model, tiny_tokenizer
-from avss.checkpoint import StatisticsCheckpoint, checkpoint_file
 from avss.cli import main
-from avss.collect import StatisticsCollector
+from avss.data import CalibrationOptions
 from avss.errors import CheckpointError
 from avss.models import LoadedModel
-from avss.pipeline import CalibrationOptions, ScoreOptions, ScoreRun, score
+from avss.scorers.run import ScoreOptions, ScoreRun, score
+from avss.stats.checkpoint import StatisticsCheckpoint, checkpoint_file
+from avss.stats.collect import StatisticsCollector
 
 CALIBRATION = CalibrationOptions(samples=10, max_length=24, batch_size=2, seed=0)  # 5 batches
 OPTIONS = ScoreOptions(measure_sites=("mlp", "delta"))

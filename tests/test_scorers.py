@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from _tiny import random_batch, tiny_model
-from avss.collect import collect_statistics
+from avss.adapters import remove_layers
 from avss.errors import PruneConfigError
-from avss.prune import remove_layers
 from avss.scorers import (
     CachedContext,
     ScoringContext,
@@ -21,7 +20,8 @@ from avss.scorers import (
     get_scorer,
     split_methods,
 )
-from avss.scores import score_layers
+from avss.scorers.avss import score_layers
+from avss.stats.collect import collect_statistics
 
 ARCHITECTURES = ("llama", "gemma3_text", "gpt2")
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from avss.scores import avss, normalize, score_layers, sparsity
-from avss.stats import ActivationStats, Threshold
+from avss.scorers.avss import avss, normalize, score_layers, sparsity
+from avss.stats.accumulators import ActivationStats, Threshold
 
 
 def test_normalize_and_avss_by_hand():

@@ -21,13 +21,12 @@ import gguf
 import pytest
 import torch
 
-from avss.data import TextSource, bundled_text
+from avss.data import CalibrationOptions, TextSource, bundled_text
 from avss.evaluation import evaluate
-from avss.gguf_prune import gguf_source, plan_tensors, save_pruned_gguf
-from avss.iterative import prune_with_scorer
 from avss.models import load_model
-from avss.pipeline import CalibrationOptions
-from avss.prune import PruneSpec
+from avss.pruning.gguf import gguf_source, plan_tensors, save_pruned_gguf
+from avss.pruning.prune import prune
+from avss.pruning.rules import PruneSpec
 from avss.scorers import get_scorer
 
 pytestmark = pytest.mark.slow
@@ -79,7 +78,7 @@ def test_gguf_prune_reload_evaluate(tmp_path: Path, name: str, num_layers: int) 
     assert source is not None
     ids = slice_ids(loaded.tokenizer)
     base_hf = hf_log_ppl(loaded.model, ids)
-    result, _ = prune_with_scorer(
+    result, _ = prune(
         loaded,
         get_scorer("block_influence"),
         TextSource(),

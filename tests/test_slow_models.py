@@ -4,12 +4,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from avss.data import TextSource
-from avss.iterative import prune_with_scorer
+from avss.data import CalibrationOptions, TextSource
 from avss.models import load_model
-from avss.pipeline import CalibrationOptions, score
-from avss.prune import PruneSpec, save_pruned
+from avss.pruning.prune import prune, save_pruned
+from avss.pruning.rules import PruneSpec
 from avss.scorers import get_scorer
+from avss.scorers.run import score
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def test_score_prune_save_reload(tmp_path, name, num_layers):
     assert run.scores.num_layers == num_layers
     assert torch.isfinite(run.scores.avss).all()
     spec = PruneSpec(fraction=0.25)
-    result, _ = prune_with_scorer(loaded, get_scorer("avss"), TextSource(), calibration, spec, progress=False)
+    result, _ = prune(loaded, get_scorer("avss"), TextSource(), calibration, spec, progress=False)
     assert len(result.removed) == round(0.25 * num_layers) and result.removed == spec.select(run.scores.avss)
     save_pruned(loaded.model, loaded.tokenizer, tmp_path / "pruned", result.record)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()

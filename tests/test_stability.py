@@ -7,11 +7,10 @@ import random
 import pytest
 
 from _tiny import tiny_model, tiny_tokenizer
-from avss.data import TextSource, tokenize_texts
+from avss.data import CalibrationOptions, TextSource, tokenize_texts
 from avss.errors import DataError, OptionError
 from avss.models import LoadedModel
-from avss.pipeline import CalibrationOptions
-from avss.stability import CalibrationSet, calibration_stability, jaccard
+from avss.scorers.stability import CalibrationSet, calibration_stability, jaccard
 
 _WORDS = random.Random(0).choices(
     ["river", "stone", "field", "light", "cold", "north", "salt", "wind"], k=3000

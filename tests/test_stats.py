@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from avss.stats import (
+from avss.stats.accumulators import (
     ActivationStats,
     RelationStats,
     SiteBatch,

@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from avss.cli._app import app
+from avss.data import CalibrationOptions
 from avss.errors import OutputError, PruneConfigError
-from avss.pipeline import CalibrationOptions
 from avss.study import STUDY_FORMAT, Study, StudyConfig, parse_limits, rank_correlations, slug
 from test_provenance import assert_stamped
 
@@ -318,7 +318,7 @@ def test_an_option_added_later_keeps_an_older_study_folder_resumable(saved_model
 
 
 def test_attention_cells_remove_the_parameters_of_each_block_budget(saved_model, data_dir, tmp_path):
-    from avss.sublayers import equal_parameter_budget
+    from avss.pruning.sublayers import equal_parameter_budget
 
     out = tmp_path / "study"
     small = config(

@@ -15,14 +15,12 @@ from transformers import AutoModelForCausalLM
 from _precision import FLOAT32_PATHS
 from _tiny import random_batch, tiny_model, tiny_tokenizer
 from avss.adapters import get_adapter
-from avss.data import TextSource
+from avss.data import CalibrationOptions, TextSource
 from avss.errors import PruneConfigError, UnsupportedArchitectureError
-from avss.iterative import prune_with_scorer
 from avss.models import LoadedModel
-from avss.pipeline import CalibrationOptions
-from avss.prune import PROVENANCE_FILE, PruneSpec, save_pruned
-from avss.scorers import context_for, get_scorer
-from avss.sublayers import (
+from avss.pruning.prune import PROVENANCE_FILE, prune, save_pruned
+from avss.pruning.rules import PruneSpec
+from avss.pruning.sublayers import (
     SAVED_NOTE,
     RemovedSublayer,
     equal_parameter_budget,
@@ -31,6 +29,7 @@ from avss.sublayers import (
     removed_sublayers,
     sublayer_parameters,
 )
+from avss.scorers import context_for, get_scorer
 
 # The projection that writes each sublayer's output, by hand for each family (nothing from the adapter).
 OUTPUT_PROJECTION = {
@@ -120,7 +119,7 @@ def test_pruning_removes_the_least_influential_attention_and_saves_a_plain_model
     scorer = get_scorer("attn_influence")
     expected = scorer.score(context_for(model, calibration().batches(loaded.tokenizer, source), [scorer]))
     spec = PruneSpec(fraction=None, n_layers=2, sublayer="attn").check()
-    result, selection = prune_with_scorer(loaded, scorer, source, calibration(), spec, progress=False)
+    result, selection = prune(loaded, scorer, source, calibration(), spec, progress=False)
     assert selection.removed == sorted(expected.ranking()[:2])
     record = result.record
     assert result.removed == record.removed_layers == [] and result.kept == list(range(NUM_LAYERS))
@@ -159,7 +158,7 @@ def test_given_sublayers_need_no_scoring_pass(monkeypatch):
     model = tiny_model("gpt2", NUM_LAYERS)
     loaded = LoadedModel(model, tiny_tokenizer(), {"name": "tiny"})
     spec = PruneSpec(fraction=None, layers=(5, 1), sublayer="mlp").check()
-    result, _ = prune_with_scorer(loaded, None, TextSource(), calibration(), spec, progress=False)
+    result, _ = prune(loaded, None, TextSource(), calibration(), spec, progress=False)
     assert result.record.sublayers["removed"] == [1, 5] and removed_sublayers(model)["mlp"] == [1, 5]
     assert result.record.sublayers["parameters_removed_in_memory"] == 2 * sublayer_parameters(model, "mlp")[0]
 

@@ -11,13 +11,12 @@ import torch.nn.functional as F
 
 from _precision import FLOAT32_PATHS
 from _tiny import random_batch, tiny_model
-from avss.adapters import get_adapter
-from avss.collect import collect_statistics
-from avss.distributed import pack, unpack
+from avss.adapters import get_adapter, remove_layers
 from avss.errors import PruneConfigError, UnsupportedArchitectureError
-from avss.prune import remove_layers
 from avss.scorers import CachedContext, ScoringContext, context_for, get_scorer
-from avss.stats import ActivationStats, SublayerStats
+from avss.stats.accumulators import ActivationStats, SublayerStats
+from avss.stats.collect import collect_statistics
+from avss.stats.distributed import pack, unpack
 
 # The module whose output the block adds to its residual stream after attention, by hand for each family:
 # the attention itself in pre-LN decoders, its post-attention norm in Gemma 3 and OLMo 2.

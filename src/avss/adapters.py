@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from avss.errors import UnsupportedArchitectureError
+from avss.errors import PruneConfigError, UnsupportedArchitectureError
 
 SITES = ("block", "delta", "mlp", "attn")
 
@@ -305,3 +305,17 @@ def get_adapter(model: nn.Module) -> LayerAdapter:
     if config is None:
         raise UnsupportedArchitectureError(f"{type(model).__name__} has no Hugging Face config")
     return LayerAdapter(model)
+
+
+def remove_layers(model: nn.Module, remove: list[int]) -> list[int]:
+    """Remove blocks ``remove`` from ``model`` in place; returns the original indices of the kept blocks."""
+    adapter = get_adapter(model)
+    num_layers = adapter.num_layers
+    bad = [layer for layer in remove if not 0 <= layer < num_layers]
+    if bad:
+        raise PruneConfigError(f"layer index {bad[0]} out of range for a {num_layers}-layer model")
+    keep = [layer for layer in range(num_layers) if layer not in set(remove)]
+    if not keep:
+        raise PruneConfigError("cannot remove every layer; at least one must remain")
+    adapter.keep_layers(keep)
+    return keep

@@ -255,3 +255,26 @@ def tokenize_texts(
             mask[row, : len(w)] = 1
         batches.append({"input_ids": input_ids, "attention_mask": mask})
     return TokenBatches(batches)
+
+
+@dataclass
+class CalibrationOptions:
+    """How calibration text becomes batches."""
+
+    samples: int | None = 64
+    max_length: int = 256
+    batch_size: int = 8
+    seed: int = 0
+    part: int = 0  # which disjoint block of ``samples`` windows of the seeded shuffle (tokenize_texts)
+
+    def batches(self, tokenizer: Any, source: TextSource) -> TokenBatches:
+        """Load ``source`` and cut it into padded calibration batches with these options."""
+        return tokenize_texts(
+            tokenizer,
+            source.load(),
+            samples=self.samples,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            part=self.part,
+        )

@@ -2,7 +2,8 @@
 
 On the embedded default model it removes the same number of blocks with AVSS as the paper specifies, with
 block influence (ShortGPT), and with block influence followed by the linear patch (ReplaceMe-style repair,
-:mod:`avss.patch`), through the same :func:`~avss.iterative.prune_with_scorer` as ``avss prune``. Each pruned
+:mod:`avss.healing.patch`), through the same :func:`~avss.pruning.prune.prune` as ``avss prune``.
+Each pruned
 model is evaluated on the bundled evaluation text (perplexity) and, when a data directory is present, on the
 start of WikiText-2 and a sample of ARC-Easy (a task the model does above chance), and compared with the
 unpruned model on the same examples: 95% intervals, the paired NLL change and chance-normalized retention.
@@ -20,16 +21,15 @@ from typing import Any
 import torch
 
 from avss.adapters import get_adapter
-from avss.data import TextSource, resolve_data_dir
+from avss.data import CalibrationOptions, TextSource, resolve_data_dir
 from avss.errors import DeviceError, PruneConfigError
 from avss.evaluation import evaluate
 from avss.evaluation.runner import EvalResult
 from avss.io import atomic_directory, atomic_write_json, atomic_write_text
-from avss.iterative import prune_with_scorer
 from avss.models import DEFAULT_MODEL, DTYPES, LoadedModel, load_model
-from avss.pipeline import CalibrationOptions
 from avss.provenance import Provenance
-from avss.prune import PruneSpec, check_fraction, save_pruned
+from avss.pruning.prune import prune, save_pruned
+from avss.pruning.rules import PruneSpec, check_fraction
 from avss.scorers import get_scorer
 
 
@@ -124,7 +124,7 @@ def pruned_copy(loaded: LoadedModel, variant: Variant, options: DemoOptions) -> 
     copied = LoadedModel(copy.deepcopy(loaded.model), loaded.tokenizer, loaded.source)
     spec = PruneSpec(fraction=options.fraction, patch="linear" if variant.patch else None)
     calibration = CalibrationOptions(options.samples, options.max_length, options.batch_size)
-    result, _ = prune_with_scorer(copied, get_scorer(variant.method), TextSource(), calibration, spec)
+    result, _ = prune(copied, get_scorer(variant.method), TextSource(), calibration, spec)
     return copied, result
 
 

@@ -1,7 +1,7 @@
 """Where this process stands in a ``torchrun`` / ``accelerate launch`` job, and joining its process group.
 
-Kept apart from the statistics pass (:mod:`avss.distributed`) so that loading a model, which needs only this
-rank's GPUs (:func:`rank_max_memory`), does not import the collection machinery.
+Kept apart from the statistics pass (:mod:`avss.stats.distributed`) so that loading a model, which needs only
+this rank's GPUs (:func:`rank_max_memory`), does not import the collection machinery.
 """
 
 from __future__ import annotations

@@ -296,8 +296,8 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
     """Dequantize a GGUF file once into a safetensors folder (model + tokenizer) at ``target``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from avss.gguf_prune import hf_config_overrides
     from avss.io import atomic_directory
+    from avss.pruning.gguf import hf_config_overrides
 
     overrides = hf_config_overrides(gguf_path)  # also refuses a truncated or unreadable file
     with atomic_directory(target, overwrite=True) as tmp:

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from avss.io import atomic_write
-from avss.scores import LayerScores
+from avss.scorers.avss import LayerScores
 
 
 def save_figure(figure: plt.Figure, path: str | Path) -> Path:

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from avss import __version__
-from avss.checkpoint import is_checkpoint
 from avss.errors import DataError
 from avss.io import atomic_directory, atomic_write_text
 from avss.provenance import utc_now
+from avss.stats.checkpoint import is_checkpoint
 
 MAX_TABLE_ROWS = 200
 MAX_JSON_BYTES = 20 << 20

@@ -34,22 +34,21 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from avss import study_analysis as analysis
-from avss.adapters import get_adapter
-from avss.data import TextSource
+from avss.adapters import get_adapter, remove_layers
+from avss.data import CalibrationOptions, TextSource
 from avss.errors import OutputError, PruneConfigError
 from avss.evaluation import evaluate, get_task
 from avss.evaluation.runner import EvalResult
 from avss.evaluation.uncertainty import RESAMPLES
-from avss.heal import HealConfig, get_heal_method, heal_in_memory
+from avss.healing.heal import HealConfig, get_heal_method, heal_in_memory
+from avss.healing.patch import check_patchable, linear_patch
 from avss.io import atomic_write_json, atomic_write_text, ensure_parent_writable, to_json
-from avss.iterative import Selection, select_iteratively
 from avss.models import DTYPES, LoadedModel, load_model
-from avss.patch import check_patchable, linear_patch
-from avss.pipeline import CalibrationOptions
 from avss.provenance import Provenance
-from avss.prune import check_budget, protected_layers, remove_layers
+from avss.pruning.rules import check_budget, protected_layers
+from avss.pruning.select import Selection, select_iteratively
+from avss.pruning.sublayers import equal_parameter_budget, remove_sublayers
 from avss.scorers import LayerImportance, Scorer, context_for, get_scorer
-from avss.sublayers import equal_parameter_budget, remove_sublayers
 
 DEFAULT_FRACTIONS = (0.0, 0.125, 0.25, 0.375, 0.5)
 DEFAULT_TASKS = ("wikitext2", "truthfulqa_mc", "sst2")
@@ -97,7 +96,8 @@ class StudyConfig:
     seed: int = 0
     heal: str | None = None
     heal_steps: int = 32
-    # Also evaluate every pruned model with its removed runs replaced by a fitted linear map (avss.patch).
+    # Also evaluate every pruned model with its removed runs replaced by a fitted linear map
+    # (avss.healing.patch).
     patch: bool = False
     resamples: int = RESAMPLES  # bootstrap resamples of every interval in the tables
     # Draws of the random order (seeds 0..N-1), reported as a null band; 1 keeps a single draw.
@@ -604,7 +604,7 @@ def oneshot_order(
 def attention_budgets(selection: Selection, fractions: Sequence[float], model: Any) -> Selection:
     """Fill ``selection.by_budget`` (attention sublayers by ascending score in ``order``): each block budget
     maps to the lowest-scoring sublayers holding as many parameters
-    (:func:`avss.sublayers.equal_parameter_budget`), for the budgets attention can meet."""
+    (:func:`avss.pruning.sublayers.equal_parameter_budget`), for the budgets attention can meet."""
     for fraction in fractions:
         n = budget(fraction, len(selection.order))
         if not n or n in selection.by_budget:

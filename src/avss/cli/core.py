@@ -9,7 +9,6 @@ import typer
 from rich.table import Table
 
 from avss.adapters import supported_model_types
-from avss.checkpoint import checkpoint_for_output
 from avss.cli._app import app, console, console_err
 from avss.cli.options import (
     AllowPickle,
@@ -35,16 +34,17 @@ from avss.cli.options import (
     text_source,
 )
 from avss.errors import PruneConfigError
-from avss.gguf_prune import check_gguf_prune, is_gguf_path, save_pruned_gguf
-from avss.heal import HealConfig, save_or_heal
+from avss.healing.heal import HealConfig, save_or_heal
 from avss.io import check_output_dir, ensure_parent_writable
-from avss.iterative import prune_with_scorer
 from avss.launch import setup_distributed
 from avss.models import DEFAULT_MODEL, EMBEDDED_MODELS, load_model, peek_num_layers
-from avss.pipeline import ScoreOptions, ScoreRun, score
-from avss.prune import PruneSpec, parse_layers
+from avss.pruning.gguf import check_gguf_prune, is_gguf_path, save_pruned_gguf
+from avss.pruning.prune import prune
+from avss.pruning.rules import PruneSpec, parse_layers
+from avss.pruning.sublayers import SAVED_NOTE, SUBLAYER_NAMES
 from avss.scorers import LayerImportance, get_scorer
-from avss.sublayers import SAVED_NOTE, SUBLAYER_NAMES
+from avss.scorers.run import ScoreOptions, ScoreRun, score
+from avss.stats.checkpoint import checkpoint_for_output
 
 
 @app.command()
@@ -286,7 +286,7 @@ def prune_command(
     )
     source = text_source(data, dataset, data_dir)
     options = calibration(samples, max_length, batch_size, seed)
-    result, selection = prune_with_scorer(loaded, scorer, source, options, spec, iterative=iterative)
+    result, selection = prune(loaded, scorer, source, options, spec, iterative=iterative)
     if selection.steps:
         first = selection.steps[0]
         console.print(importance_table(first, result.removed))

@@ -7,9 +7,8 @@ from typing import Annotated
 
 import typer
 
-from avss.data import TextSource
+from avss.data import CalibrationOptions, TextSource
 from avss.models import DEFAULT_MODEL
-from avss.pipeline import CalibrationOptions
 
 ModelArg = Annotated[
     str,

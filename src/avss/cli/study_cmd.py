@@ -21,9 +21,8 @@ from avss.cli.options import (
     Seed,
     comma_list,
 )
-from avss.data import TextSource
+from avss.data import CalibrationOptions, TextSource
 from avss.models import DEFAULT_MODEL
-from avss.pipeline import CalibrationOptions
 from avss.scorers import available_scorers, split_methods
 from avss.study import DEFAULT_FRACTIONS, DEFAULT_TASKS, Study, StudyConfig, parse_limits
 

@@ -3,7 +3,8 @@
 :func:`~avss.hallucination.scoring.score_eavss` streams one total per answer kind; the questions that test
 the ranking (a label-permutation null, a bootstrap over questions, one ranking per cross-validation fold)
 need the same statistics split finer. Here every answer (one row) keeps its own per-layer mergeable sums,
-the ones :mod:`avss.stats` folds: the number of values, their mean and M2, the near-zero count at the chosen
+the ones :mod:`avss.stats.accumulators` folds: the number of values, their mean and M2, the near-zero count
+at the chosen
 threshold, and the pooled-variance sum. No activation is kept: a row is a few float64 numbers per layer.
 
 Any weighting of the rows (truthful/hallucinated labels, bootstrap multiplicities, a fold's questions) then
@@ -23,7 +24,6 @@ import torch
 from torch import nn
 
 from avss.adapters import LayerAdapter, block_input, first_tensor, get_adapter
-from avss.collect import MODEL_INPUTS, execution_device
 from avss.errors import NonFiniteActivationError
 from avss.hallucination.batches import Encoded, collate, encode, pad_id
 from avss.hallucination.eavss import EavssScores, eavss_scores
@@ -32,8 +32,9 @@ from avss.hallucination.pairs import Pair
 from avss.hallucination.scoring import EavssOptions
 from avss.io import atomic_write
 from avss.progress import track
-from avss.scores import sparsity
-from avss.stats import ACCUMULATOR_DTYPE, SiteBatch, Threshold, reduce_site
+from avss.scorers.avss import sparsity
+from avss.stats.accumulators import ACCUMULATOR_DTYPE, SiteBatch, Threshold, reduce_site
+from avss.stats.collect import MODEL_INPUTS, execution_device
 
 # The per-layer (R, L) sums of every row, in the order they are saved.
 _SUMS = ("count", "mean", "m2", "near_zero", "pooled_sum", "pooled_count")
@@ -162,7 +163,8 @@ def answer_rows(tokenizer: Any, pairs: Sequence[Pair], options: EavssOptions) ->
 
 
 def _per_row(hidden: torch.Tensor, mask: torch.Tensor, thresholds: tuple[Threshold, ...]) -> SiteBatch:
-    """The :func:`~avss.stats.reduce_site` reduction of each row on its own: fields of shape (B,)."""
+    """The :func:`~avss.stats.accumulators.reduce_site` reduction of each row on its own: fields of shape
+    (B,)."""
     if hidden.dim() == 2 and hidden.shape[0] == mask.numel():
         hidden = hidden.view(*mask.shape, -1)  # OPT flattens (B, T) inside its MLP
     mask = mask.to(hidden.device)
@@ -224,7 +226,7 @@ def collect_answer_stats(
 
 def _site_hooks(adapter: LayerAdapter, site: str, reduce: Callable[[int, torch.Tensor], None]) -> list[Any]:
     """Hooks handing each layer's ``site`` activation to ``reduce``, read where
-    :class:`~avss.collect.StatisticsCollector` reads it: a block's or attention's output, the MLP down
+    :class:`~avss.stats.collect.StatisticsCollector` reads it: a block's or attention's output, the MLP down
     projection's input, or a block's output minus its input (``delta``)."""
     handles = []
     for layer, block in enumerate(adapter.blocks):

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from avss.scores import normalize
+from avss.scorers.avss import normalize
 
 Combiner = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -1,6 +1,6 @@
 """Stream answer-token statistics through a model for truthful and hallucinated answers and score EAVSS.
 
-The statistics are the same streamed, mergeable ones AVSS uses (:mod:`avss.collect`); only the batches
+The statistics are the same streamed, mergeable ones AVSS uses (:mod:`avss.stats.collect`); only the batches
 differ: their ``stat_mask`` selects answer tokens. AVSS on the union of both passes is reported beside EAVSS.
 """
 
@@ -12,16 +12,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from avss.collect import collect_statistics
 from avss.errors import OptionError
 from avss.hallucination.batches import answer_batches
 from avss.hallucination.eavss import COMBINERS, EavssScores, eavss_scores
 from avss.hallucination.pairs import Pair, Splitter, describe_pairs, split_of
 from avss.io import atomic_write, atomic_write_json
-from avss.pipeline import ScoreOptions
 from avss.provenance import Provenance
-from avss.scores import LayerScores, score_layers, sparsity
-from avss.stats import ActivationStats, Threshold
+from avss.scorers.avss import LayerScores, score_layers, sparsity
+from avss.scorers.run import ScoreOptions
+from avss.stats.accumulators import ActivationStats, Threshold
+from avss.stats.collect import collect_statistics
 
 EAVSS_FORMAT = "avss-eavss/1"  # untagged files: the same keys without format, created, avss_version, command
 

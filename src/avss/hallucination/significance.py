@@ -29,7 +29,7 @@ import torch
 from scipy.stats import rankdata
 
 from avss.hallucination.answer_stats import AnswerStats
-from avss.stability import jaccard
+from avss.scorers.stability import jaccard
 
 RankingStatistic = Callable[[torch.Tensor, int], torch.Tensor]
 

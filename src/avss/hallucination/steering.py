@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 from avss.adapters import first_tensor, get_adapter
-from avss.collect import MODEL_INPUTS, execution_device
 from avss.hallucination.batches import answer_batches
 from avss.hallucination.pairs import Pair
 from avss.progress import track
-from avss.stats import ACCUMULATOR_DTYPE
+from avss.stats.accumulators import ACCUMULATOR_DTYPE
+from avss.stats.collect import MODEL_INPUTS, execution_device
 
 
 @dataclass

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from avss.adapters import get_adapter
-from avss.checkpoint import checkpoint_dir
 from avss.data import resolve_data_dir
 from avss.errors import DataError
 from avss.hallucination.batches import contrastive_batches
@@ -31,6 +30,7 @@ from avss.hallucination.pairs import Pair, Splitter, load_pairs, split_of
 from avss.hallucination.scoring import EavssOptions, EavssRun, score_eavss
 from avss.models import LoadedModel
 from avss.provenance import Provenance
+from avss.stats.checkpoint import checkpoint_dir
 
 
 def greedy_generator(model: Any, tokenizer: Any, batch_size: int = 8) -> Callable[[list[str]], list[str]]:

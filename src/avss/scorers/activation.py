@@ -8,10 +8,10 @@ from typing import ClassVar
 
 from avss.adapters import SITES
 from avss.errors import PruneConfigError
+from avss.scorers.avss import normalize, score_layers, sparsity
 from avss.scorers.base import LayerImportance, Scorer, register_scorer
 from avss.scorers.context import ScoringContext
-from avss.scores import normalize, score_layers, sparsity
-from avss.stats import Threshold
+from avss.stats.accumulators import Threshold
 
 VARIANCES = ("elements", "pooled")
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from avss.errors import PruneConfigError
-from avss.prune import select_count
+from avss.pruning.rules import select_count
 from avss.registry import class_registrar
 
 if TYPE_CHECKING:

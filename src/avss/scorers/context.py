@@ -1,6 +1,7 @@
 """Calibration data bound to a model: the one place scorers get activations and losses from.
 
-Every hook-based scorer reads the same :class:`~avss.stats.ActivationStats`, computed by one streaming pass
+Every hook-based scorer reads the same :class:`~avss.stats.accumulators.ActivationStats`, computed by one
+streaming pass
 per model state (AVSS, block influence and angular distance come out of the same forward pass), and the
 loss-based scorer asks for the calibration NLL with a block skipped.
 
@@ -24,15 +25,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from avss.adapters import LayerAdapter, block_input, first_tensor, get_adapter
-from avss.collect import (
+from avss.progress import track
+from avss.stats.accumulators import ActivationStats, RelationStats, SiteStats, SublayerStats
+from avss.stats.collect import (
     DEFAULT_THRESHOLDS,
     StatisticsCollector,
     check_finite,
     collect_statistics,
     last_token_index,
 )
-from avss.progress import track
-from avss.stats import ActivationStats, RelationStats, SiteStats, SublayerStats
 
 Batch = dict[str, torch.Tensor]
 
@@ -131,7 +132,7 @@ class ScoringContext:
     """Calibration batches bound to a model; statistics are computed once per model state.
 
     ``sublayers`` adds each block's attention and MLP similarities to the statistics
-    (:class:`~avss.stats.SublayerStats`).
+    (:class:`~avss.stats.accumulators.SublayerStats`).
 
     Call :meth:`removed` after removing a block from the model so the next question is answered for the
     pruned model.

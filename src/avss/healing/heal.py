@@ -33,13 +33,14 @@ import torch
 from torch import nn
 
 from avss.adapters import block_input, first_tensor, get_adapter
-from avss.checkpoint import checkpoint_dir
 from avss.data import TextSource, tokenize_texts
 from avss.errors import DataError, HealConfigError, PruneConfigError
 from avss.io import atomic_directory, check_output_dir, to_json
 from avss.models import LoadedModel, load_model
 from avss.provenance import Provenance
-from avss.prune import PROVENANCE_FILE, READABLE_PRUNING_FORMATS, PruneResult, contiguous_spans, save_pruned
+from avss.pruning.prune import PROVENANCE_FILE, READABLE_PRUNING_FORMATS, PruneResult, save_pruned
+from avss.pruning.rules import contiguous_spans
+from avss.stats.checkpoint import checkpoint_dir
 from avss.training import (
     ParamPredicate,
     TrainConfig,

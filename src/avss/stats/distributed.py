@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from avss.collect import collect_linear_fit, collect_statistics
 from avss.errors import OptionError
 from avss.launch import setup_distributed
-from avss.stats import ActivationStats, LinearFitStats
+from avss.stats.accumulators import ActivationStats, LinearFitStats
+from avss.stats.collect import collect_linear_fit, collect_statistics
 
 
 def _flat_tensors(stats: ActivationStats) -> list[torch.Tensor]:
@@ -69,7 +69,7 @@ def all_gather_stats(stats: ActivationStats) -> ActivationStats:
 def collect_distributed(
     model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], **kwargs: Any
 ) -> ActivationStats:
-    """:func:`~avss.collect.collect_statistics` over this rank's shard, merged across ranks.
+    """:func:`~avss.stats.collect.collect_statistics` over this rank's shard, merged across ranks.
 
     Without a launcher this is exactly ``collect_statistics``. Only rank 0 shows progress and continues a
     resumed ``stats``; ``on_batch`` sees this rank's partial statistics.
@@ -109,8 +109,8 @@ def all_reduce_linear_fit(stats: LinearFitStats) -> LinearFitStats:
 def collect_linear_fit_distributed(
     model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], **kwargs: Any
 ) -> LinearFitStats:
-    """:func:`~avss.collect.collect_linear_fit` over this rank's shard of ``batches``, summed across ranks;
-    exactly ``collect_linear_fit`` without a launcher."""
+    """:func:`~avss.stats.collect.collect_linear_fit` over this rank's shard of ``batches``, summed across
+    ranks; exactly ``collect_linear_fit`` without a launcher."""
     ctx = setup_distributed()
     if not ctx.enabled:
         return collect_linear_fit(model, batches, **kwargs)

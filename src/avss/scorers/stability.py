@@ -24,10 +24,9 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from avss.adapters import get_adapter
-from avss.data import TextSource
+from avss.data import CalibrationOptions, TextSource
 from avss.errors import OptionError
 from avss.models import LoadedModel
-from avss.pipeline import CalibrationOptions
 from avss.scorers import context_for, get_scorer
 
 

@@ -5,8 +5,8 @@ output ``m`` to its residual stream ``r``, and the run then turns ``r + m`` into
 the input of the first kept block after the run). Once the run is gone, the next kept block receives
 ``r + m``; folding a map ``T`` into ``source``'s MLP down projection makes it receive ``r + m T`` instead.
 ``T`` minimizes ``sum over real tokens |m T - (y - r)|^2 + lambda |T|^2``, solved once from the streamed
-float64 sums ``m^T m`` and ``m^T (y - r)`` (:class:`~avss.stats.LinearFitStats`, collected by
-:class:`~avss.collect.LinearFitCollector` on the *unpruned* model, all runs in one pass).
+float64 sums ``m^T m`` and ``m^T (y - r)`` (:class:`~avss.stats.accumulators.LinearFitStats`, collected by
+:class:`~avss.stats.collect.LinearFitCollector` on the *unpruned* model, all runs in one pass).
 
 Choices:
 
@@ -36,11 +36,11 @@ import torch
 from torch import nn
 
 from avss.adapters import LayerAdapter, get_adapter
-from avss.collect import execution_device
-from avss.distributed import collect_linear_fit_distributed
 from avss.errors import PruneConfigError
-from avss.prune import contiguous_spans
-from avss.stats import ACCUMULATOR_DTYPE, LinearFitStats
+from avss.pruning.rules import contiguous_spans
+from avss.stats.accumulators import ACCUMULATOR_DTYPE, LinearFitStats
+from avss.stats.collect import execution_device
+from avss.stats.distributed import collect_linear_fit_distributed
 
 
 @dataclass(frozen=True)
@@ -293,7 +293,7 @@ def linear_patch(
 ) -> dict[str, Any]:
     """Fit and fold the maps for removing ``removed`` from the unpruned ``model``; returns the record.
 
-    Call it before :func:`avss.prune.remove_layers`; the model then still has every block, with the maps
+    Call it before :func:`avss.adapters.remove_layers`; the model then still has every block, with the maps
     folded into the blocks before the runs.
     """
     patch = fit_linear_patch(model, batches, removed, ridge, progress)

@@ -20,7 +20,7 @@ from typing import Any
 
 from avss.errors import CheckpointError
 from avss.io import atomic_write_json, to_json
-from avss.stats import ActivationStats
+from avss.stats.accumulators import ActivationStats
 
 FORMAT = "avss-statistics-checkpoint/1"
 

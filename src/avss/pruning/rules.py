@@ -1,33 +1,21 @@
-"""Choose layers to remove, remove them from a model, and save a pruned model that reloads anywhere.
+"""Which layers to remove: the selection rules (pure functions of a score vector, low score = remove
+first) and :class:`PruneSpec`, the validated options of one pruning.
 
-Selection rules are pure functions of a score vector (low score = remove first):
 ``count`` removes ``round(f x M)`` (or ``n``) layers; ``mass`` sorts ascending and removes layers while the
 cumulative normalized score stays within ``tau``. Protected layers are never removed.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from avss.adapters import get_adapter
 from avss.errors import PruneConfigError
-from avss.io import atomic_directory
-from avss.provenance import Provenance
-from avss.sublayers import check_sublayer, restored_sublayers
+from avss.pruning.sublayers import check_sublayer
 
 RULES = ("count", "mass")
 PATCHES = ("linear",)
-PROVENANCE_FILE = "avss_pruning.json"
-# Version 2 carries the provenance at the top level; untagged files (version 1) kept ``command`` and
-# ``versions`` under ``options``.
-PRUNING_FORMAT = "avss-pruning/2"
-READABLE_PRUNING_FORMATS = (None, PRUNING_FORMAT)
 
 
 def protected_layers(num_layers: int, protect: tuple[str, ...] | list[str] = ()) -> set[int]:
@@ -135,11 +123,12 @@ class PruneSpec:
     """How many layers to remove and how to choose them, and how to repair what they did.
 
     ``patch="linear"`` folds a least-squares linear map for each removed run into the preceding kept block's
-    MLP down projection (:mod:`avss.patch`; ``patch_ridge`` is relative to the mean eigenvalue of the fit's
-    Gram matrix). Block 0 then counts as protected: a run starting there has no preceding MLP.
+    MLP down projection (:mod:`avss.healing.patch`; ``patch_ridge`` is relative to the mean eigenvalue of the
+    fit's Gram matrix). Block 0 then counts as protected: a run starting there has no preceding MLP.
 
     ``sublayer`` (``attn`` or ``mlp``) removes that sublayer of the chosen blocks instead of whole blocks
-    (:mod:`avss.sublayers`); the budget (``fraction``, ``n_layers``, ``layers``) then counts sublayers.
+    (:mod:`avss.pruning.sublayers`); the budget (``fraction``, ``n_layers``, ``layers``) then counts
+    sublayers.
     """
 
     rule: str = "count"
@@ -249,66 +238,3 @@ class PruneSpec:
         if self.rule == "mass":
             return select_mass(scores, self.tau if self.tau is not None else 0.25, protect)
         raise PruneConfigError(f"unknown --rule {self.rule!r}; choose one of {', '.join(RULES)}")
-
-
-def remove_layers(model: nn.Module, remove: list[int]) -> list[int]:
-    """Remove blocks ``remove`` from ``model`` in place; returns the original indices of the kept blocks."""
-    adapter = get_adapter(model)
-    num_layers = adapter.num_layers
-    bad = [layer for layer in remove if not 0 <= layer < num_layers]
-    if bad:
-        raise PruneConfigError(f"layer index {bad[0]} out of range for a {num_layers}-layer model")
-    keep = [layer for layer in range(num_layers) if layer not in set(remove)]
-    if not keep:
-        raise PruneConfigError("cannot remove every layer; at least one must remain")
-    adapter.keep_layers(keep)
-    return keep
-
-
-@dataclass
-class PruningRecord:
-    """What a pruning removed and how it chose, written beside a pruned model as ``avss_pruning.json``
-    (:meth:`to_dict`); ``options`` holds the scorer and calibration behind the choice."""
-
-    source_model: dict[str, Any]
-    removed_layers: list[int]
-    kept_layers: list[int]
-    original_num_layers: int
-    method: str
-    selection: dict[str, Any]
-    scores: list[float] = field(default_factory=list)
-    options: dict[str, Any] = field(default_factory=dict)
-    patch: dict[str, Any] | None = None
-    # Removed attention/MLP sublayers (avss.sublayers.sublayer_record): the blocks stay, so removed_layers is
-    # empty; the entry says that the saved files keep those sublayers as zeros and save no compute.
-    sublayers: dict[str, Any] | None = None
-    provenance: Provenance = field(default_factory=lambda: Provenance.now(PRUNING_FORMAT))
-
-    def to_dict(self) -> dict[str, Any]:
-        """The ``avss_pruning.json`` content: the provenance keys first, then the record."""
-        record = asdict(self)
-        del record["provenance"]
-        return {**self.provenance.to_dict(), **record}
-
-
-@dataclass
-class PruneResult:
-    """What one pruning removed and kept (original indices), and its provenance record."""
-
-    removed: list[int]
-    kept: list[int]
-    record: PruningRecord
-
-
-def save_pruned(
-    model: nn.Module, tokenizer: Any, out: str | Path, record: PruningRecord, overwrite: bool = False
-) -> Path:
-    """Save model, tokenizer and provenance atomically; the folder reloads with ``from_pretrained``.
-
-    Removed sublayers are written as zeros (:func:`avss.sublayers.restored_sublayers`)."""
-    with atomic_directory(out, overwrite=overwrite) as tmp, restored_sublayers(model):
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / PROVENANCE_FILE).write_text(json.dumps(record.to_dict(), indent=2) + "\n", encoding="utf-8")
-    return Path(out)

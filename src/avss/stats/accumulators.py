@@ -561,8 +561,8 @@ class LinearFitStats:
 
     Per fit: the token count, ``xtx = X^T X``, ``xty = X^T Y`` and ``yy = sum |Y|^2``, all float64. They are
     plain sums, so two shards merge by addition (exact up to float64 rounding), and the fit and its residual
-    error follow from them without any activation (:mod:`avss.patch`). Memory: ``2 num_fits width^2`` float64
-    values (268 MB per fit at width 4096), independent of the number of tokens.
+    error follow from them without any activation (:mod:`avss.healing.patch`). Memory: ``2 num_fits width^2``
+    float64 values (268 MB per fit at width 4096), independent of the number of tokens.
     """
 
     num_fits: int

@@ -1,109 +1,87 @@
-"""Choosing layers to remove with any scorer, in one shot or iteratively.
-
-One-shot selection scores the model once and takes the budget at once. Iterative selection removes one block,
-re-scores the pruned model, and repeats until the budget is spent (the EAVSS paper's procedure); with a
-:class:`~avss.scorers.CachedContext` each re-scoring re-runs only the blocks after the removed one.
-"""
+"""Pruning a model with any scorer, one-shot or iterative, and saving it so that it reloads anywhere: the one
+path behind ``avss prune``, the demo, the study and the Python API."""
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-from avss.adapters import get_adapter
-from avss.data import TextSource
+from torch import nn
+
+from avss.adapters import get_adapter, remove_layers
+from avss.data import CalibrationOptions, TextSource
 from avss.errors import PruneConfigError
+from avss.healing.patch import check_linear_patch, linear_patch
+from avss.io import atomic_directory
 from avss.models import LoadedModel
-from avss.patch import check_linear_patch, linear_patch
-from avss.pipeline import CalibrationOptions
-from avss.prune import PruneResult, PruneSpec, PruningRecord, check_budget, remove_layers
-from avss.scorers import LayerImportance, Scorer, ScoringContext, context_for
-from avss.sublayers import remove_sublayers, sublayer_record
+from avss.provenance import Provenance
+from avss.pruning.rules import PruneSpec
+from avss.pruning.select import Selection, select_layers
+from avss.pruning.sublayers import remove_sublayers, restored_sublayers, sublayer_record
+from avss.scorers import Scorer, context_for
 
 GIVEN = "layers"  # the method recorded when the blocks to remove are given (avss prune --layers)
+PROVENANCE_FILE = "avss_pruning.json"
+# Version 2 carries the provenance at the top level; untagged files (version 1) kept ``command`` and
+# ``versions`` under ``options``.
+PRUNING_FORMAT = "avss-pruning/2"
+READABLE_PRUNING_FORMATS = (None, PRUNING_FORMAT)
 
 
 @dataclass
-class Selection:
-    """Which layers a method removes (original indices) and the scores it based each decision on.
+class PruningRecord:
+    """What a pruning removed and how it chose, written beside a pruned model as ``avss_pruning.json``
+    (:meth:`to_dict`); ``options`` holds the scorer and calibration behind the choice."""
 
-    ``order`` is the order of removal: for an iterative selection (or a one-shot selection by lowest score)
-    its first ``k`` entries are the selection for a budget of ``k`` layers, so one run to the largest budget
-    serves every smaller one. Rules that are not nested (angular picks a contiguous span per budget) store
-    their selection per budget in ``by_budget``.
-    """
-
+    source_model: dict[str, Any]
+    removed_layers: list[int]
+    kept_layers: list[int]
+    original_num_layers: int
     method: str
-    iterative: bool
-    order: list[int]
-    steps: list[LayerImportance] = field(default_factory=list)
-    by_budget: dict[int, list[int]] = field(default_factory=dict)
-
-    @property
-    def removed(self) -> list[int]:
-        return sorted(self.order)
-
-    def removed_for(self, n_remove: int) -> list[int]:
-        """The layers removed for a budget of ``n_remove`` layers, ascending."""
-        return sorted(self.by_budget.get(n_remove, self.order[:n_remove]))
+    selection: dict[str, Any]
+    scores: list[float] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    patch: dict[str, Any] | None = None
+    # Removed attention/MLP sublayers (avss.pruning.sublayers.sublayer_record): the blocks stay, so
+    # removed_layers is
+    # empty; the entry says that the saved files keep those sublayers as zeros and save no compute.
+    sublayers: dict[str, Any] | None = None
+    provenance: Provenance = field(default_factory=lambda: Provenance.now(PRUNING_FORMAT))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "iterative": self.iterative,
-            "removed": self.removed,
-            "order": self.order,
-            "by_budget": self.by_budget,
-            "steps": [step.to_dict() for step in self.steps],
-        }
+        """The ``avss_pruning.json`` content: the provenance keys first, then the record."""
+        record = asdict(self)
+        del record["provenance"]
+        return {**self.provenance.to_dict(), **record}
 
 
-def select_oneshot(
-    scorer: Scorer, context: ScoringContext, n_remove: int, protect: set[int] | None = None
-) -> Selection:
-    """Score once and remove the ``n_remove`` layers the scorer picks; the model is not changed."""
-    protect = protect or set()
-    check_budget(n_remove, context.num_layers, protect)
-    importance = scorer.score(context)
-    return Selection(scorer.spec, False, scorer.select(importance, n_remove, protect), [importance])
+@dataclass
+class PruneResult:
+    """What one pruning removed and kept (original indices), and its provenance record."""
+
+    removed: list[int]
+    kept: list[int]
+    record: PruningRecord
 
 
-def select_iteratively(
-    scorer: Scorer, context: ScoringContext, n_remove: int, protect: set[int] | None = None
-) -> Selection:
-    """Remove one block at a time from ``context.model`` (in place), re-scoring after each removal.
+def save_pruned(
+    model: nn.Module, tokenizer: Any, out: str | Path, record: PruningRecord, overwrite: bool = False
+) -> Path:
+    """Save model, tokenizer and provenance atomically; the folder reloads with ``from_pretrained``.
 
-    ``protect`` holds original layer indices; they are followed through the renumbering after each removal.
-    """
-    protect = protect or set()
-    check_budget(n_remove, context.num_layers, protect)
-    original = list(range(context.num_layers))  # original index of each current block
-    order, steps = [], []
-    for _ in range(n_remove):
-        importance = scorer.score(context)
-        current_protect = {index for index, layer in enumerate(original) if layer in protect}
-        (layer,) = scorer.select(importance, 1, current_protect)
-        remove_layers(context.model, [layer])
-        context.removed(layer)
-        order.append(original.pop(layer))
-        steps.append(importance)
-    return Selection(scorer.spec, True, order, steps)
+    Removed sublayers are written as zeros (:func:`avss.pruning.sublayers.restored_sublayers`)."""
+    with atomic_directory(out, overwrite=overwrite) as tmp, restored_sublayers(model):
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(record.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return Path(out)
 
 
-def select_layers(
-    scorer: Scorer,
-    context: ScoringContext,
-    n_remove: int,
-    protect: set[int] | None = None,
-    iterative: bool = False,
-) -> Selection:
-    """One-shot or iterative selection; the iterative one removes the selected blocks from the model."""
-    choose = select_iteratively if iterative else select_oneshot
-    return choose(scorer, context, n_remove, protect)
-
-
-def prune_with_scorer(
+def prune(
     loaded: LoadedModel,
     scorer: Scorer | None,
     source: TextSource,
@@ -118,12 +96,12 @@ def prune_with_scorer(
     The budget comes from ``spec`` (``count`` rule; ``mass`` only applies to one-shot normalized scores).
     One-shot activation scorers stream their statistics (memory flat in the calibration tokens); the residual
     cache of :class:`~avss.scorers.CachedContext` is kept only where it saves passes: iterative re-scoring and
-    scorers that skip blocks. ``spec.patch`` fits and folds the linear patch (:mod:`avss.patch`) on the same
-    calibration batches before the blocks are removed; the architecture and memory are checked first.
+    scorers that skip blocks. ``spec.patch`` fits and folds the linear patch (:mod:`avss.healing.patch`) on
+    the same calibration batches before the blocks are removed; the architecture and memory are checked first.
     ``spec.layers`` gives the blocks to remove: they are checked against the model and removed without any
     scoring pass (``scorer`` may be ``None``; the record's method is ``layers``). ``spec.sublayer`` removes
-    that sublayer of the selected blocks instead (:mod:`avss.sublayers`): the scores rank sublayers, every
-    block is kept (``removed_layers`` is empty) and the record's ``sublayers`` entry lists what went.
+    that sublayer of the selected blocks instead (:mod:`avss.pruning.sublayers`): the scores rank sublayers,
+    every block is kept (``removed_layers`` is empty) and the record's ``sublayers`` entry lists what went.
     """
     started = time.perf_counter()
     spec.check(iterative)

@@ -42,7 +42,7 @@ from torch import nn
 
 from avss.adapters import get_adapter
 from avss.errors import PruneConfigError, UnsupportedArchitectureError
-from avss.stats import SUBLAYER_KINDS
+from avss.stats.accumulators import SUBLAYER_KINDS
 
 SUBLAYERS = SUBLAYER_KINDS
 SUBLAYER_NAMES = {"attn": "attention", "mlp": "MLP"}
@@ -187,7 +187,8 @@ def remove_sublayers(model: nn.Module, kind: str, layers: list[int]) -> int:
 @contextlib.contextmanager
 def restored_sublayers(model: nn.Module) -> Iterator[nn.Module]:
     """Inside, every removed sublayer is back as a module of its original class with all tensors zero: the
-    form in which :func:`avss.prune.save_pruned` writes it (see the module docstring). Restored on exit.
+    form in which :func:`avss.pruning.prune.save_pruned` writes it (see the module docstring). Restored on
+    exit.
 
     A model without removed sublayers is left as it is.
     """

@@ -139,7 +139,7 @@ def architecture_of(reader: Any) -> tuple[str, GgufArchitecture]:
     if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"GGUF architecture {arch!r} is not supported for GGUF output; supported: "
-            f"{', '.join(sorted(GGUF_ARCHITECTURES))} (add a row to avss.gguf_prune.GGUF_ARCHITECTURES)"
+            f"{', '.join(sorted(GGUF_ARCHITECTURES))} (add a row to avss.pruning.gguf.GGUF_ARCHITECTURES)"
         )
     return arch, GGUF_ARCHITECTURES[arch]
 
@@ -218,7 +218,7 @@ def plan_metadata(entries: Sequence[MetadataEntry], kept: Sequence[int]) -> list
             if suffix not in PER_LAYER_KEYS:
                 raise GgufError(
                     f"GGUF metadata {entry.key} has {n} values, one per block, but is not a known "
-                    "per-layer key; add it to avss.gguf_prune.PER_LAYER_KEYS if it is one"
+                    "per-layer key; add it to avss.pruning.gguf.PER_LAYER_KEYS if it is one"
                 )
             entry = MetadataEntry(entry.key, [entry.value[i] for i in kept], entry.type, entry.sub_type)
         out.append(entry)
@@ -301,7 +301,7 @@ def prune_gguf(
 ) -> Path:
     """Write ``source`` with only the blocks ``kept`` (original indices, ascending) to ``out``.
 
-    ``record`` is the pruning provenance (:meth:`avss.prune.PruningRecord.to_dict`, format
+    ``record`` is the pruning provenance (:meth:`avss.pruning.prune.PruningRecord.to_dict`, format
     ``avss-pruning/2``); it goes into the file under ``avss.`` and into :func:`sidecar_path`, which adds a
     ``gguf`` section (source file, tensors copied and replaced) under the same format. ``replacements``
     maps output tensor names (after renumbering, e.g. ``blk.3.ffn_down.weight``) to float tensors in GGUF
@@ -453,7 +453,8 @@ def save_pruned_gguf(
     overwrite: bool = False,
     **kwargs: Any,
 ) -> Path:
-    """:func:`prune_gguf` with the kept blocks taken from a :class:`avss.prune.PruningRecord` (or its dict);
+    """:func:`prune_gguf` with the kept blocks taken from a :class:`avss.pruning.prune.PruningRecord` (or its
+    dict);
     with a linear patch in the record, the pruned ``model``'s folded down projections replace the quantized
     ones (F32 by default: no error beyond float32)."""
     data = record.to_dict() if hasattr(record, "to_dict") else dict(record)

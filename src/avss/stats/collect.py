@@ -1,7 +1,8 @@
 """Forward hooks that stream activation statistics out of any supported model.
 
 ``with StatisticsCollector(model, sites=...) as collector: collector.observe(batch)`` attaches hooks to every
-block, reduces each activation on its own device into :mod:`avss.stats` accumulators, and always removes the
+block, reduces each activation on its own device into :mod:`avss.stats.accumulators` accumulators, and always
+removes the
 hooks, even when a batch raises. Only real tokens count: the batch's ``stat_mask`` (e.g. answer tokens for
 EAVSS) or else its ``attention_mask`` selects them. No activation outlives its hook call (the residual stream
 between a block's two sublayers lives until that block's output hook has reduced it).
@@ -19,7 +20,7 @@ from torch import nn
 from avss.adapters import SITES, LayerAdapter, block_input, first_tensor, get_adapter
 from avss.errors import NonFiniteActivationError
 from avss.progress import track
-from avss.stats import (
+from avss.stats.accumulators import (
     ACCUMULATOR_DTYPE,
     SUBLAYER_KINDS,
     ActivationStats,
@@ -51,7 +52,8 @@ def execution_device(model: nn.Module) -> torch.device:
 
 @functools.cache
 def compiled_reductions() -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """``torch.compile``d :func:`~avss.stats.reduce_site` and :func:`~avss.stats.masked_cosine_sum`.
+    """``torch.compile``d :func:`~avss.stats.accumulators.reduce_site` and
+    :func:`~avss.stats.accumulators.masked_cosine_sum`.
 
     Eagerly, each reduction is a separate kernel that streams the whole activation from memory (upcast, sum,
     sum of squares, |x|, one comparison per threshold, pooling, the cosine dot product), so the statistics
@@ -70,13 +72,14 @@ class StatisticsCollector:
     """Attach statistic hooks to a model's blocks; see the module docstring.
 
     Each hook reduces its activation on the activation's own device (layers of a ``device_map`` model may sit
-    on different GPUs) into a :class:`~avss.stats.SiteBatch` and moves only those few numbers to the
+    on different GPUs) into a :class:`~avss.stats.accumulators.SiteBatch` and moves only those few numbers to
+    the
     accumulators' device. After the forward pass the per-layer reductions are stacked and folded in with one
     vectorized Chan merge per site. Nothing is read back to the host, so GPU kernels never wait for Python.
 
     ``sublayers`` also measures each block's attention and MLP similarity
-    (:class:`~avss.stats.SublayerStats`): a pre-hook on the adapter's ``attn_residual`` module reads the
-    stream between the two sublayers, and the block's output hook reduces both cosines.
+    (:class:`~avss.stats.accumulators.SublayerStats`): a pre-hook on the adapter's ``attn_residual`` module
+    reads the stream between the two sublayers, and the block's output hook reduces both cosines.
     """
 
     def __init__(

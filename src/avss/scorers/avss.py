@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from avss.stats import ActivationStats, Threshold
+from avss.stats.accumulators import ActivationStats, Threshold
 
 
 def normalize(values: torch.Tensor) -> torch.Tensor:

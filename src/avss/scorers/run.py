@@ -1,6 +1,6 @@
 """The scoring workflow of ``avss score``: calibration text to batches, streamed statistics (resumable,
 sharded under torchrun), AVSS scores and their provenance. Pruning has one path for every method,
-:func:`avss.iterative.prune_with_scorer`.
+:func:`avss.pruning.prune.prune`.
 """
 
 from __future__ import annotations
@@ -11,42 +11,19 @@ from pathlib import Path
 from typing import Any
 
 from avss.adapters import SITES
-from avss.checkpoint import Progress, StatisticsCheckpoint
-from avss.collect import DEFAULT_THRESHOLDS
-from avss.data import TextSource, TokenBatches, tokenize_texts
-from avss.distributed import collect_distributed
+from avss.data import CalibrationOptions, TextSource
 from avss.errors import OptionError
 from avss.io import atomic_write_json
 from avss.launch import context
 from avss.models import LoadedModel
 from avss.provenance import Provenance
-from avss.scores import LayerScores, score_layers
-from avss.stats import VARIANCE_KINDS, ActivationStats, Threshold
+from avss.scorers.avss import LayerScores, score_layers
+from avss.stats.accumulators import VARIANCE_KINDS, ActivationStats, Threshold
+from avss.stats.checkpoint import Progress, StatisticsCheckpoint
+from avss.stats.collect import DEFAULT_THRESHOLDS
+from avss.stats.distributed import collect_distributed
 
 SCORES_FORMAT = "avss-scores/1"  # untagged scores files are the same layout without format and created
-
-
-@dataclass
-class CalibrationOptions:
-    """How calibration text becomes batches."""
-
-    samples: int | None = 64
-    max_length: int = 256
-    batch_size: int = 8
-    seed: int = 0
-    part: int = 0  # which disjoint block of ``samples`` windows of the seeded shuffle (tokenize_texts)
-
-    def batches(self, tokenizer: Any, source: TextSource) -> TokenBatches:
-        """Load ``source`` and cut it into padded calibration batches with these options."""
-        return tokenize_texts(
-            tokenizer,
-            source.load(),
-            samples=self.samples,
-            max_length=self.max_length,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            part=self.part,
-        )
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Repairing a pruned model: training-free (the linear patch) and trained (LoRA, full, block replacement)."""
