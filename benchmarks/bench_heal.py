@@ -2,9 +2,8 @@
 
 For each selection method (AVSS, ShortGPT block influence) and each removed fraction, the original model is
 pruned in memory and healed with every method of :data:`avss.healing.heal.HEAL_METHODS` from the same pruned
-copy, on
-WikiText-2 *valid* text, at the same training budget. Perplexity is measured on a capped prefix of WikiText-2
-*test* and on the bundled ``evaluation`` corpus, neither of which is used for scoring or training.
+copy, on WikiText-2 *valid* text, at the same training budget. Perplexity is measured on a capped prefix of
+WikiText-2 *test* and on the bundled ``evaluation`` corpus, neither of which is used for scoring or training.
 
 Every finished cell is written to ``results.json`` at once (atomically), and a rerun skips finished cells,
 so the benchmark can run as several short jobs. ``--report`` rewrites README-ready markdown from the JSON.
@@ -37,7 +36,8 @@ from avss.data import (
     wikitext2_texts,
 )
 from avss.evaluation import perplexity
-from avss.healing.heal import HEAL_METHODS, HealConfig, heal_in_memory
+from avss.healing.heal import HealConfig, heal_in_memory
+from avss.healing.methods import HEAL_METHODS
 from avss.io import atomic_write_json, atomic_write_text
 from avss.models import load_model
 from avss.provenance import package_versions

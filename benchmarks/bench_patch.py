@@ -55,9 +55,7 @@ def main() -> None:
     calibration = CalibrationOptions(samples=args.samples, max_length=args.max_length)
     spec = PruneSpec(fraction=args.fraction, patch="linear", patch_ridge=args.ridge)
     started = time.perf_counter()
-    result, _ = prune(
-        loaded, get_scorer(args.method), TextSource(), calibration, spec, progress=False
-    )
+    result, _ = prune(loaded, get_scorer(args.method), TextSource(), calibration, spec, progress=False)
     prune_s = time.perf_counter() - started
     unpatched = copy.deepcopy(original)
     remove_layers(unpatched, result.removed)

@@ -1,10 +1,9 @@
 """Resident memory of one statistics pass after each batch: flat memory, or growth with the data?
 
 Peak RSS of a whole pass (``bench_stats.py``) mixes the pass's own memory with glibc's allocator state, which
-moves by tens of MB from run to run. This probe runs a single
-:class:`~avss.stats.collect.StatisticsCollector` over
-many batches in one process and prints the RSS after selected batches: growth with the data would show as a
-rising column, allocator noise as a fluctuating one.
+moves by tens of MB from run to run. This probe runs a single :class:`~avss.stats.collect.StatisticsCollector`
+over many batches in one process and prints the RSS after selected batches: growth with the data would show as
+a rising column, allocator noise as a fluctuating one.
 
     python benchmarks/bench_stats_rss.py --model smollm2-135m --tokens 60000
 """

@@ -15,21 +15,12 @@ from _tiny import killed_after_checkpoint, random_batch, tiny_model, tiny_tokeni
 from avss.adapters import get_adapter, remove_layers
 from avss.cli._app import app
 from avss.data import TextSource, bundled_text, split_paragraphs
-from avss.errors import DataError
-from avss.healing.heal import (
-    HEALING_FILE,
-    HealConfig,
-    HealConfigError,
-    ReplacementStudents,
-    SpanTeacher,
-    contiguous_spans,
-    heal,
-    heal_in_memory,
-    lm_loss,
-    neighbour_layers,
-    plan_replacements,
-)
+from avss.errors import DataError, HealConfigError
+from avss.healing.heal import HEALING_FILE, HealConfig, heal, heal_in_memory
+from avss.healing.methods import lm_loss, neighbour_layers
+from avss.healing.replace import ReplacementStudents, SpanTeacher, plan_replacements
 from avss.pruning.prune import PruningRecord, save_pruned
+from avss.pruning.rules import contiguous_spans
 from avss.training import CHECKPOINT_FILE
 
 REMOVED = [1, 2, 4]
@@ -173,7 +164,7 @@ def test_inserted_block_sees_in_the_healed_model_what_it_was_trained_on(tokenize
     plans = plan_replacements(REMOVED, NUM_LAYERS)[:1]
     students = ReplacementStudents(SpanTeacher(original, plans), [healed_blocks[1]])
     captured = students._teacher.capture(batch)
-    from avss.healing.heal import _with_hidden
+    from avss.healing.replace import _with_hidden
 
     args, kwargs = _with_hidden(*captured["call", plans[0].template], captured["input", plans[0].first])
     with torch.no_grad():

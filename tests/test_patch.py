@@ -356,9 +356,7 @@ def test_prune_with_a_patch_never_removes_block_zero_even_when_the_scorer_ranks_
     loaded = LoadedModel(tiny_model("llama", 4), tiny_tokenizer())
     calibration = CalibrationOptions(samples=4, max_length=24, batch_size=2)
     spec = PruneSpec(n_layers=2, patch="linear", patch_ridge=1e-3)
-    result, _ = prune(
-        loaded, get_scorer("first"), TextSource(), calibration, spec, progress=False
-    )
+    result, _ = prune(loaded, get_scorer("first"), TextSource(), calibration, spec, progress=False)
     assert result.removed == [1, 2]
 
 

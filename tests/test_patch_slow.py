@@ -22,9 +22,7 @@ def test_patched_smollm2_has_lower_perplexity_than_the_same_pruning_unpatched():
     unpatched = copy.deepcopy(loaded.model)
     calibration = CalibrationOptions(samples=32, max_length=256)
     spec = PruneSpec(fraction=0.25, patch="linear")
-    result, _ = prune(
-        loaded, get_scorer("block_influence"), TextSource(), calibration, spec, progress=False
-    )
+    result, _ = prune(loaded, get_scorer("block_influence"), TextSource(), calibration, spec, progress=False)
     assert len(result.removed) == 8 and 0 not in result.removed
     remove_layers(unpatched, result.removed)
     assert unpatched.num_parameters() == loaded.model.num_parameters()

@@ -319,3 +319,28 @@ def remove_layers(model: nn.Module, remove: list[int]) -> list[int]:
         raise PruneConfigError("cannot remove every layer; at least one must remain")
     adapter.keep_layers(keep)
     return keep
+
+
+def insert_blocks(model: nn.Module, insertions: list[tuple[int, nn.Module, int]]) -> None:
+    """Insert blocks into ``model``'s block list and update every depth-dependent config field.
+
+    Each insertion is ``(index in the new list, block, existing block whose per-layer config values it
+    takes)``. The blocks are appended and the list is then reordered with :meth:`LayerAdapter.keep_layers`,
+    which already knows how to rewrite the layer count, per-layer fields and ``layer_idx``.
+    """
+    adapter = get_adapter(model)
+    blocks = adapter.blocks
+    count = len(blocks)
+    order = list(range(count))
+    config = model.config
+    per_layer = {
+        name: getattr(config, name)
+        for name in adapter.spec.per_layer_fields
+        if isinstance(getattr(config, name, None), list) and len(getattr(config, name)) == count
+    }
+    for offset, (index, block, like) in enumerate(sorted(insertions, key=lambda item: item[0])):
+        blocks.append(block)
+        for values in per_layer.values():
+            values.append(values[like])
+        order.insert(index, count + offset)
+    adapter.keep_layers(order)

@@ -2,12 +2,11 @@
 
 On the embedded default model it removes the same number of blocks with AVSS as the paper specifies, with
 block influence (ShortGPT), and with block influence followed by the linear patch (ReplaceMe-style repair,
-:mod:`avss.healing.patch`), through the same :func:`~avss.pruning.prune.prune` as ``avss prune``.
-Each pruned
+:mod:`avss.healing.patch`), through the same :func:`~avss.pruning.prune.prune` as ``avss prune``. Each pruned
 model is evaluated on the bundled evaluation text (perplexity) and, when a data directory is present, on the
 start of WikiText-2 and a sample of ARC-Easy (a task the model does above chance), and compared with the
-unpruned model on the same examples: 95% intervals, the paired NLL change and chance-normalized retention.
-The patched model is saved, reloaded with plain ``from_pretrained`` and checked against the in-memory one.
+unpruned model on the same examples: 95% intervals, the paired NLL change and chance-normalized retention. The
+patched model is saved, reloaded with plain ``from_pretrained`` and checked against the in-memory one.
 """
 
 from __future__ import annotations

@@ -40,7 +40,8 @@ from avss.errors import OutputError, PruneConfigError
 from avss.evaluation import evaluate, get_task
 from avss.evaluation.runner import EvalResult
 from avss.evaluation.uncertainty import RESAMPLES
-from avss.healing.heal import HealConfig, get_heal_method, heal_in_memory
+from avss.healing.heal import HealConfig, heal_in_memory
+from avss.healing.methods import get_heal_method
 from avss.healing.patch import check_patchable, linear_patch
 from avss.io import atomic_write_json, atomic_write_text, ensure_parent_writable, to_json
 from avss.models import DTYPES, LoadedModel, load_model
@@ -96,8 +97,7 @@ class StudyConfig:
     seed: int = 0
     heal: str | None = None
     heal_steps: int = 32
-    # Also evaluate every pruned model with its removed runs replaced by a fitted linear map
-    # (avss.healing.patch).
+    # Also evaluate every pruned model with its removed runs replaced by a fitted linear map (healing.patch).
     patch: bool = False
     resamples: int = RESAMPLES  # bootstrap resamples of every interval in the tables
     # Draws of the random order (seeds 0..N-1), reported as a null band; 1 keeps a single draw.

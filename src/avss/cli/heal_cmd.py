@@ -22,7 +22,8 @@ from avss.cli.options import (
     comma_list,
     text_source,
 )
-from avss.healing.heal import HEAL_METHODS, HealConfig, HealResult, heal
+from avss.healing.heal import HealConfig, HealResult, heal
+from avss.healing.methods import HEAL_METHODS
 
 Method = Annotated[str, typer.Option(help=f"Healing method: {', '.join(HEAL_METHODS)}")]
 Steps = Annotated[int, typer.Option(min=1, help="Optimizer steps in all (split over --epochs)")]

@@ -1,11 +1,11 @@
 """EAVSS ingredients kept per answer, so EAVSS can be recomputed for any labelling or subset without a model.
 
-:func:`~avss.hallucination.scoring.score_eavss` streams one total per answer kind; the questions that test
-the ranking (a label-permutation null, a bootstrap over questions, one ranking per cross-validation fold)
-need the same statistics split finer. Here every answer (one row) keeps its own per-layer mergeable sums,
-the ones :mod:`avss.stats.accumulators` folds: the number of values, their mean and M2, the near-zero count
-at the chosen
-threshold, and the pooled-variance sum. No activation is kept: a row is a few float64 numbers per layer.
+:func:`~avss.hallucination.scoring.score_eavss` streams one total per answer kind; the questions that test the
+ranking (a label-permutation null, a bootstrap over questions, one ranking per cross-validation fold) need the
+same statistics split finer. Here every answer (one row) keeps its own per-layer mergeable sums, the ones
+:mod:`avss.stats.accumulators` folds: the number of values, their mean and M2, the near-zero count at the
+chosen threshold, and the pooled-variance sum. No activation is kept: a row is a few float64 numbers per
+layer.
 
 Any weighting of the rows (truthful/hallucinated labels, bootstrap multiplicities, a fold's questions) then
 gives both classes' totals exactly as if those answers had been streamed together, by Chan's merge written

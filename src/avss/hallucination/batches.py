@@ -1,10 +1,9 @@
 """Prompt + answer token batches whose ``stat_mask`` (and ``answer_mask``) covers the answer tokens only.
 
 The same encoding serves statistics (``stat_mask`` for :func:`avss.stats.collect.collect_statistics`) and
-training
-(``answer_mask`` for the LM loss, ``prompt_mask`` for the question's pooled representation). Answer tokens are
-those of ``prompt + " " + answer`` beyond the tokens of ``prompt``, as in the evaluation engine, so word
-boundaries are tokenized the way the model reads the full text.
+training (``answer_mask`` for the LM loss, ``prompt_mask`` for the question's pooled representation). Answer
+tokens are those of ``prompt + " " + answer`` beyond the tokens of ``prompt``, as in the evaluation engine, so
+word boundaries are tokenized the way the model reads the full text.
 """
 
 from __future__ import annotations

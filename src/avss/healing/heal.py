@@ -1,6 +1,6 @@
 """Healing after pruning: a short training step that recovers part of what the removed blocks took.
 
-Three methods, registered by name in :data:`HEAL_METHODS`:
+Three methods, registered by name in :data:`avss.healing.methods.HEAL_METHODS`:
 
 - ``lora``: LoRA adapters (peft) on the kept blocks next to each removed span, trained with the LM loss
   (Gromov et al.; Shortened LLaMA). The adapter can be merged into a plain model or saved beside it.
@@ -10,21 +10,19 @@ Three methods, registered by name in :data:`HEAL_METHODS`:
   *original* model's hidden state entering the span to the one leaving it, and then inserted where the span
   was, so the healed model is a standard architecture with one block per span.
 
-Each method turns a pruned model into an :class:`Objective` (the module to train, which of its parameters
-move, a loss on a batch); :func:`avss.training.train` only ever sees objectives, so checkpoints, resume and
-early stopping on a validation split are the shared loop's. :func:`heal_in_memory` works on a model already
-in memory (the study calls it); :func:`heal` reads a pruned directory, heals, and saves with provenance;
-:func:`save_or_heal` is ``avss prune --heal``.
+Each method turns a pruned model into an :class:`~avss.healing.methods.Objective` (the module to train,
+which of its parameters move, a loss on a batch); :func:`avss.training.train` only ever sees objectives, so
+checkpoints, resume and early stopping on a validation split are the shared loop's. :func:`heal_in_memory`
+works on a model already in memory (the study calls it); :func:`heal` reads a pruned directory, heals, and
+saves with provenance; :func:`save_or_heal` is ``avss prune --heal``.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,21 +30,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from avss.adapters import block_input, first_tensor, get_adapter
+from avss.adapters import get_adapter
 from avss.data import TextSource, tokenize_texts
-from avss.errors import DataError, HealConfigError, PruneConfigError
+from avss.errors import DataError, HealConfigError
+from avss.healing.methods import HealContext, get_heal_method
 from avss.io import atomic_directory, check_output_dir, to_json
 from avss.models import LoadedModel, load_model
 from avss.provenance import Provenance
 from avss.pruning.prune import PROVENANCE_FILE, READABLE_PRUNING_FORMATS, PruneResult, save_pruned
-from avss.pruning.rules import contiguous_spans
 from avss.stats.checkpoint import checkpoint_dir
 from avss.training import (
-    ParamPredicate,
     TrainConfig,
-    lora_module_names,
-    prefix_selector,
-    substring_selector,
     train,
 )
 
@@ -139,337 +133,6 @@ class HealResult:
 
     model: nn.Module
     record: HealingRecord
-
-
-# --- where the removed layers were (pure functions of layer indices) ------------------------------------
-
-
-def kept_layers(removed: list[int], original_num_layers: int) -> list[int]:
-    gone = set(removed)
-    kept = [layer for layer in range(original_num_layers) if layer not in gone]
-    if not kept or any(not 0 <= layer < original_num_layers for layer in gone):
-        raise PruneConfigError(
-            f"removed layers {sorted(gone)} do not fit a {original_num_layers}-layer model"
-        )
-    return kept
-
-
-def neighbour_layers(removed: list[int], original_num_layers: int, width: int = 1) -> list[int]:
-    """Indices, in the *pruned* model, of the ``width`` kept blocks on each side of every removed span."""
-    kept = kept_layers(removed, original_num_layers)
-    position = {layer: index for index, layer in enumerate(kept)}
-    chosen: set[int] = set()
-    for first, last in contiguous_spans(removed):
-        before = [layer for layer in kept if layer < first][-width:] if width else []
-        after = [layer for layer in kept if layer > last][:width]
-        chosen.update(position[layer] for layer in before + after)
-    return sorted(chosen)
-
-
-@dataclass(frozen=True)
-class Replacement:
-    """Where one replacement block goes, in original and pruned layer numbering.
-
-    ``template`` is the original block the replacement is copied from and whose call arguments (attention
-    mask type, rotary embeddings) it receives; ``insert_at`` is its index in the healed model's block list.
-    """
-
-    first: int
-    last: int
-    template: int
-    insert_at: int
-
-
-def plan_replacements(removed: list[int], original_num_layers: int) -> list[Replacement]:
-    kept = kept_layers(removed, original_num_layers)
-    plans = []
-    for offset, (first, last) in enumerate(contiguous_spans(removed)):
-        template = first - 1 if first > 0 else last + 1
-        kept_before = sum(1 for layer in kept if layer < first)
-        plans.append(Replacement(first, last, template, kept_before + offset))
-    return plans
-
-
-# --- losses
-
-
-def lm_labels(batch: Batch) -> torch.Tensor:
-    """Next-token labels with padding ignored (-100), as Hugging Face causal LMs expect."""
-    return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-
-
-def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """The causal LM loss over the batch's real tokens."""
-    return model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        labels=lm_labels(batch),
-        use_cache=False,
-    ).loss
-
-
-def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the real tokens (``mask`` 1) and all channels."""
-    weights = mask.to(prediction.dtype).unsqueeze(-1)
-    squared = (prediction.float() - target.float()).pow(2) * weights
-    return squared.sum() / (weights.sum() * prediction.shape[-1]).clamp_min(1)
-
-
-# --- method: replacement blocks trained on the original model's hidden states ----------------------------
-
-
-class _StopForward(Exception):
-    """Raised by a hook once every needed hidden state is captured, to skip the rest of the forward pass."""
-
-
-def _with_hidden(args: tuple[Any, ...], kwargs: dict[str, Any], hidden: torch.Tensor) -> tuple[tuple, dict]:
-    """The call arguments of a block with its residual-stream input swapped for ``hidden``."""
-    if args and isinstance(args[0], torch.Tensor):
-        return (hidden, *args[1:]), kwargs
-    name = next(
-        key for key in ("hidden_states", "x", "hidden_state") if isinstance(kwargs.get(key), torch.Tensor)
-    )
-    return args, {**kwargs, name: hidden}
-
-
-class SpanTeacher:
-    """Runs the original model and captures, for each replacement, the span's input and output hidden
-    states and the template block's call arguments, stopping the forward pass after the deepest block
-    needed."""
-
-    def __init__(self, teacher: nn.Module, plans: list[Replacement]):
-        self.teacher = teacher
-        self.plans = plans
-        self.blocks = get_adapter(teacher).blocks
-        self.deepest = max(max(plan.last, plan.template) for plan in plans)
-
-    @contextmanager
-    def _hooks(self, captured: dict[tuple[str, int], Any]) -> Iterator[None]:
-        handles = []
-
-        def save_call(layer: int) -> Callable[..., None]:
-            def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                captured["call", layer] = (args, kwargs)
-                captured["input", layer] = block_input(args, kwargs)
-
-            return hook
-
-        def save_output(layer: int) -> Callable[..., None]:
-            def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-                captured["output", layer] = first_tensor(output)
-                if layer == self.deepest:
-                    raise _StopForward
-
-            return hook
-
-        layers = {plan.first for plan in self.plans} | {plan.template for plan in self.plans}
-        try:
-            for layer in sorted(layers):
-                handles.append(
-                    self.blocks[layer].register_forward_pre_hook(save_call(layer), with_kwargs=True)
-                )
-            for layer in sorted({plan.last for plan in self.plans} | {self.deepest}):
-                handles.append(self.blocks[layer].register_forward_hook(save_output(layer)))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    @torch.no_grad()
-    def capture(self, batch: Batch) -> dict[tuple[str, int], Any]:
-        captured: dict[tuple[str, int], Any] = {}
-        with self._hooks(captured), suppress(_StopForward):
-            self.teacher(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-            )
-        return captured
-
-
-class ReplacementStudents(nn.Module):
-    """The replacement blocks being trained; calling it on a batch returns their loss: the mean over spans
-    of the masked MSE between ``student(h_in)`` and the original model's ``h_out``.
-
-    The teacher is held outside the module tree so that only the students' parameters are visible to the
-    training loop and to checkpoints.
-    """
-
-    def __init__(self, teacher: SpanTeacher, students: list[nn.Module]):
-        super().__init__()
-        self.students = nn.ModuleList(students)
-        self._teacher = teacher
-
-    def forward(self, batch: Batch) -> torch.Tensor:
-        captured = self._teacher.capture(batch)
-        losses = []
-        for plan, student in zip(self._teacher.plans, self.students, strict=True):
-            args, kwargs = captured["call", plan.template]
-            args, kwargs = _with_hidden(args, kwargs, captured["input", plan.first])
-            prediction = first_tensor(student(*args, **kwargs))
-            losses.append(masked_mse(prediction, captured["output", plan.last], batch["attention_mask"]))
-        return torch.stack(losses).mean()
-
-
-def call_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """The loss of a module whose forward pass returns its own loss (:class:`ReplacementStudents`)."""
-    return model(batch)
-
-
-def insert_blocks(model: nn.Module, insertions: list[tuple[int, nn.Module, int]]) -> None:
-    """Insert blocks into ``model``'s block list and update every depth-dependent config field.
-
-    Each insertion is ``(index in the new list, block, existing block whose per-layer config values it
-    takes)``. The blocks are appended and the list is then reordered with :meth:`LayerAdapter.keep_layers`,
-    which already knows how to rewrite the layer count, per-layer fields and ``layer_idx``.
-    """
-    adapter = get_adapter(model)
-    blocks = adapter.blocks
-    count = len(blocks)
-    order = list(range(count))
-    config = model.config
-    per_layer = {
-        name: getattr(config, name)
-        for name in adapter.spec.per_layer_fields
-        if isinstance(getattr(config, name, None), list) and len(getattr(config, name)) == count
-    }
-    for offset, (index, block, like) in enumerate(sorted(insertions, key=lambda item: item[0])):
-        blocks.append(block)
-        for values in per_layer.values():
-            values.append(values[like])
-        order.insert(index, count + offset)
-    adapter.keep_layers(order)
-
-
-# --- methods
-
-
-@dataclass
-class Objective:
-    """What to train: the module the training loop sees, which of its parameters to update, the loss,
-    and ``finish``, which turns the trained module into the healed model."""
-
-    model: nn.Module
-    trainable: ParamPredicate
-    loss: LossFn
-    trained_layers: list[int]
-    finish: Callable[[], nn.Module]
-    teacher_source: dict[str, Any] | None = None
-    inserted_layers: list[int] = field(default_factory=list)
-
-
-@dataclass
-class HealContext:
-    """Everything a method may need besides the pruned model and the config."""
-
-    removed: list[int]
-    original_num_layers: int
-    teacher: nn.Module | None = None
-    teacher_source: dict[str, Any] | None = None
-
-
-def default_target_modules(model_type: str) -> tuple[str, ...] | None:
-    """peft's own per-architecture LoRA targets; ``None`` where peft has no entry."""
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-
-    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
-    return tuple(targets) if targets else None
-
-
-def prepare_lora(model: nn.Module, config: HealConfig, context: HealContext) -> Objective:
-    from peft import LoraConfig, get_peft_model
-
-    layers = neighbour_layers(context.removed, context.original_num_layers, config.neighbours)
-    targets = config.target_modules or default_target_modules(model.config.model_type)
-    lora_config = LoraConfig(
-        r=config.rank,
-        lora_alpha=config.alpha,
-        lora_dropout=config.dropout,
-        target_modules=lora_module_names(model, layers, targets),
-    )
-    peft_model = get_peft_model(model, lora_config)
-
-    def finish() -> nn.Module:
-        return peft_model.merge_and_unload() if config.merge else peft_model
-
-    return Objective(peft_model, substring_selector("lora_"), lm_loss, layers, finish)
-
-
-def prepare_full(model: nn.Module, config: HealConfig, context: HealContext) -> Objective:
-    layers = neighbour_layers(context.removed, context.original_num_layers, config.neighbours)
-    adapter = get_adapter(model)
-    selector = prefix_selector([adapter.layer_name(layer) for layer in layers])
-    return Objective(model, selector, lm_loss, layers, lambda: model)
-
-
-def prepare_replace(model: nn.Module, config: HealConfig, context: HealContext) -> Objective:
-    if context.teacher is None:
-        raise HealConfigError("method 'replace' needs the original (unpruned) model as teacher")
-    teacher = context.teacher.eval().requires_grad_(False)
-    plans = plan_replacements(context.removed, context.original_num_layers)
-    teacher_blocks = get_adapter(teacher).blocks
-    if len(teacher_blocks) != context.original_num_layers:
-        raise HealConfigError(
-            f"the teacher has {len(teacher_blocks)} blocks but the pruning record says "
-            f"{context.original_num_layers}; pass the model that was pruned"
-        )
-    students = ReplacementStudents(
-        SpanTeacher(teacher, plans), [copy.deepcopy(teacher_blocks[plan.template]) for plan in plans]
-    )
-    kept = kept_layers(context.removed, context.original_num_layers)
-    position = {layer: index for index, layer in enumerate(kept)}
-
-    def finish() -> nn.Module:
-        insertions = [
-            (plan.insert_at, student, position[plan.template])
-            for plan, student in zip(plans, students.students, strict=True)
-        ]
-        insert_blocks(model, insertions)
-        return model.requires_grad_(False).eval()
-
-    return Objective(
-        students,
-        lambda name, parameter: True,
-        call_loss,
-        [plan.insert_at for plan in plans],
-        finish,
-        teacher_source=context.teacher_source,
-        inserted_layers=[plan.insert_at for plan in plans],
-    )
-
-
-@dataclass(frozen=True)
-class HealMethod:
-    """A registered healing method: how to build its objective and its default learning rate."""
-
-    name: str
-    prepare: Callable[[nn.Module, HealConfig, HealContext], Objective]
-    learning_rate: float
-    needs_teacher: bool = False
-    description: str = ""
-
-
-HEAL_METHODS: dict[str, HealMethod] = {
-    method.name: method
-    for method in (
-        HealMethod("lora", prepare_lora, 1e-3, description="LoRA on the blocks next to each removed span"),
-        HealMethod("full", prepare_full, 5e-5, description="fine-tune the blocks next to each removed span"),
-        HealMethod(
-            "replace",
-            prepare_replace,
-            1e-4,
-            needs_teacher=True,
-            description="one new block per removed span, trained by MSE on the original hidden states",
-        ),
-    )
-}
-
-
-def get_heal_method(name: str) -> HealMethod:
-    try:
-        return HEAL_METHODS[name]
-    except KeyError:
-        raise HealConfigError(
-            f"unknown healing method {name!r}; choose one of {', '.join(HEAL_METHODS)}"
-        ) from None
 
 
 # --- training

@@ -454,9 +454,8 @@ def save_pruned_gguf(
     **kwargs: Any,
 ) -> Path:
     """:func:`prune_gguf` with the kept blocks taken from a :class:`avss.pruning.prune.PruningRecord` (or its
-    dict);
-    with a linear patch in the record, the pruned ``model``'s folded down projections replace the quantized
-    ones (F32 by default: no error beyond float32)."""
+    dict); with a linear patch in the record, the pruned ``model``'s folded down projections replace the
+    quantized ones (F32 by default: no error beyond float32)."""
     data = record.to_dict() if hasattr(record, "to_dict") else dict(record)
     replacements = patched_tensors(source, model, data) if model is not None else {}
     if data.get("patch") and not replacements:

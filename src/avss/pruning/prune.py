@@ -46,8 +46,8 @@ class PruningRecord:
     options: dict[str, Any] = field(default_factory=dict)
     patch: dict[str, Any] | None = None
     # Removed attention/MLP sublayers (avss.pruning.sublayers.sublayer_record): the blocks stay, so
-    # removed_layers is
-    # empty; the entry says that the saved files keep those sublayers as zeros and save no compute.
+    # removed_layers is empty; the entry says that the saved files keep those sublayers as zeros and save no
+    # compute.
     sublayers: dict[str, Any] | None = None
     provenance: Provenance = field(default_factory=lambda: Provenance.now(PRUNING_FORMAT))
 

@@ -12,10 +12,16 @@ from dataclasses import dataclass
 import torch
 
 from avss.errors import PruneConfigError
-from avss.pruning.sublayers import check_sublayer
+from avss.stats.accumulators import SUBLAYER_KINDS
 
 RULES = ("count", "mass")
 PATCHES = ("linear",)
+SUBLAYERS = SUBLAYER_KINDS  # what --sublayer removes: a block's attention or its MLP
+
+
+def check_sublayer(kind: str) -> None:
+    if kind not in SUBLAYERS:
+        raise PruneConfigError(f"unknown --sublayer {kind!r}; choose one of {', '.join(SUBLAYERS)}")
 
 
 def protected_layers(num_layers: int, protect: tuple[str, ...] | list[str] = ()) -> set[int]:
@@ -105,6 +111,16 @@ def contiguous_spans(removed: list[int]) -> list[tuple[int, int]]:
         else:
             spans.append((layer, layer))
     return spans
+
+
+def kept_layers(removed: list[int], original_num_layers: int) -> list[int]:
+    gone = set(removed)
+    kept = [layer for layer in range(original_num_layers) if layer not in gone]
+    if not kept or any(not 0 <= layer < original_num_layers for layer in gone):
+        raise PruneConfigError(
+            f"removed layers {sorted(gone)} do not fit a {original_num_layers}-layer model"
+        )
+    return kept
 
 
 def parse_layers(text: str) -> tuple[int, ...]:

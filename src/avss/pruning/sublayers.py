@@ -42,9 +42,8 @@ from torch import nn
 
 from avss.adapters import get_adapter
 from avss.errors import PruneConfigError, UnsupportedArchitectureError
-from avss.stats.accumulators import SUBLAYER_KINDS
+from avss.pruning.rules import SUBLAYERS, check_sublayer
 
-SUBLAYERS = SUBLAYER_KINDS
 SUBLAYER_NAMES = {"attn": "attention", "mlp": "MLP"}
 SAVED_AS = "zeros"
 SAVED_NOTE = (
@@ -128,11 +127,6 @@ class RemovedMlp(RemovedSublayer):
 
 
 REMOVED: dict[str, type[RemovedSublayer]] = {"attn": RemovedAttention, "mlp": RemovedMlp}
-
-
-def check_sublayer(kind: str) -> None:
-    if kind not in SUBLAYERS:
-        raise PruneConfigError(f"unknown --sublayer {kind!r}; choose one of {', '.join(SUBLAYERS)}")
 
 
 def removed_sublayers(model: nn.Module) -> dict[str, list[int]]:

@@ -1,9 +1,8 @@
 """Calibration data bound to a model: the one place scorers get activations and losses from.
 
 Every hook-based scorer reads the same :class:`~avss.stats.accumulators.ActivationStats`, computed by one
-streaming pass
-per model state (AVSS, block influence and angular distance come out of the same forward pass), and the
-loss-based scorer asks for the calibration NLL with a block skipped.
+streaming pass per model state (AVSS, block influence and angular distance come out of the same forward pass),
+and the loss-based scorer asks for the calibration NLL with a block skipped.
 
 Two implementations answer the same questions:
 

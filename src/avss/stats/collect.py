@@ -2,10 +2,9 @@
 
 ``with StatisticsCollector(model, sites=...) as collector: collector.observe(batch)`` attaches hooks to every
 block, reduces each activation on its own device into :mod:`avss.stats.accumulators` accumulators, and always
-removes the
-hooks, even when a batch raises. Only real tokens count: the batch's ``stat_mask`` (e.g. answer tokens for
-EAVSS) or else its ``attention_mask`` selects them. No activation outlives its hook call (the residual stream
-between a block's two sublayers lives until that block's output hook has reduced it).
+removes the hooks, even when a batch raises. Only real tokens count: the batch's ``stat_mask`` (e.g. answer
+tokens for EAVSS) or else its ``attention_mask`` selects them. No activation outlives its hook call (the
+residual stream between a block's two sublayers lives until that block's output hook has reduced it).
 """
 
 from __future__ import annotations
@@ -73,9 +72,9 @@ class StatisticsCollector:
 
     Each hook reduces its activation on the activation's own device (layers of a ``device_map`` model may sit
     on different GPUs) into a :class:`~avss.stats.accumulators.SiteBatch` and moves only those few numbers to
-    the
-    accumulators' device. After the forward pass the per-layer reductions are stacked and folded in with one
-    vectorized Chan merge per site. Nothing is read back to the host, so GPU kernels never wait for Python.
+    the accumulators' device. After the forward pass the per-layer reductions are stacked and folded in with
+    one vectorized Chan merge per site. Nothing is read back to the host, so GPU kernels never wait for
+    Python.
 
     ``sublayers`` also measures each block's attention and MLP similarity
     (:class:`~avss.stats.accumulators.SublayerStats`): a pre-hook on the adapter's ``attn_residual`` module
