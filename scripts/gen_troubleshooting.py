@@ -160,6 +160,13 @@ FIXES: dict[str, dict[str, str]] = {
         "--out on a special filesystem (prune)": "`/proc`, `/sys` and read-only mounts accept no new files "
         "(even for root); choose a path on a normal filesystem.",
         "--out on a special filesystem (score)": "Choose a path on a normal, writable filesystem.",
+        "--out file exists without --overwrite (score)": "Every command refuses to replace an existing "
+        "output (file or folder) unless told: pass `--overwrite` (the old file stays until the new one is "
+        "complete) or choose another `--out`.",
+        "--out file exists without --overwrite (eval)": "Pass `--overwrite` or choose another `--out`.",
+        "--out file exists without --overwrite (report)": "Pass `--overwrite` or choose another `--out` "
+        "(the Markdown beside it counts too).",
+        "--out is a directory where a file is expected (score)": "Name a file, e.g. `--out DIR/scores.json`.",
         "--out not writable": "Choose a directory you can write to.",
         "disk full writing scores JSON": "Free space and rerun; the previous file is intact.",
         "disk full mid-save of a pruned model": "Free space and rerun; the previous model folder is intact "

@@ -75,6 +75,7 @@ class Workspace:
         (self.out / "pruned").mkdir(parents=True)
         (self.out / "pruned" / "config.json").write_text('{"previous": true}\n')
         (self.out / "scores.json").write_text('{"previous": true}\n')
+        (self.out / "results.json").write_text('{"previous": true}\n')
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -617,15 +618,39 @@ CLI_CASES = [
         ("cannot write in /proc", "choose another --out"),
     ),
     Case(
-        "--out not writable",
+        "--out file exists without --overwrite (score)",
         lambda ws: score(ws),
+        ("exists; pass --overwrite",),
+        setup=Workspace.previous_result,
+    ),
+    Case(
+        "--out file exists without --overwrite (eval)",
+        lambda ws: eval_cli(ws),
+        ("exists; pass --overwrite",),
+        setup=Workspace.previous_result,
+    ),
+    Case(
+        "--out file exists without --overwrite (report)",
+        lambda ws: ["report", str(ws.out), "--out", str(ws.out / "scores.json")],
+        ("exists; pass --overwrite",),
+        setup=Workspace.previous_result,
+    ),
+    Case(
+        "--out is a directory where a file is expected (score)",
+        lambda ws: ["score", ws.model, *FAST, "--out", str(ws.out / "pruned")],
+        ("is a directory; choose a file path",),
+        setup=Workspace.previous_result,
+    ),
+    Case(
+        "--out not writable",
+        lambda ws: score(ws, "--overwrite"),
         ("is not writable",),
         patch=lambda mp: mp.setattr(os, "access", deny_writing),
         setup=Workspace.previous_result,
     ),
     Case(
         "disk full writing scores JSON",
-        lambda ws: score(ws),
+        lambda ws: score(ws, "--overwrite"),
         ("failed to write", "No space left on device"),
         patch=lambda mp: mp.setattr(Path, "write_text", disk_full),
         setup=Workspace.previous_result,

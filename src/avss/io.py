@@ -123,6 +123,19 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, to_json(obj))
 
 
+def check_output_file(path: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing output file unless ``overwrite`` (the rule of every command's ``--out``, file or
+    directory); check that it can be written. The file is then replaced atomically, so a failed run leaves
+    the previous one intact."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"--out {path} is a directory; choose a file path")
+    if path.exists() and not overwrite:
+        raise OutputError(f"--out {path} exists; pass --overwrite or choose another path")
+    ensure_parent_writable(path)
+    return path
+
+
 def check_output_dir(path: str | Path, overwrite: bool) -> Path:
     """Refuse an existing non-empty output directory unless ``overwrite``; check that it can be created."""
     path = Path(path)

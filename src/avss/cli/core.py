@@ -23,6 +23,7 @@ from avss.cli.options import (
     ModelArg,
     Out,
     Overwrite,
+    OverwriteFile,
     Samples,
     Seed,
     Site,
@@ -35,7 +36,7 @@ from avss.cli.options import (
 )
 from avss.errors import PruneConfigError
 from avss.healing.heal import HealConfig, save_or_heal
-from avss.io import check_output_dir, ensure_parent_writable
+from avss.io import check_output_dir, check_output_file
 from avss.launch import setup_distributed
 from avss.models import DEFAULT_MODEL, EMBEDDED_MODELS, load_model, peek_num_layers
 from avss.pruning.gguf import check_gguf_prune, is_gguf_path, save_pruned_gguf
@@ -132,12 +133,13 @@ def score_command(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from OUT.checkpoint.json beside --out, if there is one")
     ] = False,
+    overwrite: OverwriteFile = False,
 ) -> None:
     """Score every layer of MODEL with AVSS on calibration text."""
     options = ScoreOptions(site=site, variance=variance, threshold=threshold)
     checkpoint = checkpoint_for_output(out, checkpoint_every, resume)
     if out is not None:
-        ensure_parent_writable(out)
+        check_output_file(out, overwrite)
     launch = setup_distributed()  # joins the process group of torchrun / accelerate launch, if any
     loaded = load_model(
         model,

@@ -13,12 +13,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from avss.cli._app import app, console, console_err
-from avss.cli.options import AllowPickle, Device, Dtype, ModelArg, TrustRemoteCode, comma_list
+from avss.cli.options import (
+    AllowPickle,
+    Device,
+    Dtype,
+    ModelArg,
+    OverwriteFile,
+    TrustRemoteCode,
+    comma_list,
+)
 from avss.errors import DataError
 from avss.evaluation import TASKS, EvalResult, evaluate
 from avss.evaluation.comparison import PERPLEXITY, Comparison, ComparisonRow
 from avss.evaluation.uncertainty import Interval, PairingError
-from avss.io import ensure_parent_writable
+from avss.io import check_output_file
 from avss.models import load_model
 
 Tasks = Annotated[str, typer.Option(help=f"Comma-separated tasks: {', '.join(TASKS)}")]
@@ -94,12 +102,13 @@ def eval_command(
     seed: EvalSeed = 0,
     trust_remote_code: TrustRemoteCode = False,
     allow_pickle: AllowPickle = False,
+    overwrite: OverwriteFile = False,
 ) -> None:
     """Evaluate a model on benchmark tasks (perplexity, TruthfulQA, SciQ, QA, WikiQA, sentiment)."""
     names = list(comma_list(tasks))
     harness_names = list(comma_list(harness))
     if out is not None:
-        ensure_parent_writable(out)
+        check_output_file(out, overwrite)
     base = EvalResult.load(compare) if compare is not None else None
     if base is not None and (missing := [name for name in names if name not in base.tasks]):
         raise DataError(f"--compare {compare} has no results for {', '.join(missing)}")

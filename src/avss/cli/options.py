@@ -42,6 +42,7 @@ BatchSize = Annotated[int, typer.Option(min=1, help="Sequences per forward pass"
 Seed = Annotated[int, typer.Option(help="Seed for sampling calibration windows")]
 Out = Annotated[Path, typer.Option(help="Output path")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory")]
+OverwriteFile = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file")]
 Site = Annotated[str, typer.Option(help="Where to measure: block, delta, mlp or attn")]
 Variance = Annotated[str, typer.Option(help="elements (paper formula) or pooled (published code)")]
 Threshold = Annotated[str, typer.Option(help="Near-zero rule: abs:EPS or rel:RHO")]

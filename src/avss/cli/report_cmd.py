@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from avss.cli._app import app, console
-from avss.io import ensure_parent_writable
+from avss.cli.options import OverwriteFile
+from avss.io import check_output_file
 from avss.report import write_report
 
 
@@ -20,8 +21,11 @@ def report_command(
         Path | None, typer.Option(help="Markdown version (default: --out with the suffix .md)")
     ] = None,
     title: Annotated[str, typer.Option(help="Page title")] = "avss report",
+    overwrite: OverwriteFile = False,
 ) -> None:
     """Summarize scores, pruned layers, evaluations, study tables and plots of RUN_DIRS in one page."""
-    ensure_parent_writable(out)
+    markdown = markdown or out.with_suffix(".md")
+    for path in (out, markdown):
+        check_output_file(path, overwrite)
     html_path, markdown_path = write_report(run_dirs, out, markdown, title)
     console.print(f"report written to {html_path} and {markdown_path}")
