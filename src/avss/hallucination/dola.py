@@ -43,7 +43,6 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -142,25 +141,32 @@ DOLA_SETTINGS: dict[str, DolaConfig] = {
 }
 
 
-def divergence(log_mature: torch.Tensor, log_premature: torch.Tensor, kind: str = "authors") -> torch.Tensor:
+def divergence(
+    log_mature: torch.Tensor,
+    log_premature: torch.Tensor,
+    kind: str = "authors",
+    mature: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-position divergence between distributions given as log-probabilities over the last axis
     (broadcast), averaged over the vocabulary as the authors do (a constant factor: the argmax is the same).
 
     ``authors``: ``0.5 * (KL(M || p) + KL(M || q))``, their ``F.kl_div(log_p, M)`` terms; ``js``:
-    ``0.5 * (KL(p || M) + KL(q || M))``, the Jensen-Shannon divergence. ``M = (p + q) / 2``.
+    ``0.5 * (KL(p || M) + KL(q || M))``, the Jensen-Shannon divergence. ``M = (p + q) / 2``. ``mature`` may
+    pass ``log_mature.exp()`` when one mature distribution is compared with many candidates: each pass over
+    a vocabulary-wide tensor costs as much as the LM head.
     """
-    p, q = log_mature.exp(), log_premature.exp()
+    p = log_mature.exp() if mature is None else mature
+    q = log_premature.exp()
     mixture = 0.5 * (p + q)
     if kind == "authors":
-        kl1 = F.kl_div(log_mature, mixture, reduction="none")
-        kl2 = F.kl_div(log_premature, mixture, reduction="none")
+        # sum M (log M - log p) + M (log M - log q), in one pass; xlogy keeps M = 0 at 0 as kl_div does.
+        terms = 2 * torch.xlogy(mixture, mixture) - mixture * (log_mature + log_premature)
     elif kind == "js":
-        log_mixture = torch.logaddexp(log_mature, log_premature) - math.log(2)
-        kl1 = F.kl_div(log_mixture, log_mature, reduction="none", log_target=True)
-        kl2 = F.kl_div(log_mixture, log_premature, reduction="none", log_target=True)
+        log_mixture = mixture.log()
+        terms = torch.xlogy(p, p) + torch.xlogy(q, q) - (p + q) * log_mixture
     else:
         raise DolaConfigError(f"DoLa divergence must be one of {', '.join(DIVERGENCES)}, got {kind!r}")
-    return 0.5 * (kl1.mean(-1) + kl2.mean(-1))
+    return 0.5 * terms.mean(-1)
 
 
 def select_premature(
@@ -233,6 +239,7 @@ class DolaModel(nn.Module):
         )
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         log_mature = outputs.logits[:, keep].float().log_softmax(-1)
+        mature = log_mature.exp()
         # One candidate at a time, keeping the most divergent so far: memory of two vocabularies per
         # position instead of one per candidate. Strictly greater keeps the first on ties, as argmax does.
         best_div, best_log, best_index = None, None, None
@@ -240,7 +247,7 @@ class DolaModel(nn.Module):
             hidden = outputs.hidden_states[layer][:, keep]
             log_premature = self.adapter.early_exit_logits(hidden, norm=self.dola.premature_norm)
             log_premature = log_premature.float().log_softmax(-1)
-            div = divergence(log_mature, log_premature, self.dola.divergence)
+            div = divergence(log_mature, log_premature, self.dola.divergence, mature)
             if best_div is None:
                 best_div, best_log = div, log_premature
                 best_index = torch.zeros_like(div, dtype=torch.long)
