@@ -1,0 +1,420 @@
+"""Cross-validated EAVSS study (issue 16): does training the EAVSS-selected layers beat training random ones?
+
+Five question-level folds over the shared TruthfulQA questions (:class:`avss.hallucination.folds.Folds`);
+every arm is trained on four folds (less a validation share for early stopping) and scored on the fifth, and
+the five test folds pool into one set of per-question records, so every arm is compared with the base model
+on the same questions. One process loads the model once; each step starts from a fresh copy of it and writes
+``OUT/steps/STEP.json`` (skipped when it exists, so the study resumes by step). Steps:
+
+``stats``
+    every answer's own EAVSS sums (one pass over all pairs): ``OUT/answer_stats.pt``.
+``ranking``
+    per fold, EAVSS of the training questions only, the label-permutation null of the ranking and the
+    bootstrap stability of its top-k set (no model needed once ``stats`` exists).
+``base:F``, ``dola:F``
+    the base model, and DoLa as its authors score multiple choice, on test fold ``F``.
+``steer:SELECTION:F``
+    ITI-style mean-difference steering at the chosen layers, strength tuned on validation pair accuracy.
+``train:SELECTION:SEED:F``
+    contrastive mitigation of the chosen layers (``eavss``, ``lowest``, ``random``, ``all``) with seed
+    ``SEED`` (the training seed, and for ``random`` also the draw), evaluated on test fold ``F``.
+``table``
+    pool the test folds of every arm: TruthfulQA MC1/MC2 with 95% intervals, the paired difference against
+    the base model (bootstrap over questions, McNemar for MC1), the random arms as a null band, every
+    metric also on the leakage-free questions; writes ``OUT/results.json`` and ``OUT/results.md``.
+``grid``
+    every step of the default grid (``--seeds``, ``--random-draws``), in run order.
+
+Usage (resumable; rerun to continue)::
+
+    python benchmarks/eavss_cv.py --model smollm2-135m --out benchmarks/eavss_cv_smollm2 grid
+    python benchmarks/eavss_cv.py --model smollm2-135m --out benchmarks/eavss_cv_smollm2 table
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from avss.adapters import get_adapter
+from avss.data import resolve_data_dir
+from avss.evaluation.uncertainty import bootstrap_mean, mcnemar, paired_difference
+from avss.hallucination.answer_stats import AnswerStats, collect_answer_stats
+from avss.hallucination.batches import contrastive_batches
+from avss.hallucination.dola import DolaConfig, DolaModel
+from avss.hallucination.folds import Folds, is_refusal, leakage_free
+from avss.hallucination.heldout import evaluate_heldout
+from avss.hallucination.mitigate import MitigationOptions, choose_layers, mitigate, pair_accuracy
+from avss.hallucination.pairs import load_pairs
+from avss.hallucination.significance import bootstrap_topk, permutation_null
+from avss.hallucination.steering import collect_mean_activations, steering
+from avss.io import atomic_write_json, atomic_write_text
+from avss.models import load_model
+from avss.training import TrainConfig
+
+MC = "truthfulqa_mc"
+SELECTIONS = ("eavss", "lowest", "random", "all")
+STEER_ALPHAS = (0.0, 1.0, 2.0, 4.0, 8.0)
+
+
+class Study:
+    """The study's folds, data and outputs; ``run(step)`` does one step on a fresh copy of the model."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.out: Path = args.out
+        self.folds = Folds(args.folds, args.fold_seed)
+        self.data_dir = resolve_data_dir(args.data_dir)
+        self._loaded = None
+        self._stats: AnswerStats | None = None
+
+    @property
+    def loaded(self) -> Any:
+        if self._loaded is None:
+            self._loaded = load_model(self.args.model, device=self.args.device, dtype=self.args.dtype)
+        return self._loaded
+
+    def pairs(self, fold: int | None, split: str | None) -> list:
+        splitter = self.folds.splitter(fold) if fold is not None else self.folds.splitter(0)
+        pairs = load_pairs(["truthfulqa"], self.data_dir, split=split, splitter=splitter)
+        if split == "train" and self.args.drop_refusals:
+            pairs = [pair for pair in pairs if not is_refusal(pair.truthful)]
+        return pairs
+
+    def stats(self) -> AnswerStats:
+        if self._stats is None:
+            self._stats = AnswerStats.load(self.out / "answer_stats.pt")
+        return self._stats
+
+    def fold_scores(self, fold: int) -> Any:
+        """EAVSS of fold ``fold``'s training questions only (the test fold never chooses layers)."""
+        return self.stats().select({pair.question for pair in self.pairs(fold, "train")}).scores()
+
+    def evaluate(self, model: Any, fold: int) -> dict[str, Any]:
+        """Every evaluation task on test fold ``fold`` (per-question records) and test pair accuracy."""
+        args = self.args
+        tasks = [MC, *args.transfer_tasks] if fold in args.transfer_folds else [MC]
+        limits = {task: args.transfer_limit for task in args.transfer_tasks}
+        result = evaluate_heldout(
+            model,
+            self.loaded.tokenizer,
+            tasks,
+            limits={MC: None, **limits},
+            batch_size=args.eval_batch_size,
+            data_dir=self.data_dir,
+            splitter=self.folds.splitter(fold),
+            **({"max_length": args.ppl_max_length} if "wikitext2" in tasks else {}),
+        )
+        batches = contrastive_batches(
+            self.loaded.tokenizer, self.pairs(fold, "test"), negatives=args.negatives
+        )
+        result["metrics"]["pairs_test"] = {"accuracy": pair_accuracy(model, batches)}
+        return result
+
+    def options(self, seed: int) -> MitigationOptions:
+        args = self.args
+        return MitigationOptions(
+            contrast=args.contrast,
+            tau=args.tau,
+            lam=args.lam,
+            negatives=args.negatives,
+            max_length=args.max_length,
+            questions_per_batch=args.questions_per_batch,
+            train=TrainConfig(epochs=args.epochs, lr=args.lr, seed=seed, progress=False),
+        )
+
+    def run(self, step: str) -> dict[str, Any]:
+        kind, *parts = step.split(":")
+        record: dict[str, Any] = {"step": step}
+        if kind == "stats":
+            loaded = self.loaded
+            stats = collect_answer_stats(loaded.model, loaded.tokenizer, self.pairs(None, None))
+            stats.save(self.out / "answer_stats.pt")
+            record["num_answers"] = stats.num_rows
+            return record
+        if kind == "ranking":
+            record["folds"] = [self.ranking(fold) for fold in range(self.args.folds)]
+            return record
+        fold = int(parts[-1])
+        self.folds.check(fold)
+        model = copy.deepcopy(self.loaded.model)
+        num_layers = get_adapter(model).num_layers
+        if kind == "base":
+            record["eval"] = self.evaluate(model, fold)
+        elif kind == "dola":
+            config = DolaConfig.named("paper")
+            record["dola"] = config.to_dict()
+            record["eval"] = self.evaluate(DolaModel(model, config), fold)
+        elif kind == "steer":
+            (selection,) = parts[:-1]
+            layers = choose_layers(selection, self.args.k, num_layers, self.fold_scores(fold), 0)
+            record.update(layers=layers, **self.steered(model, layers, fold))
+        elif kind == "train":
+            selection, seed = parts[0], int(parts[1])
+            layers = choose_layers(selection, self.args.k, num_layers, self.fold_scores(fold), seed)
+            model, result = mitigate(
+                model,
+                self.loaded.tokenizer,
+                self.pairs(fold, "train"),
+                self.pairs(fold, "validation"),
+                layers,
+                self.options(seed),
+                splitter=self.folds.splitter(fold),
+            )
+            record.update(layers=layers, mitigation=result.record, eval=self.evaluate(model, fold))
+        else:
+            raise SystemExit(f"unknown step {step!r}")
+        return record
+
+    def ranking(self, fold: int) -> dict[str, Any]:
+        train = self.stats().select({pair.question for pair in self.pairs(fold, "train")})
+        args = self.args
+        return {
+            "fold": fold,
+            "ranking": train.scores().ranking(),
+            "top": train.scores().top(args.k),
+            "null": permutation_null(train, args.k, permutations=args.permutations, seed=fold).to_dict(),
+            "stability": bootstrap_topk(train, args.k, resamples=args.permutations, seed=fold).to_dict(),
+        }
+
+    def steered(self, model: Any, layers: list[int], fold: int) -> dict[str, Any]:
+        """Steering strength chosen on validation pair accuracy (never on test), then the test evaluation."""
+        tokenizer = self.loaded.tokenizer
+        directions = collect_mean_activations(model, tokenizer, self.pairs(fold, "train"), progress=False)
+        directions = directions.directions(layers)
+        validation = contrastive_batches(
+            tokenizer, self.pairs(fold, "validation"), negatives=self.args.negatives
+        )
+        curve = {}
+        for alpha in STEER_ALPHAS:
+            with steering(model, directions, alpha):
+                curve[alpha] = pair_accuracy(model, validation)
+        best = max(curve, key=lambda alpha: (curve[alpha], -alpha))  # ties: the weaker intervention
+        with steering(model, directions, best):
+            evaluation = self.evaluate(model, fold)
+        return {"alpha": best, "validation_curve": curve, "eval": evaluation}
+
+    def grid(self) -> list[str]:
+        """Every step of the study, cheapest first so a cut-short study still compares arms."""
+        args = self.args
+        folds = range(args.folds)
+        steps = ["stats", "ranking"]
+        steps += [f"base:{f}" for f in folds]
+        for seed in range(args.seeds):
+            steps += [
+                f"train:{selection}:{seed}:{f}" for selection in ("eavss", "all", "lowest") for f in folds
+            ]
+        steps += [f"train:random:{100 + draw}:{f}" for draw in range(args.random_draws) for f in folds]
+        steps += [f"steer:{selection}:{f}" for selection in ("eavss", "random") for f in folds]
+        steps += [f"dola:{f}" for f in folds]
+        return steps
+
+
+def machine() -> dict[str, Any]:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+    return {"lscpu": lscpu[:14], "python": platform.python_version()}
+
+
+# --- the table ------------------------------------------------------------------------------------------
+
+
+def arm_of(step: str) -> str:
+    """A step less its fold: ``train:random:103:2`` -> ``train:random:103``, ``base:0`` -> ``base``."""
+    return step.rsplit(":", 1)[0]
+
+
+def pooled(records: list[dict[str, Any]], metric: str) -> dict[str, float]:
+    """Per-question values of ``metric`` over the test folds' records of one arm."""
+    return {
+        item["id"]: item["metrics"][metric]
+        for record in records
+        for item in record["eval"]["records"][MC]
+        if metric in item["metrics"]
+    }
+
+
+def leakage_free_ids(study: Study) -> set[str]:
+    """Test questions none of whose true answers (MC2's true choices) appears verbatim among the true answers
+    of their fold's training questions: a gain there cannot be answer style learned in training."""
+    from avss.evaluation import get_task
+
+    docs, _ = get_task(MC)().load(study.data_dir)
+    truths = {
+        doc["question"]: [c for c, label in zip(doc["mc2_choices"], doc["mc2_labels"], strict=True) if label]
+        for doc in docs
+    }
+    ids = {doc["question"]: str(doc["id"]) for doc in docs}
+    kept: set[str] = set()
+    for fold in range(study.args.folds):
+        split = study.folds.splitter(fold)
+        test = {q: answers for q, answers in truths.items() if split(q) == "test"}
+        train = [answer for q, answers in truths.items() if split(q) == "train" for answer in answers]
+        kept.update(ids[q] for q in leakage_free(test, train))
+    return kept
+
+
+def compare(base: dict[str, float], new: dict[str, float], binary: bool, subset: set[str] | None) -> dict:
+    ids = sorted(set(base) & set(new) & (subset if subset is not None else set(base)))
+    b = np.array([base[i] for i in ids])
+    n = np.array([new[i] for i in ids])
+    row = {
+        "n": len(ids),
+        "value": bootstrap_mean(n).to_dict(),
+        "difference": paired_difference(b, n).to_dict(),
+    }
+    if binary:
+        row["mcnemar_p"] = mcnemar(b, n).p_value
+    return row
+
+
+def table(study: Study) -> None:
+    steps = {path.stem: json.loads(path.read_text()) for path in sorted((study.out / "steps").glob("*.json"))}
+    arms: dict[str, list[dict[str, Any]]] = {}
+    for record in steps.values():
+        if "eval" in record:
+            arms.setdefault(arm_of(record["step"]), []).append(record)
+    complete = {arm: records for arm, records in arms.items() if len(records) == study.args.folds}
+    if "base" not in complete:
+        raise SystemExit("the table needs base:F for every fold")
+    subsets = {"all": None, "leakage-free": leakage_free_ids(study)}
+    results: dict[str, Any] = {
+        "folds": study.args.folds,
+        "arms": {},
+        "incomplete": sorted(set(arms) - set(complete)),
+    }
+    header = ("arm", "questions", "MC1 [95% CI]", "MC1 - base", "McNemar p", "MC2 [95% CI]", "MC2 - base")
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for name, subset in subsets.items():
+        base = {metric: pooled(complete["base"], metric) for metric in ("mc1", "mc2")}
+        for arm, records in sorted(complete.items()):
+            rows = {
+                metric: compare(base[metric], pooled(records, metric), metric == "mc1", subset)
+                for metric in ("mc1", "mc2")
+            }
+            results["arms"].setdefault(arm, {})[name] = rows
+            mc1, mc2 = rows["mc1"], rows["mc2"]
+            cells = [
+                f"{arm} ({name})",
+                str(mc1["n"]),
+                interval(mc1["value"]),
+                interval(mc1["difference"], True),
+            ]
+            cells += [f"{mc1['mcnemar_p']:.2g}", interval(mc2["value"]), interval(mc2["difference"], True)]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *null_band(results)]
+    results["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    results["command"] = " ".join(["benchmarks/eavss_cv.py", *sys.argv[1:]])
+    atomic_write_json(study.out / "results.json", results)
+    atomic_write_text(study.out / "results.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def null_band(results: dict[str, Any]) -> list[str]:
+    """The random-k arms' paired differences against base as a null band (median, 5% and 95% over draws),
+    stored in ``results["random_band"]``; every other arm's difference is read against it."""
+    draws = [rows for arm, rows in results["arms"].items() if arm.startswith("train:random:")]
+    if not draws:
+        return ["No random-k arm is finished yet: no null band."]
+    lines = [f"Random-k null band over {len(draws)} draws (difference against base: median [5%, 95%]):", ""]
+    results["random_band"] = {}
+    for subset in ("all", "leakage-free"):
+        for metric in ("mc1", "mc2"):
+            values = np.array([rows[subset][metric]["difference"]["estimate"] for rows in draws])
+            band = {q: float(np.quantile(values, q)) for q in (0.05, 0.5, 0.95)}
+            results["random_band"][f"{subset}.{metric}"] = band
+            lines.append(f"- {metric} ({subset}): {band[0.5]:+.3f} [{band[0.05]:+.3f}, {band[0.95]:+.3f}]")
+    return lines
+
+
+def interval(value: dict[str, Any], sign: bool = False) -> str:
+    number = "{:+.3f}" if sign else "{:.3f}"
+    return (
+        f"{number.format(value['estimate'])} [{number.format(value['low'])}, {number.format(value['high'])}]"
+    )
+
+
+# --- command line ---------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "steps",
+        nargs="+",
+        help="stats | ranking | base:F | dola:F | steer:SEL:F | train:SEL:SEED:F | grid | table",
+    )
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--fold-seed", type=int, default=0)
+    parser.add_argument("--drop-refusals", action="store_true")
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="training seeds of the eavss, all and lowest arms"
+    )
+    parser.add_argument("--random-draws", type=int, default=10, help="random-k arms (one seed each)")
+    parser.add_argument("--permutations", type=int, default=1000)
+    parser.add_argument("--contrast", default="infonce")
+    parser.add_argument("--tau", type=float, default=0.1)
+    parser.add_argument("--lam", type=float, default=0.5)
+    parser.add_argument("--negatives", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--questions-per-batch", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument(
+        "--transfer-tasks", default="sciq,arc_easy,wikitext2", type=lambda s: [t for t in s.split(",") if t]
+    )
+    parser.add_argument("--transfer-folds", default="0", type=lambda s: {int(f) for f in s.split(",") if f})
+    parser.add_argument("--transfer-limit", type=int, default=200, help="per task and test fold")
+    parser.add_argument("--ppl-max-length", type=int, default=512)
+    parser.add_argument("--eval-batch-size", type=int, default=8)
+    parser.add_argument("--budget-s", type=float, default=float("inf"), help="start no step after this")
+    args = parser.parse_args()
+    study = Study(args)
+    if args.steps == ["table"]:
+        table(study)
+        return
+    steps = study.grid() if args.steps == ["grid"] else args.steps
+    (args.out / "steps").mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    for step in steps:
+        path = args.out / "steps" / f"{step.replace(':', '_')}.json"
+        if path.is_file():
+            continue
+        if time.perf_counter() - started > args.budget_s:
+            print(f"budget spent; stopping before {step}", flush=True)
+            break
+        step_started = time.perf_counter()
+        record = study.run(step)
+        record.update(
+            args={
+                k: sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v
+                for k, v in vars(args).items()
+            },
+            machine=machine(),
+            model=study.loaded.source if step != "ranking" else None,
+            wall_time_s=round(time.perf_counter() - step_started, 3),
+            finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        atomic_write_json(path, record)
+        print(f"{step}: {record['wall_time_s']:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
