@@ -280,6 +280,8 @@ def test_random_null_band_and_protected_variants(saved_model, data_dir, tmp_path
         row["n"] == 4 and row["difference_low"] <= row["difference"] <= row["difference_high"]
         for row in versus
     )
+    # Each row names its own reference: the best method may differ between budgets.
+    assert "| best method |" in "\n".join(study_analysis.versus_markdown(versus))
     with pytest.raises(PruneConfigError, match="cannot protect 'middle'"):
         config(saved_model, data_dir, protect=["middle"])
 
