@@ -178,6 +178,25 @@ def test_grown_budgets_select_as_a_study_run_with_them_from_the_start(saved_mode
     assert second == first + 1
 
 
+def test_iterative_methods_iterate_only_the_named_methods(saved_model, data_dir, tmp_path):
+    """``iterative_methods`` re-scores after each removal for the named methods only: iterative
+    leave-one-out costs a pass per remaining block and step, iterative AVSS one statistics pass per step."""
+    methods = ["avss", "loo_nll", "last"]
+    study = Study(
+        config(saved_model, data_dir, methods=methods, fractions=[0, 0.5], iterative=False,
+               iterative_methods=["avss"]),
+        tmp_path / "study",
+        progress=False,
+    )  # fmt: skip
+    study.prepare()
+    study.select()
+    assert set(study.selections) == {"avss__oneshot", "avss__iterative", "loo-nll__oneshot", "last__oneshot"}
+    assert study.selections["avss__iterative"].iterative
+    assert len(study.selections["avss__iterative"].order) == 2
+    with pytest.raises(PruneConfigError, match="'block_influence' is not one of the study's methods"):
+        config(saved_model, data_dir, methods=methods, iterative_methods=["block_influence"])
+
+
 def test_cli_study_writes_the_summary(saved_model, data_dir, tmp_path):
     out = tmp_path / "cli-study"
     arguments = [

@@ -73,6 +73,7 @@ GROWABLE = frozenset(
         "random_seeds",
         "protect",
         "iterative",
+        "iterative_methods",
         "patch",
         "resamples",
     }
@@ -89,6 +90,9 @@ class StudyConfig:
     tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
     limits: dict[str, int | None] = field(default_factory=dict)
     iterative: bool = False
+    # Methods also selected iteratively when ``iterative`` is off: e.g. the cheap statistics-based ones, where
+    # iterative leave-one-out would cost a full pass per remaining block and step.
+    iterative_methods: list[str] = field(default_factory=list)
     calibration: CalibrationOptions = field(default_factory=lambda: CalibrationOptions(samples=32))
     calibration_data: TextSource = field(default_factory=TextSource)
     task_options: dict[str, Any] = field(default_factory=dict)
@@ -120,8 +124,12 @@ class StudyConfig:
             bad = [item for item in self.protect if item not in ("first", "last") and not item.isdigit()]
             if bad:
                 raise PruneConfigError(f"cannot protect {bad[0]!r}: use first, last or a layer index")
-        self.scorers()  # validate names and options before any model is loaded
+        specs = {scorer.spec for scorer in self.scorers()}  # names and options checked before any model loads
         self.attention_scorers()
+        iterated = [get_scorer(method).spec for method in self.iterative_methods]
+        missing = [spec for spec in iterated if spec not in specs]
+        if missing:
+            raise PruneConfigError(f"--iterative-methods {missing[0]!r} is not one of the study's methods")
         if self.heal is not None:
             get_heal_method(self.heal)
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -149,17 +157,18 @@ class StudyConfig:
 
     def modes(self) -> list[str]:
         """Pruning modes of the selections: one-shot, iterative, one-shot with protected blocks."""
-        modes = [ONESHOT, ITERATIVE] if self.iterative else [ONESHOT]
+        modes = [ONESHOT, ITERATIVE] if self.iterative or self.iterative_methods else [ONESHOT]
         return [*modes, PROTECTED] if self.protect else modes
 
     def modes_of(self, scorer: Scorer) -> list[str]:
         """The modes a method runs in. Iterating only means something for a method that re-scores the
         pruned model (position rules and random draws give the same order again), and the random null
         band is drawn once, unprotected: protecting its draws would double the study for a control."""
+        iterated = self.iterative or scorer.spec in {get_scorer(m).spec for m in self.iterative_methods}
         return [
             mode
             for mode in self.modes()
-            if not (mode == ITERATIVE and not scorer.uses_activations)
+            if not (mode == ITERATIVE and not (scorer.uses_activations and iterated))
             and not (mode == PROTECTED and scorer.spec.startswith(RANDOM))
         ]
 

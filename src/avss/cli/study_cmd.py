@@ -51,6 +51,10 @@ def study_command(
     iterative: Annotated[
         bool, typer.Option("--iterative", help="Also prune iteratively (re-score after each removal)")
     ] = False,
+    iterative_methods: Annotated[
+        str | None,
+        typer.Option(help="Only these methods also prune iteratively (e.g. avss,block_influence)"),
+    ] = None,
     ppl_max_length: Annotated[
         int | None, typer.Option(help="Window length of perplexity tasks (default: the task's)")
     ] = None,
@@ -108,6 +112,7 @@ def study_command(
         tasks=task_list,
         limits=parse_limits(limit, task_list),
         iterative=iterative,
+        iterative_methods=split_methods(iterative_methods) if iterative_methods else [],
         calibration=CalibrationOptions(
             samples=samples, max_length=max_length, batch_size=batch_size, seed=seed
         ),
