@@ -1,0 +1,211 @@
+"""The scale figure and table of the multi-model pruning study (issue 14), from the studies' own files.
+
+Reads each study folder's ``results.json`` (``avss-study/3``) and puts the models side by side: per removed
+fraction, the macro chance-normalized retention of every method with its 95% interval against the unpruned
+model's parameter count, the random order's band (median and 5-95% over its draws), the WikiText-2 NLL
+change beside it, and the blocks each method removed. Parameter counts come from each model's config,
+instantiated on the meta device (no weights are read). Usage::
+
+    python benchmarks/scale.py benchmarks/study_protocol_smollm2_bf16 [more studies] --out benchmarks/scale
+
+writes ``OUT.md``, ``OUT.json`` and ``OUT.png``; a study still running is read as far as it got (its
+``complete`` flag is shown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from avss.io import atomic_write_json, atomic_write_text
+from avss.study import STUDY_FORMAT
+
+RANDOM = "random"
+HEADER = (
+    "model",
+    "parameters",
+    "blocks",
+    "fraction",
+    "method",
+    "blocks removed",
+    "macro retention [95% CI]",
+    "WikiText-2 NLL change [95% CI]",
+)
+MODE = "oneshot"
+
+
+def num_parameters(model: str) -> int:
+    """Parameters of the unpruned model, from its config alone (meta device: nothing is allocated)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from avss.models import resolve_model_path
+
+    path, _ = resolve_model_path(model)
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        network = AutoModelForCausalLM.from_config(config)
+    return sum(parameter.numel() for parameter in network.parameters())
+
+
+def read_study(folder: Path) -> dict[str, Any]:
+    results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    if results.get("format") != STUDY_FORMAT:
+        raise SystemExit(f"{folder}: not an {STUDY_FORMAT} results file (rerun its study with --report-only)")
+    model = results["model"]["name"]
+    rows = [row for row in results["rows"] if row["mode"] == MODE]
+    wikitext = {
+        (row["method"], row["fraction"]): row
+        for row in rows
+        if row["task"] == "wikitext2" and row["kind"] == "perplexity"
+    }
+    removed = {(row["method"], row["fraction"]): row["removed_layers"] for row in rows}
+    entries = []
+    for item in results["headline"]:
+        if item["mode"] != MODE:
+            continue
+        key = (item["method"], item["fraction"])
+        nll = wikitext.get(key)
+        entries.append(
+            {
+                **item,
+                "removed_layers": removed.get(key, ""),
+                "nll_change": None
+                if nll is None
+                else [nll["difference"], nll["difference_low"], nll["difference_high"]],
+            }
+        )
+    return {
+        "folder": str(folder),
+        "model": model,
+        "num_layers": results["num_layers"],
+        "complete": results["complete"],
+        "num_parameters": num_parameters(model),
+        "entries": entries,
+    }
+
+
+def random_band(entries: list[dict[str, Any]], fraction: float) -> dict[str, float] | None:
+    values = [e["retention"] for e in entries if e["method"].startswith(RANDOM) and e["fraction"] == fraction]
+    if not values:
+        return None
+    low, median, high = np.quantile(values, [0.05, 0.5, 0.95])
+    return {"draws": len(values), "low": float(low), "median": float(median), "high": float(high)}
+
+
+def markdown(studies: list[dict[str, Any]], command: str) -> str:
+    lines = [
+        "# Depth pruning across model sizes: macro chance-normalized retention",
+        "",
+        f"Created {datetime.now(timezone.utc).isoformat(timespec='seconds')} by `{command}` from the",
+        "studies' own `results.json`; one-shot selections; retention macro-averaged over each model's",
+        "included accuracy tasks (each study's `summary.md` gives the tasks, n and the per-task tables).",
+        "WikiText-2: change of NLL in nats per token against the unpruned model on the same documents.",
+        "",
+        "| " + " | ".join(HEADER) + " |",
+        "|---" * len(HEADER) + "|",
+    ]
+    for study in studies:
+        name = study["model"] + ("" if study["complete"] else " (incomplete)")
+        size = f"{name} | {study['num_parameters'] / 1e6:.0f}M | {study['num_layers']}"
+        fractions = sorted({e["fraction"] for e in study["entries"]})
+        for fraction in fractions:
+            for entry in (e for e in study["entries"] if e["fraction"] == fraction):
+                if entry["method"].startswith(RANDOM):
+                    continue
+                nll = entry["nll_change"]
+                lines.append(
+                    f"| {size} | {fraction:g} | {entry['method']} | {entry['removed_layers']} | "
+                    f"{interval(entry, 'retention')} | "
+                    f"{'n/a' if nll is None else f'{nll[0]:+.3f} [{nll[1]:+.3f}, {nll[2]:+.3f}]'} |"
+                )
+            band = random_band(study["entries"], fraction)
+            if band:
+                lines.append(
+                    f"| {size} | {fraction:g} | random, {band['draws']} draws: median [5%, 95%] | | "
+                    f"{band['median']:.3f} [{band['low']:.3f}, {band['high']:.3f}] | |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def interval(entry: dict[str, Any], key: str) -> str:
+    return f"{entry[key]:.3f} [{entry[key + '_low']:.3f}, {entry[key + '_high']:.3f}]"
+
+
+def figure(studies: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from avss.plots import save_figure
+
+    fractions = sorted({e["fraction"] for s in studies for e in s["entries"]})
+    methods = sorted(
+        {e["method"] for s in studies for e in s["entries"] if not e["method"].startswith(RANDOM)}
+    )
+    fig, axes = plt.subplots(
+        1, len(fractions), figsize=(5.5 * len(fractions), 4.2), squeeze=False, sharey=True
+    )
+    for ax, fraction in zip(axes[0], fractions, strict=True):
+        ordered = sorted(studies, key=lambda s: s["num_parameters"])
+        sizes = [s["num_parameters"] for s in ordered]
+        for method in methods:
+            points = [
+                (s["num_parameters"], e)
+                for s in ordered
+                for e in s["entries"]
+                if e["method"] == method and e["fraction"] == fraction
+            ]
+            if not points:
+                continue
+            x = [p for p, _ in points]
+            y = np.array([e["retention"] for _, e in points])
+            error = np.array(
+                [
+                    [e["retention"] - e["retention_low"], e["retention_high"] - e["retention"]]
+                    for _, e in points
+                ]
+            ).T
+            ax.errorbar(x, y, yerr=error, marker="o", capsize=3, label=method)
+        bands = [(s["num_parameters"], random_band(s["entries"], fraction)) for s in ordered]
+        bands = [(x, b) for x, b in bands if b]
+        if bands:
+            x, medians = [x for x, _ in bands], np.array([b["median"] for _, b in bands])
+            spread = np.array([[b["median"] - b["low"], b["high"] - b["median"]] for _, b in bands]).T
+            ax.errorbar(
+                x, medians, yerr=spread, color="grey", marker="s", linestyle=":", label="random 5-95%"
+            )
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_xscale("log")
+        ax.set_xticks(sizes, [f"{size / 1e6:.0f}M" for size in sizes])
+        ax.set_title(f"{fraction:.1%} of blocks removed")
+        ax.set_xlabel("parameters of the unpruned model")
+    axes[0][0].set_ylabel("macro chance-normalized retention")
+    axes[0][-1].legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("studies", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, required=True, help="path stem: writes OUT.md, OUT.json, OUT.png")
+    args = parser.parse_args()
+    studies = [read_study(folder) for folder in args.studies]
+    command = " ".join(["python benchmarks/scale.py", *sys.argv[1:]])
+    atomic_write_json(args.out.with_suffix(".json"), {"command": command, "studies": studies})
+    atomic_write_text(args.out.with_suffix(".md"), markdown(studies, command))
+    figure(studies, args.out.with_suffix(".png"))
+    print(args.out.with_suffix(".md").read_text(encoding="utf-8"))
+
+
+if __name__ == "__main__":
+    main()
