@@ -174,3 +174,46 @@ def test_outputs_get_ordinary_permissions(tmp_path: Path) -> None:
     assert (0o666 & ~umask, 0o777 & ~umask) == (FILE_MODE, DIR_MODE)
     assert written.stat().st_mode & 0o777 == FILE_MODE
     assert (tmp_path / "model").stat().st_mode & 0o777 == DIR_MODE
+
+
+SWAP = textwrap.dedent(
+    """
+    import shutil
+    from avss import io
+
+    remove = shutil.rmtree
+
+    def stall_after_swap(path, *args, **kwargs):
+        if Path(path).name.startswith(".model.") and (Path(path) / "old.txt").exists():
+            stall()   # the swap is done; the previous content waits at the temporary path
+        remove(path, *args, **kwargs)
+
+    io.shutil.rmtree = stall_after_swap
+    with io.atomic_directory({out!r}, overwrite=True) as folder:
+        (folder / "new.txt").write_text("new")
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the one-step swap is Linux's renameat2")
+def test_an_overwritten_folder_is_whole_at_every_instant(tmp_path: Path) -> None:
+    """Replacing a folder is one swap: killed after it, the new folder is complete and the old content is
+    only a temporary sibling; the previous folder is never missing (the two-rename fallback parks it)."""
+    out, ready = tmp_path / "model", tmp_path / "ready"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    kill_when_ready(SLOW.format(ready=str(ready)) + SWAP.format(out=str(out)), ready)
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+
+
+def test_the_two_rename_fallback_replaces_a_folder(tmp_path: Path, monkeypatch) -> None:
+    from avss import io
+
+    monkeypatch.setattr(io, "exchange_paths", lambda first, second: False)
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with io.atomic_directory(out, overwrite=True) as folder:
+        (folder / "new.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # nothing parked is left behind

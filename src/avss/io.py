@@ -2,15 +2,21 @@
 
 A killed run therefore leaves either nothing or the previous complete result, never a half-written file that
 looks complete. ``os.replace`` is atomic on POSIX when source and target are on the same filesystem, which is
-why temporary paths are created in the target's own directory.
+why temporary paths are created in the target's own directory. A non-empty directory cannot be replaced by a
+rename, so an existing output folder is swapped with the new one in one step (Linux ``renameat2`` with
+``RENAME_EXCHANGE``); only where the kernel or filesystem lacks it are there two renames, with the previous
+folder parked beside the target in between.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -147,6 +153,26 @@ def check_output_dir(path: str | Path, overwrite: bool) -> Path:
     return path
 
 
+AT_FDCWD = -100
+RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def exchange_paths(first: Path, second: Path) -> bool:
+    """Swap two existing paths atomically (Linux ``renameat2(..., RENAME_EXCHANGE)``); False where the
+    platform, C library or filesystem cannot, so that the caller falls back to two renames."""
+    if sys.platform != "linux":
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(first), AT_FDCWD, os.fsencode(second), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory and move it onto ``path`` only when the block succeeds.
@@ -163,13 +189,15 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
     try:
         yield tmp
         os.chmod(tmp, DIR_MODE)
-        if path.exists():
+        if not path.exists():
+            os.replace(tmp, path)
+        elif exchange_paths(tmp, path):
+            shutil.rmtree(tmp, ignore_errors=True)  # the previous content, now at the temporary path
+        else:
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "previous")
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise OutputError(f"failed to write {path}: {exc.strerror or exc}") from exc
