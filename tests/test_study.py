@@ -320,6 +320,27 @@ def test_study_with_patch_adds_patched_cells_except_from_block_0(saved_model, da
         assert cell.metrics != plain[method].metrics
 
 
+def test_repair_methods_limit_the_repaired_twins_to_the_named_methods(saved_model, data_dir, tmp_path):
+    """``repair_methods`` keeps the patched (and healed) twins to the named methods; ``random`` names every
+    seeded draw."""
+    study_config = config(
+        saved_model, data_dir, methods=["block_influence", "last", "random"], fractions=[0, 0.5],
+        iterative=False, random_seeds=2, patch=True, repair_methods=["block_influence", "random"],
+    )  # fmt: skip
+    study = Study(study_config, tmp_path / "study", progress=False)
+    study.prepare()
+    study.select()
+    patched = {method for method, mode, _, removed in study.plan() if mode.endswith("+patch")}
+    last = {tuple(removed) for method, mode, _, removed in study.plan() if method == "last"}
+    assert all(0 not in removed for removed in last)  # so "last" would have a patched twin if named
+    assert patched and patched <= {"block_influence", "random", "random[seed=1]"}
+    assert {method for method, mode, _, _ in study.plan() if mode == "oneshot"} == {
+        "block_influence", "last", "random", "random[seed=1]"
+    }  # fmt: skip
+    with pytest.raises(PruneConfigError, match="--repair-methods 'angular' is not one of the study"):
+        config(saved_model, data_dir, methods=["last"], repair_methods=["angular"])
+
+
 def test_an_option_added_later_keeps_an_older_study_folder_resumable(saved_model, data_dir, tmp_path):
     out = tmp_path / "study"
     small = config(saved_model, data_dir, methods=["random"], iterative=False, fractions=[0])

@@ -75,6 +75,7 @@ GROWABLE = frozenset(
         "iterative",
         "iterative_methods",
         "patch",
+        "repair_methods",
         "resamples",
     }
 )
@@ -103,6 +104,8 @@ class StudyConfig:
     heal_steps: int = 32
     # Also evaluate every pruned model with its removed runs replaced by a fitted linear map (healing.patch).
     patch: bool = False
+    # Methods whose cells get the healed and patched twins; empty: every method (the random draws too).
+    repair_methods: list[str] = field(default_factory=list)
     resamples: int = RESAMPLES  # bootstrap resamples of every interval in the tables
     # Draws of the random order (seeds 0..N-1), reported as a null band; 1 keeps a single draw.
     random_seeds: int = 1
@@ -126,10 +129,11 @@ class StudyConfig:
                 raise PruneConfigError(f"cannot protect {bad[0]!r}: use first, last or a layer index")
         specs = {scorer.spec for scorer in self.scorers()}  # names and options checked before any model loads
         self.attention_scorers()
-        iterated = [get_scorer(method).spec for method in self.iterative_methods]
-        missing = [spec for spec in iterated if spec not in specs]
-        if missing:
-            raise PruneConfigError(f"--iterative-methods {missing[0]!r} is not one of the study's methods")
+        named_options = {"iterative-methods": self.iterative_methods, "repair-methods": self.repair_methods}
+        for option, named in named_options.items():
+            missing = [spec for spec in map(canonical, named) if spec not in specs and spec != RANDOM]
+            if missing:
+                raise PruneConfigError(f"--{option} {missing[0]!r} is not one of the study's methods")
         if self.heal is not None:
             get_heal_method(self.heal)
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -164,7 +168,7 @@ class StudyConfig:
         """The modes a method runs in. Iterating only means something for a method that re-scores the
         pruned model (position rules and random draws give the same order again), and the random null
         band is drawn once, unprotected: protecting its draws would double the study for a control."""
-        iterated = self.iterative or scorer.spec in {get_scorer(m).spec for m in self.iterative_methods}
+        iterated = self.iterative or names(scorer) & {canonical(m) for m in self.iterative_methods}
         return [
             mode
             for mode in self.modes()
@@ -175,6 +179,12 @@ class StudyConfig:
     def repairs(self) -> list[str]:
         """Mode suffixes of the repaired twins of every pruned cell ("" is the unrepaired cell itself)."""
         return ["", *([HEALED] if self.heal else []), *([PATCHED] if self.patch else [])]
+
+    def repairs_of(self, scorer: Scorer) -> list[str]:
+        """The repair suffixes of a method's cells: every repair, unless ``repair_methods`` leaves it out."""
+        if self.repair_methods and not names(scorer) & {canonical(m) for m in self.repair_methods}:
+            return [""]
+        return self.repairs()
 
     def cell_modes(self) -> list[str]:
         """Modes of evaluated cells: every pruning mode and its repaired twins."""
@@ -435,7 +445,7 @@ class Study:
             for scorer in self.config.scorers():
                 for mode in self.config.modes_of(scorer):
                     removed = self.selections[f"{slug(scorer.spec)}__{mode}"].removed_for(n)
-                    for repair in self.config.repairs():
+                    for repair in self.config.repairs_of(scorer):
                         if repair == PATCHED and 0 in removed:
                             continue  # a run from block 0 has no preceding MLP to carry the map
                         cells.append((scorer.spec, mode + repair, fraction, removed))
@@ -579,6 +589,16 @@ class Study:
             if selection.steps:
                 return selection.steps[0].num_layers
         return get_adapter(self.loaded.model).num_layers
+
+
+def canonical(method: str) -> str:
+    """A method's canonical spec (``block_influence`` as typed, ``avss[site=block]`` as ``avss``)."""
+    return get_scorer(method).spec
+
+
+def names(scorer: Scorer) -> set[str]:
+    """The names a method option may give a scorer by: its spec, and ``random`` for every seeded draw."""
+    return {scorer.spec, RANDOM} if scorer.spec.startswith(RANDOM) else {scorer.spec}
 
 
 def repair_of(mode: str) -> str:

@@ -55,6 +55,10 @@ def study_command(
         str | None,
         typer.Option(help="Only these methods also prune iteratively (e.g. avss,block_influence)"),
     ] = None,
+    repair_methods: Annotated[
+        str | None,
+        typer.Option(help="Only these methods' cells get the --patch and --heal twins (default: all)"),
+    ] = None,
     ppl_max_length: Annotated[
         int | None, typer.Option(help="Window length of perplexity tasks (default: the task's)")
     ] = None,
@@ -113,6 +117,7 @@ def study_command(
         limits=parse_limits(limit, task_list),
         iterative=iterative,
         iterative_methods=split_methods(iterative_methods) if iterative_methods else [],
+        repair_methods=split_methods(repair_methods) if repair_methods else [],
         calibration=CalibrationOptions(
             samples=samples, max_length=max_length, batch_size=batch_size, seed=seed
         ),
