@@ -402,3 +402,20 @@ def test_protected_selections_reuse_the_one_shot_scores(saved_model, data_dir, t
     (tmp_path / "study" / "selections" / "loo-nll__oneshot+protect.json").unlink()
     Study(small, tmp_path / "study", progress=False).run()
     assert len(calls) == 1
+
+
+def test_a_random_band_resting_on_fewer_draws_at_one_budget_says_so():
+    """A grown study may have 20 draws at one budget and 6 at another: each cell then names its count."""
+    from avss import study_analysis
+
+    def entry(method, fraction, retention):
+        bounds = {"retention_low": retention - 0.1, "retention_high": retention + 0.1}
+        cell = {"method": method, "mode": "oneshot", "fraction": fraction, "tasks": ["sciq:accuracy"]}
+        return {**cell, "retention": retention, **bounds}
+
+    macro = [entry("first", f, 0.5) for f in (0.125, 0.25)]
+    macro += [entry(f"random[seed={s}]", 0.125, 0.1 * s) for s in range(4)]
+    macro += [entry(f"random[seed={s}]", 0.25, 0.1 * s) for s in range(2)]
+    text = "\n".join(study_analysis.headline_markdown(macro, [0.125, 0.25], []))
+    row = next(line for line in text.splitlines() if line.startswith("| random"))
+    assert "draws in each cell" in row and "(4 draws)" in row and "(2 draws)" in row

@@ -358,9 +358,12 @@ def summary_markdown(
                 if (band["task"], band["metric"], band["mode"]) == (task, metric, mode)
             }
             if found:
-                draws = max(band["draws"] for band in found.values())
-                texts = [band_text(found.get(f)) for f in budgets]
-                lines.append(f"| random ({draws} draws) | {mode} | " + " | ".join(texts) + " |")
+                counts = {band["draws"] for band in found.values()}
+                texts = [
+                    band_text(band) + (f" ({band['draws']} draws)" if band and len(counts) > 1 else "")
+                    for band in (found.get(f) for f in budgets)
+                ]
+                lines.append(f"| random ({draws_label(counts)}) | {mode} | " + " | ".join(texts) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -390,18 +393,25 @@ def headline_markdown(
         ]
         lines.append(f"| {method} | {mode} | " + " | ".join(texts) + " |")
     for mode in dict.fromkeys(mode for mode, _ in randoms):
+        counts = {len(v) for (m, _), v in randoms.items() if m == mode}
         texts = []
         for fraction in budgets:
             values = randoms.get((mode, fraction))
             if values:
                 low, median, high = np.percentile(values, BAND).tolist()
-                texts.append(interval_text(median, low, high))
+                # A band of a grown study may rest on fewer draws at some budgets: say so in the cell.
+                suffix = f" ({len(values)} draws)" if len(counts) > 1 else ""
+                texts.append(interval_text(median, low, high) + suffix)
             else:
                 texts.append("")
-        draws = max(len(v) for (m, _), v in randoms.items() if m == mode)
-        lines.append(f"| random ({draws} draws) | {mode} | " + " | ".join(texts) + " |")
+        lines.append(f"| random ({draws_label(counts)}) | {mode} | " + " | ".join(texts) + " |")
     lines.append("")
     return lines
+
+
+def draws_label(counts: set[int]) -> str:
+    """The random row's label: its number of draws, or a pointer to the cells where budgets differ."""
+    return f"{max(counts)} draws" if len(counts) == 1 else "draws in each cell"
 
 
 def versus_markdown(versus: Sequence[dict[str, Any]]) -> list[str]:
