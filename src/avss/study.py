@@ -402,7 +402,8 @@ class Study:
         A one-shot selection lacking a new budget gains it from its stored scores when the scorer's rule
         needs only the scores; an iterative one serves every budget up to the length of its removal order.
         """
-        selection = selection_from_dict(json.loads(path.read_text(encoding="utf-8")))
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        selection = selection_from_dict(stored)
         budgets = [n for f in self.config.fractions if (n := budget(f, num_layers))]
         if not oneshot:
             return selection if len(selection.order) >= max(budgets, default=0) else None
@@ -413,7 +414,6 @@ class Study:
             return None
         for n in missing:
             selection.by_budget[n] = scorer.select(selection.steps[0], n, protect)
-        stored = json.loads(path.read_text(encoding="utf-8"))
         atomic_write_json(path, {**stored, "by_budget": selection.by_budget})
         return selection
 
