@@ -276,3 +276,18 @@ def test_packed_rows_score_each_option_as_if_alone():
         [False, True, True, True, False, True, True],
     ]
     assert mask[0].tolist() == [True, False, False, False, False, False, False]  # padding sees itself
+
+
+def test_pick_normalizes_in_chunks_and_breaks_ties_by_first_index(monkeypatch):
+    """Hand-made logits: log-probabilities equal a full log-softmax whatever the chunk size, and a target
+    that ties its row's maximum is greedy only where argmax (first index) would pick it, as in lm-eval."""
+    logits = torch.tensor([[2.0, 2.0, 0.0], [0.0, 1.0, 3.0], [1.0, 1.0, 1.0]], dtype=torch.bfloat16)
+    expected = torch.log_softmax(logits.float(), -1)[[0, 1, 2], [0, 2, 0]]
+    for chunk in (1, 3, 9, 1 << 20):  # one row per chunk up to all rows in one
+        monkeypatch.setattr(engine, "PICK_CHUNK_ELEMENTS", chunk)
+        picked = engine._pick(logits, [0, 2, 0])
+        assert picked.token_logprobs == pytest.approx(expected.tolist(), abs=1e-6)
+        assert picked.is_greedy
+    assert not engine._pick(logits, [1, 2, 0]).is_greedy  # ties row 0's maximum, but argmax picks index 0
+    assert not engine._pick(logits, [0, 1, 0]).is_greedy  # below row 1's maximum
+    assert engine._pick(logits, [0, 2, 0], normalize=False).logprob == pytest.approx(2.0 + 3.0 + 1.0)

