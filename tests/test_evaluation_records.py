@@ -12,7 +12,7 @@ from avss.errors import DataError
 from avss.evaluation import EvalResult, TaskResult
 from avss.evaluation.records import ExampleRecord
 from avss.evaluation.runner import RESULT_FORMAT
-from avss.evaluation.uncertainty import PairingError, holm, mcnemar
+from avss.evaluation.uncertainty import Bootstrap, PairingError, holm, mcnemar
 from avss.provenance import Provenance
 
 
@@ -115,7 +115,7 @@ def test_comparison_from_files_alone(files: tuple[Path, Path]) -> None:
     assert ppl.base.estimate == pytest.approx(math.exp(117 / 42))
     assert ppl.mcnemar is None and ppl.retention is None
     # The saved table is plain JSON.
-    json.dumps(new.compare(base, resamples=100).to_dict())
+    json.dumps(new.compare(base, Bootstrap(100)).to_dict())
 
 
 def test_mcnemar_in_the_table_is_the_plain_test(files: tuple[Path, Path]) -> None:

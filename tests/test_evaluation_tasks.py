@@ -13,7 +13,7 @@ from _tiny_eval import FIXTURES, bpe_llama, bpe_tokenizer
 from avss.errors import DataError, UnsupportedArchitectureError
 from avss.evaluation import TASKS, EvalResult, evaluate, get_task
 from avss.evaluation.base import FewShotSampler
-from avss.evaluation.uncertainty import PairingError
+from avss.evaluation.uncertainty import Bootstrap, PairingError
 
 EXPECTED_METRICS = {
     "wikitext2": {"perplexity"},
@@ -111,7 +111,7 @@ def test_every_task_records_each_example(all_tasks):
     total_tokens = sum(record.num_tokens for record in wikitext.records)
     assert math.exp(total_nll / total_tokens) == pytest.approx(wikitext.metrics["perplexity"], rel=1e-5)
     assert all(record.num_tokens > 0 for record in wikitext.records)
-    summary = wikitext.summary(resamples=500)["perplexity"]
+    summary = wikitext.summary(Bootstrap(500))["perplexity"]
     assert summary.low <= wikitext.metrics["perplexity"] <= summary.high and summary.n == len(
         wikitext.records
     )
@@ -141,7 +141,7 @@ def test_limit_takes_a_seeded_sample_in_file_order(bpe):
 
 
 def test_comparison_against_itself_changes_nothing(all_tasks):
-    table = all_tasks.compare(all_tasks, resamples=200)
+    table = all_tasks.compare(all_tasks, Bootstrap(200))
     assert {(row.task, row.metric) for row in table.rows} == {
         (name, metric) for name, task in all_tasks.tasks.items() for metric in task.metrics
     }

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from avss.cli._app import app
 from avss.data import CalibrationOptions
 from avss.errors import OutputError, PruneConfigError
+from avss.evaluation.uncertainty import Bootstrap
 from avss.study import STUDY_FORMAT, Study, StudyConfig, parse_limits, rank_correlations, slug
 from test_provenance import assert_stamped
 
@@ -293,7 +294,7 @@ def test_random_null_band_and_protected_variants(saved_model, data_dir, tmp_path
         {"method": method, "mode": "oneshot", "fraction": 0.25, "retention": value}
         for method, value in (("first", 0.9), ("block_influence", 0.1), ("random", 2.0))
     ]
-    versus = study_analysis.versus_best(result.cell_infos(), result.evaluations, macro, resamples=200, seed=0)
+    versus = study_analysis.versus_best(result.cell_infos(), result.evaluations, macro, Bootstrap(200))
     assert versus and {(row["method"], row["reference"]) for row in versus} <= {("block_influence", "first")}
     assert all(
         row["n"] == 4 and row["difference_low"] <= row["difference"] <= row["difference_high"]

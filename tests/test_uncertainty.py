@@ -28,7 +28,7 @@ def test_wilson_interval_matches_the_hand_computed_formula():
 
 
 def test_bootstrap_of_a_bernoulli_sample_is_close_to_wilson():
-    boot = u.bootstrap_mean(BERNOULLI, seed=0)
+    boot = u.bootstrap_mean(BERNOULLI, u.Bootstrap(seed=0))
     wilson = u.wilson_interval(120, 200)
     assert boot.estimate == 0.6 and boot.n == 200 and boot.method == "bootstrap"
     # Tolerance 0.01, the sum of three terms: (1) resampled means lie on a grid of 1/n = 0.005, so a bound can
@@ -39,11 +39,11 @@ def test_bootstrap_of_a_bernoulli_sample_is_close_to_wilson():
     assert boot.low == pytest.approx(wilson.low, abs=0.01)
     assert boot.high == pytest.approx(wilson.high, abs=0.01)
     # Seeded: the same seed gives the same interval.
-    assert u.bootstrap_mean(BERNOULLI, seed=0) == boot
+    assert u.bootstrap_mean(BERNOULLI, u.Bootstrap(seed=0)) == boot
 
 
 def test_a_constant_sample_has_a_zero_width_interval_and_bad_input_is_refused():
-    interval = u.bootstrap_mean([0.25] * 7, resamples=100)
+    interval = u.bootstrap_mean([0.25] * 7, u.Bootstrap(100))
     assert (interval.estimate, interval.low, interval.high) == (0.25, 0.25, 0.25)
     with pytest.raises(DataError):
         u.bootstrap_mean([])
@@ -52,9 +52,9 @@ def test_a_constant_sample_has_a_zero_width_interval_and_bad_input_is_refused():
 def test_ratio_bootstrap_equals_the_mean_bootstrap_when_documents_are_equally_long():
     nll = np.array([12.0, 30.0, 6.0, 18.0, 24.0, 9.0])
     tokens = np.full(6, 3.0)
-    ratio = u.nll_per_token(nll, tokens, resamples=2000, seed=4)
+    ratio = u.nll_per_token(nll, tokens, u.Bootstrap(2000, seed=4))
     # With every denominator 3, sum(nll[rows]) / sum(3) = mean(nll[rows] / 3): same rows, same seed.
-    mean = u.bootstrap_mean(nll / 3, resamples=2000, seed=4)
+    mean = u.bootstrap_mean(nll / 3, u.Bootstrap(2000, seed=4))
     assert ratio.estimate == pytest.approx(99.0 / 18.0)
     assert ratio.low == pytest.approx(mean.low) and ratio.high == pytest.approx(mean.high)
 
@@ -70,7 +70,7 @@ def test_corpus_nll_per_token_weighs_documents_by_their_tokens():
 
 def test_paired_difference_of_a_constant_shift_is_exact():
     base = np.array([0.2, 0.9, 0.4, 0.7])
-    difference = u.paired_difference(base, base + 0.1, resamples=500)
+    difference = u.paired_difference(base, base + 0.1, u.Bootstrap(500))
     assert difference.estimate == pytest.approx(0.1)
     assert difference.low == pytest.approx(0.1) and difference.high == pytest.approx(0.1)
 
@@ -78,7 +78,7 @@ def test_paired_difference_of_a_constant_shift_is_exact():
 def test_paired_nll_difference_per_token():
     nll, tokens = np.array([10.0, 20.0, 30.0]), np.array([5.0, 5.0, 10.0])
     # Half a nat more on every token: the difference is 0.5 in every resample.
-    difference = u.paired_ratio_difference(nll, tokens, nll + 0.5 * tokens, tokens, resamples=500)
+    difference = u.paired_ratio_difference(nll, tokens, nll + 0.5 * tokens, tokens, u.Bootstrap(500))
     assert difference.estimate == pytest.approx(0.5)
     assert difference.low == pytest.approx(0.5) and difference.high == pytest.approx(0.5)
 
@@ -118,10 +118,10 @@ def test_retention_interval_is_paired():
     new = base.copy()
     new[:10] = 0.0  # 10 of the base's right answers lost: 0.6 -> 0.5
     chance = np.full(100, 0.25)
-    interval = u.retention_interval(base, new, chance, seed=1)
+    interval = u.retention_interval(base, new, chance, u.Bootstrap(seed=1))
     assert interval.estimate == pytest.approx((0.5 - 0.25) / (0.6 - 0.25))
     assert interval.low < interval.estimate < interval.high < 1.0
-    same = u.retention_interval(base, base, chance, resamples=300)
+    same = u.retention_interval(base, base, chance, u.Bootstrap(300))
     assert (same.low, same.high) == (1.0, 1.0)
     assert math.isnan(u.retention_interval(np.zeros(4), np.ones(4), np.full(4, 0.5)).estimate)
 
@@ -153,3 +153,18 @@ def test_pairing_requires_the_same_examples():
     assert isinstance(error.value, AvssError)  # the CLI prints one line and exits 2
     with pytest.raises(u.PairingError, match="repeat"):
         u.unique_ids(["a", "b", "a"], "task x")
+
+
+def test_bootstrap_setting_is_validated_and_offsets_only_the_seed():
+    with pytest.raises(ValueError, match="resamples"):
+        u.Bootstrap(0)
+    with pytest.raises(ValueError, match="confidence"):
+        u.Bootstrap(confidence=1.0)
+    assert u.Bootstrap(500, seed=2, confidence=0.9).offset(3) == u.Bootstrap(500, seed=5, confidence=0.9)
+    values = np.arange(20.0)
+    assert u.bootstrap_mean(values, u.Bootstrap(500, seed=7)) == u.bootstrap_mean(
+        values, u.Bootstrap(500, seed=7)
+    )
+    assert u.bootstrap_mean(values, u.Bootstrap(500, seed=7)) != u.bootstrap_mean(
+        values, u.Bootstrap(500, seed=8)
+    )

@@ -39,7 +39,7 @@ from avss.data import CalibrationOptions, TextSource
 from avss.errors import OutputError, PruneConfigError
 from avss.evaluation import evaluate, get_task
 from avss.evaluation.runner import EvalResult
-from avss.evaluation.uncertainty import RESAMPLES
+from avss.evaluation.uncertainty import RESAMPLES, Bootstrap
 from avss.healing.heal import HealConfig, heal_in_memory
 from avss.healing.methods import get_heal_method
 from avss.healing.patch import check_patchable, linear_patch
@@ -690,24 +690,24 @@ class StudyResult:
     @functools.cached_property
     def tables(self) -> dict[str, Any]:
         """Rows, base table, null bands and headline; bootstrap: ``config.resamples``, ``config.seed``."""
-        options = {"resamples": self.config.resamples, "seed": self.config.seed}
+        bootstrap = Bootstrap(self.config.resamples, self.config.seed)
         if "base" not in self.evaluations:
             return {"rows": [], "base": [], "null_bands": [], "headline": [], "versus_best": []}
         cells = self.cell_infos()
-        rows = analysis.comparison_rows(cells, self.evaluations, **options)
-        base = analysis.base_table(self.evaluations["base"], **options)
+        rows = analysis.comparison_rows(cells, self.evaluations, bootstrap)
+        base = analysis.base_table(self.evaluations["base"], bootstrap)
         included = [
             (e["task"], e["metric"])
             for e in base
             if e.get("included") and e["metric"] == analysis.HEADLINE_METRIC
         ]
-        macro = analysis.headline(cells, self.evaluations, included, **options)
+        macro = analysis.headline(cells, self.evaluations, included, bootstrap)
         return {
             "rows": rows,
             "base": base,
             "null_bands": analysis.null_bands(rows),
             "headline": macro,
-            "versus_best": analysis.versus_best(cells, self.evaluations, macro, **options),
+            "versus_best": analysis.versus_best(cells, self.evaluations, macro, bootstrap),
         }
 
     def rows(self) -> list[dict[str, Any]]:

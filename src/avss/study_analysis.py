@@ -119,7 +119,7 @@ def row_fields(cell: CellInfo, comparison: ComparisonRow) -> dict[str, Any]:
 
 
 def comparison_rows(
-    cells: Sequence[CellInfo], evaluations: dict[str, EvalResult], *, resamples: int, seed: int
+    cells: Sequence[CellInfo], evaluations: dict[str, EvalResult], bootstrap: u.Bootstrap
 ) -> list[dict[str, Any]]:
     """Every cell against the base (``evaluations["base"]``), Holm-corrected within each task metric.
 
@@ -130,7 +130,7 @@ def comparison_rows(
     rows = []
     for cell in cells:
         if cell.evaluated_key not in computed:
-            table = evaluations[cell.evaluated_key].compare(base, resamples=resamples, seed=seed)
+            table = evaluations[cell.evaluated_key].compare(base, bootstrap)
             computed[cell.evaluated_key] = table.rows
         rows += [row_fields(cell, comparison) for comparison in computed[cell.evaluated_key]]
     holm_within_tables(rows)
@@ -179,7 +179,7 @@ def null_bands(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return bands
 
 
-def base_table(base: EvalResult, *, resamples: int, seed: int) -> list[dict[str, Any]]:
+def base_table(base: EvalResult, bootstrap: u.Bootstrap) -> list[dict[str, Any]]:
     """The unpruned model per task metric: score with interval, chance, trivial baselines, inclusion."""
     table = []
     for task, result in base.tasks.items():
@@ -187,10 +187,10 @@ def base_table(base: EvalResult, *, resamples: int, seed: int) -> list[dict[str,
             continue
         for metric in result.metrics:
             entry: dict[str, Any] = {"task": task, "metric": metric}
-            entry.update(result.interval(metric, resamples=resamples, seed=seed).to_dict())
+            entry.update(result.interval(metric, bootstrap).to_dict())
             values = list(metric_values(result.records, metric).values()) if metric != "perplexity" else []
             if values and u.is_binary(values):
-                decision = result.inclusion(metric, resamples=resamples, seed=seed)
+                decision = result.inclusion(metric, bootstrap)
                 entry.update(
                     chance=float(chance_per_example(result.records).mean()),
                     trivial=result.baselines(),
@@ -205,9 +205,7 @@ def headline(
     cells: Sequence[CellInfo],
     evaluations: dict[str, EvalResult],
     included: Sequence[tuple[str, str]],
-    *,
-    resamples: int,
-    seed: int,
+    bootstrap: u.Bootstrap,
 ) -> list[dict[str, Any]]:
     """Macro chance-normalized retention over the ``included`` (task, metric) pairs for every cell.
 
@@ -227,9 +225,9 @@ def headline(
             by_id = {record.id: record for record in base.tasks[task].records}
             chance = chance_per_example([by_id[i] for i in b_values])
             estimates.append(u.retention(float(b.mean()), float(n.mean()), float(chance.mean())))
-            draws.append(u.retention_draws(b, n, chance, resamples=resamples, seed=seed + offset))
+            draws.append(u.retention_draws(b, n, chance, bootstrap.offset(offset)))
         macro = np.mean(np.vstack(draws), axis=0)
-        low, high = np.nanpercentile(macro, [2.5, 97.5]).tolist()
+        low, high = bootstrap.bounds(macro)
         out.append(
             {
                 "method": cell.method,
@@ -248,9 +246,7 @@ def versus_best(
     cells: Sequence[CellInfo],
     evaluations: dict[str, EvalResult],
     macro: Sequence[dict[str, Any]],
-    *,
-    resamples: int,
-    seed: int,
+    bootstrap: u.Bootstrap,
 ) -> list[dict[str, Any]]:
     """Method against method on the same examples: at each mode and budget, every other non-random cell
     minus the cell with the highest macro retention, per task metric (paired difference, McNemar, Holm over
@@ -268,9 +264,7 @@ def versus_best(
             other = by_key[(entry["method"], mode, fraction)]
             if other.evaluated_key == best.evaluated_key:
                 continue
-            table = evaluations[other.evaluated_key].compare(
-                evaluations[best.evaluated_key], resamples=resamples, seed=seed
-            )
+            table = evaluations[other.evaluated_key].compare(evaluations[best.evaluated_key], bootstrap)
             for comparison in table.rows:
                 row = row_fields(other, comparison)
                 rows.append({**row, "reference": best.method})

@@ -67,18 +67,17 @@ def is_accuracy(metric: str, values: Sequence[float] | np.ndarray) -> bool:
 def interval(
     records: Sequence[ExampleRecord],
     metric: str,
+    bootstrap: u.Bootstrap = u.BOOTSTRAP,
     *,
-    resamples: int = u.RESAMPLES,
-    seed: int = 0,
     what: str = "the task",
 ) -> u.Interval:
     """95% interval of one task metric from its records: a bootstrap over examples of the mean, or for
     perplexity the ratio estimator over documents mapped through ``exp``."""
     if metric == PERPLEXITY:
         columns = np.asarray(list(nll_columns(records, what).values()), dtype=np.float64)
-        return u.perplexity_interval(columns[:, 0], columns[:, 1], resamples=resamples, seed=seed)
+        return u.perplexity_interval(columns[:, 0], columns[:, 1], bootstrap)
     values = list(metric_values(records, metric, what).values())
-    return u.bootstrap_mean(values, resamples=resamples, seed=seed)
+    return u.bootstrap_mean(values, bootstrap)
 
 
 def chance_per_example(records: Sequence[ExampleRecord]) -> np.ndarray:
@@ -100,13 +99,13 @@ def trivial_baselines(records: Sequence[ExampleRecord]) -> dict[str, float]:
 
 
 def inclusion(
-    records: Sequence[ExampleRecord], metric: str, *, resamples: int = u.RESAMPLES, seed: int = 0
+    records: Sequence[ExampleRecord], metric: str, bootstrap: u.Bootstrap = u.BOOTSTRAP
 ) -> u.Inclusion:
     """The headline-table rule for an accuracy-like ``metric`` of a base model's records."""
     values = list(metric_values(records, metric).values())
     if not is_accuracy(metric, values):
         return u.Inclusion(False, f"{metric} is not a 0/1 accuracy; the inclusion rule does not apply")
-    low = u.bootstrap_mean(values, resamples=resamples, seed=seed).low
+    low = u.bootstrap_mean(values, bootstrap).low
     return u.inclusion(low, u.chance_level([r.num_options for r in records]), trivial_baselines(records))
 
 
@@ -152,8 +151,7 @@ def compare_task(
     *,
     base_value: float,
     new_value: float,
-    resamples: int = u.RESAMPLES,
-    seed: int = 0,
+    bootstrap: u.Bootstrap = u.BOOTSTRAP,
 ) -> ComparisonRow:
     """One row: both results' intervals and the paired statistics, from the two tasks' records."""
     if not base or not new:
@@ -162,7 +160,6 @@ def compare_task(
     if metric == PERPLEXITY and not (is_perplexity(base) and is_perplexity(new)):
         return ComparisonRow(task, metric, PERPLEXITY, base_value, new_value, note="no per-document NLL")
     what = f"task {task}"
-    options = {"resamples": resamples, "seed": seed}
     if metric == PERPLEXITY:
         b, n = nll_columns(base, f"{what} (base)"), nll_columns(new, what)
         u.same_examples(b, n, what)
@@ -173,25 +170,25 @@ def compare_task(
             task,
             metric,
             PERPLEXITY,
-            u.perplexity_interval(bn, bt, **options),
-            u.perplexity_interval(nn, nt, **options),
+            u.perplexity_interval(bn, bt, bootstrap),
+            u.perplexity_interval(nn, nt, bootstrap),
             n=len(ids),
-            difference=u.paired_ratio_difference(bn, bt, nn, nt, **options),
+            difference=u.paired_ratio_difference(bn, bt, nn, nt, bootstrap),
             difference_unit="nats per token",
-            base_nll_per_token=u.nll_per_token(bn, bt, **options),
-            new_nll_per_token=u.nll_per_token(nn, nt, **options),
+            base_nll_per_token=u.nll_per_token(bn, bt, bootstrap),
+            new_nll_per_token=u.nll_per_token(nn, nt, bootstrap),
         )
     base_values = metric_values(base, metric, f"{what} (base)")
     b, n = u.paired(base_values, metric_values(new, metric, what), what)
-    base_interval = u.bootstrap_mean(b, **options)
+    base_interval = u.bootstrap_mean(b, bootstrap)
     row = ComparisonRow(
         task,
         metric,
         "mean",
         base_interval,
-        u.bootstrap_mean(n, **options),
+        u.bootstrap_mean(n, bootstrap),
         n=b.size,
-        difference=u.paired_difference(b, n, **options),
+        difference=u.paired_difference(b, n, bootstrap),
         difference_unit=metric,
     )
     if is_accuracy(metric, b) and is_accuracy(metric, n):
@@ -202,7 +199,7 @@ def compare_task(
         row.kind = "accuracy"
         row.mcnemar = u.mcnemar(b, n)
         row.chance = float(chance.mean())
-        row.retention = u.retention_interval(b, n, chance, **options)
+        row.retention = u.retention_interval(b, n, chance, bootstrap)
         row.included, row.inclusion_reason = decision.included, decision.reason
     return row
 
@@ -212,15 +209,13 @@ class Comparison:
     """A table of :class:`ComparisonRow`; McNemar p-values are Holm-corrected across the whole table."""
 
     rows: list[ComparisonRow]
-    resamples: int
-    seed: int
-    confidence: float = u.CONFIDENCE
+    bootstrap: u.Bootstrap = u.BOOTSTRAP
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "confidence": self.confidence,
-            "resamples": self.resamples,
-            "seed": self.seed,
+            "confidence": self.bootstrap.confidence,
+            "resamples": self.bootstrap.resamples,
+            "seed": self.bootstrap.seed,
             "rows": [row.to_dict() for row in self.rows],
         }
 
@@ -228,9 +223,7 @@ class Comparison:
 def compare(
     base: Mapping[str, tuple[Mapping[str, float], Sequence[ExampleRecord]]],
     new: Mapping[str, tuple[Mapping[str, float], Sequence[ExampleRecord]]],
-    *,
-    resamples: int = u.RESAMPLES,
-    seed: int = 0,
+    bootstrap: u.Bootstrap = u.BOOTSTRAP,
 ) -> Comparison:
     """Compare every task and metric both results report; ``base``/``new`` map a task to its
     ``(metrics, records)``. Tasks only one side has are left out."""
@@ -249,11 +242,10 @@ def compare(
                         records,
                         base_value=base_metrics[metric],
                         new_value=value,
-                        resamples=resamples,
-                        seed=seed,
+                        bootstrap=bootstrap,
                     )
                 )
     tested = [row for row in rows if row.mcnemar is not None]
     for row, p in zip(tested, u.holm([row.mcnemar.p_value for row in tested]), strict=True):  # type: ignore[union-attr]
         row.holm_p = p if not math.isnan(p) else None
-    return Comparison(rows, resamples, seed)
+    return Comparison(rows, bootstrap)

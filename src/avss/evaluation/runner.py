@@ -32,7 +32,7 @@ from avss.evaluation.base import TASKS, DataRecord, Task, data_record, get_task
 from avss.evaluation.engine import LanguageModel, Progress, is_causal_lm
 from avss.evaluation.harness import run_harness
 from avss.evaluation.records import ExampleRecord
-from avss.evaluation.uncertainty import RESAMPLES, Inclusion, Interval
+from avss.evaluation.uncertainty import BOOTSTRAP, Bootstrap, Inclusion, Interval
 from avss.io import atomic_write_json
 from avss.provenance import Provenance
 
@@ -55,21 +55,21 @@ class TaskResult:
     seconds: float
     records: list[ExampleRecord] = field(default_factory=list)
 
-    def interval(self, metric: str, *, resamples: int = RESAMPLES, seed: int = 0) -> Interval:
+    def interval(self, metric: str, bootstrap: Bootstrap = BOOTSTRAP) -> Interval:
         """95% interval of ``metric`` over the examples (perplexity: over documents)."""
-        return comparison.interval(self.records, metric, resamples=resamples, seed=seed)
+        return comparison.interval(self.records, metric, bootstrap)
 
-    def summary(self, *, resamples: int = RESAMPLES, seed: int = 0) -> dict[str, Interval]:
+    def summary(self, bootstrap: Bootstrap = BOOTSTRAP) -> dict[str, Interval]:
         """Every metric's estimate, 95% interval and number of examples."""
-        return {metric: self.interval(metric, resamples=resamples, seed=seed) for metric in self.metrics}
+        return {metric: self.interval(metric, bootstrap) for metric in self.metrics}
 
     def baselines(self) -> dict[str, float]:
         """Accuracy of the trivial predictors (majority class, longest answer) on these examples."""
         return comparison.trivial_baselines(self.records)
 
-    def inclusion(self, metric: str, *, resamples: int = RESAMPLES, seed: int = 0) -> Inclusion:
+    def inclusion(self, metric: str, bootstrap: Bootstrap = BOOTSTRAP) -> Inclusion:
         """Whether this (base model's) task belongs in a headline table for ``metric``, and why."""
-        return comparison.inclusion(self.records, metric, resamples=resamples, seed=seed)
+        return comparison.inclusion(self.records, metric, bootstrap)
 
 
 @dataclass
@@ -107,17 +107,14 @@ class EvalResult:
     def metrics(self) -> dict[str, dict[str, float]]:
         return {name: task.metrics for name, task in self.tasks.items()}
 
-    def compare(
-        self, base: EvalResult, *, resamples: int = RESAMPLES, seed: int = 0
-    ) -> comparison.Comparison:
+    def compare(self, base: EvalResult, bootstrap: Bootstrap = BOOTSTRAP) -> comparison.Comparison:
         """Per task and metric: both results with 95% intervals, the paired difference (this minus
         ``base``), McNemar's test with Holm correction and chance-normalized retention for accuracies, the
         NLL-per-token change for perplexity. Raises :class:`PairingError` when the example sets differ."""
         return comparison.compare(
             {name: (task.metrics, task.records) for name, task in base.tasks.items()},
             {name: (task.metrics, task.records) for name, task in self.tasks.items()},
-            resamples=resamples,
-            seed=seed,
+            bootstrap,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import collections
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.special import ndtri
@@ -86,43 +86,65 @@ def _as_array(values: Sequence[float] | np.ndarray, what: str) -> np.ndarray:
     return array
 
 
-def _resampled_sums(columns: Sequence[np.ndarray], resamples: int, seed: int) -> list[np.ndarray]:
-    """For each column, its sum over ``resamples`` bootstrap samples of the rows (the same rows for every
-    column, which is what makes paired and ratio statistics paired)."""
-    if resamples < 1:
-        raise ValueError("resamples must be at least 1")
-    n = columns[0].size
-    rng = np.random.default_rng(seed)
-    sums = [np.empty(resamples) for _ in columns]
-    block = max(1, _BLOCK_ENTRIES // n)
-    for start in range(0, resamples, block):
-        stop = min(start + block, resamples)
-        rows = rng.integers(0, n, size=(stop - start, n))
-        for column, out in zip(columns, sums, strict=True):
-            out[start:stop] = column[rows].sum(axis=1)
-    return sums
+@dataclass(frozen=True)
+class Bootstrap:
+    """How every interval of a table is resampled: one setting, so a table's intervals are comparable and a
+    rerun with the same setting reproduces them exactly.
+
+    ``sums`` resamples the rows of several aligned columns with the *same* row indices, which is what makes
+    paired and ratio statistics paired; ``bounds`` turns resampled statistics into percentile bounds.
+    """
+
+    resamples: int = RESAMPLES
+    seed: int = 0
+    confidence: float = CONFIDENCE
+
+    def __post_init__(self) -> None:
+        if self.resamples < 1:
+            raise ValueError("resamples must be at least 1")
+        if not 0 < self.confidence < 1:
+            raise ValueError("confidence must be in (0, 1)")
+
+    def offset(self, k: int) -> Bootstrap:
+        """The same setting with the seed moved by ``k``: independent draws for the k-th of several samples
+        resampled on their own (tasks with different examples)."""
+        return replace(self, seed=self.seed + k)
+
+    def sums(self, columns: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """For each column, its sum over every bootstrap sample of the rows (the same rows in each column)."""
+        n = columns[0].size
+        rng = np.random.default_rng(self.seed)
+        sums = [np.empty(self.resamples) for _ in columns]
+        block = max(1, _BLOCK_ENTRIES // n)
+        for start in range(0, self.resamples, block):
+            stop = min(start + block, self.resamples)
+            rows = rng.integers(0, n, size=(stop - start, n))
+            for column, out in zip(columns, sums, strict=True):
+                out[start:stop] = column[rows].sum(axis=1)
+        return sums
+
+    def bounds(self, statistics: np.ndarray) -> tuple[float, float]:
+        """Percentile bounds of the finite resampled statistics (a resample without a defined statistic, such
+        as a ratio over documents without tokens, is dropped: this conditions on a defined statistic)."""
+        tail = (1 - self.confidence) / 2
+        low, high = np.quantile(statistics[np.isfinite(statistics)], [tail, 1 - tail])
+        return float(low), float(high)
+
+    def interval(self, estimate: float, statistics: np.ndarray, n: int, method: str) -> Interval:
+        return Interval(float(estimate), *self.bounds(statistics), n, method, self.confidence)
 
 
-def _percentiles(statistics: np.ndarray, confidence: float) -> tuple[float, float]:
-    if not 0 < confidence < 1:
-        raise ValueError("confidence must be in (0, 1)")
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(statistics, [tail, 1 - tail])
-    return float(low), float(high)
+BOOTSTRAP = Bootstrap()
 
 
 def bootstrap_mean(
     values: Sequence[float] | np.ndarray,
-    *,
-    resamples: int = RESAMPLES,
-    seed: int = 0,
-    confidence: float = CONFIDENCE,
+    bootstrap: Bootstrap = BOOTSTRAP,
 ) -> Interval:
     """Percentile bootstrap interval of the mean of per-example values (accuracy, MC2, F1, ...)."""
     array = _as_array(values, "a bootstrap interval")
-    (sums,) = _resampled_sums([array], resamples, seed)
-    low, high = _percentiles(sums / array.size, confidence)
-    return Interval(float(array.mean()), low, high, array.size, "bootstrap", confidence)
+    (sums,) = bootstrap.sums([array])
+    return bootstrap.interval(array.mean(), sums / array.size, array.size, "bootstrap")
 
 
 def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> Interval:
@@ -143,10 +165,7 @@ def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> I
 def bootstrap_ratio(
     numerators: Sequence[float] | np.ndarray,
     denominators: Sequence[float] | np.ndarray,
-    *,
-    resamples: int = RESAMPLES,
-    seed: int = 0,
-    confidence: float = CONFIDENCE,
+    bootstrap: Bootstrap = BOOTSTRAP,
 ) -> Interval:
     """``sum(numerators) / sum(denominators)`` with a bootstrap over the units (documents) as a ratio
     estimator: each resample draws whole documents and divides its sums, so long documents weigh as much as
@@ -156,39 +175,32 @@ def bootstrap_ratio(
         raise DataError("a ratio needs as many numerators as denominators")
     if den.sum() <= 0:
         raise DataError("a ratio needs a positive total denominator (no scored tokens)")
-    num_sums, den_sums = _resampled_sums([num, den], resamples, seed)
+    num_sums, den_sums = bootstrap.sums([num, den])
+    # A resample of documents without any scored token (possible only with several empty documents) has no
+    # ratio; ``bounds`` drops it.
     with np.errstate(divide="ignore", invalid="ignore"):
         ratios = num_sums / den_sums
-    # A resample of documents without any scored token (possible only with several empty documents) has no
-    # ratio; dropping it conditions on a defined statistic.
-    low, high = _percentiles(ratios[np.isfinite(ratios)], confidence)
-    return Interval(float(num.sum() / den.sum()), low, high, num.size, "bootstrap-ratio", confidence)
+    return bootstrap.interval(num.sum() / den.sum(), ratios, num.size, "bootstrap-ratio")
 
 
 def nll_per_token(
     nll: Sequence[float] | np.ndarray,
     tokens: Sequence[float] | np.ndarray,
-    *,
-    resamples: int = RESAMPLES,
-    seed: int = 0,
-    confidence: float = CONFIDENCE,
+    bootstrap: Bootstrap = BOOTSTRAP,
 ) -> Interval:
     """Corpus-level NLL per token (nats) from per-document summed NLL and token counts, bootstrapped over
     documents."""
-    return bootstrap_ratio(nll, tokens, resamples=resamples, seed=seed, confidence=confidence)
+    return bootstrap_ratio(nll, tokens, bootstrap)
 
 
 def perplexity_interval(
     nll: Sequence[float] | np.ndarray,
     tokens: Sequence[float] | np.ndarray,
-    *,
-    resamples: int = RESAMPLES,
-    seed: int = 0,
-    confidence: float = CONFIDENCE,
+    bootstrap: Bootstrap = BOOTSTRAP,
 ) -> Interval:
     """Perplexity ``exp(sum nll / sum tokens)``; ``exp`` is increasing, so the percentile interval of NLL per
     token maps to the perplexity's interval unchanged."""
-    return nll_per_token(nll, tokens, resamples=resamples, seed=seed, confidence=confidence).map(math.exp)
+    return nll_per_token(nll, tokens, bootstrap).map(math.exp)
 
 
 # --- paired comparison ------------------------------------------------------------------------------------
@@ -234,20 +246,15 @@ def unique_ids(ids: Sequence[str], what: str) -> None:
 def paired_difference(
     base: Sequence[float] | np.ndarray,
     new: Sequence[float] | np.ndarray,
-    *,
-    resamples: int = RESAMPLES,
-    seed: int = 0,
-    confidence: float = CONFIDENCE,
+    bootstrap: Bootstrap = BOOTSTRAP,
 ) -> Interval:
     """``mean(new) - mean(base)`` over the same examples (aligned arrays), with a paired bootstrap: both
     means are taken over the same resampled examples."""
     b, n = _as_array(base, "a paired difference"), _as_array(new, "a paired difference")
     if b.size != n.size:
         raise PairingError("a paired difference needs the same number of examples on both sides")
-    interval = bootstrap_mean(n - b, resamples=resamples, seed=seed, confidence=confidence)
-    return Interval(
-        interval.estimate, interval.low, interval.high, interval.n, "paired-bootstrap", confidence
-    )
+    interval = bootstrap_mean(n - b, bootstrap)
+    return replace(interval, method="paired-bootstrap")
 
 
 def paired_ratio_difference(
@@ -255,10 +262,7 @@ def paired_ratio_difference(
     base_denominators: Sequence[float] | np.ndarray,
     new_numerators: Sequence[float] | np.ndarray,
     new_denominators: Sequence[float] | np.ndarray,
-    *,
-    resamples: int = RESAMPLES,
-    seed: int = 0,
-    confidence: float = CONFIDENCE,
+    bootstrap: Bootstrap = BOOTSTRAP,
 ) -> Interval:
     """Difference of two ratio estimators over the same documents (aligned arrays): for perplexity tasks,
     the change in NLL per token (nats), ``new - base``, with both ratios taken on the same resampled
@@ -271,12 +275,11 @@ def paired_ratio_difference(
         raise PairingError("a paired ratio difference needs the same documents on both sides")
     if columns[1].sum() <= 0 or columns[3].sum() <= 0:
         raise DataError("a ratio needs a positive total denominator (no scored tokens)")
-    bn, bd, nn, nd = _resampled_sums(columns, resamples, seed)
+    bn, bd, nn, nd = bootstrap.sums(columns)
     with np.errstate(divide="ignore", invalid="ignore"):
         differences = nn / nd - bn / bd
-    low, high = _percentiles(differences[np.isfinite(differences)], confidence)
     estimate = columns[2].sum() / columns[3].sum() - columns[0].sum() / columns[1].sum()
-    return Interval(float(estimate), low, high, columns[0].size, "paired-bootstrap-ratio", confidence)
+    return bootstrap.interval(estimate, differences, columns[0].size, "paired-bootstrap-ratio")
 
 
 @dataclass(frozen=True)
@@ -348,10 +351,7 @@ def retention_interval(
     base: Sequence[float] | np.ndarray,
     new: Sequence[float] | np.ndarray,
     chance: Sequence[float] | np.ndarray,
-    *,
-    resamples: int = RESAMPLES,
-    seed: int = 0,
-    confidence: float = CONFIDENCE,
+    bootstrap: Bootstrap = BOOTSTRAP,
 ) -> Interval:
     """Chance-normalized retention with a paired bootstrap: the base and new accuracies and the chance level
     (per example, ``1 / num_options``) are all taken over the same resampled examples.
@@ -362,19 +362,15 @@ def retention_interval(
     b, n, c = (_as_array(values, "retention") for values in (base, new, chance))
     estimate = retention(float(b.mean()), float(n.mean()), float(c.mean()))
     if math.isnan(estimate):
-        return Interval(math.nan, math.nan, math.nan, b.size, "paired-bootstrap", confidence)
-    draws = retention_draws(b, n, c, resamples=resamples, seed=seed)
-    low, high = _percentiles(draws[np.isfinite(draws)], confidence)
-    return Interval(estimate, low, high, b.size, "paired-bootstrap", confidence)
+        return Interval(math.nan, math.nan, math.nan, b.size, "paired-bootstrap", bootstrap.confidence)
+    return bootstrap.interval(estimate, retention_draws(b, n, c, bootstrap), b.size, "paired-bootstrap")
 
 
 def retention_draws(
     base: Sequence[float] | np.ndarray,
     new: Sequence[float] | np.ndarray,
     chance: Sequence[float] | np.ndarray,
-    *,
-    resamples: int = RESAMPLES,
-    seed: int = 0,
+    bootstrap: Bootstrap = BOOTSTRAP,
 ) -> np.ndarray:
     """Bootstrap draws of chance-normalized retention over the same resampled examples (NaN where a
     resample's base is not above chance): the distribution behind :func:`retention_interval`, and what a
@@ -382,7 +378,7 @@ def retention_draws(
     columns = [_as_array(values, "retention") for values in (base, new, chance)]
     if len({column.size for column in columns}) != 1:
         raise PairingError("retention needs the same examples on both sides")
-    bs, ns, cs = _resampled_sums(columns, resamples, seed)
+    bs, ns, cs = bootstrap.sums(columns)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(bs > cs, (ns - cs) / (bs - cs), np.nan)
 
