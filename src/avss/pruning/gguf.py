@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from avss.errors import GgufError, OptionError, OutputError, UnsupportedArchitectureError
-from avss.io import atomic_write, atomic_write_json, ensure_parent_writable, to_json
+from avss.errors import GgufError, OptionError, UnsupportedArchitectureError
+from avss.io import atomic_write, atomic_write_json, check_output_file, to_json
 
 PROVENANCE_PREFIX = "avss."
 SIDECAR_SUFFIX = ".avss_pruning.json"
@@ -376,15 +376,9 @@ def prune_gguf(
 
 def check_gguf_output(out: str | Path, overwrite: bool) -> Path:
     """Refuse an existing ``--out FILE.gguf`` (or its provenance sidecar) unless ``overwrite``, and a
-    directory at that path; check that it can be created. The same rule as a pruned folder's ``--out``."""
-    out = Path(out)
-    for path in (out, sidecar_path(out)):
-        if path.is_dir():
-            raise OutputError(f"--out {path} is a directory; a .gguf output must be a file path")
-        if path.exists() and not overwrite:
-            raise OutputError(f"--out {path} exists; pass --overwrite or choose another path")
-    ensure_parent_writable(out)
-    return out
+    directory at either path: the output-file rule of every command, applied to both files written."""
+    check_output_file(sidecar_path(out), overwrite)
+    return check_output_file(out, overwrite)
 
 
 def gguf_source(source: Mapping[str, Any]) -> Path | None:
