@@ -420,3 +420,30 @@ def test_a_random_band_resting_on_fewer_draws_at_one_budget_says_so():
     text = "\n".join(study_analysis.headline_markdown(macro, [0.125, 0.25], []))
     row = next(line for line in text.splitlines() if line.startswith("| random"))
     assert "draws in each cell" in row and "(4 draws)" in row and "(2 draws)" in row
+
+
+def test_a_cell_is_reproduced_by_prune_layers_then_eval(saved_model, data_dir, tmp_path):
+    """A recorded cell's blocks, removed with `avss prune --layers` and scored with `avss eval` on the study's
+    examples, give the cell's metrics and per-example records: the study's numbers can be checked by hand."""
+    out = tmp_path / "study"
+    small = config(saved_model, data_dir, methods=["angular"], iterative=False, fractions=[0, 0.5])
+    study = Study(small, out)
+    study.run()
+    (cell,) = [c for c in study.cells.values() if c.removed]
+    runner = CliRunner()
+    pruned = tmp_path / "pruned"
+    layers = ",".join(map(str, cell.removed))
+    result = runner.invoke(app, ["prune", str(saved_model), "--layers", layers, "--out", str(pruned)])
+    assert result.exit_code == 0, result.output
+    scored = tmp_path / "eval.json"
+    arguments = [
+        "eval", str(pruned), "--tasks", "wikitext2,sst2", "--limit", "4", "--batch-size", "4",
+        "--max-length", "32", "--data-dir", str(data_dir), "--out", str(scored),
+    ]  # fmt: skip
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((out / "cells" / f"{cell.key}.eval.json").read_text())["tasks"]
+    again = json.loads(scored.read_text())["tasks"]
+    for task in ("wikitext2", "sst2"):
+        assert again[task]["metrics"] == pytest.approx(recorded[task]["metrics"], rel=1e-6), task
+        assert [r["id"] for r in again[task]["records"]] == [r["id"] for r in recorded[task]["records"]]
