@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -119,6 +121,177 @@ def test_pruned_model_killed_mid_save(tiny_dir: Path, tmp_path: Path, previous: 
         assert json.loads((out / "config.json").read_text()) == {"previous": True}
     else:
         assert not out.exists()
+
+
+COMMAND = textwrap.dedent(
+    """
+    import os
+    from avss import io
+    from avss.cli import main
+
+    TARGET = os.path.realpath({target!r})
+    replace, exchange = os.replace, io.exchange_paths
+
+    def at_target(path):
+        if os.path.realpath(path) == TARGET:
+            stall()   # the new output is complete beside the target, and the process dies before it lands
+
+    def slow_replace(source, destination, *args, **kwargs):
+        at_target(destination)
+        return replace(source, destination, *args, **kwargs)
+
+    def slow_exchange(first, second):
+        at_target(second)
+        return exchange(first, second)
+
+    os.replace, io.exchange_paths = slow_replace, slow_exchange
+    sys.argv = ["avss", *{argv!r}]
+    main()
+    """
+)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """WikiText-2, ARC-Easy and TruthfulQA in the shared layout, a few rows each."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "wikitext2").mkdir()
+    (root / "wikitext2" / "wiki.test.raw").write_text(
+        "\n".join(f" = Section {i} = \n The cat sat on mat number {i} ." for i in range(6)) + "\n"
+    )
+    shutil.copytree(Path(__file__).parent / "fixtures" / "eval" / "arc_easy", root / "arc_easy")
+    questions = [f"What is fact number {i}?" for i in range(40)]
+    write_jsonl(
+        root / "truthfulqa" / "truthfulqa_gen.jsonl",
+        [
+            {
+                "id": f"tqa_{i:03d}",
+                "question": q,
+                "best_answer": f"It is {i}",
+                "best_incorrect_answer": f"It is {i + 1}",
+                "correct_answers": [f"It is {i}"],
+                "incorrect_answers": [f"It is {i + 1}", f"It is {i + 2}"],
+            }
+            for i, q in enumerate(questions)
+        ],
+    )
+    return root
+
+
+FAST = ["--samples", "2", "--max-length", "16", "--device", "cpu"]
+
+
+def previous_file(path: Path) -> Callable[[], object]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"previous": true}\n')
+    return lambda: path.read_text()
+
+
+def previous_folder(path: Path) -> Callable[[], object]:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text('{"previous": true}\n')
+    return lambda: {p.name: p.read_text() for p in path.iterdir()}
+
+
+def run_cli(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["avss", *argv])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 0
+
+
+def score_case(
+    model: Path, data: Path, root: Path, mp: pytest.MonkeyPatch
+) -> tuple[list[str], Path, Callable]:
+    target = root / "scores.json"
+    return ["score", str(model), *FAST, "--out", str(target), "--overwrite"], target, previous_file(target)
+
+
+def eval_case(
+    model: Path, data: Path, root: Path, mp: pytest.MonkeyPatch
+) -> tuple[list[str], Path, Callable]:
+    target = root / "results.json"
+    argv = ["eval", str(model), "--tasks", "wikitext2,arc_easy", "--limit", "3", "--max-length", "32"]
+    argv += ["--data-dir", str(data), "--device", "cpu", "--out", str(target), "--overwrite"]
+    return argv, target, previous_file(target)
+
+
+def heal_case(
+    model: Path, data: Path, root: Path, mp: pytest.MonkeyPatch
+) -> tuple[list[str], Path, Callable]:
+    pruned, target = root / "pruned", root / "healed"
+    run_cli(["prune", str(model), "--layers", "1", "--out", str(pruned)], mp)
+    argv = ["heal", str(pruned), "--out", str(target), "--method", "full", "--steps", "1", "--epochs", "1"]
+    argv += ["--max-length", "32", "--validation-samples", "2", "--device", "cpu", "--overwrite"]
+    return argv, target, previous_folder(target)
+
+
+def hallucination_case(
+    model: Path, data: Path, root: Path, mp: pytest.MonkeyPatch
+) -> tuple[list[str], Path, Callable]:
+    target = root / "eavss" / "eavss.json"
+    argv = ["hallucination", str(model), "--out", str(target.parent), "--limit", "6", "--data-dir", str(data)]
+    return [*argv, "--max-length", "48", "--device", "cpu", "--overwrite"], target, previous_file(target)
+
+
+def mitigate_case(
+    model: Path, data: Path, root: Path, mp: pytest.MonkeyPatch
+) -> tuple[list[str], Path, Callable]:
+    target = root / "mitigated"
+    argv = ["mitigate", str(model), "--out", str(target), "--limit", "6", "--data-dir", str(data)]
+    argv += ["--layers", "1,2", "--max-length", "48", "--device", "cpu", "--overwrite"]
+    return argv, target, previous_folder(target)
+
+
+def study_case(
+    model: Path, data: Path, root: Path, mp: pytest.MonkeyPatch
+) -> tuple[list[str], Path, Callable]:
+    """A finished study run again: its cells are reused and only the tables are rewritten, the last of them
+    ``results.json``."""
+    out = root / "study"
+    argv = ["study", str(model), "--out", str(out), "--methods", "last", "--fractions", "0,0.25"]
+    argv += ["--tasks", "wikitext2", "--limit", "3", "--ppl-max-length", "32", "--data-dir", str(data), *FAST]
+    run_cli(argv, mp)
+    previous = (out / "results.json").read_text()
+    return argv, out / "results.json", lambda: previous
+
+
+def report_case(
+    model: Path, data: Path, root: Path, mp: pytest.MonkeyPatch
+) -> tuple[list[str], Path, Callable]:
+    run, target = root / "run", root / "report.html"
+    run_cli(["score", str(model), *FAST, "--out", str(run / "scores.json")], mp)
+    return ["report", str(run), "--out", str(target), "--overwrite"], target, previous_file(target)
+
+
+def demo_case(
+    model: Path, data: Path, root: Path, mp: pytest.MonkeyPatch
+) -> tuple[list[str], Path, Callable]:
+    target = root / "demo"
+    argv = ["demo", str(model), "--out", str(target), "--samples", "2", "--data-dir", str(data)]
+    return [*argv, "--device", "cpu", "--overwrite"], target, previous_folder(target)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [score_case, eval_case, heal_case, hallucination_case, mitigate_case, study_case, report_case, demo_case],
+    ids=lambda case: case.__name__.removesuffix("_case"),
+)
+def test_each_command_killed_before_its_output_lands_keeps_the_previous_one(
+    case, tiny_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every command that writes is killed with its new output complete beside the target and not yet
+    renamed onto it: the previous output is still there, unchanged. (``prune`` has its own test above.)"""
+    argv, target, read_previous = case(tiny_dir, data_dir, tmp_path, monkeypatch)
+    previous = read_previous()
+    ready = tmp_path / "ready"
+    kill_when_ready(SLOW.format(ready=str(ready)) + COMMAND.format(target=str(target), argv=argv), ready)
+    assert read_previous() == previous
 
 
 RESUMABLE = textwrap.dedent(
