@@ -814,7 +814,34 @@ def _score_options(**kwargs: str) -> Callable[[Workspace], object]:
     return lambda ws: ScoreOptions(**kwargs)
 
 
+def _calibration(**options: object) -> Callable[[Workspace], object]:
+    from avss.data import CalibrationOptions
+
+    return lambda ws: CalibrationOptions(**options)  # type: ignore[arg-type]
+
+
+def _training(**options: object) -> Callable[[Workspace], object]:
+    from avss.training import TrainConfig
+
+    return lambda ws: TrainConfig(**options)  # type: ignore[arg-type]
+
+
 API_CASES = [
+    ApiCase(
+        "calibration samples 0", _calibration(samples=0), errors.OptionError, ("samples must be at least 1",)
+    ),
+    ApiCase(
+        "calibration max_length 1", _calibration(max_length=1), errors.OptionError, ("at least 2 tokens",)
+    ),
+    ApiCase(
+        "calibration batch_size 0", _calibration(batch_size=0), errors.OptionError, ("batch_size must be",)
+    ),
+    ApiCase(
+        "calibration part without samples", _calibration(samples=None, part=1), errors.OptionError, ("part",)
+    ),
+    ApiCase("training epochs 0", _training(epochs=0), errors.OptionError, ("epochs and grad_accum",)),
+    ApiCase("training lr 0", _training(lr=0.0), errors.OptionError, ("lr must be > 0",)),
+    ApiCase("training patience 0", _training(patience=0), errors.OptionError, ("patience must be",)),
     ApiCase(
         "read_jsonl malformed line", _read_malformed, errors.DataError, ("rows.jsonl:3", "malformed JSON")
     ),

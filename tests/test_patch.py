@@ -395,17 +395,17 @@ def test_memory_figure_and_the_check_before_the_pass(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("spec", "iterative", "message"),
+    ("options", "iterative", "message"),
     [
-        (PruneSpec(patch="quadratic"), False, "unknown --patch"),
-        (PruneSpec(patch="linear", patch_ridge=-1.0), False, "--patch-ridge must be"),
-        (PruneSpec(patch="linear", patch_ridge=float("nan")), False, "--patch-ridge must be"),
-        (PruneSpec(patch="linear"), True, "cannot be combined with --iterative"),
+        ({"patch": "quadratic"}, False, "unknown --patch"),
+        ({"patch": "linear", "patch_ridge": -1.0}, False, "--patch-ridge must be"),
+        ({"patch": "linear", "patch_ridge": float("nan")}, False, "--patch-ridge must be"),
+        ({"patch": "linear"}, True, "cannot be combined with --iterative"),
     ],
 )
-def test_bad_patch_options_fail_before_the_model_is_used(spec, iterative, message):
+def test_bad_patch_options_fail_before_the_model_is_used(options, iterative, message):
     with pytest.raises(PruneConfigError, match=message):
-        spec.check(iterative=iterative)
+        PruneSpec(**options).check(iterative=iterative)
 
 
 def test_patch_record_of_an_exact_linear_relation_has_zero_fit_error():

@@ -35,23 +35,24 @@ def test_protect_first_and_last():
 
 
 @pytest.mark.parametrize(
-    ("spec", "message"),
+    ("options", "message"),
     [
-        (PruneSpec(fraction=0.0), "strictly between 0 and 1"),
-        (PruneSpec(fraction=1.0), "strictly between 0 and 1"),
-        (PruneSpec(fraction=0.05), "rounds to 0"),
-        (PruneSpec(n_layers=5), "between 1 and 4"),
-        (PruneSpec(n_layers=4, protect=("first", "last")), "at least one layer must remain"),
-        (PruneSpec(rule="mass", tau=0.01), "nothing to remove"),
-        (PruneSpec(rule="mass", tau=1.0), "every layer"),
-        (PruneSpec(rule="mass", tau=1.5), r"in \(0, 1\]"),
-        (PruneSpec(rule="nope"), "unknown --rule"),
-        (PruneSpec(protect=("middle",)), "cannot protect"),
+        (dict(fraction=0.0), "strictly between 0 and 1"),
+        (dict(fraction=1.0), "strictly between 0 and 1"),
+        (dict(fraction=0.05), "rounds to 0"),
+        (dict(n_layers=5), "between 1 and 4"),
+        (dict(n_layers=4, protect=("first", "last")), "at least one layer must remain"),
+        (dict(rule="mass", tau=0.01), "nothing to remove"),
+        (dict(rule="mass", tau=1.0), "every layer"),
+        (dict(rule="mass", tau=1.5), r"in \(0, 1\]"),
+        (dict(rule="nope"), "unknown --rule"),
+        (dict(protect=("middle",)), "cannot protect"),
     ],
 )
-def test_impossible_prune_requests(spec, message):
+def test_impossible_prune_requests(options, message):
+    """Refused when the spec is made (what it gets wrong alone) or when it meets the scores (the depth)."""
     with pytest.raises(PruneConfigError, match=message):
-        spec.select(SCORES)
+        PruneSpec(**options).select(SCORES)
 
 
 def test_fraction_rounding():

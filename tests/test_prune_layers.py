@@ -121,10 +121,11 @@ def test_range_is_checked_after_loading_when_the_config_is_not_at_hand(monkeypat
 
 
 def test_layers_exclude_budget_options_in_the_api():
-    for spec in (PruneSpec(layers=(1,), n_layers=2), PruneSpec(layers=(1,), rule="mass")):
+    """Refused as the spec is made, before anything loads; iterative selection when it is asked for."""
+    for options in ({"layers": (1,), "n_layers": 2}, {"layers": (1,), "rule": "mass"}):
         with pytest.raises(PruneConfigError, match="cannot be combined"):
-            spec.check()
+            PruneSpec(**options)
     with pytest.raises(PruneConfigError, match="cannot be combined"):
         PruneSpec(layers=(1,)).check(iterative=True)
     with pytest.raises(PruneConfigError, match="at least one block"):
-        PruneSpec(layers=()).check()
+        PruneSpec(layers=())

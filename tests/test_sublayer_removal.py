@@ -201,13 +201,13 @@ def test_removal_refuses_bad_input_and_changes_nothing():
 
 
 def test_spec_refuses_combinations_that_need_removed_blocks():
-    for spec, iterative, message in [
-        (PruneSpec(sublayer="attn", patch="linear"), False, "--sublayer cannot be combined with --patch"),
-        (PruneSpec(sublayer="attn"), True, "--sublayer cannot be combined with --iterative"),
-        (PruneSpec(sublayer="heads"), False, "unknown --sublayer 'heads'"),
+    for options, iterative, message in [
+        ({"sublayer": "attn", "patch": "linear"}, False, "--sublayer cannot be combined with --patch"),
+        ({"sublayer": "attn"}, True, "--sublayer cannot be combined with --iterative"),
+        ({"sublayer": "heads"}, False, "unknown --sublayer 'heads'"),
     ]:
         with pytest.raises(PruneConfigError, match=message):
-            spec.check(iterative=iterative)
+            PruneSpec(**options).check(iterative=iterative)
 
 
 # --- the command line

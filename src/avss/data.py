@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from avss.errors import DataError
+from avss.errors import DataError, OptionError
 
 DATA_DIR_ENV = "AVSS_DATA_DIR"
 BUNDLED_CORPORA = ("calibration", "evaluation")
@@ -266,6 +266,17 @@ class CalibrationOptions:
     batch_size: int = 8
     seed: int = 0
     part: int = 0  # which disjoint block of ``samples`` windows of the seeded shuffle (tokenize_texts)
+
+    def __post_init__(self) -> None:
+        """Reject impossible sizes before any model or text is loaded."""
+        if self.samples is not None and self.samples < 1:
+            raise OptionError(f"calibration samples must be at least 1, got {self.samples}")
+        if self.max_length < 2:
+            raise OptionError(f"calibration max_length must be at least 2 tokens, got {self.max_length}")
+        if self.batch_size < 1:
+            raise OptionError(f"calibration batch_size must be at least 1, got {self.batch_size}")
+        if self.part < 0 or (self.part and self.samples is None):
+            raise OptionError(f"calibration part must be >= 0 and needs a number of samples, got {self.part}")
 
     def batches(self, tokenizer: Any, source: TextSource) -> TokenBatches:
         """Load ``source`` and cut it into padded calibration batches with these options."""

@@ -24,7 +24,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from avss.adapters import get_adapter
-from avss.errors import CheckpointError, HealConfigError
+from avss.errors import CheckpointError, HealConfigError, OptionError
 from avss.io import atomic_write
 from avss.progress import track
 
@@ -51,6 +51,19 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     resume: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        """Reject settings no run can use before a model is loaded or a step is taken."""
+        if self.epochs < 1 or self.grad_accum < 1:
+            raise OptionError(
+                f"epochs and grad_accum must be at least 1, got {self.epochs}, {self.grad_accum}"
+            )
+        if not (self.lr > 0 and self.weight_decay >= 0):
+            raise OptionError(f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise OptionError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        if self.patience is not None and self.patience < 1:
+            raise OptionError(f"patience must be at least 1 or None, got {self.patience}")
 
 
 @dataclass

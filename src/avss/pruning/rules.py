@@ -157,6 +157,9 @@ class PruneSpec:
     layers: tuple[int, ...] | None = None
     sublayer: str | None = None
 
+    def __post_init__(self) -> None:
+        self.check()  # what one spec alone can get wrong; ``check(iterative)`` adds the combination
+
     def check(self, iterative: bool = False) -> PruneSpec:
         """Check what does not depend on the model, so a bad option fails before minutes of scoring."""
         if self.sublayer is not None:
