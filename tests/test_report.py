@@ -145,11 +145,78 @@ def test_collect_reads_every_kind_of_output(runs: tuple[Path, Path]) -> None:
     assert scores.provenance["command"] == "avss score tiny --samples 8"
 
 
-def test_evaluations_are_compared_across_runs_with_retained_share(runs: tuple[Path, Path]) -> None:
+def test_evaluations_without_records_are_only_set_side_by_side(runs: tuple[Path, Path]) -> None:
+    """Files from before per-example records: no interval and no pairing, so no ratio is called retained."""
     [table] = collect(list(runs)).comparisons
-    rows = {(row[0], row[1]): row for row in table.rows}
-    assert rows[("sciq", "accuracy")][-1] == "80.0%"
-    assert rows[("wikitext2", "perplexity")][-1] == "80.0%", "perplexity: lower is better, so base / pruned"
+    rows = {(row[0], row[1]): row[2:] for row in table.rows}
+    assert rows[("sciq", "accuracy")] == [0.5, 0.4]
+    assert rows[("wikitext2", "perplexity")] == [20.0, 25.0]
+    assert "no interval" in table.caption and not any("retained" in column for column in table.columns)
+
+
+@pytest.fixture(scope="module")
+def written_runs(saved_tiny_model, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """What the commands themselves write: `avss score` and `avss eval` of a tiny model, and `avss prune
+    --layers` and `avss eval` of its pruned copy, on the same examples."""
+    from typer.testing import CliRunner
+
+    from avss.cli._app import app
+
+    model, root = saved_tiny_model(4), tmp_path_factory.mktemp("written")
+    data = root / "data"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "eval" / "arc_easy", data / "arc_easy")
+    (data / "wikitext2").mkdir()
+    (data / "wikitext2" / "wiki.test.raw").write_text(
+        "\n".join(f" = Section {i} = \n The cat sat on mat number {i} ." for i in range(6)) + "\n"
+    )
+    base, pruned = root / "base", root / "pruned"
+    evaluate = [
+        "--tasks",
+        "wikitext2,arc_easy",
+        "--limit",
+        "4",
+        "--max-length",
+        "32",
+        "--data-dir",
+        str(data),
+    ]
+    commands = [
+        ["score", str(model), "--samples", "2", "--max-length", "16", "--out", str(base / "scores.json")],
+        ["eval", str(model), *evaluate, "--out", str(base / "eval.json")],
+        ["prune", str(model), "--layers", "1", "--out", str(pruned / "model")],
+        ["eval", str(pruned / "model"), *evaluate, "--out", str(pruned / "eval.json")],
+    ]
+    for command in commands:
+        result = CliRunner().invoke(app, [*command, "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+    return base, pruned
+
+
+def test_report_reads_what_the_commands_wrote(written_runs: tuple[Path, Path]) -> None:
+    from avss.evaluation.runner import EvalResult
+    from avss.report import comparison_cells, format_interval
+
+    base, pruned = written_runs
+    report = collect([base, pruned])
+    sections = [{s.title: s for s in run.sections} for run in report.runs]
+    assert {"AVSS per layer", "Evaluation"} <= set(sections[0]) and {"Pruned layers", "Evaluation"} <= set(
+        sections[1]
+    )
+    layers = json.loads((base / "scores.json").read_text())["layers"]
+    assert len(sections[0]["AVSS per layer"].tables[0].rows) == len(layers)
+    assert sections[1]["Pruned layers"].facts["removed"] == "1"
+    written = EvalResult.load(base / "eval.json")
+    for task, metric, value, interval, examples in sections[0]["Evaluation"].tables[0].rows:
+        assert value == written.tasks[task].metrics[metric] and examples == written.tasks[task].num_examples
+        assert interval == format_interval(written.tasks[task].interval(metric)) != ""
+
+    [table] = report.comparisons
+    expected = EvalResult.load(pruned / "eval.json").compare(written)
+    assert [row[1:] for row in table.rows] == [comparison_cells(row) for row in expected.rows]
+    by_metric = {row[2]: row for row in table.rows}
+    assert by_metric["perplexity"][6].endswith("nats/token")
+    accuracy = next(row for row in expected.rows if row.metric == "accuracy")
+    assert by_metric["accuracy"][8].startswith("not reported") != bool(accuracy.included)
 
 
 def test_html_is_self_contained(runs: tuple[Path, Path], tmp_path: Path) -> None:

@@ -176,18 +176,51 @@ def pruning_record(path: Path, data: dict[str, Any]) -> Section:
     return Section("Pruned layers", path, facts=facts, provenance=provenance)
 
 
+def format_interval(value: Any, digits: int = 4) -> str:
+    """``estimate [low, high]`` of an interval (an :class:`~avss.evaluation.uncertainty.Interval` or its
+    dict); a bare number as it is; "" when there is none."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, (int, float)):
+        return f"{value:.{digits}g}"
+    if not isinstance(value, Mapping) or value.get("estimate") is None:
+        return ""
+    return f"{value['estimate']:.{digits}g} [{value['low']:.{digits}g}, {value['high']:.{digits}g}]"
+
+
+def load_evaluation(path: Path) -> Any:
+    """The evaluation result at ``path`` with its per-example records, or None where it cannot be read."""
+    from avss.evaluation.runner import EvalResult
+
+    try:
+        return EvalResult.load(path)
+    except DataError:
+        return None
+
+
+def metric_interval(result: Any, task: str, metric: str) -> str:
+    """A task metric's 95% interval from the result's records ("" without records to draw it from)."""
+    if result is None or task not in result.tasks:
+        return ""
+    try:
+        return format_interval(result.tasks[task].interval(metric))
+    except DataError:
+        return ""
+
+
 @reader("avss-eval")  # every evaluation result carried a format tag
 def evaluation_results(path: Path, data: dict[str, Any]) -> Section:
+    result = load_evaluation(path)
     rows = [
-        [task, metric, value, result.get("num_examples")]
-        for task, result in data.get("tasks", {}).items()
-        for metric, value in result.get("metrics", {}).items()
+        [task, metric, value, metric_interval(result, task, metric), outcome.get("num_examples")]
+        for task, outcome in data.get("tasks", {}).items()
+        for metric, value in outcome.get("metrics", {}).items()
     ]
     facts = {
         "model": model_name(data.get("model")),
         **{k: v for k, v in data.get("options", {}).items() if v},
     }
-    table = Table(["task", "metric", "value", "examples"], rows)
+    table = Table(["task", "metric", "value", "95% CI", "examples"], rows)
     return Section("Evaluation", path, facts=facts, tables=[table], provenance=provenance_of(data))
 
 
@@ -195,19 +228,14 @@ def evaluation_results(path: Path, data: dict[str, Any]) -> Section:
 def demo_summary(path: Path, data: dict[str, Any]) -> Section:
     """``make demo``'s summary: each pruning variant against the base, one row per task metric."""
 
-    def interval(value: Any) -> str:
-        if not isinstance(value, dict) or value.get("estimate") is None:
-            return ""
-        return f"{value['estimate']:.4g} [{value['low']:.4g}, {value['high']:.4g}]"
-
     rows = [
         [
             variant,
             row["task"],
             row["metric"],
-            interval(row.get("base")),
-            interval(row.get("new")),
-            interval(row.get("retention") if row.get("kind") == "accuracy" else row.get("difference")),
+            format_interval(row.get("base")),
+            format_interval(row.get("new")),
+            format_interval(row.get("retention") if row.get("kind") == "accuracy" else row.get("difference")),
         ]
         for variant, comparison in data["comparisons"].items()
         for row in comparison
@@ -286,10 +314,6 @@ def number_or_text(value: str) -> Any:
 
 def is_scalar(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
-
-
-def percent(value: Any) -> str:
-    return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else ""
 
 
 # --- collection -----------------------------------------------------------------------------
@@ -392,33 +416,66 @@ def collect(directories: list[str | Path]) -> Report:
 
 
 def compare_evaluations(runs: list[RunReport]) -> list[Table]:
-    """With evaluations in several runs: each metric across runs and the share retained vs the first."""
-    results = [
-        (run.directory.name, section)
-        for run in runs
-        for section in run.sections
-        if section.title == "Evaluation"
-    ]
-    if len(results) < 2:
+    """With evaluations in several runs: every later run against the first, paired over the same examples.
+
+    Where both files hold per-example records on the same examples, each row carries both scores with 95%
+    intervals, the paired difference (accuracy points, or NLL nats per token), McNemar's p Holm-corrected
+    over the table, and chance-normalized retention only where the first run is above chance and the
+    trivial baselines. Otherwise the runs can only be set side by side, as plain numbers.
+    """
+    found = [(run.directory.name, s) for run in runs for s in run.sections if s.title == "Evaluation"]
+    if len(found) < 2:
         return []
-    values = [{(row[0], row[1]): row[2] for row in section.tables[0].rows} for _, section in results]
+    names, sections = [name for name, _ in found], [section for _, section in found]
+    results = [load_evaluation(section.source) for section in sections]
+    paired, unpaired = [], []
+    for name, section, result in zip(names[1:], sections[1:], results[1:], strict=True):
+        try:
+            table = result.compare(results[0]) if result is not None and results[0] is not None else None
+        except DataError:  # other examples, or no records: nothing to pair
+            table = None
+        if table is None or not any(row.n for row in table.rows):
+            unpaired.append((name, section))
+            continue
+        paired += [[name, *comparison_cells(row)] for row in table.rows]
+    tables = []
+    if paired:
+        columns = ["run", "task", "metric", "n", f"{names[0]} [95% CI]", "run [95% CI]"]
+        columns += ["paired difference [95% CI]", "Holm p (McNemar)", "chance-normalized retention [95% CI]"]
+        caption = f"Evaluation across runs, paired with {names[0]} over the same examples"
+        tables.append(Table(columns, paired, caption=caption))
+    if unpaired:
+        tables.append(side_by_side(names[0], sections[0], unpaired))
+    return tables
+
+
+def comparison_cells(row: Any) -> list[Any]:
+    """A paired comparison row as table cells; retention is shown only where the task is included."""
+    if row.kind == "accuracy":
+        retention = (
+            format_interval(row.retention) if row.included else f"not reported: {row.inclusion_reason}"
+        )
+    else:
+        retention = ""
+    difference = format_interval(row.difference)
+    if row.difference_unit == "nats per token":
+        difference = f"{difference} nats/token"
+    holm = "" if row.holm_p is None else f"{row.holm_p:.3g}"
+    base, new = format_interval(row.base), format_interval(row.new)
+    return [row.task, row.metric, row.n, base, new, difference or row.note or "", holm, retention]
+
+
+def side_by_side(first: str, base: Section, others: list[tuple[str, Section]]) -> Table:
+    """Runs without per-example records on the same examples: their numbers in columns, nothing derived."""
+    sections = [base, *(section for _, section in others)]
+    values = [{(row[0], row[1]): row[2] for row in section.tables[0].rows} for section in sections]
     keys = list(dict.fromkeys(key for table in values for key in table))
-    rows = []
-    for task, metric in keys:
-        base = values[0].get((task, metric))
-        row: list[Any] = [task, metric]
-        for table in values:
-            value = table.get((task, metric))
-            row.append(value)
-        for table in values[1:]:
-            value = table.get((task, metric))
-            ok = isinstance(base, (int, float)) and isinstance(value, (int, float)) and base and value
-            lower_is_better = "perplexity" in metric
-            row.append(percent((base / value if lower_is_better else value / base) if ok else None))
-        rows.append(row)
-    names = [name for name, _ in results]
-    columns = ["task", "metric", *names, *[f"retained {name} vs {names[0]}" for name in names[1:]]]
-    return [Table(columns, rows, caption="Evaluation across runs")]
+    rows = [[task, metric, *(table.get((task, metric)) for table in values)] for task, metric in keys]
+    columns = ["task", "metric", first, *(name for name, _ in others)]
+    caption = (
+        "Evaluation across runs (no per-example records on the same examples: no interval or paired test)"
+    )
+    return Table(columns, rows, caption=caption)
 
 
 # --- rendering ------------------------------------------------------------------------------
