@@ -38,6 +38,11 @@ FIXES: dict[str, dict[str, str]] = {
         "`config.json`).",
         "model directory without weights": "The folder has no weight files; copy `*.safetensors` in, or "
         "re-save the model.",
+        "truncated safetensors (score)": "The weight file is cut off (an interrupted copy or download): "
+        "copy or save the model again and compare sizes.",
+        "corrupted safetensors (eval)": "The weight file is damaged: copy or save the model again.",
+        "truncated safetensors (hallucination)": "Copy or save the model again; every command reads the "
+        "weights the same way.",
         "unsupported architecture": "Use a supported family (`avss models` lists them) or add one row to "
         "`avss.adapters.ARCHITECTURES`.",
         "architecture unknown to transformers": "Upgrade transformers, or the model needs its own code "
@@ -116,6 +121,11 @@ FIXES: dict[str, dict[str, str]] = {
     "Hallucination and mitigation options": {
         "unknown --combine (hallucination)": "Use `--combine ratio` (H/T) or `--combine diff` (|H-T|).",
         "unknown --combine (mitigate)": "Use `--combine ratio` or `--combine diff`; checked before loading.",
+        "hallucination --out is a file": "`--out` is the folder for `eavss.json` and its plot; choose a "
+        "folder path.",
+        "hallucination --out on a special filesystem": "Choose a folder on a normal, writable filesystem.",
+        "mitigate --out is a file": "`--out` is the folder of the mitigated model; choose a folder path.",
+        "mitigate --out on a special filesystem": "Choose a folder on a normal, writable filesystem.",
     },
     "Study, report and heal": {
         "unknown study method": "Pick methods from `avss study --help`; options go in brackets.",
@@ -130,6 +140,14 @@ FIXES: dict[str, dict[str, str]] = {
         "models with an unknown option": "`avss models` takes no options; see `avss models --help`.",
         "report of a missing run directory": "Pass folders written by avss commands.",
         "heal a model that was not pruned": "Heal the folder that `avss prune` wrote.",
+        "heal --out is a file": "`--out` is the folder of the healed model; choose a folder path.",
+        "heal --out on a special filesystem": "Choose a folder on a normal, writable filesystem.",
+        "heal --data binary file": "`--data` is UTF-8 text or JSONL with a text field; convert the file.",
+        "eval --out is a directory": "`--out` of an evaluation is a JSON file; name one, e.g. "
+        "`--out DIR/results.json`.",
+        "eval --out on a special filesystem": "Choose a path on a normal, writable filesystem.",
+        "report --out is a directory": "`--out` is the HTML page; name a file, e.g. `--out DIR/report.html`.",
+        "report --out on a special filesystem": "Choose a path on a normal, writable filesystem.",
     },
     "Activations": {
         "NaN activations": "The named layer's weights are broken or overflow: check the checkpoint, try "

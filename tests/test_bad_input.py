@@ -113,6 +113,29 @@ def unsupported_architecture(path: Path) -> None:
     tiny_tokenizer().save_pretrained(path)
 
 
+def pruned_model(ws: Workspace) -> None:
+    """A folder written by the pruning saver (block 1 of 4 removed), what `avss heal` starts from."""
+    from avss.pruning.prune import PruningRecord, save_pruned
+
+    record = PruningRecord({"name": "tiny"}, [1], [0, 2, 3], 4, "avss", {})
+    save_pruned(tiny_model("llama", 3), tiny_tokenizer(), ws.root / "pruned-model", record)
+
+
+def truncate_weights(path: Path) -> None:
+    """Cut model.safetensors to half its length, as an interrupted copy would."""
+    weights = path / "model.safetensors"
+    with weights.open("r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+
+
+def corrupt_weights(path: Path) -> None:
+    """Overwrite the safetensors header length with garbage, as a damaged disk would."""
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[:8] = b"\xff" * 8
+    weights.write_bytes(bytes(data))
+
+
 def save_tiny(path: Path, model_type: str) -> None:
     """A tiny model of another supported family, saved with the tokenizer at ``path``."""
     tiny_model(model_type, NUM_LAYERS).save_pretrained(path)
@@ -180,18 +203,9 @@ def prune(ws: Workspace, *extra: str, model: str | None = None) -> list[str]:
     return ["prune", model or ws.model, *FAST, "--out", str(ws.out / "pruned"), *extra]
 
 
-def eval_cli(ws: Workspace, *extra: str) -> list[str]:
-    return [
-        "eval",
-        ws.model,
-        "--tasks",
-        "sciq",
-        "--device",
-        "cpu",
-        "--out",
-        str(ws.out / "results.json"),
-        *extra,
-    ]
+def eval_cli(ws: Workspace, *extra: str, model: str | None = None, out: str | None = None) -> list[str]:
+    out = out or str(ws.out / "results.json")
+    return ["eval", model or ws.model, "--tasks", "sciq", "--device", "cpu", "--out", out, *extra]
 
 
 def gguf_file(
@@ -511,6 +525,88 @@ CLI_CASES = [
         setup=gguf_file("model.gguf"),
     ),
     # --- hallucination and mitigation options ---
+    Case(
+        "truncated safetensors (score)",
+        lambda ws: score(ws, model=ws.variant(truncate_weights)),
+        ("truncated or corrupt", "incomplete metadata"),
+    ),
+    Case(
+        "corrupted safetensors (eval)",
+        lambda ws: eval_cli(ws, model=ws.variant(corrupt_weights)),
+        ("truncated or corrupt", "header"),
+    ),
+    Case(
+        "truncated safetensors (hallucination)",
+        lambda ws: ["hallucination", ws.variant(truncate_weights), "--out", str(ws.out / "eavss")],
+        ("truncated or corrupt",),
+    ),
+    Case(
+        "hallucination --out is a file",
+        lambda ws: ["hallucination", ws.model, "--out", ws.file("eavss.txt", "keep me")],
+        ("exists and is a file",),
+    ),
+    Case(
+        "hallucination --out on a special filesystem",
+        lambda ws: ["hallucination", ws.model, "--out", "/proc/avss-eavss"],
+        ("cannot write in /proc",),
+    ),
+    Case(
+        "mitigate --out is a file",
+        lambda ws: ["mitigate", ws.model, "--out", ws.file("mitigated.txt", "keep me")],
+        ("exists and is a file",),
+    ),
+    Case(
+        "mitigate --out on a special filesystem",
+        lambda ws: ["mitigate", ws.model, "--out", "/proc/avss-mitigated"],
+        ("cannot write in /proc",),
+    ),
+    Case(
+        "heal --out is a file",
+        lambda ws: ["heal", str(ws.root / "pruned-model"), "--out", ws.file("healed.txt", "keep me")],
+        ("exists and is a file",),
+        setup=pruned_model,
+    ),
+    Case(
+        "heal --out on a special filesystem",
+        lambda ws: ["heal", str(ws.root / "pruned-model"), "--out", "/proc/avss-healed"],
+        ("cannot write in /proc",),
+        setup=pruned_model,
+    ),
+    Case(
+        "heal --data binary file",
+        lambda ws: [
+            "heal",
+            str(ws.root / "pruned-model"),
+            "--data",
+            binary_file(ws, "train.txt"),
+            "--out",
+            str(ws.out / "healed"),
+            "--device",
+            "cpu",
+        ],
+        ("train.txt",),
+        setup=pruned_model,
+    ),
+    Case(
+        "eval --out is a directory",
+        lambda ws: eval_cli(ws, out=str(ws.root)),
+        ("is a directory; choose a file path",),
+    ),
+    Case(
+        "eval --out on a special filesystem",
+        lambda ws: eval_cli(ws, out="/proc/avss-results.json"),
+        ("cannot write in /proc",),
+    ),
+    Case(
+        "report --out is a directory",
+        lambda ws: ["report", str(ws.root), "--out", str(ws.root)],
+        ("is a directory; choose a file path",),
+    ),
+    Case(
+        "report --out on a special filesystem",
+        lambda ws: ["report", str(ws.root), "--out", "/proc/avss-report.html"],
+        ("cannot write in /proc",),
+    ),
     Case(
         "unknown --combine (hallucination)",
         lambda ws: ["hallucination", ws.model, "--combine", "product", "--out", str(ws.out / "eavss")],

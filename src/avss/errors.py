@@ -15,6 +15,10 @@ class ModelNotFoundError(AvssError):
     """The model path, embedded short name or hub id could not be resolved."""
 
 
+class WeightsError(AvssError):
+    """A model's weight files exist but cannot be read (a truncated or corrupt safetensors file)."""
+
+
 class ModelAssemblyError(AvssError):
     """An embedded model's split parts do not assemble into the recorded file (size, magic or sha256)."""
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from avss.errors import AvssError, DeviceError, ModelAssemblyError, ModelNotFoundError
+from avss.errors import AvssError, DeviceError, ModelAssemblyError, ModelNotFoundError, WeightsError
 from avss.launch import rank_max_memory
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -446,8 +446,14 @@ def load_model(
         kwargs["device_map"] = device_map
         if (max_memory := rank_max_memory()) is not None:
             kwargs["max_memory"] = max_memory  # under torchrun, only this rank's GPUs
+    from safetensors import SafetensorError
+
     try:
         model = auto_class.from_pretrained(location, **kwargs)
+    except SafetensorError as exc:
+        raise WeightsError(
+            f"the weights of {spec!r} are truncated or corrupt ({exc}); save or copy the model again"
+        ) from exc
     except OSError as exc:
         raise ModelNotFoundError(f"cannot load the weights of {spec!r}: {exc}") from exc
     if device_map is None:
