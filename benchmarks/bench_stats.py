@@ -108,6 +108,15 @@ def run_avss_compiled(model: torch.nn.Module, batches: list[Batch]) -> None:
     collect_statistics(model, batches, sites=("block",), relations=True, progress=False, compile=True)
 
 
+def run_linear_fit(model: torch.nn.Module, batches: list[Batch]) -> None:
+    """The linear patch's d x d sums for one removed run, the middle quarter of the blocks (``--patch``)."""
+    from avss.stats.collect import collect_linear_fit
+
+    layers = model.config.num_hidden_layers
+    first, last = 3 * layers // 8, 5 * layers // 8 - 1
+    collect_linear_fit(model, batches, [(first - 1, last)], model.config.hidden_size, progress=False)
+
+
 def reduce_stored(states: list[torch.Tensor], last: list[torch.Tensor]) -> None:
     """AVSS, block influence and angular statistics from stored (N, D) states of every depth 0..L."""
     from avss.stats.accumulators import RelationStats, Threshold, masked_cosine_sum, reduce_site
@@ -168,6 +177,7 @@ VARIANTS: dict[str, Callable[[torch.nn.Module, list[Batch]], None]] = {
     "bare_body": run_bare_body,
     "avss": run_avss,
     "avss_compiled": run_avss_compiled,
+    "linear_fit": run_linear_fit,
     "store_all": run_store_all,
     "nnsight": run_nnsight,
 }
@@ -181,6 +191,7 @@ class Measurement:
     extra_rss_mb: float
     skipped: str | None = None
     warmup_s: float = math.nan
+    peak_gpu_mb: float = 0.0  # torch.cuda.max_memory_allocated during the variant (GPU runs only)
 
     @property
     def median_s(self) -> float:
@@ -224,15 +235,70 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
 
 
+# Random-initialised models of real shapes (``--model random:NAME``), for machines without the checkpoint
+# (a lent GPU machine downloads nothing): speed depends on the shapes, not on the weights.
+RANDOM_SHAPES: dict[str, dict[str, Any]] = {
+    "llama-7b": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
+    ),
+    "qwen2.5-1.5b": dict(
+        model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+    ),
+    "smollm2-135m": dict(
+        model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
+    ),
+}  # fmt: skip
+
+
+def random_model_and_batches(
+    name: str, budget: int, max_length: int, batch_size: int, device: str, dtype: str
+) -> tuple[Any, list[Batch]]:
+    """A random-init model of ``RANDOM_SHAPES[name]`` built on ``device`` and seeded random token batches;
+    every third sequence is right-padded to a random length, so the padding mask is exercised."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from avss.models import LoadedModel, resolve_dtype
+
+    shape = dict(RANDOM_SHAPES[name])
+    config = AutoConfig.for_model(shape.pop("model_type"), **shape)
+    torch_dtype = resolve_dtype(dtype, torch.device(device))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype).eval()
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for start in range(0, math.ceil(budget / max_length), batch_size):
+        rows = min(batch_size, math.ceil(budget / max_length) - start)
+        ids = torch.randint(0, config.vocab_size, (rows, max_length), generator=generator)
+        mask = torch.ones(rows, max_length, dtype=torch.long)
+        for row in range(0, rows, 3):
+            mask[row, int(torch.randint(max_length // 4, max_length, (1,), generator=generator)) :] = 0
+        batches.append({"input_ids": ids.to(device), "attention_mask": mask.to(device)})
+    return LoadedModel(model, None, {"name": f"random:{name}"}), batches
+
+
 def load_model_and_batches(
     args: argparse.Namespace, budget: int, device: str = "cpu", dtype: str = "auto"
 ) -> tuple[Any, list[Batch]]:
-    """``args.model`` in eval mode and ``budget`` tokens of calibration text, batched as the options say."""
+    """``args.model`` in eval mode and ``budget`` tokens of calibration text, batched as the options say
+    (``random:NAME``: a random-init model of a real shape and random tokens)."""
     from avss.models import load_model
 
+    if args.model.startswith("random:"):
+        name = args.model.removeprefix("random:")
+        return random_model_and_batches(name, budget, args.max_length, args.batch_size, device, dtype)
     loaded = load_model(args.model, device=device, dtype=dtype)
     loaded.model.eval()
     return loaded, make_batches(loaded.tokenizer, budget, args.max_length, args.batch_size)
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work, so wall-clock time covers it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def git_commit(path: str) -> str:
@@ -260,6 +326,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             if not results[name].skipped:
                 started = time.perf_counter()
                 VARIANTS[name](model, batches[:1])
+                synchronize(args.device)
                 results[name].warmup_s = time.perf_counter() - started
         for _ in range(args.repeats):
             for name in names:
@@ -268,9 +335,15 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                     continue
                 gc.collect()
                 before = sampler.reset()
+                if args.device.startswith("cuda"):
+                    torch.cuda.reset_peak_memory_stats()
+                synchronize(args.device)
                 started = time.perf_counter()
                 VARIANTS[name](model, batches)
+                synchronize(args.device)
                 result.seconds.append(time.perf_counter() - started)
+                if args.device.startswith("cuda"):
+                    result.peak_gpu_mb = max(result.peak_gpu_mb, torch.cuda.max_memory_allocated() / 2**20)
                 result.peak_rss_mb = max(result.peak_rss_mb, sampler.peak / 2**20)
                 result.extra_rss_mb = max(result.extra_rss_mb, (sampler.peak - before) / 2**20)
     return {
@@ -299,6 +372,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
 
