@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from avss.cli._app import app
 from avss.data import CalibrationOptions
 from avss.errors import OutputError, PruneConfigError
+from avss.evaluation import prefix as prefix_module
 from avss.evaluation.uncertainty import Bootstrap
 from avss.study import STUDY_FORMAT, Study, StudyConfig, parse_limits, rank_correlations, slug
 from test_provenance import assert_stamped
@@ -87,7 +88,7 @@ def test_study_runs_end_to_end_and_resume_skips_finished_cells(saved_model, data
     assert len({tuple(c.removed) for c in evaluated}) == len(evaluated)
 
     calls = []
-    monkeypatch.setattr(Study, "evaluate_model", lambda self, model: calls.append(1) or {})
+    monkeypatch.setattr(Study, "evaluate_model", lambda self, model, around=None: calls.append(1) or {})
     again = Study(config(saved_model, data_dir), out, progress=False).run()
     assert calls == []
     assert again.rows() == result.rows()
@@ -101,11 +102,11 @@ def test_interrupted_study_resumes_from_the_cells_on_disk(saved_model, data_dir,
     original = Study.evaluate_model
     calls = []
 
-    def interrupt_third(self, model):
+    def interrupt_third(self, model, around=None):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return original(self, model)
+        return original(self, model, around)
 
     monkeypatch.setattr(Study, "evaluate_model", interrupt_third)
     with pytest.raises(KeyboardInterrupt):
@@ -120,9 +121,11 @@ def test_interrupted_study_resumes_from_the_cells_on_disk(saved_model, data_dir,
     assert not list((out / "cells").glob(".*tmp"))
     resumed_calls = []
     monkeypatch.setattr(
-        Study, "evaluate_model", lambda self, model: resumed_calls.append(1) or original(self, model)
+        Study,
+        "evaluate_model",
+        lambda self, model, around=None: resumed_calls.append(1) or original(self, model, around),
     )
-    resumed = Study(small, out, progress=False).run()
+    resumed = Study(small, out, progress=False, share_prefix=False).run()  # counts evaluations
     monkeypatch.setattr(Study, "evaluate_model", original)
     uninterrupted = Study(small, tmp_path / "whole", progress=False).run()
     evaluated = 1 + sum(not cell.reused_from for cell in uninterrupted.cells)  # with the base
@@ -149,8 +152,10 @@ def test_a_study_grows_by_methods_and_budgets_without_recomputing(
     )
     evaluated = []
     original = Study.evaluate_model
-    monkeypatch.setattr(Study, "evaluate_model", lambda self, m: evaluated.append(1) or original(self, m))
-    result = Study(grown, out, progress=False).run()
+    monkeypatch.setattr(
+        Study, "evaluate_model", lambda self, m, around=None: evaluated.append(1) or original(self, m, around)
+    )
+    result = Study(grown, out, progress=False, share_prefix=False).run()  # counts evaluations
     assert len(evaluated) == 3  # first at 0.25, first and last at 0.5: nothing finished runs again
     assert json.loads((out / "config.json").read_text())["methods"] == ["last", "first"]
     assert {(c.method, c.fraction) for c in result.cells} == {
@@ -447,3 +452,67 @@ def test_a_cell_is_reproduced_by_prune_layers_then_eval(saved_model, data_dir, t
     for task in ("wikitext2", "sst2"):
         assert again[task]["metrics"] == pytest.approx(recorded[task]["metrics"], rel=1e-6), task
         assert [r["id"] for r in again[task]["records"]] == [r["id"] for r in recorded[task]["records"]]
+
+
+def assert_same_cells(one: Path, other: Path) -> None:
+    cells = sorted(path.name for path in (other / "cells").glob("*.eval.json"))
+    assert cells == sorted(path.name for path in (one / "cells").glob("*.eval.json"))
+    for name in cells:
+        a, b = (json.loads((root / "cells" / name).read_text())["tasks"] for root in (one, other))
+        for task in a:
+            assert a[task]["metrics"] == b[task]["metrics"], (name, task)
+            assert a[task]["records"] == b[task]["records"], (name, task)
+
+
+@pytest.fixture
+def replays(monkeypatch) -> list[int]:
+    """The start blocks of every replayed task evaluation."""
+    starts: list[int] = []
+    replay = prefix_module.PrefixStore.replay
+
+    def counted(self, model, task, start):
+        starts.append(start)
+        return replay(self, model, task, start)
+
+    monkeypatch.setattr(prefix_module.PrefixStore, "replay", counted)
+    return starts
+
+
+def test_cells_run_from_the_shared_prefix_give_the_same_numbers_to_the_bit(
+    saved_model, data_dir, tmp_path, replays
+):
+    """Recording the unpruned model's block inputs once and running each pruned model from its first removed
+    block changes no number: every cell's metrics and per-example records equal those of full forwards."""
+    small = config(saved_model, data_dir, methods=["last", "random", "angular"], iterative=False)
+    shared, full = tmp_path / "shared", tmp_path / "full"
+    Study(small, shared, progress=False).run()
+    assert replays and min(replays) > 0 and not (shared / ".prefix").exists()
+    Study(small, full, progress=False, share_prefix=False).run()
+    assert_same_cells(shared, full)
+
+
+def test_a_resumed_study_records_the_prefix_again_and_checks_it_against_the_base_cell(
+    saved_model, data_dir, tmp_path, monkeypatch, replays
+):
+    monkeypatch.setattr("avss.study.RECORD_AGAIN_AT", 0.0)
+    small = config(saved_model, data_dir, methods=["last", "random"], iterative=False)
+    resumed, full = tmp_path / "resumed", tmp_path / "full"
+    Study(config(saved_model, data_dir, methods=["last"], iterative=False, fractions=[0]), resumed).run()
+    logged: list[str] = []
+    Study(small, resumed, progress=False, log=logged.append).run()
+    assert any("recording the inputs of blocks" in line for line in logged) and replays
+    Study(small, full, progress=False, share_prefix=False).run()
+    assert_same_cells(resumed, full)
+
+
+def test_choosing_the_blocks_to_record():
+    # Cells first removing blocks 5, 5, 9 and 2: recording 5 alone skips 5 + 5 + 5 + 0 = 15 blocks.
+    assert prefix_module.skipped([5], [5, 5, 9, 2]) == 15
+    assert prefix_module.skipped([2, 5, 9], [5, 5, 9, 2]) == 5 + 5 + 9 + 2
+    assert prefix_module.choose_starts([5, 5, 9, 2], most=1) == [5]
+    assert prefix_module.choose_starts([5, 5, 9, 2], most=3) == [2, 5, 9]
+    assert prefix_module.choose_starts([0, 0]) == []  # every cell removes block 0: nothing to share
+    assert prefix_module.start_for(7, [2, 5, 9]) == 5 and prefix_module.start_for(1, [2, 5, 9]) == 0
+    assert (
+        prefix_module.start_for(9, [2, 5, 9], depth=9) == 5
+    )  # block 9 is gone: the state would feed the head

@@ -9,6 +9,8 @@ one line in :data:`ARCHITECTURES`.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -164,6 +166,57 @@ def block_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
         if isinstance(kwargs.get(name), torch.Tensor):
             return kwargs[name]
     raise TypeError("cannot find the hidden-state input of a block")
+
+
+def replace_input(args: tuple[Any, ...], kwargs: dict[str, Any], hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """A block's call arguments with the residual stream replaced by ``hidden``."""
+    if args and isinstance(args[0], torch.Tensor):
+        return (hidden, *args[1:]), kwargs
+    for name in ("hidden_states", "x", "hidden_state"):
+        if isinstance(kwargs.get(name), torch.Tensor):
+            return args, {**kwargs, name: hidden}
+    raise TypeError("cannot find the hidden-state input of a block")
+
+
+@contextlib.contextmanager
+def hooks(*handles: Any) -> Iterator[None]:
+    """Remove the given hook handles on exit, whatever happens inside."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def suffix_view(adapter: LayerAdapter, start: int) -> Iterator[None]:
+    """Temporarily make the model run only blocks ``start:`` (config per-layer lists sliced to match).
+
+    The model still computes embeddings, masks and position embeddings itself, so every remaining block gets
+    exactly the keyword arguments it gets in a full forward pass; only the residual stream entering block
+    ``start`` has to be supplied (by a hook). Nothing is changed for good: the block list and config are
+    restored on exit. The KV cache is switched off meanwhile: the remaining blocks keep their ``layer_idx``,
+    which would not match a cache sized for the sliced config.
+    """
+    if start == 0:
+        yield
+        return
+    blocks = adapter.blocks
+    parent_path, _, attr = adapter.spec.layers.rpartition(".")
+    parent = adapter.model.base_model.get_submodule(parent_path) if parent_path else adapter.model.base_model
+    config = adapter.model.config
+    saved = {name: getattr(config, name, None) for name in (*adapter.spec.per_layer_fields, "use_cache")}
+    setattr(parent, attr, nn.ModuleList(list(blocks)[start:]))
+    for name, values in saved.items():
+        if isinstance(values, list) and len(values) == len(blocks):
+            setattr(config, name, values[start:])
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        setattr(parent, attr, blocks)
+        for name, values in saved.items():
+            setattr(config, name, values)
 
 
 class LayerAdapter:

@@ -17,6 +17,7 @@ tables (intervals, paired tests, retention, the inclusion rule) are computed fro
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import functools
@@ -24,6 +25,7 @@ import io
 import json
 import math
 import re
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -38,6 +40,7 @@ from avss.adapters import get_adapter, remove_layers
 from avss.data import CalibrationOptions, TextSource
 from avss.errors import OutputError, PruneConfigError
 from avss.evaluation import evaluate, get_task
+from avss.evaluation.prefix import PrefixMismatch, PrefixStore, choose_starts, skipped, start_for
 from avss.evaluation.runner import EvalResult
 from avss.evaluation.uncertainty import RESAMPLES, Bootstrap
 from avss.healing.heal import HealConfig, heal_in_memory
@@ -62,6 +65,10 @@ REPAIRS = (HEALED, PATCHED)
 # results.json. Version 3 carries the provenance at the top level, where versions 1 and 2 had an
 # ``environment`` (versions, avss_version, model); cells and config.json are unchanged.
 STUDY_FORMAT = "avss-study/3"
+PREFIX_FOLDER = ".prefix"  # recorded block inputs of the unpruned model while a study runs (then removed)
+# A resumed study evaluates its finished base cell again to record the prefix only if the pending cells then
+# skip at least this many full passes over the blocks.
+RECORD_AGAIN_AT = 1.5
 RANDOM = "random"
 # Options that only say which cells exist (or how the tables resample them): a rerun may change them, and
 # every finished cell stays valid. Every other option defines what a cell measures and must match.
@@ -279,9 +286,11 @@ class Study:
         progress: bool = True,
         log: Callable[[str], None] = lambda message: None,
         device: str = "auto",
+        share_prefix: bool = True,
     ):
         self.config = config
         self.device = device
+        self.share_prefix = share_prefix  # exact by construction; off only to check that it is
         self.out = Path(out)
         self.progress = progress
         self.log = log
@@ -289,6 +298,7 @@ class Study:
         self.cells: dict[str, Cell] = {}
         self.selections: dict[str, Selection] = {}
         self._importances: dict[str, LayerImportance] = {}  # one-shot scores measured in this run
+        self.prefix: PrefixStore | None = None  # the unpruned model's recorded block inputs (run only)
 
     @property
     def loaded(self) -> LoadedModel:
@@ -455,23 +465,27 @@ class Study:
                     cells.append((scorer.spec, ATTENTION, fraction, selection.removed_for(n)))
         return cells
 
-    def evaluate_model(self, model: Any) -> EvalResult:
-        """Every task of the study on ``model``, as one result with per-example records."""
+    def evaluate_model(
+        self, model: Any, around: Callable[[str], contextlib.AbstractContextManager[None]] | None = None
+    ) -> EvalResult:
+        """Every task of the study on ``model``, as one result with per-example records; each task's
+        evaluation runs inside ``around(task)`` when given (recording or replaying the shared prefix)."""
         config = self.config
         merged: EvalResult | None = None
         for task in config.tasks:
             accepted = {f.name for f in fields(get_task(task))}
             options = {k: v for k, v in config.task_options.items() if k in accepted}
-            result = evaluate(
-                model,
-                self.loaded.tokenizer,
-                [task],
-                limit=config.limits.get(task),
-                batch_size=config.eval_batch_size,
-                data_dir=config.data_dir,
-                seed=config.seed,
-                **options,
-            )
+            with around(task) if around else contextlib.nullcontext():
+                result = evaluate(
+                    model,
+                    self.loaded.tokenizer,
+                    [task],
+                    limit=config.limits.get(task),
+                    batch_size=config.eval_batch_size,
+                    data_dir=config.data_dir,
+                    seed=config.seed,
+                    **options,
+                )
             if merged is None:
                 merged = result
             else:
@@ -512,7 +526,7 @@ class Study:
                     remove_layers(model, removed)
             if repair == HEALED:
                 model = self.heal(model, removed)
-            result = self.evaluate_model(model)
+            result = self.evaluate_model(model, self.prefix_replay(model, mode, removed))
             result.save(evaluation_path(self.out, cell.key))
             cell.metrics = result.metrics
             cell.seconds = round(time.perf_counter() - started, 3)
@@ -542,11 +556,64 @@ class Study:
         self.prepare()
         if self.config.patch:
             check_patchable(self.loaded.model)  # refuse a post-MLP-norm architecture before any cell
-        self.run_cell("base", ONESHOT, 0.0, [])
         self.select()
-        for method, mode, fraction, removed in self.plan():
-            self.run_cell(method, mode, fraction, removed)
+        try:
+            self.record_prefix()
+            for method, mode, fraction, removed in self.plan():
+                self.run_cell(method, mode, fraction, removed)
+        finally:
+            shutil.rmtree(self.out / PREFIX_FOLDER, ignore_errors=True)
+            self.prefix = None
         return self.report(started)
+
+    # --- the shared prefix (avss.evaluation.prefix) -------------------------------------------------------
+
+    def record_prefix(self) -> None:
+        """Evaluate the unpruned model (the base cell), recording the block inputs that the cells still to
+        run can start from. With the base cell already on disk it is evaluated again only when that saves
+        more than it costs, and must then give the stored numbers exactly."""
+        pending = [
+            min(removed)
+            for method, mode, fraction, removed in self.plan()
+            if Cell(method, mode, fraction, removed, {}, 0.0).key not in self.cells and self.shares(mode)
+        ]
+        starts = choose_starts(pending) if self.share_prefix else []
+        base_done = "base" in self.cells
+        if not starts or (base_done and skipped(starts, pending) < RECORD_AGAIN_AT * self.num_layers):
+            self.run_cell("base", ONESHOT, 0.0, [])
+            return
+        store = PrefixStore(self.out / PREFIX_FOLDER, starts)
+        self.log(f"recording the inputs of blocks {starts} for {len(pending)} cells")
+        model = self.loaded.model
+        if not base_done:
+            self.prefix = store
+            self.run_cell("base", ONESHOT, 0.0, [])  # evaluate_model records through prefix_replay
+            return
+        again = self.evaluate_model(model, lambda task: store.record(model, task))
+        if again.metrics != self.cells["base"].metrics:
+            raise PrefixMismatch("the unpruned model evaluated again does not give the stored base cell")
+        self.prefix = store
+
+    def shares(self, mode: str) -> bool:
+        """Whether a cell of ``mode`` runs blocks of the unpruned model unchanged before its first removed
+        block (not when patched, healed or attention-only: those change or keep the earlier blocks)."""
+        return mode != ATTENTION and not repair_of(mode)
+
+    def prefix_replay(
+        self, model: Any, mode: str, removed: list[int]
+    ) -> Callable[[str], contextlib.AbstractContextManager[None]] | None:
+        """How to evaluate a model with the shared prefix: record it (the base cell), replay it from the
+        latest recorded block before the first removed one, or nothing."""
+        store = self.prefix
+        if store is None:
+            return None
+        if not removed:
+            return lambda task: store.record(model, task)
+        depth = get_adapter(model).num_layers
+        start = start_for(min(removed), store.starts, depth) if self.shares(mode) else 0
+        if start == 0:
+            return None
+        return lambda task: store.replay(model, task, start)
 
     def report(self, started: float | None = None) -> StudyResult:
         """Write the results of every finished cell; without a model when called alone (a study cut short).

@@ -1,0 +1,109 @@
+"""Evaluate a pruned model from where it first differs from the unpruned one.
+
+A model whose first removed block is ``k`` computes, on the same batch, exactly what the unpruned model
+computes before block ``k``: its blocks ``0..k-1`` are the same modules fed the same inputs. A study evaluates
+dozens of pruned models on the same examples, in the same batches (batching depends only on the tokens), so
+it can record the residual stream entering a few blocks ``start`` once, while the unpruned model is
+evaluated, and then run each pruned model from the latest recorded ``start <= k``: the model still embeds the
+tokens and builds its masks and position embeddings itself, but runs only its blocks from ``start`` on, whose
+input is replaced by the recorded state (:func:`~avss.adapters.suffix_view`, the mechanism the cached
+leave-one-out scorer uses). The numbers are the same to the bit, not merely close.
+
+States are kept on disk, one file per task and start, and read back memory-mapped; a replay checks that every
+recorded state has the shape of the input it replaces and that the forward passes match one to one, and
+raises :class:`PrefixMismatch` otherwise, so a replay that does not fit cannot produce a number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from avss.adapters import block_input, get_adapter, hooks, replace_input, suffix_view
+
+
+class PrefixMismatch(RuntimeError):
+    """A recorded prefix does not fit the evaluation replaying it (another task, limit or batching)."""
+
+
+def choose_starts(first_removed: Sequence[int], most: int = 3) -> list[int]:
+    """Up to ``most`` blocks to record, chosen greedily to skip the most blocks over the cells, where a cell
+    whose first removed block is ``k`` runs from the largest recorded start ``<= k``."""
+    candidates = sorted({k for k in first_removed if k > 0})
+    starts: list[int] = []
+    for _ in range(most):
+        gains = {c: skipped([*starts, c], first_removed) for c in candidates if c not in starts}
+        if not gains or max(gains.values()) <= skipped(starts, first_removed):
+            break
+        starts.append(max(gains, key=lambda c: (gains[c], -c)))
+    return sorted(starts)
+
+
+def skipped(starts: Sequence[int], first_removed: Sequence[int]) -> int:
+    """Blocks not run over all cells when each starts at the largest of ``starts`` not above its ``k``."""
+    return sum(max((s for s in starts if s <= k), default=0) for k in first_removed)
+
+
+def start_for(first_removed: int, starts: Sequence[int], depth: int | None = None) -> int:
+    """The block a cell whose first removed block is ``first_removed`` runs from (0: the whole model); a
+    start must be one of the pruned model's ``depth`` blocks (the state is fed to a block, not the head)."""
+    return max((s for s in starts if s <= first_removed and (depth is None or s < depth)), default=0)
+
+
+class PrefixStore:
+    """Recorded block inputs of the unpruned model, per task and start block, in ``root``."""
+
+    def __init__(self, root: Path, starts: Sequence[int]):
+        self.root = Path(root)
+        self.starts = sorted(starts)
+
+    def path(self, task: str, start: int) -> Path:
+        return self.root / f"{task}.block{start}.pt"
+
+    def has(self, task: str, start: int) -> bool:
+        return self.path(task, start).is_file()
+
+    @contextlib.contextmanager
+    def record(self, model: nn.Module, task: str) -> Iterator[None]:
+        """Record the input of every start block during the forward passes inside the block."""
+        blocks = get_adapter(model).blocks
+        captured: dict[int, list[torch.Tensor]] = {start: [] for start in self.starts}
+
+        def capture(start: int) -> Any:
+            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                captured[start].append(block_input(args, kwargs).detach().to("cpu", copy=True))
+
+            return blocks[start].register_forward_pre_hook(hook, with_kwargs=True)
+
+        with hooks(*(capture(start) for start in self.starts)):
+            yield
+        self.root.mkdir(parents=True, exist_ok=True)
+        for start, states in captured.items():
+            torch.save(states, self.path(task, start))
+
+    @contextlib.contextmanager
+    def replay(self, model: nn.Module, task: str, start: int) -> Iterator[None]:
+        """Run ``model`` from block ``start`` on, fed the recorded inputs of that block in order."""
+        states = torch.load(self.path(task, start), mmap=True, weights_only=True)
+        adapter = get_adapter(model)
+        position = iter(range(len(states)))
+
+        def feed(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            index = next(position, None)
+            current = block_input(args, kwargs)
+            if index is None or states[index].shape != current.shape:
+                raise PrefixMismatch(
+                    f"the recorded inputs of block {start} do not fit this evaluation of {task}"
+                )
+            return replace_input(args, kwargs, states[index].to(current.device))
+
+        handle = adapter.blocks[start].register_forward_pre_hook(feed, with_kwargs=True, prepend=True)
+        with hooks(handle), suffix_view(adapter, start):
+            yield
+        if next(position, None) is not None:
+            raise PrefixMismatch(f"fewer forward passes than recorded for {task} from block {start}")

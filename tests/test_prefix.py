@@ -1,0 +1,48 @@
+"""Running a pruned model from a recorded block input of the unpruned one gives its full forward's logits."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from _tiny import random_batch, tiny_model
+from avss.adapters import remove_layers
+from avss.evaluation.prefix import PrefixMismatch, PrefixStore
+
+NUM_LAYERS = 6
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "gpt2", "qwen2"])
+def test_replayed_prefix_gives_the_full_forward_to_the_bit(model_type, tmp_path):
+    """Blocks 4 and 5 removed: the pruned model run from block 3 on the recorded input equals its full
+    forward exactly, padding, sliding-window layers (gemma3) and Conv1D blocks (gpt2) included."""
+    base = tiny_model(model_type, NUM_LAYERS)
+    batches = [random_batch(3, 10, seed=1), random_batch(2, 7, seed=2)]
+    store = PrefixStore(tmp_path, [1, 3])
+    with torch.no_grad(), store.record(base, "task"):
+        for batch in batches:
+            base(**batch, use_cache=False)
+    pruned = copy.deepcopy(base)
+    remove_layers(pruned, [4, 5])
+    with torch.no_grad():
+        full = [pruned(**batch, use_cache=False).logits for batch in batches]
+        for start in (1, 3):
+            with store.replay(pruned, "task", start):
+                replayed = [pruned(**batch, use_cache=False).logits for batch in batches]
+            for a, b in zip(full, replayed, strict=True):
+                assert torch.equal(a, b), (model_type, start)
+        assert torch.equal(pruned(**batches[0], use_cache=False).logits, full[0])  # restored after replay
+
+
+def test_a_replay_that_does_not_fit_raises(tmp_path):
+    base = tiny_model("llama", NUM_LAYERS)
+    store = PrefixStore(tmp_path, [2])
+    with torch.no_grad(), store.record(base, "task"):
+        base(**random_batch(3, 10, seed=1), use_cache=False)
+    another_shape = random_batch(2, 7, seed=2)
+    with torch.no_grad(), pytest.raises(PrefixMismatch, match="do not fit"), store.replay(base, "task", 2):
+        base(**another_shape, use_cache=False)
+    with pytest.raises(PrefixMismatch, match="fewer forward passes"), store.replay(base, "task", 2):
+        pass
