@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 
 from avss.evaluation.runner import EvalResult
+from avss.study_analysis import load_evaluations
 
 
 def main() -> None:
@@ -34,11 +35,14 @@ def main() -> None:
         "| cell | task | metric | n | float32 | bfloat16 | difference [95% CI] | only fp32 / only bf16 | p |",
         "|---|---|---|---:|---:|---:|---|---:|---:|",
     ]
-    for path in sorted((args.bfloat16_study / "cells").glob("*.eval.json")):
-        twin = args.float32_study / "cells" / path.name
-        if not twin.exists():
+    keys = sorted(
+        {path.name.split(".eval.json")[0] for path in (args.bfloat16_study / "cells").glob("*.eval.json*")}
+    )
+    for key in keys:
+        found = load_evaluations(args.float32_study, [key])
+        if key not in found:
             continue
-        single, half = EvalResult.load(twin), EvalResult.load(path)
+        single, half = found[key], load_evaluations(args.bfloat16_study, [key])[key]
         shared = [t for t in half.tasks if t in single.tasks and _same_sample(single, half, t)]
         for name in set(single.tasks) - set(shared):
             single.tasks.pop(name)
@@ -50,7 +54,7 @@ def main() -> None:
                 continue
             d, m = row["difference"], row["mcnemar"]
             lines.append(
-                f"| {path.name.removesuffix('.eval.json')} | {row['task']} | {row['metric']} | {row['n']} "
+                f"| {key} | {row['task']} | {row['metric']} | {row['n']} "
                 f"| {row['base']['estimate']:.3f} | {row['new']['estimate']:.3f} "
                 f"| {d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] "
                 f"| {m['base_only']} / {m['new_only']} | {m['p_value']:.2f} |"

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from avss.evaluation import get_task
+from avss.study_analysis import load_evaluations
 
 AVSS = str(Path(sys.executable).with_name("avss"))
 
@@ -57,9 +58,8 @@ def main() -> None:
 
     config = json.loads((args.study / "config.json").read_text())
     cell = json.loads((args.study / "cells" / f"{args.cell}.json").read_text())
-    recorded = json.loads(
-        (args.study / "cells" / f"{cell.get('reused_from') or args.cell}.eval.json").read_text()
-    )
+    key = cell.get("reused_from") or args.cell
+    recorded = load_evaluations(args.study, [key])[key].to_dict()
     work = args.work or Path(tempfile.mkdtemp(prefix="avss-reproduce-"))
     pruned = work / "pruned"
     dtype = ["--dtype", config["dtype"]] if config.get("dtype") else []

@@ -90,6 +90,22 @@ def test_records_round_trip_through_the_result_file(files: tuple[Path, Path]) ->
     assert loaded.tasks["wikitext2"].records == ppl_records(NLL, TOKENS)
 
 
+def test_a_gzipped_result_file_round_trips_and_is_reproducible(
+    files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """``.gz`` results (a study's cells) load as the plain file does; saving twice gives the same bytes (no
+    timestamp in the gzip header), and a damaged file is a DataError."""
+    result = EvalResult.load(files[0])
+    first, second = tmp_path / "a.eval.json.gz", tmp_path / "b.eval.json.gz"
+    result.save(first)
+    result.save(second)
+    assert first.read_bytes() == second.read_bytes() and first.read_bytes()[:2] == b"\x1f\x8b"
+    assert EvalResult.load(first).to_dict() == result.to_dict()
+    first.write_bytes(first.read_bytes()[:40])
+    with pytest.raises(DataError, match="not an avss eval results file"):
+        EvalResult.load(first)
+
+
 def test_comparison_from_files_alone(files: tuple[Path, Path]) -> None:
     base, new = (EvalResult.load(path) for path in files)
     rows = {(row.task, row.metric): row for row in new.compare(base).rows}

@@ -14,6 +14,7 @@ from avss.data import CalibrationOptions
 from avss.errors import OutputError, PruneConfigError
 from avss.evaluation import prefix as prefix_module
 from avss.evaluation.uncertainty import Bootstrap
+from avss.io import read_json
 from avss.study import STUDY_FORMAT, Study, StudyConfig, parse_limits, rank_correlations, slug
 from test_provenance import assert_stamped
 
@@ -111,11 +112,11 @@ def test_interrupted_study_resumes_from_the_cells_on_disk(saved_model, data_dir,
     monkeypatch.setattr(Study, "evaluate_model", interrupt_third)
     with pytest.raises(KeyboardInterrupt):
         Study(small, out, progress=False).run()
-    finished = sorted(path.name for path in (out / "cells").glob("*.json"))
+    finished = sorted(path.name for path in (out / "cells").glob("*.json*"))
     assert finished == [
-        "avss__oneshot__0.25.eval.json",
+        "avss__oneshot__0.25.eval.json.gz",
         "avss__oneshot__0.25.json",
-        "base.eval.json",
+        "base.eval.json.gz",
         "base.json",
     ]
     assert not list((out / "cells").glob(".*tmp"))
@@ -447,7 +448,7 @@ def test_a_cell_is_reproduced_by_prune_layers_then_eval(saved_model, data_dir, t
     ]  # fmt: skip
     result = runner.invoke(app, arguments)
     assert result.exit_code == 0, result.output
-    recorded = json.loads((out / "cells" / f"{cell.key}.eval.json").read_text())["tasks"]
+    recorded = read_json(out / "cells" / f"{cell.key}.eval.json.gz")["tasks"]
     again = json.loads(scored.read_text())["tasks"]
     for task in ("wikitext2", "sst2"):
         assert again[task]["metrics"] == pytest.approx(recorded[task]["metrics"], rel=1e-6), task
@@ -455,10 +456,10 @@ def test_a_cell_is_reproduced_by_prune_layers_then_eval(saved_model, data_dir, t
 
 
 def assert_same_cells(one: Path, other: Path) -> None:
-    cells = sorted(path.name for path in (other / "cells").glob("*.eval.json"))
-    assert cells == sorted(path.name for path in (one / "cells").glob("*.eval.json"))
+    cells = sorted(path.name for path in (other / "cells").glob("*.eval.json.gz"))
+    assert cells and cells == sorted(path.name for path in (one / "cells").glob("*.eval.json.gz"))
     for name in cells:
-        a, b = (json.loads((root / "cells" / name).read_text())["tasks"] for root in (one, other))
+        a, b = (read_json(root / "cells" / name)["tasks"] for root in (one, other))
         for task in a:
             assert a[task]["metrics"] == b[task]["metrics"], (name, task)
             assert a[task]["records"] == b[task]["records"], (name, task)

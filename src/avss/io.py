@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import gzip
 import json
 import os
 import shutil
@@ -126,7 +127,24 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON; gzip-compressed (reproducibly: no timestamp) when ``path`` ends in
+    ``.gz``, which is how a study keeps thousands of per-example records small enough to commit."""
+    if Path(path).suffix == ".gz":
+        data = gzip.compress(to_json(obj).encode("utf-8"), compresslevel=6, mtime=0)
+        return atomic_write(path, lambda tmp: tmp.write_bytes(data))
     return atomic_write_text(path, to_json(obj))
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON at ``path``, gunzipped first when it ends in ``.gz``."""
+    path = Path(path)
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise json.JSONDecodeError(f"not gzip-compressed JSON ({exc})", "", 0) from exc
+    return json.loads(data.decode("utf-8"))
 
 
 def check_output_file(path: str | Path, overwrite: bool) -> Path:

@@ -271,8 +271,9 @@ class Cell:
 
 
 def evaluation_path(out: Path, key: str) -> Path:
-    """Where a cell's :class:`EvalResult` (with per-example records) is stored."""
-    return out / "cells" / f"{key}.eval.json"
+    """Where a cell's :class:`EvalResult` (with per-example records) is stored: gzip-compressed JSON, a tenth
+    of its plain size (``load_evaluations`` also reads the plain files of older folders)."""
+    return out / "cells" / f"{key}.eval.json.gz"
 
 
 class Study:

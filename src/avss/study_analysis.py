@@ -276,9 +276,10 @@ def load_evaluations(out: Path, keys: Iterable[str]) -> dict[str, EvalResult]:
     """The stored evaluation of each key that has one (cells of studies before records have none)."""
     found = {}
     for key in set(keys):
-        path = out / "cells" / f"{key}.eval.json"
-        if path.is_file():
-            found[key] = EvalResult.load(path)
+        for path in (out / "cells" / f"{key}.eval.json.gz", out / "cells" / f"{key}.eval.json"):
+            if path.is_file():
+                found[key] = EvalResult.load(path)
+                break
     return found
 
 

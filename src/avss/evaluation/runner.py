@@ -33,7 +33,7 @@ from avss.evaluation.engine import LanguageModel, Progress, is_causal_lm
 from avss.evaluation.harness import run_harness
 from avss.evaluation.records import ExampleRecord
 from avss.evaluation.uncertainty import BOOTSTRAP, Bootstrap, Inclusion, Interval
-from avss.io import atomic_write_json
+from avss.io import atomic_write_json, read_json
 from avss.provenance import Provenance
 
 RESULT_FORMAT = "avss-eval/2"
@@ -131,7 +131,7 @@ class EvalResult:
     def load(cls, path: str | Path) -> EvalResult:
         path = Path(path)
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = read_json(path)
             if raw.get("format") not in READABLE_FORMATS:
                 readable = ", ".join(READABLE_FORMATS)
                 raise DataError(f"{path} has format {raw.get('format')!r}; this version reads {readable}")
