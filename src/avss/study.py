@@ -573,11 +573,14 @@ class Study:
         """Evaluate the unpruned model (the base cell), recording the block inputs that the cells still to
         run can start from. With the base cell already on disk it is evaluated again only when that saves
         more than it costs, and must then give the stored numbers exactly."""
-        pending = [
-            min(removed)
+        # One entry per block set still to evaluate: a cell repeating a finished (or pending) set is a twin.
+        finished = {tuple(cell.removed) for cell in self.cells.values() if self.shares(cell.mode)}
+        pending_sets = {
+            tuple(removed): None
             for method, mode, fraction, removed in self.plan()
-            if Cell(method, mode, fraction, removed, {}, 0.0).key not in self.cells and self.shares(mode)
-        ]
+            if self.shares(mode) and tuple(removed) not in finished
+        }
+        pending = [min(removed) for removed in pending_sets]
         starts = choose_starts(pending) if self.share_prefix else []
         base_done = "base" in self.cells
         if not starts or (base_done and skipped(starts, pending) < RECORD_AGAIN_AT * self.num_layers):

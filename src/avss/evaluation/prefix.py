@@ -65,9 +65,6 @@ class PrefixStore:
     def path(self, task: str, start: int) -> Path:
         return self.root / f"{task}.block{start}.pt"
 
-    def has(self, task: str, start: int) -> bool:
-        return self.path(task, start).is_file()
-
     @contextlib.contextmanager
     def record(self, model: nn.Module, task: str) -> Iterator[None]:
         """Record the input of every start block during the forward passes inside the block."""
