@@ -83,3 +83,51 @@ def test_installed_entry_point_runs():
     )
     assert result.returncode == 0, result.stderr
     assert "smollm2-135m" in result.stdout and "gemma3_text" in result.stdout
+
+
+def test_a_flag_group_is_declared_once_and_arrives_as_its_object():
+    """The group's flags replace the command's one parameter in the signature typer reads (with per-command
+    defaults), and the command receives the object they build, validated before its body runs."""
+    import inspect
+
+    from avss.cli.options import CALIBRATION_TEXT, CALIBRATION_WINDOWS
+    from avss.data import CalibrationOptions, TextSource
+    from avss.errors import OptionError
+
+    received = []
+
+    @CALIBRATION_TEXT.into()
+    @CALIBRATION_WINDOWS.into(samples=7)
+    def command(model: str = "m", *, source: TextSource, calibration: CalibrationOptions, out: str = "o"):
+        received.append((model, source, calibration, out))
+
+    parameters = inspect.signature(command).parameters
+    assert list(parameters) == [
+        "model",
+        "data",
+        "data_dir",
+        "dataset",
+        "samples",
+        "max_length",
+        "batch_size",
+        "seed",
+        "out",
+    ]
+    assert parameters["samples"].default == 7 and parameters["max_length"].default == 256
+    command(
+        model="x",
+        data=Path("a.txt"),
+        data_dir=None,
+        dataset=None,
+        samples=3,
+        max_length=16,
+        batch_size=2,
+        seed=5,
+        out="y",
+    )
+    assert received == [("x", TextSource(data="a.txt"), CalibrationOptions(3, 16, 2, 5), "y")]
+    with pytest.raises(OptionError, match="samples"):
+        command(data=None, data_dir=None, dataset=None, samples=0, max_length=16, batch_size=2, seed=0)
+    assert len(received) == 1
+    with pytest.raises(TypeError, match="no flags"):
+        CALIBRATION_WINDOWS.into(sample=3)

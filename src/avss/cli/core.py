@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -11,29 +12,21 @@ from rich.table import Table
 from avss.adapters import supported_model_types
 from avss.cli._app import app, console, console_err
 from avss.cli.options import (
+    AVSS_FLAGS,
+    CALIBRATION_TEXT,
+    CALIBRATION_WINDOWS,
     AllowPickle,
-    BatchSize,
-    Data,
-    DataDir,
-    Dataset,
     Device,
     DeviceMap,
     Dtype,
-    MaxLength,
     ModelArg,
     Out,
     Overwrite,
     OverwriteFile,
-    Samples,
-    Seed,
-    Site,
-    Threshold,
     TrustRemoteCode,
-    Variance,
-    calibration,
     comma_list,
-    text_source,
 )
+from avss.data import CalibrationOptions, TextSource
 from avss.errors import PruneConfigError
 from avss.healing.heal import HealConfig, save_or_heal
 from avss.io import check_output_dir, check_output_file
@@ -106,19 +99,16 @@ def print_warnings(warnings: list[str]) -> None:
 
 
 @app.command("score")
+@CALIBRATION_TEXT.into()
+@CALIBRATION_WINDOWS.into()
+@AVSS_FLAGS.into()
 def score_command(
     model: ModelArg = DEFAULT_MODEL,
+    *,
     out: Annotated[Path | None, typer.Option(help="Write per-layer scores as JSON")] = None,
-    data: Data = None,
-    data_dir: DataDir = None,
-    dataset: Dataset = None,
-    samples: Samples = 64,
-    max_length: MaxLength = 256,
-    batch_size: BatchSize = 8,
-    seed: Seed = 0,
-    site: Site = "block",
-    variance: Variance = "elements",
-    threshold: Threshold = "rel:0.01",
+    source: TextSource,
+    calibration: CalibrationOptions,
+    avss_options: ScoreOptions,
     device: Device = "auto",
     dtype: Dtype = "auto",
     device_map: DeviceMap = None,
@@ -136,7 +126,6 @@ def score_command(
     overwrite: OverwriteFile = False,
 ) -> None:
     """Score every layer of MODEL with AVSS on calibration text."""
-    options = ScoreOptions(site=site, variance=variance, threshold=threshold)
     checkpoint = checkpoint_for_output(out, checkpoint_every, resume)
     if out is not None:
         check_output_file(out, overwrite)
@@ -151,9 +140,9 @@ def score_command(
     )
     run = score(
         loaded,
-        text_source(data, dataset, data_dir),
-        calibration(samples, max_length, batch_size, seed),
-        options,
+        source,
+        calibration,
+        avss_options,
         checkpoint=checkpoint,
     )
     if not launch.is_main:
@@ -179,9 +168,13 @@ def from_default(ctx: typer.Context, name: str) -> bool:
 
 
 @app.command("prune")
+@CALIBRATION_TEXT.into()
+@CALIBRATION_WINDOWS.into()
+@AVSS_FLAGS.into()
 def prune_command(
     ctx: typer.Context,
     model: ModelArg = DEFAULT_MODEL,
+    *,
     out: Out = Path("pruned"),
     fraction: Annotated[float, typer.Option(help="Share of layers to remove (rule count)")] = 0.25,
     n_layers: Annotated[
@@ -200,16 +193,9 @@ def prune_command(
         ),
     ] = None,
     overwrite: Overwrite = False,
-    data: Data = None,
-    data_dir: DataDir = None,
-    dataset: Dataset = None,
-    samples: Samples = 64,
-    max_length: MaxLength = 256,
-    batch_size: BatchSize = 8,
-    seed: Seed = 0,
-    site: Site = "block",
-    variance: Variance = "elements",
-    threshold: Threshold = "rel:0.01",
+    source: TextSource,
+    calibration: CalibrationOptions,
+    avss_options: ScoreOptions,
     device: Device = "auto",
     dtype: Dtype = "auto",
     trust_remote_code: TrustRemoteCode = False,
@@ -278,17 +264,14 @@ def prune_command(
     if gguf_input is None:
         check_output_dir(out, overwrite)
     if sublayer is not None and from_default(ctx, "site"):
-        site = sublayer  # AVSS measured where the removal happens
-    avss_options = f"avss[site={site},variance={variance},threshold={threshold}]"
-    scorer = None if given else get_scorer(avss_options if method == "avss" else method)
+        avss_options = replace(avss_options, site=sublayer)  # AVSS measured where the removal happens
+    scorer = None if given else get_scorer(avss_options.scorer_spec() if method == "avss" else method)
     if given and (num_layers := peek_num_layers(model)) is not None:
         spec.check_given_layers(iterative, num_layers)  # before the model loads, where its config is at hand
     loaded = load_model(
         model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
     )
-    source = text_source(data, dataset, data_dir)
-    options = calibration(samples, max_length, batch_size, seed)
-    result, selection = prune(loaded, scorer, source, options, spec, iterative=iterative)
+    result, selection = prune(loaded, scorer, source, calibration, spec, iterative=iterative)
     if selection.steps:
         first = selection.steps[0]
         console.print(importance_table(first, result.removed))

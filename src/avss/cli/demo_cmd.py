@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from avss.cli._app import app, console
-from avss.cli.options import DataDir, Device, Dtype, ModelArg, Overwrite
+from avss.cli.options import BenchmarkDir, Device, Dtype, ModelArg, Overwrite
 from avss.demo import SAVED, DemoOptions, run_demo
 from avss.models import DEFAULT_MODEL
 
@@ -19,7 +19,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Run directory")] = Path("results/demo"),
     fraction: Annotated[float, typer.Option(help="Share of layers to remove")] = 0.25,
     samples: Annotated[int, typer.Option(min=1, help="Calibration sequences")] = 64,
-    data_dir: DataDir = None,
+    data_dir: BenchmarkDir = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     overwrite: Overwrite = False,

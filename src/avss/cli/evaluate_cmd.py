@@ -15,6 +15,7 @@ from rich.table import Table
 from avss.cli._app import app, console, console_err
 from avss.cli.options import (
     AllowPickle,
+    BenchmarkDir,
     Device,
     Dtype,
     ModelArg,
@@ -41,9 +42,6 @@ Limit = Annotated[
     typer.Option(min=1, help="Score a seeded sample of N examples per task (perplexity: first N paragraphs)"),
 ]
 EvalBatchSize = Annotated[int, typer.Option(min=1, help="Sequences per forward pass")]
-EvalDataDir = Annotated[
-    Path | None, typer.Option(help="Benchmark data laid out like shared/data (default: $AVSS_DATA_DIR)")
-]
 DataSource = Annotated[
     str,
     typer.Option(
@@ -89,7 +87,7 @@ def eval_command(
     harness_include: HarnessInclude = None,
     limit: Limit = None,
     batch_size: EvalBatchSize = 16,
-    data_dir: EvalDataDir = None,
+    data_dir: BenchmarkDir = None,
     data_source: DataSource = "auto",
     out: ResultsOut = None,
     compare: Compare = None,

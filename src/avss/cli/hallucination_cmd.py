@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -11,8 +12,10 @@ from rich.table import Table
 from avss.cli._app import app, console
 from avss.cli.options import (
     AllowPickle,
+    BenchmarkDir,
     Device,
     Dtype,
+    FlagGroup,
     ModelArg,
     Overwrite,
     Seed,
@@ -37,7 +40,6 @@ from avss.training import TrainConfig
 Pairs = Annotated[
     str, typer.Option(help="Pair sources: truthfulqa, sciq, wikiqa, nq, triviaqa (comma-separated)")
 ]
-PairDataDir = Annotated[Path | None, typer.Option(help="Data directory laid out like shared/data")]
 Limit = Annotated[int | None, typer.Option(min=1, help="At most this many train-split questions per source")]
 Combine = Annotated[str, typer.Option(help="ratio (H/T) or diff (|H-T|)")]
 MaxLength = Annotated[int, typer.Option(min=8, help="Tokens per prompt + answer")]
@@ -52,15 +54,31 @@ FoldCount = Annotated[
 FoldIndex = Annotated[int, typer.Option(min=0, help="With --folds: the test fold (the others train)")]
 
 
+def pair_spec(pairs: str, data_dir: Path | None, limit: int | None, folds: int | None, fold: int) -> PairSpec:
+    return PairSpec(comma_list(pairs), str(data_dir) if data_dir else None, limit, folds=folds, fold=fold)
+
+
+PAIR_FLAGS = FlagGroup(
+    "pairs",
+    (
+        ("pairs", Pairs, "truthfulqa"),
+        ("data_dir", BenchmarkDir, None),
+        ("limit", Limit, None),
+        ("folds", FoldCount, None),
+        ("fold", FoldIndex, 0),
+    ),
+    pair_spec,
+)
+"""Which truthful/hallucinated pairs, and how their questions split -> :class:`PairSpec`."""
+
+
 @app.command("hallucination")
+@PAIR_FLAGS.into()
 def hallucination_command(
     model: ModelArg = DEFAULT_MODEL,
+    *,
     out: Annotated[Path, typer.Option(help="Directory for eavss.json and eavss.png")] = Path("eavss"),
-    pairs: Pairs = "truthfulqa",
-    data_dir: PairDataDir = None,
-    limit: Limit = None,
-    folds: FoldCount = None,
-    fold: FoldIndex = 0,
+    pairs: PairSpec,
     combine: Combine = "ratio",
     site: Site = "block",
     variance: Variance = "elements",
@@ -75,9 +93,8 @@ def hallucination_command(
     """Score every layer of MODEL by EAVSS on truthful vs hallucinated answers (train-split questions)."""
     check_output_dir(out, overwrite)
     options = EavssOptions(site, variance, threshold, combine, max_length, batch_size)
-    spec = PairSpec(comma_list(pairs), str(data_dir) if data_dir else None, limit, folds=folds, fold=fold)
     loaded = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
-    run = hallucination_scores(loaded, spec, options, out)
+    run = hallucination_scores(loaded, pairs, options, out)
     table = Table(title=f"EAVSS per layer ({combine}, site={site}, threshold={threshold})")
     for column in ("layer", "HSAV~", "HSS~", "EAVSS~", "AVSS~", "rank"):
         table.add_column(column, justify="right")
@@ -95,21 +112,19 @@ def hallucination_command(
 
 
 @app.command("mitigate")
+@PAIR_FLAGS.into()
 def mitigate_command(
     model: ModelArg = DEFAULT_MODEL,
+    *,
     out: Annotated[Path, typer.Option(help="Directory for the mitigated model")] = Path("mitigated"),
     layers: Annotated[
         str, typer.Option(help="auto (top-k EAVSS), lowest, random, all, or a list like 3,7,12")
     ] = "auto",
     k: Annotated[int, typer.Option(min=1, help="Number of layers to train")] = 4,
-    pairs: Pairs = "truthfulqa",
-    data_dir: PairDataDir = None,
-    limit: Limit = None,
+    pairs: PairSpec,
     val_limit: Annotated[
         int | None, typer.Option(min=1, help="At most this many validation questions")
     ] = None,
-    folds: FoldCount = None,
-    fold: FoldIndex = 0,
     drop_refusals: Annotated[
         bool,
         typer.Option(
@@ -187,15 +202,7 @@ def mitigate_command(
         eval_tasks=tasks,
         eval_limits=dict.fromkeys(tasks, eval_limit),
     )
-    spec = PairSpec(
-        comma_list(pairs),
-        str(data_dir) if data_dir else None,
-        limit,
-        val_limit,
-        folds=folds,
-        fold=fold,
-        drop_refusals=drop_refusals,
-    )
+    spec = replace(pairs, val_limit=val_limit, drop_refusals=drop_refusals)
     eavss = EavssOptions(site=site, threshold=threshold, combine=combine, max_length=max_length)
     loaded = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     record = mitigation_run(loaded, spec, plan, options, eavss, out, overwrite)

@@ -9,10 +9,8 @@ import typer
 
 from avss.cli._app import app, console
 from avss.cli.options import (
+    CALIBRATION_TEXT,
     BatchSize,
-    Data,
-    DataDir,
-    Dataset,
     Device,
     Dtype,
     MaxLength,
@@ -20,8 +18,8 @@ from avss.cli.options import (
     Overwrite,
     Seed,
     comma_list,
-    text_source,
 )
+from avss.data import TextSource
 from avss.healing.heal import HealConfig, HealResult, heal
 from avss.healing.methods import HEAL_METHODS
 
@@ -43,8 +41,10 @@ def heal_summary(result: HealResult) -> str:
 
 
 @app.command("heal")
+@CALIBRATION_TEXT.into()
 def heal_command(
     pruned_dir: Annotated[Path, typer.Argument(help="A directory written by `avss prune`")],
+    *,
     out: Out = Path("healed"),
     method: Method = "lora",
     steps: Steps = 200,
@@ -71,9 +71,7 @@ def heal_command(
         typer.Option(help="Original model for --method replace (default: the pruning record's)"),
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.checkpoint")] = False,
-    data: Data = None,
-    data_dir: DataDir = None,
-    dataset: Dataset = None,
+    source: TextSource,
     max_length: MaxLength = 128,
     batch_size: BatchSize = 4,
     seed: Seed = 0,
@@ -103,7 +101,7 @@ def heal_command(
         pruned_dir,
         out,
         config,
-        text_source(data, dataset, data_dir),
+        source,
         teacher=teacher,
         device=device,
         dtype=dtype,

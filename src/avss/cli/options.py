@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 
 from avss.data import CalibrationOptions, TextSource
 from avss.models import DEFAULT_MODEL
+from avss.scorers.run import ScoreOptions
 
 ModelArg = Annotated[
     str,
@@ -33,7 +38,11 @@ Data = Annotated[
     Path | None, typer.Option(help="Calibration text: .txt (blank-line paragraphs) or .jsonl with 'text'")
 ]
 DataDir = Annotated[
-    Path | None, typer.Option(help="Data directory laid out like shared/data (WikiText-2 valid is used)")
+    Path | None,
+    typer.Option(help="Text: the WikiText-2 validation split of a data directory laid out like shared/data"),
+]
+BenchmarkDir = Annotated[
+    Path | None, typer.Option(help="Benchmark data laid out like shared/data (default: $AVSS_DATA_DIR)")
 ]
 Dataset = Annotated[str | None, typer.Option(help="Hub dataset NAME[:CONFIG][@SPLIT] with a 'text' column")]
 Samples = Annotated[int, typer.Option(min=1, help="Number of calibration sequences")]
@@ -48,9 +57,51 @@ Variance = Annotated[str, typer.Option(help="elements (paper formula) or pooled 
 Threshold = Annotated[str, typer.Option(help="Near-zero rule: abs:EPS or rel:RHO")]
 
 
-def comma_list(text: str) -> tuple[str, ...]:
-    """The non-empty, stripped items of a comma-separated option value."""
-    return tuple(item.strip() for item in text.split(",") if item.strip())
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class FlagGroup:
+    """Flags that several commands share, declared once with one meaning.
+
+    A command declares the object the flags build as one keyword-only parameter named ``parameter``;
+    :meth:`into` splices the flags into the command's signature in its place (typer, ``--help`` and the
+    generated docs read that signature) and builds the object from their values on every call, so its
+    validation runs before the command body, and so before any model loads.
+    """
+
+    parameter: str
+    flags: tuple[tuple[str, Any, Any], ...]  # (name, Annotated type, default)
+    build: Callable[..., Any]
+
+    def into(self, **defaults: Any) -> Callable[[Command], Command]:
+        """Decorate a command; ``defaults`` override the group's defaults for that command only."""
+        unknown = set(defaults) - {name for name, _, _ in self.flags}
+        if unknown:
+            raise TypeError(f"{self.parameter} has no flags {sorted(unknown)}")
+
+        def decorate(command: Command) -> Command:
+            signature = inspect.signature(command, eval_str=True)
+            parameters = list(signature.parameters.values())
+            at = [p.name for p in parameters].index(self.parameter)
+            flags = [
+                inspect.Parameter(
+                    name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=defaults.get(name, default)
+                )
+                for name, kind, default in self.flags
+            ]
+            spliced = signature.replace(parameters=[*parameters[:at], *flags, *parameters[at + 1 :]])
+
+            @functools.wraps(command)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                values = {name: kwargs.pop(name) for name, _, _ in self.flags}
+                return command(*args, **kwargs, **{self.parameter: self.build(**values)})
+
+            wrapper.__signature__ = spliced  # type: ignore[attr-defined]
+            wrapper.__annotations__ = {p.name: p.annotation for p in spliced.parameters.values()}
+            return wrapper  # type: ignore[return-value]
+
+        return decorate
 
 
 def text_source(data: Path | None, dataset: str | None, data_dir: Path | None) -> TextSource:
@@ -61,5 +112,34 @@ def text_source(data: Path | None, dataset: str | None, data_dir: Path | None) -
     )
 
 
-def calibration(samples: int, max_length: int, batch_size: int, seed: int) -> CalibrationOptions:
-    return CalibrationOptions(samples=samples, max_length=max_length, batch_size=batch_size, seed=seed)
+CALIBRATION_TEXT = FlagGroup(
+    "source",
+    (("data", Data, None), ("data_dir", DataDir, None), ("dataset", Dataset, None)),
+    text_source,
+)
+"""Where calibration text comes from: ``--data``, ``--data-dir``, ``--dataset`` -> a :class:`TextSource`."""
+
+CALIBRATION_WINDOWS = FlagGroup(
+    "calibration",
+    (
+        ("samples", Samples, 64),
+        ("max_length", MaxLength, 256),
+        ("batch_size", BatchSize, 8),
+        ("seed", Seed, 0),
+    ),
+    CalibrationOptions,
+)
+"""How it is cut into windows: ``--samples``, ``--max-length``, ``--batch-size``, ``--seed``."""
+
+
+AVSS_FLAGS = FlagGroup(
+    "avss_options",
+    (("site", Site, "block"), ("variance", Variance, "elements"), ("threshold", Threshold, "rel:0.01")),
+    ScoreOptions,
+)
+"""Which AVSS variant: ``--site``, ``--variance``, ``--threshold`` -> :class:`ScoreOptions`."""
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """The non-empty, stripped items of a comma-separated option value."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())

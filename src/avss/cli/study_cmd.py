@@ -9,16 +9,13 @@ import typer
 
 from avss.cli._app import app, console
 from avss.cli.options import (
-    BatchSize,
+    CALIBRATION_WINDOWS,
+    BenchmarkDir,
     Data,
-    DataDir,
     Dataset,
     Device,
     Dtype,
-    MaxLength,
     ModelArg,
-    Samples,
-    Seed,
     comma_list,
 )
 from avss.data import CalibrationOptions, TextSource
@@ -30,8 +27,10 @@ DEFAULT_METHODS = "avss,variance,sparsity,block_influence,angular,loo_nll,random
 
 
 @app.command("study")
+@CALIBRATION_WINDOWS.into(samples=32)
 def study_command(
     model: ModelArg = DEFAULT_MODEL,
+    *,
     out: Annotated[Path, typer.Option(help="Study folder; rerunning into it resumes")] = Path("study"),
     methods: Annotated[
         str,
@@ -99,11 +98,8 @@ def study_command(
     ] = False,
     data: Data = None,
     dataset: Dataset = None,
-    data_dir: DataDir = None,
-    samples: Samples = 32,
-    max_length: MaxLength = 256,
-    batch_size: BatchSize = 8,
-    seed: Seed = 0,
+    data_dir: BenchmarkDir = None,
+    calibration: CalibrationOptions,
     device: Device = "auto",
     dtype: Dtype = "auto",
 ) -> None:
@@ -118,14 +114,12 @@ def study_command(
         iterative=iterative,
         iterative_methods=split_methods(iterative_methods) if iterative_methods else [],
         repair_methods=split_methods(repair_methods) if repair_methods else [],
-        calibration=CalibrationOptions(
-            samples=samples, max_length=max_length, batch_size=batch_size, seed=seed
-        ),
+        calibration=calibration,
         calibration_data=TextSource(data=str(data) if data else None, dataset=dataset),
         task_options={"max_length": ppl_max_length} if ppl_max_length else {},
         eval_batch_size=eval_batch_size,
         data_dir=str(data_dir) if data_dir else None,
-        seed=seed,
+        seed=calibration.seed,
         heal=heal,
         heal_steps=heal_steps,
         patch=patch,

@@ -56,6 +56,10 @@ class ScoreOptions:
     def all_thresholds(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys((*self.thresholds, self.threshold)))
 
+    def scorer_spec(self) -> str:
+        """The ``avss[...]`` method name that scores with these options (``avss prune --method avss``)."""
+        return f"avss[site={self.site},variance={self.variance},threshold={self.threshold}]"
+
 
 @dataclass
 class ScoreRun:
