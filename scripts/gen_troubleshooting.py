@@ -121,6 +121,10 @@ FIXES: dict[str, dict[str, str]] = {
     "Hallucination and mitigation options": {
         "unknown --combine (hallucination)": "Use `--combine ratio` (H/T) or `--combine diff` (|H-T|).",
         "unknown --combine (mitigate)": "Use `--combine ratio` or `--combine diff`; checked before loading.",
+        "mitigate --layers that is neither a strategy nor indices": "Use auto, lowest, random, all or block "
+        "indices such as `3,7,12`; checked before loading.",
+        "mitigate --eval-tasks with an unknown task": "Choose tasks from `avss eval --help`; checked before "
+        "loading.",
         "hallucination --out is a file": "`--out` is the folder for `eavss.json` and its plot; choose a "
         "folder path.",
         "hallucination --out on a special filesystem": "Choose a folder on a normal, writable filesystem.",

@@ -295,7 +295,12 @@ CLI_CASES = [
         ("only pickle weights", "pytorch_model.bin", "--allow-pickle"),
     ),
     # --- the data ---
-    Case("missing data file", lambda ws: score(ws, "--data", str(ws.root / "none.txt")), ("does not exist",)),
+    Case(
+        "missing data file",
+        lambda ws: score(ws, "--data", str(ws.root / "none.txt")),
+        ("does not exist",),
+        patch=lambda mp: mp.setattr("avss.cli.core.load_model", refuse_to_load),
+    ),
     Case(
         "empty data file", lambda ws: score(ws, "--data", ws.file("empty.txt", "")), ("empty.txt is empty",)
     ),
@@ -617,6 +622,26 @@ CLI_CASES = [
         "unknown --combine (mitigate)",
         lambda ws: ["mitigate", ws.model, "--combine", "product", "--out", str(ws.out / "mitigated")],
         ("invalid --combine 'product'",),
+        patch=lambda mp: mp.setattr("avss.cli.hallucination_cmd.load_model", refuse_to_load),
+    ),
+    Case(
+        "mitigate --layers that is neither a strategy nor indices",
+        lambda ws: ["mitigate", ws.model, "--layers", "best", "--out", str(ws.out / "mitigated")],
+        ("--layers 'best'", "comma-separated indices"),
+        patch=lambda mp: mp.setattr("avss.cli.hallucination_cmd.load_model", refuse_to_load),
+    ),
+    Case(
+        "mitigate --eval-tasks with an unknown task",
+        lambda ws: [
+            "mitigate",
+            ws.model,
+            "--eval",
+            "--eval-tasks",
+            "sciq,nosuch",
+            "--out",
+            str(ws.out / "m"),
+        ],
+        ("unknown task 'nosuch'",),
         patch=lambda mp: mp.setattr("avss.cli.hallucination_cmd.load_model", refuse_to_load),
     ),
     # --- study, report and heal ---

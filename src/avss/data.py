@@ -160,6 +160,13 @@ class TextSource:
     data_dir: str | None = None
     bundled: str = "calibration"
 
+    def __post_init__(self) -> None:
+        """A missing file or folder fails here, before a model loads, rather than after."""
+        if self.data and not Path(self.data).is_file():
+            raise DataError(f"data file {self.data} does not exist")
+        if self.data_dir:
+            resolve_data_dir(self.data_dir)
+
     def describe(self) -> dict[str, Any]:
         if self.data:
             return {"kind": "file", "path": str(self.data), "sha256": file_sha256(self.data)}

@@ -61,3 +61,19 @@ class CheckpointError(AvssError):
 
 class HealConfigError(AvssError):
     """The requested healing or fine-tuning is impossible (unknown method, no pruning record, no targets)."""
+
+
+class DolaConfigError(AvssError):
+    """A DoLa option is outside its allowed set."""
+
+
+class MitigationConfigError(AvssError):
+    """The requested layers or mitigation options are impossible."""
+
+
+class HubUnavailableError(DataError):
+    """The hub dataset could not be read; the message says why (offline, not installed, load failure)."""
+
+
+class PairingError(DataError):
+    """Two results cannot be compared example by example (different or repeated example ids)."""

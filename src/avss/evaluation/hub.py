@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from avss.errors import DataError
+from avss.errors import DataError, HubUnavailableError
 
 Row = Mapping[str, Any]
 Doc = dict[str, Any]
@@ -32,10 +32,6 @@ OFFLINE_VARIABLES = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 _TRUE = {"1", "ON", "YES", "TRUE"}  # the values huggingface_hub and datasets read as "set"
 # datasets records each downloaded file as hf://datasets/ID@COMMIT/PATH; the commit is the revision read.
 _COMMIT = re.compile(r"^hf://datasets/[^@]+@([0-9a-f]{40})/")
-
-
-class HubUnavailableError(DataError):
-    """The hub dataset could not be read; the message says why (offline, not installed, load failure)."""
 
 
 @dataclass(frozen=True)

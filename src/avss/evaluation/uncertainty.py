@@ -30,17 +30,13 @@ import numpy as np
 from scipy.special import ndtri
 from scipy.stats import binomtest
 
-from avss.errors import DataError
+from avss.errors import DataError, PairingError
 
 RESAMPLES = 10_000
 CONFIDENCE = 0.95
 # Resampled indices are drawn in blocks of at most this many entries, so 10,000 resamples of 100,000
 # examples never hold a 10^9-element index matrix at once.
 _BLOCK_ENTRIES = 4_000_000
-
-
-class PairingError(DataError):
-    """Two results cannot be compared example by example (different or repeated example ids)."""
 
 
 @dataclass(frozen=True)

@@ -47,14 +47,10 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from avss.adapters import get_adapter
-from avss.errors import AvssError
+from avss.errors import DolaConfigError
 
 BUCKETS = ("paper", "low", "high")
 DIVERGENCES = ("authors", "js")
-
-
-class DolaConfigError(AvssError):
-    """A DoLa option is outside its allowed set."""
 
 
 def candidate_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:

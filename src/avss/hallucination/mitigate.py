@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from avss.adapters import get_adapter
-from avss.errors import AvssError
+from avss.errors import MitigationConfigError
 from avss.hallucination.batches import contrastive_batches
 from avss.hallucination.eavss import EavssScores
 from avss.hallucination.losses import (
@@ -48,10 +48,6 @@ PROVENANCE_FILE = "avss_mitigation.json"
 MITIGATION_FORMAT = "avss-mitigation/2"
 
 
-class MitigationConfigError(AvssError):
-    """The requested layers or mitigation options are impossible."""
-
-
 # --- layer selection ----------------------------------------------------------------------------------------
 
 Selection = Callable[[EavssScores | None, int, int, int], list[int]]
@@ -76,21 +72,31 @@ def needs_scores(layers: str) -> bool:
     return SELECTION_ALIASES.get(layers, layers) in ("eavss", "lowest")
 
 
-def choose_layers(
-    layers: str, k: int, num_layers: int, scores: EavssScores | None = None, seed: int = 0
-) -> list[int]:
-    """``layers`` is a strategy name (``auto``/``eavss``, ``lowest``, ``random``, ``all``) or ``"3,7,12"``."""
-    name = SELECTION_ALIASES.get(layers, layers)
-    if name in SELECTIONS:
-        if not 0 < k <= num_layers:
-            raise MitigationConfigError(f"--k must be between 1 and {num_layers}, got {k}")
-        return SELECTIONS[name](scores, k, num_layers, seed)
+def given_layers(layers: str) -> list[int] | None:
+    """The indices of ``layers`` if it lists them (``"3,7,12"``), None for a strategy name; anything else is a
+    :class:`MitigationConfigError`. Needs no model, so a bad value fails before one loads."""
+    if SELECTION_ALIASES.get(layers, layers) in SELECTIONS:
+        return None
     try:
         chosen = sorted({int(item) for item in layers.split(",") if item.strip()})
     except ValueError:
         known = ", ".join([*SELECTION_ALIASES, *SELECTIONS])
         raise MitigationConfigError(f"--layers {layers!r}: use {known} or comma-separated indices") from None
-    if not chosen or not all(0 <= layer < num_layers for layer in chosen):
+    if not chosen or min(chosen) < 0:
+        raise MitigationConfigError(f"--layers {layers!r}: give one or more indices >= 0")
+    return chosen
+
+
+def choose_layers(
+    layers: str, k: int, num_layers: int, scores: EavssScores | None = None, seed: int = 0
+) -> list[int]:
+    """``layers`` is a strategy name (``auto``/``eavss``, ``lowest``, ``random``, ``all``) or ``"3,7,12"``."""
+    chosen = given_layers(layers)
+    if chosen is None:
+        if not 0 < k <= num_layers:
+            raise MitigationConfigError(f"--k must be between 1 and {num_layers}, got {k}")
+        return SELECTIONS[SELECTION_ALIASES.get(layers, layers)](scores, k, num_layers, seed)
+    if max(chosen) >= num_layers:
         raise MitigationConfigError(f"--layers {layers!r}: indices must be in 0..{num_layers - 1}")
     return chosen
 

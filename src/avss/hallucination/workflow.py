@@ -13,7 +13,8 @@ from typing import Any
 
 from avss.adapters import get_adapter
 from avss.data import resolve_data_dir
-from avss.errors import DataError
+from avss.errors import DataError, MitigationConfigError
+from avss.evaluation.base import get_task
 from avss.hallucination.batches import contrastive_batches
 from avss.hallucination.folds import Folds, is_refusal
 from avss.hallucination.heldout import evaluate_heldout
@@ -21,6 +22,7 @@ from avss.hallucination.mitigate import (
     MITIGATION_FORMAT,
     MitigationOptions,
     choose_layers,
+    given_layers,
     mitigate,
     needs_scores,
     pair_accuracy,
@@ -124,6 +126,19 @@ class MitigationPlan:
     eval_limits: dict[str, int | None] = field(default_factory=dict)
     eval_batch_size: int = 8
     eval_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """A bad layer choice, count or task fails here, before the model loads and EAVSS is measured."""
+        given_layers(self.layers)
+        for name, value in (
+            ("k", self.k),
+            ("rounds", self.rounds),
+            ("eval_batch_size", self.eval_batch_size),
+        ):
+            if value < 1:
+                raise MitigationConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        for task in self.eval_tasks:
+            get_task(task)
 
 
 def mitigation_run(
