@@ -423,7 +423,7 @@ def test_a_random_band_resting_on_fewer_draws_at_one_budget_says_so():
     macro = [entry("first", f, 0.5) for f in (0.125, 0.25)]
     macro += [entry(f"random[seed={s}]", 0.125, 0.1 * s) for s in range(4)]
     macro += [entry(f"random[seed={s}]", 0.25, 0.1 * s) for s in range(2)]
-    text = "\n".join(study_analysis.headline_markdown(macro, [0.125, 0.25], []))
+    text = "\n".join(study_analysis.headline_markdown(macro, [0.125, 0.25]))
     row = next(line for line in text.splitlines() if line.startswith("| random"))
     assert "draws in each cell" in row and "(4 draws)" in row and "(2 draws)" in row
 

@@ -321,7 +321,7 @@ def summary_markdown(
         )
     lines.append("")
     if macro:
-        lines += headline_markdown(macro, budgets, bands)
+        lines += headline_markdown(macro, budgets)
     if versus:
         lines += versus_markdown(versus)
     lines += [
@@ -363,9 +363,7 @@ def summary_markdown(
     return "\n".join(lines)
 
 
-def headline_markdown(
-    macro: Sequence[dict[str, Any]], budgets: Sequence[float], bands: Sequence[dict[str, Any]]
-) -> list[str]:
+def headline_markdown(macro: Sequence[dict[str, Any]], budgets: Sequence[float]) -> list[str]:
     tasks = ", ".join(macro[0]["tasks"])
     lines = [
         "## Headline: macro chance-normalized retention over the included accuracy tasks",
