@@ -136,6 +136,8 @@ FIXES: dict[str, dict[str, str]] = {
         "study fraction out of range": "Fractions are shares of blocks in [0, 1), e.g. `--fractions 0,0.25`.",
         "study --out on a special filesystem": "Choose a study folder on a normal, writable filesystem.",
         "study --out is a file": "`--out` of a study is a folder; choose another path.",
+        "study folder rerun without --resume": "Add `--resume` to continue the study (finished cells are "
+        "kept; more methods, fractions or draws grow it), or choose another `--out`.",
         "study --dtype unknown": "Use `--dtype auto`, `float32`, `bfloat16` or `float16`.",
         "demo fraction out of range": "`--fraction` is a share of blocks in (0, 1), e.g. 0.25.",
         "demo --dtype unknown": "Use `--dtype auto`, `float32`, `bfloat16` or `float16`.",

@@ -227,6 +227,37 @@ def previous_gguf(ws: Workspace) -> None:
     (ws.out / "pruned.gguf").write_text("previous result")
 
 
+def tiny_study(ws: Workspace) -> list[str]:
+    return [
+        "study",
+        ws.model,
+        "--methods",
+        "last",
+        "--fractions",
+        "0,0.5",
+        "--tasks",
+        "perplexity",
+        "--samples",
+        "2",
+        "--max-length",
+        "16",
+        "--device",
+        "cpu",
+        "--out",
+        str(ws.out / "study"),
+    ]
+
+
+def previous_study(ws: Workspace) -> None:
+    """Setup: the finished study of :func:`tiny_study`'s command line in WORK/out/study."""
+    from typer.testing import CliRunner
+
+    from avss.cli import app
+
+    result = CliRunner().invoke(app, tiny_study(ws))
+    assert result.exit_code == 0, result.output
+
+
 def prune_to_gguf(ws: Workspace, model: str, *extra: str) -> list[str]:
     return ["prune", model, *FAST, "--out", str(ws.out / "pruned.gguf"), *extra]
 
@@ -664,6 +695,12 @@ CLI_CASES = [
         "study --out is a file",
         lambda ws: ["study", ws.model, "--methods", "random", "--out", ws.file("study.txt", "keep me")],
         ("exists and is a file",),
+    ),
+    Case(
+        "study folder rerun without --resume",
+        tiny_study,
+        ("holds this study already", "continue it with --resume"),
+        setup=previous_study,
     ),
     Case(
         "study --dtype unknown",

@@ -85,7 +85,7 @@ def test_installed_entry_point_runs():
     assert "smollm2-135m" in result.stdout and "gemma3_text" in result.stdout
 
 
-def test_a_flag_group_is_declared_once_and_arrives_as_its_object():
+def test_a_flag_group_is_declared_once_and_arrives_as_its_object(text_file):
     """The group's flags replace the command's one parameter in the signature typer reads (with per-command
     defaults), and the command receives the object they build, validated before its body runs."""
     import inspect
@@ -116,7 +116,7 @@ def test_a_flag_group_is_declared_once_and_arrives_as_its_object():
     assert parameters["samples"].default == 7 and parameters["max_length"].default == 256
     command(
         model="x",
-        data=Path("a.txt"),
+        data=text_file,
         data_dir=None,
         dataset=None,
         samples=3,
@@ -125,7 +125,7 @@ def test_a_flag_group_is_declared_once_and_arrives_as_its_object():
         seed=5,
         out="y",
     )
-    assert received == [("x", TextSource(data="a.txt"), CalibrationOptions(3, 16, 2, 5), "y")]
+    assert received == [("x", TextSource(data=str(text_file)), CalibrationOptions(3, 16, 2, 5), "y")]
     with pytest.raises(OptionError, match="samples"):
         command(data=None, data_dir=None, dataset=None, samples=0, max_length=16, batch_size=2, seed=0)
     assert len(received) == 1

@@ -251,14 +251,14 @@ def mitigate_case(
 def study_case(
     model: Path, data: Path, root: Path, mp: pytest.MonkeyPatch
 ) -> tuple[list[str], Path, Callable]:
-    """A finished study run again: its cells are reused and only the tables are rewritten, the last of them
+    """A finished study resumed: its cells are reused and only the tables are rewritten, the last of them
     ``results.json``."""
     out = root / "study"
     argv = ["study", str(model), "--out", str(out), "--methods", "last", "--fractions", "0,0.25"]
     argv += ["--tasks", "wikitext2", "--limit", "3", "--ppl-max-length", "32", "--data-dir", str(data), *FAST]
     run_cli(argv, mp)
     previous = (out / "results.json").read_text()
-    return argv, out / "results.json", lambda: previous
+    return [*argv, "--resume"], out / "results.json", lambda: previous
 
 
 def report_case(

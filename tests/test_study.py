@@ -90,7 +90,7 @@ def test_study_runs_end_to_end_and_resume_skips_finished_cells(saved_model, data
 
     calls = []
     monkeypatch.setattr(Study, "evaluate_model", lambda self, model, around=None: calls.append(1) or {})
-    again = Study(config(saved_model, data_dir), out, progress=False).run()
+    again = Study(config(saved_model, data_dir), out, progress=False, resume=True).run()
     assert calls == []
     assert again.rows() == result.rows()
 
@@ -126,7 +126,7 @@ def test_interrupted_study_resumes_from_the_cells_on_disk(saved_model, data_dir,
         "evaluate_model",
         lambda self, model, around=None: resumed_calls.append(1) or original(self, model, around),
     )
-    resumed = Study(small, out, progress=False, share_prefix=False).run()  # counts evaluations
+    resumed = Study(small, out, progress=False, share_prefix=False, resume=True).run()  # counts evaluations
     monkeypatch.setattr(Study, "evaluate_model", original)
     uninterrupted = Study(small, tmp_path / "whole", progress=False).run()
     evaluated = 1 + sum(not cell.reused_from for cell in uninterrupted.cells)  # with the base
@@ -156,7 +156,7 @@ def test_a_study_grows_by_methods_and_budgets_without_recomputing(
     monkeypatch.setattr(
         Study, "evaluate_model", lambda self, m, around=None: evaluated.append(1) or original(self, m, around)
     )
-    result = Study(grown, out, progress=False, share_prefix=False).run()  # counts evaluations
+    result = Study(grown, out, progress=False, share_prefix=False, resume=True).run()  # counts evaluations
     assert len(evaluated) == 3  # first at 0.25, first and last at 0.5: nothing finished runs again
     assert json.loads((out / "config.json").read_text())["methods"] == ["last", "first"]
     assert {(c.method, c.fraction) for c in result.cells} == {
@@ -171,7 +171,7 @@ def test_grown_budgets_select_as_a_study_run_with_them_from_the_start(saved_mode
     small = config(saved_model, data_dir, methods=methods, fractions=[0, 0.25], protect=["first"])
     grown = config(saved_model, data_dir, methods=methods, fractions=[0, 0.25, 0.5], protect=["first"])
     out = tmp_path / "grown"
-    for study in (Study(small, out, progress=False), Study(grown, out, progress=False)):
+    for study in (Study(small, out, progress=False), Study(grown, out, progress=False, resume=True)):
         study.prepare()
         study.select()
     fresh = Study(grown, tmp_path / "fresh", progress=False)
@@ -356,7 +356,7 @@ def test_an_option_added_later_keeps_an_older_study_folder_resumable(saved_model
     del stored["patch"], stored["dtype"]  # as written before these options existed
     del stored["calibration"]["part"]  # nested option groups too
     (out / "config.json").write_text(json.dumps(stored))
-    Study(small, out).prepare()
+    Study(small, out, resume=True).prepare()
     with pytest.raises(OutputError, match="differs in dtype"):
         Study(
             config(
@@ -407,7 +407,7 @@ def test_protected_selections_reuse_the_one_shot_scores(saved_model, data_dir, t
     assert 0 not in protected.removed_for(1)
     # Resumed with the one-shot selection on disk only, the protected one is still not re-scored.
     (tmp_path / "study" / "selections" / "loo-nll__oneshot+protect.json").unlink()
-    Study(small, tmp_path / "study", progress=False).run()
+    Study(small, tmp_path / "study", progress=False, resume=True).run()
     assert len(calls) == 1
 
 
@@ -500,7 +500,7 @@ def test_a_resumed_study_records_the_prefix_again_and_checks_it_against_the_base
     resumed, full = tmp_path / "resumed", tmp_path / "full"
     Study(config(saved_model, data_dir, methods=["last"], iterative=False, fractions=[0]), resumed).run()
     logged: list[str] = []
-    Study(small, resumed, progress=False, log=logged.append).run()
+    Study(small, resumed, progress=False, log=logged.append, resume=True).run()
     assert any("recording the inputs of blocks" in line for line in logged) and replays
     Study(small, full, progress=False, share_prefix=False).run()
     assert_same_cells(resumed, full)
@@ -517,3 +517,17 @@ def test_choosing_the_blocks_to_record():
     assert (
         prefix_module.start_for(9, [2, 5, 9], depth=9) == 5
     )  # block 9 is gone: the state would feed the head
+
+
+def test_a_study_folder_continues_only_with_resume(saved_model, data_dir, tmp_path):
+    """The one resume rule of every command: an existing study is refused without --resume (nothing in it
+    changes), continued with it, and read by a report either way."""
+    out = tmp_path / "study"
+    small = config(saved_model, data_dir, methods=["last"], iterative=False, fractions=[0, 0.25])
+    Study(small, out, progress=False).run()
+    before = {path: path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()}
+    with pytest.raises(OutputError, match="continue it with --resume"):
+        Study(small, out, progress=False).run()
+    assert {path: path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()} == before
+    assert Study(small, out, progress=False).report().complete
+    assert Study(small, out, progress=False, resume=True).run().complete

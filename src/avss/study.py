@@ -288,9 +288,11 @@ class Study:
         log: Callable[[str], None] = lambda message: None,
         device: str = "auto",
         share_prefix: bool = True,
+        resume: bool = False,
     ):
         self.config = config
         self.device = device
+        self.resume = resume  # continue the study already in ``out`` (the one resume rule: --resume)
         self.share_prefix = share_prefix  # exact by construction; off only to check that it is
         self.out = Path(out)
         self.progress = progress
@@ -309,8 +311,10 @@ class Study:
 
     # --- folder ---------------------------------------------------------------------------------------
 
-    def prepare(self) -> None:
-        """Create the folder, or check that the study already in it is this one (resume)."""
+    def prepare(self, reading: bool = False) -> None:
+        """Create the folder, or check that the study already in it is this one. A run continues it only
+        with ``resume``, as every command continues only with ``--resume``; ``reading`` (a report) needs no
+        flag."""
         if self.out.exists() and not self.out.is_dir():
             raise OutputError(f"--out {self.out} exists and is a file; choose a directory path")
         ensure_parent_writable(self.out / "config.json")
@@ -331,6 +335,11 @@ class Study:
                 raise OutputError(
                     f"{self.out} holds a different study (differs in {', '.join(fixed)}); "
                     "choose another --out or delete it"
+                )
+            if not (self.resume or reading):
+                raise OutputError(
+                    f"{self.out} holds this study already; continue it with --resume (finished cells are "
+                    "kept) or choose another --out"
                 )
             if changed:
                 self.log(f"study grows ({', '.join(changed)}); finished cells are kept")
@@ -626,7 +635,7 @@ class Study:
         """
         started = time.perf_counter() if started is None else started
         if not self.cells:
-            self.prepare()
+            self.prepare(reading=True)
         self.load_selections()
         planned = [Cell(*spec, {}, 0.0).key for spec in self.plan()]
         cells = [self.cells[key] for key in planned if key in self.cells]

@@ -31,7 +31,9 @@ DEFAULT_METHODS = "avss,variance,sparsity,block_influence,angular,loo_nll,random
 def study_command(
     model: ModelArg = DEFAULT_MODEL,
     *,
-    out: Annotated[Path, typer.Option(help="Study folder; rerunning into it resumes")] = Path("study"),
+    out: Annotated[
+        Path, typer.Option(help="Study folder (an existing study continues with --resume)")
+    ] = Path("study"),
     methods: Annotated[
         str,
         typer.Option(
@@ -93,6 +95,14 @@ def study_command(
             "many as hold each block budget's parameters",
         ),
     ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the study in --out: finished cells are kept, a grown study (more methods, draws, "
+            "tasks) adds its new cells",
+        ),
+    ] = False,
     report_only: Annotated[
         bool, typer.Option("--report-only", help="Only write results of the cells finished so far")
     ] = False,
@@ -128,7 +138,9 @@ def study_command(
         dtype=dtype,
         attention_methods=split_methods(attention_methods) if attention_methods else [],
     )
-    study = Study(config, out, log=lambda message: console.print(f"[dim]{message}[/]"), device=device)
+    study = Study(
+        config, out, log=lambda message: console.print(f"[dim]{message}[/]"), device=device, resume=resume
+    )
     result = study.report() if report_only else study.run()
     console.print((out / "summary.md").read_text(encoding="utf-8"), markup=False, highlight=False)
     console.print(f"study written to {out} in {result.wall_time_s:.0f} s")
