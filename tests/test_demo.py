@@ -69,3 +69,5 @@ def test_demo_compares_three_variants_and_reloads_the_patched_model(saved_model,
     assert len(summary["summary"]) == len(VARIANTS) and "retention" in summary["summary"][1]
     page = render_markdown(collect([tmp_path / "demo"]), title="demo")  # the report reads the real writer
     assert "Prune three ways and compare" in page and "block_influence+patch" in page
+    header = next(line for line in page.splitlines() if line.startswith("| variant"))
+    assert "[95% CI]" in header and "McNemar p (Holm)" in header and "n (paired)" in header

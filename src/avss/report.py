@@ -236,6 +236,8 @@ def demo_summary(path: Path, data: dict[str, Any]) -> Section:
             format_interval(row.get("base")),
             format_interval(row.get("new")),
             format_interval(row.get("retention") if row.get("kind") == "accuracy" else row.get("difference")),
+            "" if row.get("holm_p") is None else f"{row['holm_p']:.2g}",
+            row.get("n", ""),
         ]
         for variant, comparison in data["comparisons"].items()
         for row in comparison
@@ -250,7 +252,16 @@ def demo_summary(path: Path, data: dict[str, Any]) -> Section:
         "max |logit difference| after reload": data.get("max_logit_difference_after_reload"),
         "wall time (s)": data.get("wall_time_s"),
     }
-    columns = ["variant", "task", "metric", "base [95% CI]", "pruned [95% CI]", "retention or NLL change"]
+    columns = [
+        "variant",
+        "task",
+        "metric",
+        "base [95% CI]",
+        "pruned [95% CI]",
+        "retention (accuracy) or NLL change, nats/token (perplexity) [95% CI]",
+        "McNemar p (Holm)",
+        "n (paired)",
+    ]
     notes = list(data.get("summary") or [])
     return Section(
         "Prune three ways and compare",
