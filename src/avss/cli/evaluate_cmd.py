@@ -60,7 +60,7 @@ Compare = Annotated[
 MaxLength = Annotated[int | None, typer.Option(min=2, help="Perplexity window in tokens (default 1024)")]
 Stride = Annotated[int | None, typer.Option(min=1, help="Perplexity window step (default: the window)")]
 TextData = Annotated[Path | None, typer.Option(help="Text file for the 'perplexity' task (.txt or .jsonl)")]
-EvalSeed = Annotated[int, typer.Option(help="Seed for few-shot examples and probe splits")]
+EvalSeed = Annotated[int, typer.Option(help="Seed of the --limit sample, few-shot examples, probe splits")]
 NumFewshot = Annotated[int | None, typer.Option(min=0, help="Solved examples in the prompt (QA, sentiment)")]
 
 

@@ -13,10 +13,8 @@ from avss.cli.options import (
     BatchSize,
     Device,
     Dtype,
-    MaxLength,
     Out,
     Overwrite,
-    Seed,
     comma_list,
 )
 from avss.data import TextSource
@@ -25,6 +23,8 @@ from avss.healing.methods import HEAL_METHODS
 
 Method = Annotated[str, typer.Option(help=f"Healing method: {', '.join(HEAL_METHODS)}")]
 Steps = Annotated[int, typer.Option(min=1, help="Optimizer steps in all (split over --epochs)")]
+WindowLength = Annotated[int, typer.Option(min=2, help="Tokens per training window")]
+TrainSeed = Annotated[int, typer.Option(help="Seed for the training windows and the run")]
 
 
 def heal_summary(result: HealResult) -> str:
@@ -72,9 +72,9 @@ def heal_command(
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.checkpoint")] = False,
     source: TextSource,
-    max_length: MaxLength = 128,
+    max_length: WindowLength = 128,
     batch_size: BatchSize = 4,
-    seed: Seed = 0,
+    seed: TrainSeed = 0,
     overwrite: Overwrite = False,
     device: Device = "auto",
     dtype: Dtype = "auto",

@@ -35,7 +35,8 @@ TrustRemoteCode = Annotated[
 ]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Allow loading pickle (.bin) weights")]
 Data = Annotated[
-    Path | None, typer.Option(help="Calibration text: .txt (blank-line paragraphs) or .jsonl with 'text'")
+    Path | None,
+    typer.Option(help="Text file (calibration; training text for heal): .txt paragraphs or .jsonl 'text'"),
 ]
 DataDir = Annotated[
     Path | None,
@@ -48,7 +49,7 @@ Dataset = Annotated[str | None, typer.Option(help="Hub dataset NAME[:CONFIG][@SP
 Samples = Annotated[int, typer.Option(min=1, help="Number of calibration sequences")]
 MaxLength = Annotated[int, typer.Option(min=2, help="Tokens per calibration sequence")]
 BatchSize = Annotated[int, typer.Option(min=1, help="Sequences per forward pass")]
-Seed = Annotated[int, typer.Option(help="Seed for sampling calibration windows")]
+Seed = Annotated[int, typer.Option(help="Seed for sampling calibration windows (study: and its examples)")]
 Out = Annotated[Path, typer.Option(help="Output path")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory")]
 OverwriteFile = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file")]
