@@ -131,3 +131,5 @@ def test_a_flag_group_is_declared_once_and_arrives_as_its_object(text_file):
     assert len(received) == 1
     with pytest.raises(TypeError, match="no flags"):
         CALIBRATION_WINDOWS.into(sample=3)
+    with pytest.raises(TypeError, match="declares no parameter 'calibration'"):
+        CALIBRATION_WINDOWS.into()(lambda model="m": None)

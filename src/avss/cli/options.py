@@ -84,7 +84,10 @@ class FlagGroup:
         def decorate(command: Command) -> Command:
             signature = inspect.signature(command, eval_str=True)
             parameters = list(signature.parameters.values())
-            at = [p.name for p in parameters].index(self.parameter)
+            names = [p.name for p in parameters]
+            if self.parameter not in names:
+                raise TypeError(f"{command.__name__} declares no parameter {self.parameter!r} for its flags")
+            at = names.index(self.parameter)
             flags = [
                 inspect.Parameter(
                     name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=defaults.get(name, default)
