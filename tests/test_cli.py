@@ -133,3 +133,14 @@ def test_a_flag_group_is_declared_once_and_arrives_as_its_object(text_file):
         CALIBRATION_WINDOWS.into(sample=3)
     with pytest.raises(TypeError, match="declares no parameter 'calibration'"):
         CALIBRATION_WINDOWS.into()(lambda model="m": None)
+
+
+def test_load_options_refuse_a_bad_dtype_or_device_when_built():
+    from avss.errors import DeviceError
+    from avss.models import LoadOptions
+
+    assert LoadOptions(dtype="bfloat16").dtype == "bfloat16"
+    with pytest.raises(DeviceError, match="invalid --dtype 'float8'"):
+        LoadOptions(dtype="float8")
+    with pytest.raises(DeviceError):
+        LoadOptions(device="tpu")

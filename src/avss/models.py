@@ -247,6 +247,20 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """How :func:`load_model` loads: device, precision, and whether repository code may run or pickled
+    weights load. Checked when built, so a bad device or dtype fails before any file is read."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    def __post_init__(self) -> None:
+        resolve_dtype(self.dtype, resolve_device(self.device))
+
+
 @dataclass
 class LoadedModel:
     """A model, its tokenizer, and where they came from (recorded in every output file)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -15,15 +15,12 @@ from avss.cli.options import (
     AVSS_FLAGS,
     CALIBRATION_TEXT,
     CALIBRATION_WINDOWS,
-    AllowPickle,
-    Device,
+    LOADING,
     DeviceMap,
-    Dtype,
     ModelArg,
     Out,
     Overwrite,
     OverwriteFile,
-    TrustRemoteCode,
     comma_list,
 )
 from avss.data import CalibrationOptions, TextSource
@@ -31,7 +28,7 @@ from avss.errors import PruneConfigError
 from avss.healing.heal import HealConfig, save_or_heal
 from avss.io import check_output_dir, check_output_file
 from avss.launch import setup_distributed
-from avss.models import DEFAULT_MODEL, EMBEDDED_MODELS, load_model, peek_num_layers
+from avss.models import DEFAULT_MODEL, EMBEDDED_MODELS, LoadOptions, load_model, peek_num_layers
 from avss.pruning.gguf import check_gguf_prune, is_gguf_path, save_pruned_gguf
 from avss.pruning.prune import prune
 from avss.pruning.rules import PruneSpec, parse_layers
@@ -102,6 +99,7 @@ def print_warnings(warnings: list[str]) -> None:
 @CALIBRATION_TEXT.into()
 @CALIBRATION_WINDOWS.into()
 @AVSS_FLAGS.into()
+@LOADING.into()
 def score_command(
     model: ModelArg = DEFAULT_MODEL,
     *,
@@ -109,11 +107,8 @@ def score_command(
     source: TextSource,
     calibration: CalibrationOptions,
     avss_options: ScoreOptions,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
+    loading: LoadOptions,
     device_map: DeviceMap = None,
-    trust_remote_code: TrustRemoteCode = False,
-    allow_pickle: AllowPickle = False,
     checkpoint_every: Annotated[
         int,
         typer.Option(
@@ -130,14 +125,7 @@ def score_command(
     if out is not None:
         check_output_file(out, overwrite)
     launch = setup_distributed()  # joins the process group of torchrun / accelerate launch, if any
-    loaded = load_model(
-        model,
-        device=device,
-        dtype=dtype,
-        device_map=device_map,
-        trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
-    )
+    loaded = load_model(model, device_map=device_map, **asdict(loading))
     run = score(
         loaded,
         source,
@@ -171,6 +159,7 @@ def from_default(ctx: typer.Context, name: str) -> bool:
 @CALIBRATION_TEXT.into()
 @CALIBRATION_WINDOWS.into()
 @AVSS_FLAGS.into()
+@LOADING.into()
 def prune_command(
     ctx: typer.Context,
     model: ModelArg = DEFAULT_MODEL,
@@ -196,10 +185,7 @@ def prune_command(
     source: TextSource,
     calibration: CalibrationOptions,
     avss_options: ScoreOptions,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    trust_remote_code: TrustRemoteCode = False,
-    allow_pickle: AllowPickle = False,
+    loading: LoadOptions,
     method: Annotated[
         str, typer.Option(help="Layer-importance method, options in brackets (see avss study --help)")
     ] = "avss",
@@ -268,9 +254,7 @@ def prune_command(
     scorer = None if given else get_scorer(avss_options.scorer_spec() if method == "avss" else method)
     if given and (num_layers := peek_num_layers(model)) is not None:
         spec.check_given_layers(iterative, num_layers)  # before the model loads, where its config is at hand
-    loaded = load_model(
-        model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
-    )
+    loaded = load_model(model, **asdict(loading))
     result, selection = prune(loaded, scorer, source, calibration, spec, iterative=iterative)
     if selection.steps:
         first = selection.steps[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,13 +15,10 @@ from rich.table import Table
 
 from avss.cli._app import app, console, console_err
 from avss.cli.options import (
-    AllowPickle,
+    LOADING,
     BenchmarkDir,
-    Device,
-    Dtype,
     ModelArg,
     OverwriteFile,
-    TrustRemoteCode,
     comma_list,
 )
 from avss.errors import DataError
@@ -28,7 +26,7 @@ from avss.evaluation import TASKS, EvalResult, evaluate
 from avss.evaluation.comparison import PERPLEXITY, Comparison, ComparisonRow
 from avss.evaluation.uncertainty import Interval, PairingError
 from avss.io import check_output_file
-from avss.models import load_model
+from avss.models import LoadOptions, load_model
 
 Tasks = Annotated[str, typer.Option(help=f"Comma-separated tasks: {', '.join(TASKS)}")]
 Harness = Annotated[
@@ -80,8 +78,10 @@ class _TaskBar:
 
 
 @app.command("eval")
+@LOADING.into()
 def eval_command(
     model: ModelArg,
+    *,
     tasks: Tasks = "",
     harness: Harness = "",
     harness_include: HarnessInclude = None,
@@ -95,11 +95,8 @@ def eval_command(
     stride: Stride = None,
     data: TextData = None,
     num_fewshot: NumFewshot = None,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
+    loading: LoadOptions,
     seed: EvalSeed = 0,
-    trust_remote_code: TrustRemoteCode = False,
-    allow_pickle: AllowPickle = False,
     overwrite: OverwriteFile = False,
 ) -> None:
     """Evaluate a model on benchmark tasks (perplexity, TruthfulQA, SciQ, QA, WikiQA, sentiment)."""
@@ -120,9 +117,7 @@ def eval_command(
         }.items()
         if value is not None
     }
-    loaded = load_model(
-        model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
-    )
+    loaded = load_model(model, **asdict(loading))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console_err) as bars:
         result = evaluate(

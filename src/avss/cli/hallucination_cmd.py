@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -11,10 +11,8 @@ from rich.table import Table
 
 from avss.cli._app import app, console
 from avss.cli.options import (
-    AllowPickle,
+    LOADING,
     BenchmarkDir,
-    Device,
-    Dtype,
     FlagGroup,
     ModelArg,
     Overwrite,
@@ -33,7 +31,7 @@ from avss.hallucination.workflow import (
     mitigation_run,
 )
 from avss.io import check_output_dir
-from avss.models import DEFAULT_MODEL, load_model
+from avss.models import DEFAULT_MODEL, LoadOptions, load_model
 from avss.training import TrainConfig
 
 Pairs = Annotated[
@@ -73,6 +71,7 @@ PAIR_FLAGS = FlagGroup(
 
 @app.command("hallucination")
 @PAIR_FLAGS.into()
+@LOADING.into()
 def hallucination_command(
     model: ModelArg = DEFAULT_MODEL,
     *,
@@ -85,14 +84,12 @@ def hallucination_command(
     max_length: MaxLength = 128,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     overwrite: Overwrite = False,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    allow_pickle: AllowPickle = False,
+    loading: LoadOptions,
 ) -> None:
     """Score every layer of MODEL by EAVSS on truthful vs hallucinated answers (train-split questions)."""
     check_output_dir(out, overwrite)
     options = EavssOptions(site, variance, threshold, combine, max_length, batch_size)
-    loaded = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    loaded = load_model(model, **asdict(loading))
     run = hallucination_scores(loaded, pairs, options, out)
     table = Table(title=f"EAVSS per layer ({combine}, site={site}, threshold={threshold})")
     for column in ("layer", "HSAV~", "HSS~", "EAVSS~", "AVSS~", "rank"):
@@ -112,6 +109,7 @@ def hallucination_command(
 
 @app.command("mitigate")
 @PAIR_FLAGS.into()
+@LOADING.into()
 def mitigate_command(
     model: ModelArg = DEFAULT_MODEL,
     *,
@@ -166,9 +164,7 @@ def mitigate_command(
     max_length: MaxLength = 128,
     seed: Annotated[int, typer.Option(help="Seed for training and for --layers random")] = 0,
     overwrite: Overwrite = False,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    allow_pickle: AllowPickle = False,
+    loading: LoadOptions,
 ) -> None:
     """Train only the chosen layers of MODEL with LM loss + lambda x contrastive loss, then save it."""
     check_output_dir(out, overwrite)
@@ -203,7 +199,7 @@ def mitigate_command(
     )
     spec = replace(pairs, val_limit=val_limit, drop_refusals=drop_refusals)
     eavss = EavssOptions(site=site, threshold=threshold, combine=combine, max_length=max_length)
-    loaded = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    loaded = load_model(model, **asdict(loading))
     record = mitigation_run(loaded, spec, plan, options, eavss, out, overwrite)
     trained = [round_["layers"] for round_ in record["rounds"]]
     console.print(f"trained layers per round: {trained}; saved to {out}")

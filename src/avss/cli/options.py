@@ -12,7 +12,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from avss.data import CalibrationOptions, TextSource
-from avss.models import DEFAULT_MODEL
+from avss.models import DEFAULT_MODEL, LoadOptions
 from avss.scorers.run import ScoreOptions
 
 ModelArg = Annotated[
@@ -142,6 +142,19 @@ AVSS_FLAGS = FlagGroup(
     ScoreOptions,
 )
 """Which AVSS variant: ``--site``, ``--variance``, ``--threshold`` -> :class:`ScoreOptions`."""
+
+
+LOADING = FlagGroup(
+    "loading",
+    (
+        ("device", Device, "auto"),
+        ("dtype", Dtype, "auto"),
+        ("trust_remote_code", TrustRemoteCode, False),
+        ("allow_pickle", AllowPickle, False),
+    ),
+    LoadOptions,
+)
+"""How the model loads: ``--device``, ``--dtype``, ``--trust-remote-code``, ``--allow-pickle``."""
 
 
 def comma_list(text: str) -> tuple[str, ...]:
