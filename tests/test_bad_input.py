@@ -159,6 +159,11 @@ def refuse_to_load(*args: object, **kwargs: object) -> None:
     raise AssertionError("the model was loaded before the options were checked")
 
 
+def loading_refused_in(module: str) -> Callable[[pytest.MonkeyPatch], None]:
+    """A case patch: ``module``'s ``load_model`` is :func:`refuse_to_load`."""
+    return lambda mp: mp.setattr(f"{module}.load_model", refuse_to_load)
+
+
 def deny_writing(path: object, mode: int, **kwargs: object) -> bool:
     """``os.access`` as seen by a user without write permission (root ignores permission bits)."""
     return not mode & os.W_OK
@@ -330,7 +335,7 @@ CLI_CASES = [
         "missing data file",
         lambda ws: score(ws, "--data", str(ws.root / "none.txt")),
         ("does not exist",),
-        patch=lambda mp: mp.setattr("avss.cli.core.load_model", refuse_to_load),
+        patch=loading_refused_in("avss.cli.core"),
     ),
     Case(
         "empty data file", lambda ws: score(ws, "--data", ws.file("empty.txt", "")), ("empty.txt is empty",)
@@ -647,19 +652,19 @@ CLI_CASES = [
         "unknown --combine (hallucination)",
         lambda ws: ["hallucination", ws.model, "--combine", "product", "--out", str(ws.out / "eavss")],
         ("invalid --combine 'product'", "ratio, diff"),
-        patch=lambda mp: mp.setattr("avss.cli.hallucination_cmd.load_model", refuse_to_load),
+        patch=loading_refused_in("avss.cli.hallucination_cmd"),
     ),
     Case(
         "unknown --combine (mitigate)",
         lambda ws: ["mitigate", ws.model, "--combine", "product", "--out", str(ws.out / "mitigated")],
         ("invalid --combine 'product'",),
-        patch=lambda mp: mp.setattr("avss.cli.hallucination_cmd.load_model", refuse_to_load),
+        patch=loading_refused_in("avss.cli.hallucination_cmd"),
     ),
     Case(
         "mitigate --layers that is neither a strategy nor indices",
         lambda ws: ["mitigate", ws.model, "--layers", "best", "--out", str(ws.out / "mitigated")],
         ("--layers 'best'", "comma-separated indices"),
-        patch=lambda mp: mp.setattr("avss.cli.hallucination_cmd.load_model", refuse_to_load),
+        patch=loading_refused_in("avss.cli.hallucination_cmd"),
     ),
     Case(
         "mitigate --eval-tasks with an unknown task",
@@ -673,7 +678,7 @@ CLI_CASES = [
             str(ws.out / "m"),
         ],
         ("unknown task 'nosuch'",),
-        patch=lambda mp: mp.setattr("avss.cli.hallucination_cmd.load_model", refuse_to_load),
+        patch=loading_refused_in("avss.cli.hallucination_cmd"),
     ),
     # --- study, report and heal ---
     Case(
@@ -706,31 +711,31 @@ CLI_CASES = [
         "study --dtype unknown",
         lambda ws: ["study", ws.model, "--methods", "last", "--dtype", "float8", "--out", str(ws.out / "s")],
         ("invalid dtype 'float8'",),
-        patch=lambda mp: mp.setattr("avss.study.load_model", refuse_to_load),
+        patch=loading_refused_in("avss.study"),
     ),
     Case(
         "demo fraction out of range",
         lambda ws: ["demo", ws.model, "--fraction", "1.5", "--out", str(ws.out / "demo")],
         ("strictly between 0 and 1",),
-        patch=lambda mp: mp.setattr("avss.demo.load_model", refuse_to_load),
+        patch=loading_refused_in("avss.demo"),
     ),
     Case(
         "demo --dtype unknown",
         lambda ws: ["demo", ws.model, "--dtype", "float8", "--out", str(ws.out / "demo")],
         ("invalid --dtype 'float8'",),
-        patch=lambda mp: mp.setattr("avss.demo.load_model", refuse_to_load),
+        patch=loading_refused_in("avss.demo"),
     ),
     Case(
         "demo --out is a file",
         lambda ws: ["demo", ws.model, "--out", ws.file("demo.txt", "keep me")],
         ("demo.txt",),
-        patch=lambda mp: mp.setattr("avss.demo.load_model", refuse_to_load),
+        patch=loading_refused_in("avss.demo"),
     ),
     Case(
         "demo --out on a special filesystem",
         lambda ws: ["demo", ws.model, "--out", "/proc/avss-demo"],
         ("/proc",),
-        patch=lambda mp: mp.setattr("avss.demo.load_model", refuse_to_load),
+        patch=loading_refused_in("avss.demo"),
     ),
     Case("models with an unknown option", lambda ws: ["models", "--frobnicate"], ("No such option",)),
     Case(

@@ -99,8 +99,8 @@ def study_command(
         bool,
         typer.Option(
             "--resume",
-            help="Continue the study in --out: finished cells are kept, a grown study (more methods, draws, "
-            "tasks) adds its new cells",
+            help="Continue the study in --out: finished cells are kept, a grown study (more methods, "
+            "fractions, random draws, protected, iterative or repaired variants) adds its new cells",
         ),
     ] = False,
     report_only: Annotated[
