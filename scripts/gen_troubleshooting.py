@@ -139,6 +139,7 @@ FIXES: dict[str, dict[str, str]] = {
         "study folder rerun without --resume": "Add `--resume` to continue the study (finished cells are "
         "kept; more methods, fractions or draws grow it), or choose another `--out`.",
         "study --dtype unknown": "Use `--dtype auto`, `float32`, `bfloat16` or `float16`.",
+        "study --threads invalid": "Use `--threads auto` (the idle cores) or a positive number.",
         "demo fraction out of range": "`--fraction` is a share of blocks in (0, 1), e.g. 0.25.",
         "demo --dtype unknown": "Use `--dtype auto`, `float32`, `bfloat16` or `float16`.",
         "demo --out is a file": "`--out` of the demo is a folder; choose another path.",
@@ -199,6 +200,7 @@ FIXES: dict[str, dict[str, str]] = {
     "Device": {
         "invalid --device": "Use `auto`, `cpu`, `cuda` or `cuda:N`.",
         "invalid --dtype": "Use `auto`, `float32`, `bfloat16` or `float16`.",
+        "invalid --threads": "Use `auto` (the cores other processes leave idle) or a positive number.",
         "CUDA requested with no GPU": "Use `--device cpu`, or a CUDA build of torch on a GPU machine.",
         "CUDA index requested with no GPU": "Use `--device cpu`, or a CUDA build of torch on a GPU machine.",
     },

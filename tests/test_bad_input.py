@@ -714,6 +714,12 @@ CLI_CASES = [
         patch=loading_refused_in("avss.study"),
     ),
     Case(
+        "study --threads invalid",
+        lambda ws: ["study", ws.model, "--methods", "last", "--threads", "many", "--out", str(ws.out / "s")],
+        ("--threads must be 'auto'",),
+        patch=loading_refused_in("avss.study"),
+    ),
+    Case(
         "demo fraction out of range",
         lambda ws: ["demo", ws.model, "--fraction", "1.5", "--out", str(ws.out / "demo")],
         ("strictly between 0 and 1",),
@@ -828,6 +834,7 @@ CLI_CASES = [
     # --- the device ---
     Case("invalid --device", lambda ws: [*score(ws), "--device", "banana"], ("invalid --device 'banana'",)),
     Case("invalid --dtype", lambda ws: [*score(ws), "--dtype", "float8"], ("invalid --dtype 'float8'",)),
+    Case("invalid --threads", lambda ws: [*score(ws), "--threads", "0"], ("--threads must be 'auto'",)),
     Case(
         "CUDA requested with no GPU",
         lambda ws: [*score(ws), "--device", "cuda"],

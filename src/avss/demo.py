@@ -30,6 +30,7 @@ from avss.provenance import Provenance
 from avss.pruning.prune import prune, save_pruned
 from avss.pruning.rules import PruneSpec, check_fraction
 from avss.scorers import get_scorer
+from avss.threads import parse_threads
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,12 @@ class DemoOptions:
     device: str = "auto"
     dtype: str = "auto"
     data_dir: str | None = None
+    threads: str = "auto"
 
     def __post_init__(self) -> None:
         """Bad options fail here, before minutes of loading and scoring."""
         check_fraction(self.fraction)
+        parse_threads(self.threads)
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise DeviceError(f"invalid --dtype {self.dtype!r}; use auto, {', '.join(DTYPES)}")
         for name in ("samples", "max_length", "batch_size", "ppl_max_length"):
@@ -153,7 +156,9 @@ def run_demo(out: str | Path, options: DemoOptions | None = None, overwrite: boo
         return merged
 
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        loaded = load_model(options.model, device=options.device, dtype=options.dtype)
+        loaded = load_model(
+            options.model, device=options.device, dtype=options.dtype, threads=options.threads
+        )
         base = measure(loaded.model, loaded.tokenizer)
         demo = DemoResult(num_layers_before=get_adapter(loaded.model).num_layers, options=asdict(options))
         demo.base = {name: task.metrics for name, task in base.tasks.items()}

@@ -18,6 +18,8 @@ import torch
 
 from avss.errors import AvssError, DeviceError, ModelAssemblyError, ModelNotFoundError, WeightsError
 from avss.launch import rank_max_memory
+from avss.threads import AUTO as AUTO_THREADS
+from avss.threads import parse_threads, set_threads
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -256,9 +258,11 @@ class LoadOptions:
     dtype: str = "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    threads: str = AUTO_THREADS
 
     def __post_init__(self) -> None:
         resolve_dtype(self.dtype, resolve_device(self.device))
+        parse_threads(self.threads)
 
 
 @dataclass
@@ -413,16 +417,21 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     device_map: str | None = None,
+    threads: str | int = AUTO_THREADS,
 ) -> LoadedModel:
     """Load a model and tokenizer for scoring, pruning or evaluation.
 
     Weights load only from safetensors (or GGUF) unless ``allow_pickle``; remote code runs only with
     ``trust_remote_code``. Encoders (BERT-like) load with ``AutoModel`` when no causal-LM head exists.
+    On CPU, ``threads`` (``auto``: the cores other processes leave idle, :mod:`avss.threads`) sets torch's
+    thread count; a number applies on any device.
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    if torch_device.type == "cpu" or parse_threads(threads) != AUTO_THREADS:
+        set_threads(threads)
     location, source = resolve_model_path(spec)
     local = isinstance(location, Path)
     if local:
@@ -479,5 +488,6 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     source.update({"dtype": str(torch_dtype).removeprefix("torch."), "device": str(torch_device)})
+    source["threads"] = torch.get_num_threads()
     source["model_type"] = config.model_type
     return LoadedModel(model, tokenizer, source)

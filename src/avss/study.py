@@ -53,6 +53,8 @@ from avss.pruning.rules import check_budget, protected_layers
 from avss.pruning.select import Selection, select_iteratively
 from avss.pruning.sublayers import equal_parameter_budget, remove_sublayers
 from avss.scorers import LayerImportance, Scorer, context_for, get_scorer
+from avss.threads import AUTO as AUTO_THREADS
+from avss.threads import parse_threads, set_threads
 
 DEFAULT_FRACTIONS = (0.0, 0.125, 0.25, 0.375, 0.5)
 DEFAULT_TASKS = ("wikitext2", "truthfulqa_mc", "sst2")
@@ -259,6 +261,7 @@ class Cell:
     metrics: dict[str, dict[str, float]]
     seconds: float
     reused_from: str | None = None
+    threads: int | None = None  # torch's CPU threads while it was evaluated (read its seconds with it)
 
     @property
     def key(self) -> str:
@@ -289,9 +292,11 @@ class Study:
         device: str = "auto",
         share_prefix: bool = True,
         resume: bool = False,
+        threads: str | int = AUTO_THREADS,
     ):
         self.config = config
         self.device = device
+        self.threads = parse_threads(threads)  # ``auto`` is measured again before every cell
         self.resume = resume  # continue the study already in ``out`` (the one resume rule: --resume)
         self.share_prefix = share_prefix  # exact by construction; off only to check that it is
         self.out = Path(out)
@@ -306,7 +311,9 @@ class Study:
     @property
     def loaded(self) -> LoadedModel:
         if self._loaded is None:
-            self._loaded = load_model(self.config.model, device=self.device, dtype=self.config.dtype)
+            self._loaded = load_model(
+                self.config.model, device=self.device, dtype=self.config.dtype, threads=self.threads
+            )
         return self._loaded
 
     # --- folder ---------------------------------------------------------------------------------------
@@ -523,9 +530,13 @@ class Study:
         if twin is not None:
             cell.metrics, cell.reused_from = twin.metrics, twin.key
         else:
-            self.log(f"evaluating {cell.key}: removing {removed}")
-            started = time.perf_counter()
             model = self.loaded.model
+            cell.threads = set_threads(self.threads) if self.loaded.source.get("device") == "cpu" else None
+            self.log(
+                f"evaluating {cell.key}: removing {removed}"
+                + (f" ({cell.threads} threads)" if cell.threads else "")
+            )
+            started = time.perf_counter()
             if removed:
                 model = copy.deepcopy(model)
                 if repair == PATCHED:

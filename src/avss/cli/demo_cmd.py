@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from avss.cli._app import app, console
-from avss.cli.options import BenchmarkDir, Device, Dtype, ModelArg, Overwrite
+from avss.cli.options import BenchmarkDir, Device, Dtype, ModelArg, Overwrite, Threads
 from avss.demo import SAVED, DemoOptions, run_demo
 from avss.models import DEFAULT_MODEL
 
@@ -22,6 +22,7 @@ def demo(
     data_dir: BenchmarkDir = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    threads: Threads = "auto",
     overwrite: Overwrite = False,
 ) -> None:
     """Remove 25% of the blocks three ways (AVSS, block influence, block influence + linear patch), compare
@@ -33,6 +34,7 @@ def demo(
         device=device,
         dtype=dtype,
         data_dir=str(data_dir) if data_dir else None,
+        threads=threads,
     )
     result = run_demo(out, options, overwrite=overwrite)
     console.print(f"[bold]{options.model}: {result.num_layers_before} blocks, removing {fraction:.0%}[/]")

@@ -23,6 +23,12 @@ ModelArg = Annotated[
 ]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")]
 Dtype = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16")]
+Threads = Annotated[
+    str,
+    typer.Option(
+        help="CPU threads for torch: auto (the cores other processes leave idle when the model loads) or N"
+    ),
+]
 DeviceMap = Annotated[
     str | None,
     typer.Option(
@@ -151,10 +157,12 @@ LOADING = FlagGroup(
         ("dtype", Dtype, "auto"),
         ("trust_remote_code", TrustRemoteCode, False),
         ("allow_pickle", AllowPickle, False),
+        ("threads", Threads, "auto"),
     ),
     LoadOptions,
 )
-"""How the model loads: ``--device``, ``--dtype``, ``--trust-remote-code``, ``--allow-pickle``."""
+"""How the model loads and runs: ``--device``, ``--dtype``, ``--trust-remote-code``, ``--allow-pickle``,
+``--threads``."""
 
 
 def comma_list(text: str) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ from avss.cli.options import (
     Device,
     Dtype,
     ModelArg,
+    Threads,
     comma_list,
 )
 from avss.data import CalibrationOptions, TextSource
@@ -112,6 +113,7 @@ def study_command(
     calibration: CalibrationOptions,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    threads: Threads = "auto",
 ) -> None:
     """Prune MODEL with every method at every fraction, evaluate, and write tables, plots and correlations."""
     task_list = list(comma_list(tasks))
@@ -139,7 +141,12 @@ def study_command(
         attention_methods=split_methods(attention_methods) if attention_methods else [],
     )
     study = Study(
-        config, out, log=lambda message: console.print(f"[dim]{message}[/]"), device=device, resume=resume
+        config,
+        out,
+        log=lambda message: console.print(f"[dim]{message}[/]"),
+        device=device,
+        resume=resume,
+        threads=threads,
     )
     result = study.report() if report_only else study.run()
     console.print((out / "summary.md").read_text(encoding="utf-8"), markup=False, highlight=False)
