@@ -108,3 +108,11 @@ def test_a_recent_measurement_is_reused(monkeypatch):
 def test_sampling_proc_stat_counts_at_most_the_cpus_of_this_process():
     idle = threads._sample_idle()
     assert idle is not None and 0.0 <= idle <= len(os.sched_getaffinity(0))
+
+
+def test_load_model_applies_the_count_and_records_it(saved_tiny_model, monkeypatch):
+    from avss.models import load_model
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    loaded = load_model(str(saved_tiny_model()), device="cpu", threads="1")
+    assert torch.get_num_threads() == 1 and loaded.source["threads"] == 1
