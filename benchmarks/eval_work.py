@@ -1,0 +1,127 @@
+"""How much model work ``avss eval`` saves against lm-evaluation-harness, counted rather than timed.
+
+Both tools run the same forward passes on the same tokens, except where avss shares work: a packed row runs a
+context once for all its options, and only the positions that predict scored tokens go through the LM head
+(lm-eval computes the head and a vocabulary-wide log-softmax at every position of every padded batch). So
+the speed-up either tool can show on a task is bounded by the ratio of the work each asks of the model, and
+this script counts that work from the tokenizer and the engine's own packing plan, without running the model:
+
+- body MACs: tokens entering the transformer blocks (padding included) x the blocks' weight count per token,
+- head MACs: positions entering the LM head x hidden size x vocabulary.
+
+lm-eval's plan is modelled as its ``HFLM._loglikelihood_tokens`` does it: every (context, option) request
+alone, sorted longest first, ``--batch-size`` per forward, right-padded to the longest, full logits. The
+attention's own cost (quadratic in the row) is left out; it is small at these lengths and favours neither.
+
+    .venv/bin/python benchmarks/eval_work.py --model smollm2-135m --tasks sciq,arc_easy,piqa,winogrande \\
+        --out benchmarks/eval_work_smollm2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from avss.data import resolve_data_dir
+from avss.evaluation.engine import LanguageModel, _PackedRow
+from avss.evaluation.runner import build_tasks
+from avss.models import resolve_model_path
+
+
+def batches(items: list, batch_size: int) -> list[list]:
+    return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+
+
+def lm_eval_plan(inputs: list[int], batch_size: int) -> dict[str, int]:
+    """lm-eval: every request alone, longest first, right-padded, the head at every padded position."""
+    positions = sum(len(batch) * batch[0] for batch in batches(sorted(inputs, reverse=True), batch_size))
+    return {"body_tokens": positions, "head_positions": positions}
+
+
+def avss_plan(lm: LanguageModel, sequences: list[tuple[list[int], int]], batch_size: int) -> dict[str, int]:
+    """avss: packed rows as ``_score_packed`` batches them (longest first, left-padded, the head on the
+    trailing ``keep`` positions), the other requests as ``_score_tails`` does (right-padded, the head from the
+    batch's first scored position on)."""
+    groups = lm._prefix_groups(sequences)
+    rows = sorted(
+        (_PackedRow.of([sequences[i] for i in group]) for group in groups), key=lambda r: -len(r.tokens)
+    )
+    body = head = 0
+    for batch in batches(rows, batch_size):
+        body += len(batch) * len(batch[0].tokens)
+        head += len(batch) * max(row.keep for row in batch)
+    packed = {i for group in groups for i in group}
+    tails = sorted(
+        ((len(tokens) - 1, n) for i, (tokens, n) in enumerate(sequences) if i not in packed), reverse=True
+    )
+    for batch in batches(tails, batch_size):
+        width = batch[0][0]
+        body += len(batch) * width
+        head += len(batch) * (width - min(inputs - n for inputs, n in batch))
+    return {"body_tokens": body, "head_positions": head, "packed_requests": len(packed)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tasks", default="sciq,arc_easy,piqa,winogrande")
+    parser.add_argument("--limit", type=int, default=None, help="seeded sample per task (default: every row)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    location, _ = resolve_model_path(args.model)
+    config = AutoConfig.from_pretrained(location)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    text = config.get_text_config()
+    head_macs = text.hidden_size * text.vocab_size
+    embeddings = {
+        id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) for p in m.parameters()
+    }
+    body_macs = sum(p.numel() for p in model.parameters() if id(p) not in embeddings and p.dim() == 2)
+    lm = LanguageModel(model, AutoTokenizer.from_pretrained(location), batch_size=args.batch_size)
+    directory = resolve_data_dir(args.data_dir)
+    results = {}
+    for name, task in build_tasks(args.tasks.split(","), {}).items():
+        pool, _ = task.load(directory, "local")
+        docs = task.select(pool, args.limit, 0)
+        sampler = task.fewshot(pool, 0)
+        requests = [request for doc in docs for request in task.requests(doc, sampler.shots(doc))]
+        sequences = [lm._encode_request(request) for request in dict.fromkeys(requests)]
+        counted = {
+            "requests": len(sequences),
+            "lm_eval": lm_eval_plan([len(tokens) - 1 for tokens, _ in sequences], args.batch_size),
+            "avss": avss_plan(lm, sequences, args.batch_size),
+        }
+        for tool in ("lm_eval", "avss"):
+            work = counted[tool]
+            work["macs"] = work["body_tokens"] * body_macs + work["head_positions"] * head_macs
+        counted["work_ratio"] = counted["lm_eval"]["macs"] / counted["avss"]["macs"]
+        counted["documents"] = len(docs)
+        results[name] = counted
+        print(
+            f"{name}: {len(docs)} documents, lm-eval / avss model work = {counted['work_ratio']:.2f}x "
+            f"(body tokens {counted['lm_eval']['body_tokens']} / {counted['avss']['body_tokens']}, "
+            f"head positions {counted['lm_eval']['head_positions']} / {counted['avss']['head_positions']})"
+        )
+    record = {
+        "format": "avss-eval-work/1",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": args.model,
+        "body_macs_per_token": body_macs,
+        "head_macs_per_position": head_macs,
+        "batch_size": args.batch_size,
+        "limit": args.limit,
+        "tasks": results,
+    }
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
