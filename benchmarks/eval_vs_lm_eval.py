@@ -134,14 +134,14 @@ def main() -> None:
                 for _ in range(args.rounds):
                     times["avss"].append(_timed(avss, env))
                     times["lm_eval"].append(_timed(harness, env))
-                check = compare(
-                    task, rows, json.loads(result.read_text()), _lm_eval_outputs(root / "lm_eval", name)
-                )
+                ours = json.loads(result.read_text())
+                check = compare(task, rows, ours, _lm_eval_outputs(root / "lm_eval", name))
                 best = {tool: min(values) for tool, values in times.items()}
                 figures[task] = {
                     "seconds": times,
                     "speedup": best["lm_eval"] / best["avss"],
                     **check,
+                    "avss_threads": (ours.get("model") or {}).get("threads"),  # --threads auto's choice
                     "commands": {"avss": shlex.join(avss), "lm_eval": shlex.join(harness)},
                 }
                 print(
