@@ -41,7 +41,7 @@ def preparation_seconds(task_name: str, config: dict[str, Any], lm: LanguageMode
     else:
         requests = [request for doc in docs for request in task.requests(doc, [])]
         for request in requests:
-            lm._encode_request(request)
+            lm.encode_request(request)
         units = len(requests)
     return {
         "task": task_name,

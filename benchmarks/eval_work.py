@@ -4,7 +4,8 @@ Both tools run the same forward passes on the same tokens, except where avss sha
 context once for all its options, and only the positions that predict scored tokens go through the LM head
 (lm-eval computes the head and a vocabulary-wide log-softmax at every position of every padded batch). So
 the speed-up either tool can show on a task is bounded by the ratio of the work each asks of the model, and
-this script counts that work from the tokenizer and the engine's own packing plan, without running the model:
+this script counts that work without running the model, avss's from the engine's own plan
+(``LanguageModel.work``: the batches ``loglikelihood`` would run, tested against the forwards it runs):
 
 - body MACs: tokens entering the transformer blocks (padding included) x the blocks' weight count per token,
 - head MACs: positions entering the LM head x hidden size x vocabulary.
@@ -28,7 +29,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from avss.data import resolve_data_dir
-from avss.evaluation.engine import LanguageModel, _PackedRow
+from avss.evaluation.engine import LanguageModel
 from avss.evaluation.runner import build_tasks
 from avss.models import resolve_model_path
 
@@ -41,29 +42,6 @@ def lm_eval_plan(inputs: list[int], batch_size: int) -> dict[str, int]:
     """lm-eval: every request alone, longest first, right-padded, the head at every padded position."""
     positions = sum(len(batch) * batch[0] for batch in batches(sorted(inputs, reverse=True), batch_size))
     return {"body_tokens": positions, "head_positions": positions}
-
-
-def avss_plan(lm: LanguageModel, sequences: list[tuple[list[int], int]], batch_size: int) -> dict[str, int]:
-    """avss: packed rows as ``_score_packed`` batches them (longest first, left-padded, the head on the
-    trailing ``keep`` positions), the other requests as ``_score_tails`` does (right-padded, the head from the
-    batch's first scored position on)."""
-    groups = lm._prefix_groups(sequences)
-    rows = sorted(
-        (_PackedRow.of([sequences[i] for i in group]) for group in groups), key=lambda r: -len(r.tokens)
-    )
-    body = head = 0
-    for batch in batches(rows, batch_size):
-        body += len(batch) * len(batch[0].tokens)
-        head += len(batch) * max(row.keep for row in batch)
-    packed = {i for group in groups for i in group}
-    tails = sorted(
-        ((len(tokens) - 1, n) for i, (tokens, n) in enumerate(sequences) if i not in packed), reverse=True
-    )
-    for batch in batches(tails, batch_size):
-        width = batch[0][0]
-        body += len(batch) * width
-        head += len(batch) * (width - min(inputs - n for inputs, n in batch))
-    return {"body_tokens": body, "head_positions": head, "packed_requests": len(packed)}
 
 
 def main() -> None:
@@ -93,11 +71,17 @@ def main() -> None:
         docs = task.select(pool, args.limit, 0)
         sampler = task.fewshot(pool, 0)
         requests = [request for doc in docs for request in task.requests(doc, sampler.shots(doc))]
-        sequences = [lm._encode_request(request) for request in dict.fromkeys(requests)]
+        unique = list(dict.fromkeys(requests))
+        work = lm.work(unique)  # avss's own plan: the batches loglikelihood would run
+        inputs = [len(tokens) - 1 for tokens, _ in (lm.encode_request(request) for request in unique)]
         counted = {
-            "requests": len(sequences),
-            "lm_eval": lm_eval_plan([len(tokens) - 1 for tokens, _ in sequences], args.batch_size),
-            "avss": avss_plan(lm, sequences, args.batch_size),
+            "requests": work.requests,
+            "lm_eval": lm_eval_plan(inputs, args.batch_size),
+            "avss": {
+                "body_tokens": work.body_tokens,
+                "head_positions": work.head_positions,
+                "packed_requests": work.packed_requests,
+            },
         }
         for tool in ("lm_eval", "avss"):
             work = counted[tool]

@@ -206,7 +206,7 @@ def test_paper_setting_mc_score_equals_a_direct_reimplementation(buckets) -> Non
     layers = candidate_layers(buckets, 8)
     picked_any = set()
     for request, result, other in zip(requests, results, padded, strict=True):
-        tokens, n = shared._encode_request(request)
+        tokens, n = shared.encode_request(request)
         expected, magnitude, picked = _direct_dola_score(model, tokens, n, layers)
         picked_any.update(picked)
         assert result.logprob == pytest.approx(expected, abs=PATHS * magnitude)

@@ -54,7 +54,7 @@ def test_continuation_tokens_are_those_beyond_the_context(bpe):
     model, tokenizer = bpe
     lm = LanguageModel(model, tokenizer)
     assert lm.prefix_ids == [tokenizer.bos_token_id]
-    tokens, n = lm._encode_request(LoglikelihoodRequest("A:", " Paris"))
+    tokens, n = lm.encode_request(LoglikelihoodRequest("A:", " Paris"))
     assert tokens[-n:] == tokenizer(" Paris", add_special_tokens=False)["input_ids"]
     assert tokens[0] == tokenizer.bos_token_id
 
@@ -214,7 +214,7 @@ def test_shared_prefixes_score_as_independent_forwards(model_type):
         for o in ("case", "suitcase")
     ]
     shared = LanguageModel(model, tokenizer, batch_size=3)
-    groups = shared._prefix_groups([shared._encode_request(r) for r in requests])
+    groups = shared._prefix_groups([shared.encode_request(r) for r in requests])
     assert [len(group) for group in groups] == ([] if model_type == "gemma3_text" else [6, 3, 2])
     plain = LanguageModel(model, tokenizer, batch_size=3, share_context=False)
     for a, b in zip(shared.loglikelihood(requests), plain.loglikelihood(requests), strict=True):
@@ -229,7 +229,7 @@ def test_packed_rows_of_different_lengths_batch_exactly(model_type):
     contexts = ["Q: why?\nA:", "A much longer question on the weather?\nA:", "Hello there, friend:", "Two:"]
     requests = [LoglikelihoodRequest(c, a) for c in contexts for a in (" y", " no", " ok")]
     batched = LanguageModel(model, tokenizer, batch_size=4)
-    groups = batched._prefix_groups([batched._encode_request(r) for r in requests])
+    groups = batched._prefix_groups([batched.encode_request(r) for r in requests])
     assert groups == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
     plain = LanguageModel(model, tokenizer, batch_size=4, share_context=False)
     for a, b in zip(batched.loglikelihood(requests), plain.loglikelihood(requests), strict=True):
@@ -291,3 +291,41 @@ def test_pick_normalizes_in_chunks_and_breaks_ties_by_first_index(monkeypatch):
     assert not engine._pick(logits, [1, 2, 0]).is_greedy  # ties row 0's maximum, but argmax picks index 0
     assert not engine._pick(logits, [0, 1, 0]).is_greedy  # below row 1's maximum
     assert engine._pick(logits, [0, 2, 0], normalize=False).logprob == pytest.approx(2.0 + 3.0 + 1.0)
+
+
+class _CountForwards:
+    """Sums what the model actually runs: rows x width of every forward's inputs and of its logits."""
+
+    def __init__(self, model):
+        self.forwards = self.body_tokens = self.head_positions = 0
+        model.register_forward_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs, output):
+        self.forwards += 1
+        self.body_tokens += kwargs["input_ids"].numel()
+        self.head_positions += output.logits.shape[0] * output.logits.shape[1]
+
+
+@pytest.mark.parametrize(
+    ("model_type", "plan"), [("llama", "packed"), ("gpt2", "packed"), ("llama", "cache"), ("llama", "plain")]
+)
+def test_work_counts_exactly_what_loglikelihood_runs(model_type, plan, monkeypatch):
+    model, tokenizer = tiny_model(model_type), tiny_tokenizer()
+    context = "Q: What is the capital of France?\nA:"
+    requests = [LoglikelihoodRequest(context, answer) for answer in (" Paris", " Lyon is big", " No", "!")]
+    requests += REQUESTS + [LoglikelihoodRequest("Single-token answers only:", a) for a in "xyz"]
+    lm = LanguageModel(model, tokenizer, batch_size=3, share_context=plan != "plain")
+    if plan == "cache":  # a model without position ids: shared contexts run on a KV cache instead
+        monkeypatch.setattr(lm, "_accepts_position_ids", False)
+    # A budget of a few rows' logits splits batches as a large vocabulary would.
+    monkeypatch.setattr(engine, "LOGITS_BUDGET_BYTES", 2 * 12 * model.config.vocab_size * 4)
+    expected = lm.work(requests)
+    counted = _CountForwards(model)
+    lm.loglikelihood(requests)
+    assert (expected.forwards, expected.body_tokens, expected.head_positions) == (
+        counted.forwards,
+        counted.body_tokens,
+        counted.head_positions,
+    )
+    assert expected.requests == len(set(requests))
+    assert (expected.packed_requests > 0) == (plan == "packed")

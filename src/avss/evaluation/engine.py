@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -79,6 +79,29 @@ class NLL:
     @property
     def perplexity(self) -> float:
         return perplexity_from_nll(self.total, self.num_tokens)
+
+
+@dataclass(frozen=True)
+class Work:
+    """What scoring a set of requests asks of the model: ``forwards`` batches, ``body_tokens`` positions
+    through the transformer blocks (padding included) and ``head_positions`` through the LM head; with the
+    model's weights per token these are its multiply-accumulates (``benchmarks/eval_work.py``)."""
+
+    forwards: int = 0
+    body_tokens: int = 0
+    head_positions: int = 0
+    requests: int = 0
+    packed_requests: int = 0
+
+    def plus(self, rows: int, width: int, keep: int, keeps_logits: bool) -> Work:
+        """This work and one forward of ``rows`` rows of ``width`` tokens that keeps ``keep`` positions of
+        logits per row (all of them where the model cannot be asked to keep fewer)."""
+        return replace(
+            self,
+            forwards=self.forwards + 1,
+            body_tokens=self.body_tokens + rows * width,
+            head_positions=self.head_positions + rows * (keep if keeps_logits else width),
+        )
 
 
 Sequence_ = tuple[list[int], int]  # a request's tokens, the last ``n`` of which are scored
@@ -284,7 +307,7 @@ class LanguageModel:
         Requests that share a prefix run it once (:meth:`_prefix_groups`); the rest go in plain batches.
         """
         unique = list(dict.fromkeys(requests))
-        sequences = [self._encode_request(request) for request in unique]
+        sequences = [self.encode_request(request) for request in unique]
         self.progress.add_total(len(sequences))
         scores: dict[int, Loglikelihood] = {}
         if self._can_pack:
@@ -300,6 +323,38 @@ class LanguageModel:
         scores.update(zip(rest, self._score_tails([sequences[i] for i in rest]), strict=True))
         by_request = {request: scores[i] for i, request in enumerate(unique)}
         return [by_request[request] for request in requests]
+
+    def work(self, requests: Sequence[LoglikelihoodRequest]) -> Work:
+        """What :meth:`loglikelihood` of ``requests`` asks of the model, without running it: the batches it
+        would run, from the same packing and batching plan, summed (:class:`Work`)."""
+        unique = list(dict.fromkeys(requests))
+        sequences = [self.encode_request(request) for request in unique]
+        work = Work()
+        scored: set[int] = set()
+        if self._can_pack:
+            groups = self._prefix_groups(sequences)
+            packed = [_PackedRow.of([sequences[i] for i in group]) for group in groups]
+            for batch in self._packed_batches(packed):
+                width = max(len(packed[i].tokens) for i in batch)
+                keep = max(packed[i].keep for i in batch)
+                work = work.plus(len(batch), width, keep, self._accepts_logits_to_keep)
+            scored = {i for group in groups for i in group}
+        else:
+            for context, members in self._shared_contexts(sequences).items():
+                work = work.plus(1, len(context), 1, self._accepts_logits_to_keep)
+                continuations = [sequences[i][0][-sequences[i][1] :] for i in members]
+                for batch in self._cache_batches(continuations):
+                    width = max(len(continuations[i]) for i in batch) - 1
+                    if width > 0:
+                        work = work.plus(len(batch), width, width, True)
+                scored.update(members)
+        rows = self._tail_rows([sequences[i] for i in range(len(sequences)) if i not in scored])
+        for batch in self._tail_batches(rows):
+            width = max(len(rows[i].inputs) for i in batch)
+            work = work.plus(
+                len(batch), width, _keep_width([rows[i] for i in batch]), self._accepts_logits_to_keep
+            )
+        return replace(work, requests=len(sequences), packed_requests=len(scored) if self._can_pack else 0)
 
     @property
     def _can_pack(self) -> bool:
@@ -357,17 +412,17 @@ class LanguageModel:
         Rows are left-padded so that every row's predictions sit in the last columns, and the mask lets a
         branch see the prefix and itself only.
         """
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i].tokens))
         results: dict[int, list[Loglikelihood]] = {}
-        start = 0
-        while start < len(order):
-            candidates = [rows[i] for i in order[start : start + self.batch_size]]
-            count = self._rows_within_budget(max(row.keep for row in candidates))
-            batch = order[start : start + count]
+        for batch in self._packed_batches(rows):
             results.update(zip(batch, self._forward_packed([rows[i] for i in batch]), strict=True))
             self.progress.advance(sum(len(rows[i].sequences) for i in batch))
-            start += count
         return [results[i] for i in range(len(rows))]
+
+    def _packed_batches(self, rows: Sequence[_PackedRow]) -> list[list[int]]:
+        """The indices of ``rows`` each forward runs: longest first, ``batch_size`` at a time, fewer where
+        their kept logits would pass the memory budget."""
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i].tokens))
+        return self._batched(order, lambda batch: max(rows[i].keep for i in batch))
 
     @torch.inference_mode()
     def _forward_packed(self, rows: list[_PackedRow]) -> list[list[Loglikelihood]]:
@@ -410,10 +465,8 @@ class LanguageModel:
         # The context's last position predicts every continuation's first token.
         first = prefix.logits[0, -1:]
         results = []
-        start = 0
-        while start < len(continuations):
-            candidates = continuations[start : start + self.batch_size]
-            chunk = candidates[: self._rows_within_budget(max(len(c) for c in candidates))]
+        for batch in self._cache_batches(continuations):
+            chunk = [continuations[i] for i in batch]
             logits = first.new_empty(len(chunk), 0, first.shape[-1])
             if max(len(c) for c in chunk) > 1:
                 # Each continuation's last token is only a target, never an input.
@@ -430,10 +483,11 @@ class LanguageModel:
                 scored = torch.cat([first, logits[row, : len(continuation) - 1]])
                 results.append(_pick(scored, continuation, self._normalize))
             self.progress.advance(len(chunk))
-            start += len(chunk)
         return results
 
-    def _encode_request(self, request: LoglikelihoodRequest) -> tuple[list[int], int]:
+    def encode_request(self, request: LoglikelihoodRequest) -> tuple[list[int], int]:
+        """The tokens ``request`` is scored on and how many of them, at the end, are scored (lm-eval's
+        ``_encode_pair``, with the tokenizer's leading special tokens in front)."""
         context, continuation = request.context, request.continuation
         # A trailing space belongs to the next word for BPE tokenizers ("A:" + " Paris", not "A: " + "Paris").
         stripped = context.rstrip()
@@ -459,18 +513,34 @@ class LanguageModel:
         problem at once; each batch is one right-padded forward with an attention mask, so positions of real
         tokens are exactly those of an unpadded run. Only the logits that predict scored tokens are kept.
         """
-        rows = [_Row.truncated(tokens, n, self.max_length) for tokens, n in sequences]
-        order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].tokens), rows[i].tokens))
+        rows = self._tail_rows(sequences)
         results: dict[int, Loglikelihood] = {}
-        start = 0
-        while start < len(order):
-            candidates = [rows[i] for i in order[start : start + self.batch_size]]
-            count = self._rows_within_budget(_keep_width(candidates))
-            batch = order[start : start + count]
+        for batch in self._tail_batches(rows):
             results.update(zip(batch, self._forward_tails([rows[i] for i in batch]), strict=True))
             self.progress.advance(len(batch))
-            start += count
         return [results[i] for i in range(len(rows))]
+
+    def _tail_rows(self, sequences: Sequence[tuple[list[int], int]]) -> list[_Row]:
+        return [_Row.truncated(tokens, n, self.max_length) for tokens, n in sequences]
+
+    def _tail_batches(self, rows: Sequence[_Row]) -> list[list[int]]:
+        """The indices of ``rows`` each plain forward runs: longest first, within the memory budget."""
+        order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].tokens), rows[i].tokens))
+        return self._batched(order, lambda batch: _keep_width([rows[i] for i in batch]))
+
+    def _batched(self, order: list[int], keep: Any) -> list[list[int]]:
+        """``order`` cut into batches of ``batch_size``, each shortened until ``keep(batch)`` positions of
+        float32 logits per row fit :data:`LOGITS_BUDGET_BYTES`."""
+        batches, start = [], 0
+        while start < len(order):
+            count = self._rows_within_budget(keep(order[start : start + self.batch_size]))
+            batches.append(order[start : start + count])
+            start += count
+        return batches
+
+    def _cache_batches(self, continuations: Sequence[list[int]]) -> list[list[int]]:
+        """The indices of ``continuations`` each forward on a shared context's KV cache runs."""
+        return self._batched(list(range(len(continuations))), lambda b: max(len(continuations[i]) for i in b))
 
     def _rows_within_budget(self, keep: int) -> int:
         vocab = self.model.get_output_embeddings().weight.shape[0]
