@@ -3,9 +3,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread count for the whole session: ``--threads auto`` keeps a user's OMP_NUM_THREADS, so commands run
+# in tests do not change torch's threads with the machine's load between two computations a test compares
+# (test_threads.py removes the variable where it tests the automatic choice).
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 
 @pytest.fixture(autouse=True)
