@@ -116,3 +116,22 @@ def test_load_model_applies_the_count_and_records_it(saved_tiny_model, monkeypat
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     loaded = load_model(str(saved_tiny_model()), device="cpu", threads="1")
     assert torch.get_num_threads() == 1 and loaded.source["threads"] == 1
+
+
+def test_auto_without_adapting_is_the_default_and_measures_nothing(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "_default", 2)
+    monkeypatch.setattr(threads, "_measure_idle", lambda: pytest.fail("must not measure"))
+    torch.set_num_threads(1)
+    assert threads.set_threads("auto", adapt=False) == 2
+
+
+def test_bfloat16_loads_keep_the_default_thread_count(saved_tiny_model, monkeypatch):
+    # In bfloat16 the thread count changes results, so the machine's load must not choose it.
+    from avss.models import load_model
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "_default", 2)
+    monkeypatch.setattr(threads, "_measure_idle", lambda: 0.0)
+    assert load_model(str(saved_tiny_model()), device="cpu", dtype="bfloat16").source["threads"] == 2
+    assert load_model(str(saved_tiny_model()), device="cpu", dtype="float32").source["threads"] == 1

@@ -423,15 +423,15 @@ def load_model(
 
     Weights load only from safetensors (or GGUF) unless ``allow_pickle``; remote code runs only with
     ``trust_remote_code``. Encoders (BERT-like) load with ``AutoModel`` when no causal-LM head exists.
-    On CPU, ``threads`` (``auto``: the cores other processes leave idle, :mod:`avss.threads`) sets torch's
-    thread count; a number applies on any device.
+    On CPU, ``threads`` sets torch's thread count (``auto``: in float32 the cores other processes leave
+    idle, otherwise torch's default; :mod:`avss.threads`); a number applies on any device.
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if torch_device.type == "cpu" or parse_threads(threads) != AUTO_THREADS:
-        set_threads(threads)
+        set_threads(threads, adapt=torch_dtype == torch.float32)
     location, source = resolve_model_path(spec)
     local = isinstance(location, Path)
     if local:

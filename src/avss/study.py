@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from scipy import stats as scipy_stats
 
 from avss import study_analysis as analysis
@@ -296,7 +297,7 @@ class Study:
     ):
         self.config = config
         self.device = device
-        self.threads = parse_threads(threads)  # ``auto`` is measured again before every cell
+        self.threads = parse_threads(threads)  # see adapts_threads
         self.resume = resume  # continue the study already in ``out`` (the one resume rule: --resume)
         self.share_prefix = share_prefix  # exact by construction; off only to check that it is
         self.out = Path(out)
@@ -315,6 +316,18 @@ class Study:
                 self.config.model, device=self.device, dtype=self.config.dtype, threads=self.threads
             )
         return self._loaded
+
+    @property
+    def adapts_threads(self) -> bool:
+        """Whether ``--threads auto`` is measured again before every cell, to use cores freed since the
+        study started: on CPU in float32 only, where the count cannot change a result
+        (:mod:`avss.threads`); a bfloat16 study keeps torch's default throughout."""
+        source = self.loaded.source
+        return (
+            self.threads == AUTO_THREADS
+            and source.get("device") == "cpu"
+            and source.get("dtype") == "float32"
+        )
 
     # --- folder ---------------------------------------------------------------------------------------
 
@@ -531,7 +544,9 @@ class Study:
             cell.metrics, cell.reused_from = twin.metrics, twin.key
         else:
             model = self.loaded.model
-            cell.threads = set_threads(self.threads) if self.loaded.source.get("device") == "cpu" else None
+            if self.adapts_threads:
+                set_threads(self.threads)
+            cell.threads = torch.get_num_threads() if self.loaded.source.get("device") == "cpu" else None
             self.log(
                 f"evaluating {cell.key}: removing {removed}"
                 + (f" ({cell.threads} threads)" if cell.threads else "")

@@ -8,7 +8,10 @@ avss samples ``/proc/stat`` for a quarter of a second and runs as many threads a
 one, at most torch's default). An explicit ``--threads N`` or an ``OMP_NUM_THREADS`` in the environment is
 the user's choice and is kept. Off Linux (no ``/proc/stat``) ``auto`` keeps torch's default.
 
-The thread count changes only speed; it is recorded beside wall times so they can be read.
+Only in float32 does ``auto`` adapt: there the thread count changes speed only (identical logits at 1 and
+2 threads), while in bfloat16 on CPU it changes results (SmolLM2: logits up to 1.06 apart, argmax agreeing
+on 92% of random-token positions; ``benchmarks/threads_determinism.md``), so a result would depend on the
+machine's load. There ``auto`` is torch's default, and the count is recorded with the model either way.
 """
 
 from __future__ import annotations
@@ -96,11 +99,12 @@ def _sample_idle() -> float | None:
     return idle_cpus(before, after, cpus) if before else None
 
 
-def set_threads(setting: str | int = AUTO) -> int:
+def set_threads(setting: str | int = AUTO, *, adapt: bool = True) -> int:
     """Apply ``setting`` (see the module docstring) to torch and return the number of threads it now uses.
 
-    Called again with ``auto`` (the study does so before every cell), it measures again, so a run that
-    started on a busy machine speeds up once the machine is free.
+    ``auto`` with ``adapt`` measures the idle cores (again on every call older than
+    :data:`REUSE_SECONDS`, so a study that started on a busy machine speeds up once it is free); without
+    ``adapt`` it is torch's default, for computations whose result the thread count changes (bfloat16).
     """
     import torch
 
@@ -111,7 +115,7 @@ def set_threads(setting: str | int = AUTO) -> int:
     if chosen == AUTO:
         if "OMP_NUM_THREADS" in os.environ:
             return torch.get_num_threads()
-        idle = _measure_idle()
+        idle = _measure_idle() if adapt else None
         chosen = _default if idle is None else threads_for(idle, _default)
     if chosen != torch.get_num_threads():
         torch.set_num_threads(int(chosen))
