@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from avss.evaluation import comparison
-from avss.evaluation.uncertainty import BOOTSTRAP, Interval, bootstrap_ratio
+from avss.evaluation.uncertainty import BOOTSTRAP, bootstrap_ratio, paired_ratio_difference
 from avss.study_analysis import load_evaluations
 
 
@@ -35,15 +35,6 @@ def pooled(evaluation, tasks: list[str], ids: dict[str, list[str]] | None = None
         order[task] = ids[task] if ids else sorted(by_id)
         values.extend(by_id[i] for i in order[task])
     return np.asarray(values, dtype=np.float64), order
-
-
-def repair_gain(base: np.ndarray, plain: np.ndarray, repaired: np.ndarray) -> Interval:
-    """Retention of a repaired cell minus its unrepaired twin's, all three on the same resampled examples."""
-    base_sums, plain_sums, repaired_sums = BOOTSTRAP.sums([base, plain, repaired])
-    gains = (repaired_sums - plain_sums) / base_sums
-    return BOOTSTRAP.interval(
-        (repaired.sum() - plain.sum()) / base.sum(), gains, base.size, "paired-bootstrap"
-    )
 
 
 def main() -> None:
@@ -78,7 +69,8 @@ def main() -> None:
         }
         plain = key.replace("+patch", "")
         if plain != key and plain in values:
-            gain = repair_gain(base_values, values[plain], values[key])
+            # Repaired over base minus plain over base, all three on the same resampled examples.
+            gain = paired_ratio_difference(values[plain], base_values, values[key], base_values, BOOTSTRAP)
             row["gain_over"] = plain
             row.update(gain=gain.estimate, gain_low=gain.low, gain_high=gain.high)
         rows.append(row)

@@ -251,8 +251,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """How :func:`load_model` loads: device, precision, and whether repository code may run or pickled
-    weights load. Checked when built, so a bad device or dtype fails before any file is read."""
+    """How :func:`load_model` loads and runs: device, precision, whether repository code may run or pickled
+    weights load, and the CPU threads. Checked when built, so a bad value fails before any file is read."""
 
     device: str = "auto"
     dtype: str = "auto"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -105,6 +105,18 @@ class Work:
 
 
 Sequence_ = tuple[list[int], int]  # a request's tokens, the last ``n`` of which are scored
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How a set of encoded requests is run (indices into them): ``groups`` of requests packed into one
+    row each, shared ``contexts`` scored on a KV cache (context tokens -> requests), the ``rest`` alone."""
+
+    groups: list[list[int]]
+    contexts: dict[tuple[int, ...], list[int]]
+    rest: list[int]
+
+
 # Packed rows stay below this many tokens: their attention mask is (batch, width, width).
 PACKED_WIDTH = 2048
 # A request joins a packed row only if that saves this share of its tokens: attention over a packed row is
@@ -309,18 +321,15 @@ class LanguageModel:
         unique = list(dict.fromkeys(requests))
         sequences = [self.encode_request(request) for request in unique]
         self.progress.add_total(len(sequences))
+        plan = self._plan(sequences)
         scores: dict[int, Loglikelihood] = {}
-        if self._can_pack:
-            groups = self._prefix_groups(sequences)
-            rows = [_PackedRow.of([sequences[i] for i in group]) for group in groups]
-            for group, scored in zip(groups, self._score_packed(rows), strict=True):
-                scores.update(zip(group, scored, strict=True))
-        else:
-            for context, members in self._shared_contexts(sequences).items():
-                continuations = [sequences[i][0][-sequences[i][1] :] for i in members]
-                scores.update(zip(members, self._score_on_cache(list(context), continuations), strict=True))
-        rest = [i for i in range(len(sequences)) if i not in scores]
-        scores.update(zip(rest, self._score_tails([sequences[i] for i in rest]), strict=True))
+        rows = [_PackedRow.of([sequences[i] for i in group]) for group in plan.groups]
+        for group, scored in zip(plan.groups, self._score_packed(rows), strict=True):
+            scores.update(zip(group, scored, strict=True))
+        for context, members in plan.contexts.items():
+            continuations = [sequences[i][0][-sequences[i][1] :] for i in members]
+            scores.update(zip(members, self._score_on_cache(list(context), continuations), strict=True))
+        scores.update(zip(plan.rest, self._score_tails([sequences[i] for i in plan.rest]), strict=True))
         by_request = {request: scores[i] for i, request in enumerate(unique)}
         return [by_request[request] for request in requests]
 
@@ -329,32 +338,36 @@ class LanguageModel:
         would run, from the same packing and batching plan, summed (:class:`Work`)."""
         unique = list(dict.fromkeys(requests))
         sequences = [self.encode_request(request) for request in unique]
+        plan = self._plan(sequences)
         work = Work()
-        scored: set[int] = set()
-        if self._can_pack:
-            groups = self._prefix_groups(sequences)
-            packed = [_PackedRow.of([sequences[i] for i in group]) for group in groups]
-            for batch in self._packed_batches(packed):
-                width = max(len(packed[i].tokens) for i in batch)
-                keep = max(packed[i].keep for i in batch)
-                work = work.plus(len(batch), width, keep, self._accepts_logits_to_keep)
-            scored = {i for group in groups for i in group}
-        else:
-            for context, members in self._shared_contexts(sequences).items():
-                work = work.plus(1, len(context), 1, self._accepts_logits_to_keep)
-                continuations = [sequences[i][0][-sequences[i][1] :] for i in members]
-                for batch in self._cache_batches(continuations):
-                    width = max(len(continuations[i]) for i in batch) - 1
-                    if width > 0:
-                        work = work.plus(len(batch), width, width, True)
-                scored.update(members)
-        rows = self._tail_rows([sequences[i] for i in range(len(sequences)) if i not in scored])
+        packed = [_PackedRow.of([sequences[i] for i in group]) for group in plan.groups]
+        for batch in self._packed_batches(packed):
+            width = max(len(packed[i].tokens) for i in batch)
+            keep = max(packed[i].keep for i in batch)
+            work = work.plus(len(batch), width, keep, self._accepts_logits_to_keep)
+        for context, members in plan.contexts.items():
+            work = work.plus(1, len(context), 1, self._accepts_logits_to_keep)
+            continuations = [sequences[i][0][-sequences[i][1] :] for i in members]
+            for batch in self._cache_batches(continuations):
+                width = max(len(continuations[i]) for i in batch) - 1
+                if width > 0:
+                    work = work.plus(len(batch), width, width, True)
+        rows = self._tail_rows([sequences[i] for i in plan.rest])
         for batch in self._tail_batches(rows):
             width = max(len(rows[i].inputs) for i in batch)
             work = work.plus(
                 len(batch), width, _keep_width([rows[i] for i in batch]), self._accepts_logits_to_keep
             )
-        return replace(work, requests=len(sequences), packed_requests=len(scored) if self._can_pack else 0)
+        packed_requests = sum(len(group) for group in plan.groups)
+        return replace(work, requests=len(sequences), packed_requests=packed_requests)
+
+    def _plan(self, sequences: Sequence[Sequence_]) -> _Plan:
+        """Which requests run as packed rows, which on a shared context's KV cache (models that cannot
+        pack), and which in plain batches: the one decision :meth:`loglikelihood` and :meth:`work` share."""
+        groups = self._prefix_groups(sequences) if self._can_pack else []
+        contexts = {} if self._can_pack else self._shared_contexts(sequences)
+        shared = {i for members in [*groups, *contexts.values()] for i in members}
+        return _Plan(groups, contexts, [i for i in range(len(sequences)) if i not in shared])
 
     @property
     def _can_pack(self) -> bool:
@@ -528,7 +541,7 @@ class LanguageModel:
         order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].tokens), rows[i].tokens))
         return self._batched(order, lambda batch: _keep_width([rows[i] for i in batch]))
 
-    def _batched(self, order: list[int], keep: Any) -> list[list[int]]:
+    def _batched(self, order: list[int], keep: Callable[[list[int]], int]) -> list[list[int]]:
         """``order`` cut into batches of ``batch_size``, each shortened until ``keep(batch)`` positions of
         float32 logits per row fit :data:`LOGITS_BUDGET_BYTES`."""
         batches, start = [], 0
