@@ -11,6 +11,10 @@ on the same questions. One process loads the model once; each step starts from a
 ``ranking``
     per fold, EAVSS of the training questions only, the label-permutation null of the ranking and the
     bootstrap stability of its top-k set (no model needed once ``stats`` exists).
+``tune:LR``
+    the all-layers arm trained on fold ``--tune-fold``'s training questions for ``--tune-epochs`` epochs at
+    learning rate ``LR`` with no early stopping: the validation-loss curve, and nothing scored on test. With
+    ``--lr auto`` every ``train`` step uses the tuned rate whose best validation loss is lowest.
 ``base:F``, ``dola:F``
     the base model, and DoLa as its authors score multiple choice, on test fold ``F``.
 ``steer:SELECTION:F``
@@ -29,6 +33,9 @@ Usage (resumable; rerun to continue)::
 
     python benchmarks/eavss_cv.py --model smollm2-135m --out benchmarks/eavss_cv_smollm2 grid
     python benchmarks/eavss_cv.py --model smollm2-135m --out benchmarks/eavss_cv_smollm2 table
+
+Train in float32 on CPU: :func:`avss.training.train` casts nothing, and AdamW steps of 1e-4 on bfloat16
+weights of magnitude 0.05 round away (their spacing there is 2.4e-4).
 """
 
 from __future__ import annotations
@@ -121,7 +128,7 @@ class Study:
         result["metrics"]["pairs_test"] = {"accuracy": pair_accuracy(model, batches)}
         return result
 
-    def options(self, seed: int) -> MitigationOptions:
+    def options(self, seed: int, lr: float, epochs: int, patience: int | None = 1) -> MitigationOptions:
         args = self.args
         return MitigationOptions(
             contrast=args.contrast,
@@ -130,8 +137,24 @@ class Study:
             negatives=args.negatives,
             max_length=args.max_length,
             questions_per_batch=args.questions_per_batch,
-            train=TrainConfig(epochs=args.epochs, lr=args.lr, seed=seed, progress=False),
+            train=TrainConfig(epochs=epochs, lr=lr, patience=patience, seed=seed, progress=False),
         )
+
+    def learning_rate(self) -> float:
+        """``--lr``, or with ``--lr auto`` the tuned rate whose best validation loss is lowest (ties: the
+        smaller rate); the choice sees fold ``--tune-fold``'s validation questions only."""
+        if self.args.lr != "auto":
+            return float(self.args.lr)
+        tuned = {}
+        for rate in self.args.tune_lrs:
+            path = self.step_path(f"tune:{rate:g}")
+            if not path.is_file():
+                raise SystemExit(f"--lr auto needs the step tune:{rate:g} first")
+            tuned[rate] = min(json.loads(path.read_text())["mitigation"]["training"]["val_loss"][1:])
+        return min(tuned, key=lambda rate: (tuned[rate], rate))
+
+    def step_path(self, step: str) -> Path:
+        return self.out / "steps" / f"{step.replace(':', '_')}.json"
 
     def run(self, step: str) -> dict[str, Any]:
         kind, *parts = step.split(":")
@@ -145,6 +168,8 @@ class Study:
         if kind == "ranking":
             record["folds"] = [self.ranking(fold) for fold in range(self.args.folds)]
             return record
+        if kind == "tune":
+            return {**record, **self.tune(float(parts[0]))}
         fold = int(parts[-1])
         self.folds.check(fold)
         model = copy.deepcopy(self.loaded.model)
@@ -168,7 +193,7 @@ class Study:
                 self.pairs(fold, "train"),
                 self.pairs(fold, "validation"),
                 layers,
-                self.options(seed),
+                self.options(seed, self.learning_rate(), self.args.epochs),
                 splitter=self.folds.splitter(fold),
             )
             record.update(layers=layers, mitigation=result.record, eval=self.evaluate(model, fold))
@@ -186,6 +211,21 @@ class Study:
             "null": permutation_null(train, args.k, permutations=args.permutations, seed=fold).to_dict(),
             "stability": bootstrap_topk(train, args.k, resamples=args.permutations, seed=fold).to_dict(),
         }
+
+    def tune(self, lr: float) -> dict[str, Any]:
+        """The all-layers arm on the tuning fold at rate ``lr``, every epoch run and kept in the curve."""
+        fold = self.args.tune_fold
+        model = copy.deepcopy(self.loaded.model)
+        _, result = mitigate(
+            model,
+            self.loaded.tokenizer,
+            self.pairs(fold, "train"),
+            self.pairs(fold, "validation"),
+            list(range(get_adapter(model).num_layers)),
+            self.options(0, lr, self.args.tune_epochs, patience=None),
+            splitter=self.folds.splitter(fold),
+        )
+        return {"fold": fold, "lr": lr, "mitigation": result.record}
 
     def steered(self, model: Any, layers: list[int], fold: int) -> dict[str, Any]:
         """Steering strength chosen on validation pair accuracy (never on test), then the test evaluation."""
@@ -209,6 +249,8 @@ class Study:
         args = self.args
         folds = range(args.folds)
         steps = ["stats", "ranking"]
+        if args.lr == "auto":
+            steps += [f"tune:{rate:g}" for rate in args.tune_lrs]
         steps += [f"base:{f}" for f in folds]
         for seed in range(args.seeds):
             steps += [
@@ -311,7 +353,7 @@ def table(study: Study) -> None:
             ]
             cells += [f"{mc1['mcnemar_p']:.2g}", interval(mc2["value"]), interval(mc2["difference"], True)]
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *null_band(results)]
+    lines += ["", *null_band(results), "", *tuning_curves(steps, results)]
     results["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     results["command"] = " ".join(["benchmarks/eavss_cv.py", *sys.argv[1:]])
     atomic_write_json(study.out / "results.json", results)
@@ -333,6 +375,32 @@ def null_band(results: dict[str, Any]) -> list[str]:
             band = {q: float(np.quantile(values, q)) for q in (0.05, 0.5, 0.95)}
             results["random_band"][f"{subset}.{metric}"] = band
             lines.append(f"- {metric} ({subset}): {band[0.5]:+.3f} [{band[0.05]:+.3f}, {band[0.95]:+.3f}]")
+    return lines
+
+
+def tuning_curves(steps: dict[str, dict[str, Any]], results: dict[str, Any]) -> list[str]:
+    """The all-layers arm's validation loss after every epoch at each tuned rate (epoch 0: before training),
+    stored in ``results["tuning"]``: the evidence that the training budget moves the model."""
+    tuned = [record for record in steps.values() if record["step"].startswith("tune:")]
+    if not tuned:
+        return []
+    results["tuning"] = {}
+    lines = ["Validation loss of the all-layers arm per epoch (epoch 0 = before training):", ""]
+    for record in sorted(tuned, key=lambda r: r["lr"]):
+        mitigation = record["mitigation"]
+        curve = mitigation["training"]["val_loss"]
+        pairs = mitigation["val_pair_accuracy"]
+        results["tuning"][f"{record['lr']:g}"] = {
+            "fold": record["fold"],
+            "val_loss": curve,
+            "val_pair_accuracy": pairs,
+            "val_pairs": mitigation["val_pairs"],
+        }
+        losses = ", ".join(f"{value:.3f}" for value in curve)
+        lines.append(
+            f"- lr {record['lr']:g} (fold {record['fold']}): {losses}; "
+            f"validation pair accuracy {pairs['before']:.3f} -> {pairs['after']:.3f}"
+        )
     return lines
 
 
@@ -375,8 +443,13 @@ def main() -> None:
     parser.add_argument("--negatives", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--questions-per-batch", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--epochs", type=int, default=1, help="most epochs per fold (early stopping)")
+    parser.add_argument("--lr", default="1e-4", help="a learning rate, or auto (the best tune:LR)")
+    parser.add_argument(
+        "--tune-lrs", default="1e-5,3e-5,1e-4", type=lambda s: [float(r) for r in s.split(",")]
+    )
+    parser.add_argument("--tune-epochs", type=int, default=4)
+    parser.add_argument("--tune-fold", type=int, default=0)
     parser.add_argument(
         "--transfer-tasks", default="sciq,arc_easy,wikitext2", type=lambda s: [t for t in s.split(",") if t]
     )
@@ -394,7 +467,7 @@ def main() -> None:
     (args.out / "steps").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     for step in steps:
-        path = args.out / "steps" / f"{step.replace(':', '_')}.json"
+        path = study.step_path(step)
         if path.is_file():
             continue
         if time.perf_counter() - started > args.budget_s:

@@ -9,7 +9,7 @@ import torch
 
 from _tiny import random_batch, tiny_model
 from avss.errors import CheckpointError
-from avss.training import TrainConfig, prefix_selector, set_trainable, train
+from avss.training import TrainConfig, half_precision_warning, prefix_selector, set_trainable, train
 
 
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -40,6 +40,20 @@ def test_only_selected_parameters_change() -> None:
     assert result.optimizer_state_bytes == 2 * 4 * result.trainable_parameters + 4 * sum(
         1 for n, _ in model.named_parameters() if n.startswith("model.layers.1.")
     )
+
+
+def test_sixteen_bit_trainable_weights_are_warned_about() -> None:
+    # The reason: an AdamW-sized step of 1e-4 on a bfloat16 weight near 0.05 rounds back to the weight.
+    weight = torch.tensor(0.05, dtype=torch.bfloat16)
+    assert weight + torch.tensor(1e-4, dtype=torch.bfloat16) == weight
+    params = {"a": torch.nn.Parameter(torch.zeros(2)), "b": torch.nn.Parameter(torch.zeros(2))}
+    assert half_precision_warning(params) is None
+    params["b"] = torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
+    assert "bfloat16 weights" in half_precision_warning(params)
+    model = tiny_model("llama", num_layers=2).to(torch.bfloat16)
+    config = TrainConfig(progress=False)
+    result = train(model, lm_loss, batches(1), trainable=prefix_selector(["model.layers.0"]), config=config)
+    assert result.warnings == [half_precision_warning(dict(model.model.layers[0].named_parameters()))]
 
 
 def test_empty_selection_is_an_error() -> None:

@@ -84,6 +84,7 @@ class TrainResult:
     peak_memory_kind: str = ""
     wall_time_s: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,6 +111,22 @@ def prefix_selector(prefixes: Sequence[str]) -> ParamPredicate:
 def substring_selector(marker: str) -> ParamPredicate:
     """Train the parameters whose name contains ``marker`` (e.g. ``lora_`` for adapter weights)."""
     return lambda name, param: marker in name
+
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def half_precision_warning(params: dict[str, nn.Parameter]) -> str | None:
+    """A warning when trainable weights are stored in 16 bits: AdamW adds about ``lr`` to each weight per
+    step, and below the weight's spacing (2.4e-4 for bfloat16 near 0.05) the addition rounds away, so a run
+    at ``lr=1e-4`` can train nothing. Autocast keeps the speed with float32 weights."""
+    half = sorted({str(p.dtype).removeprefix("torch.") for p in params.values() if p.dtype in HALF_DTYPES})
+    if not half:
+        return None
+    return (
+        f"training {'/'.join(half)} weights directly: updates smaller than their resolution are lost; "
+        "load the model with --dtype float32 (on GPU, bf16 autocast keeps the speed)"
+    )
 
 
 def _autocast(device: torch.device, bf16: bool) -> Any:
@@ -234,6 +251,8 @@ def train(
         total_parameters=sum(p.numel() for p in model.parameters()),
         config=asdict(config),
     )
+    if (warning := half_precision_warning(params)) is not None:
+        result.warnings.append(warning)
     start_epoch = 0
     best_state: dict[str, torch.Tensor] | None = None
     best_val = math.inf

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from avss.cli._app import app, console
+from avss.cli.core import print_warnings
 from avss.cli.options import (
     LOADING,
     BenchmarkDir,
@@ -202,6 +203,8 @@ def mitigate_command(
     loaded = load_model(model, **asdict(loading))
     record = mitigation_run(loaded, spec, plan, options, eavss, out, overwrite)
     trained = [round_["layers"] for round_ in record["rounds"]]
+    trainings = [round_["mitigation"]["training"] for round_ in record["rounds"]]
+    print_warnings(sorted({warning for training in trainings for warning in training.get("warnings", [])}))
     console.print(f"trained layers per round: {trained}; saved to {out}")
     table = Table(title="Before / after on test-split questions")
     for column in ("task", "metric", "before", "after", "change"):

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from avss.cli._app import app, console
+from avss.cli.core import print_warnings
 from avss.cli.options import (
     CALIBRATION_TEXT,
     BatchSize,
@@ -107,6 +108,7 @@ def heal_command(
         dtype=dtype,
         overwrite=overwrite,
     )
+    print_warnings(result.record.training["warnings"])
     console.print(heal_summary(result))
     saved = "model" if result.record.merged else f"LoRA adapter for {pruned_dir}"
     console.print(f"healed {saved} saved to {out}")
