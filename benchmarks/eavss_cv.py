@@ -55,7 +55,7 @@ import numpy as np
 
 from avss.adapters import get_adapter
 from avss.data import resolve_data_dir
-from avss.evaluation.uncertainty import bootstrap_mean, mcnemar, paired_difference
+from avss.evaluation.uncertainty import bootstrap_mean, holm, mcnemar, paired_difference
 from avss.hallucination.answer_stats import AnswerStats, collect_answer_stats
 from avss.hallucination.batches import contrastive_batches
 from avss.hallucination.dola import DolaConfig, DolaModel
@@ -305,18 +305,37 @@ def leakage_free_ids(study: Study) -> set[str]:
     return kept
 
 
+# 80% power at two-sided alpha 0.05: a true difference of (1.96 + 0.84) standard errors is detected.
+DETECTABLE_IN_SE = 1.96 + 0.84
+
+
 def compare(base: dict[str, float], new: dict[str, float], binary: bool, subset: set[str] | None) -> dict:
+    """``new`` against ``base`` on their shared questions (within ``subset``): the value, the paired
+    difference, the smallest true difference the comparison detects with 80% power, and McNemar's p where
+    both are per-question 0/1 scores."""
     ids = sorted(set(base) & set(new) & (subset if subset is not None else set(base)))
     b = np.array([base[i] for i in ids])
     n = np.array([new[i] for i in ids])
+    difference = paired_difference(b, n).to_dict()
     row = {
         "n": len(ids),
         "value": bootstrap_mean(n).to_dict(),
-        "difference": paired_difference(b, n).to_dict(),
+        "difference": difference,
+        "detectable": DETECTABLE_IN_SE * (difference["high"] - difference["low"]) / (2 * 1.96),
     }
     if binary:
         row["mcnemar_p"] = mcnemar(b, n).p_value
     return row
+
+
+def random_mean(complete: dict[str, list[dict[str, Any]]], metric: str) -> dict[str, float]:
+    """Per question, the mean of ``metric`` over the finished random-k draws: what choosing k layers at
+    random gives, against which the EAVSS choice is compared question by question."""
+    draws = [pooled(records, metric) for arm, records in complete.items() if arm.startswith("train:random:")]
+    if not draws:
+        return {}
+    ids = set.intersection(*(set(draw) for draw in draws))
+    return {i: float(np.mean([draw[i] for draw in draws])) for i in ids}
 
 
 def table(study: Study) -> None:
@@ -334,31 +353,80 @@ def table(study: Study) -> None:
         "arms": {},
         "incomplete": sorted(set(arms) - set(complete)),
     }
-    header = ("arm", "questions", "MC1 [95% CI]", "MC1 - base", "McNemar p", "MC2 [95% CI]", "MC2 - base")
+    metrics = ("mc1", "mc2")
+    base = {metric: pooled(complete["base"], metric) for metric in metrics}
+    random = {metric: random_mean(complete, metric) for metric in metrics}
+    header = (
+        "arm",
+        "questions",
+        "MC1 [95% CI]",
+        "MC1 - base",
+        "McNemar p (Holm)",
+        "MC1 - random",
+        "MC2 [95% CI]",
+        "MC2 - base",
+        "MC2 - random",
+    )
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for name, subset in subsets.items():
-        base = {metric: pooled(complete["base"], metric) for metric in ("mc1", "mc2")}
+        rows = {}
         for arm, records in sorted(complete.items()):
-            rows = {
+            rows[arm] = {
                 metric: compare(base[metric], pooled(records, metric), metric == "mc1", subset)
-                for metric in ("mc1", "mc2")
+                for metric in metrics
             }
-            results["arms"].setdefault(arm, {})[name] = rows
-            mc1, mc2 = rows["mc1"], rows["mc2"]
+            if random["mc1"] and arm != "base" and not arm.startswith("train:random:"):
+                for metric in metrics:
+                    versus = compare(random[metric], pooled(records, metric), False, subset)
+                    rows[arm][metric]["versus_random"] = versus
+        tested = [arm for arm in rows if arm != "base"]
+        adjusted = holm([rows[arm]["mc1"]["mcnemar_p"] for arm in tested])
+        for arm, p_value in zip(tested, adjusted, strict=True):
+            rows[arm]["mc1"]["mcnemar_p_holm"] = p_value
+        for arm, row in rows.items():
+            results["arms"].setdefault(arm, {})[name] = row
+            mc1, mc2 = row["mc1"], row["mc2"]
+            versus = [
+                interval(row[m]["versus_random"]["difference"], True) if "versus_random" in row[m] else "-"
+                for m in metrics
+            ]
+            holm_p = f" ({mc1['mcnemar_p_holm']:.2g})" if "mcnemar_p_holm" in mc1 else ""
             cells = [
                 f"{arm} ({name})",
                 str(mc1["n"]),
                 interval(mc1["value"]),
                 interval(mc1["difference"], True),
             ]
-            cells += [f"{mc1['mcnemar_p']:.2g}", interval(mc2["value"]), interval(mc2["difference"], True)]
+            cells += [f"{mc1['mcnemar_p']:.2g}{holm_p}", versus[0], interval(mc2["value"])]
+            cells += [interval(mc2["difference"], True), versus[1]]
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *null_band(results), "", *tuning_curves(steps, results)]
+    lines += ["", *detectable(results), "", *null_band(results), "", *tuning_curves(steps, results)]
     results["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     results["command"] = " ".join(["benchmarks/eavss_cv.py", *sys.argv[1:]])
     atomic_write_json(study.out / "results.json", results)
     atomic_write_text(study.out / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def detectable(results: dict[str, Any]) -> list[str]:
+    """The power of the table in one line per subset: the median over arms of the smallest true paired
+    difference (against base, and against the random draws) detected with 80% power."""
+    lines = []
+    for subset in ("all", "leakage-free"):
+        rows = [arm[subset] for name, arm in results["arms"].items() if name != "base"]
+        if not rows:
+            continue
+        parts = []
+        for metric in ("mc1", "mc2"):
+            against_base = np.median([row[metric]["detectable"] for row in rows])
+            parts.append(f"{metric.upper()} {against_base:.3f} against base")
+            versus = [
+                row[metric]["versus_random"]["detectable"] for row in rows if "versus_random" in row[metric]
+            ]
+            if versus:
+                parts.append(f"{np.median(versus):.3f} against random")
+        lines.append(f"- detectable with 80% power ({subset}, median over arms): " + "; ".join(parts))
+    return lines
 
 
 def null_band(results: dict[str, Any]) -> list[str]:
