@@ -245,20 +245,26 @@ class Study:
         return {"alpha": best, "validation_curve": curve, "eval": evaluation}
 
     def grid(self) -> list[str]:
-        """Every step of the study, cheapest first so a cut-short study still compares arms."""
+        """Every step of the study in run order, so that a study cut short still compares arms: the
+        training-free steps first (ranking, base, steering, DoLa), then the learning-rate tuning, then the
+        trained arms with a random-k draw after each of seed 0's selected arms, the rest of the draws, and
+        the further seeds last. Each arm covers every fold before the next begins."""
         args = self.args
         folds = range(args.folds)
         steps = ["stats", "ranking"]
-        if args.lr == "auto":
-            steps += [f"tune:{rate:g}" for rate in args.tune_lrs]
         steps += [f"base:{f}" for f in folds]
-        for seed in range(args.seeds):
-            steps += [
-                f"train:{selection}:{seed}:{f}" for selection in ("eavss", "all", "lowest") for f in folds
-            ]
-        steps += [f"train:random:{100 + draw}:{f}" for draw in range(args.random_draws) for f in folds]
         steps += [f"steer:{selection}:{f}" for selection in ("eavss", "random") for f in folds]
         steps += [f"dola:{f}" for f in folds]
+        if args.lr == "auto":
+            steps += [f"tune:{rate:g}" for rate in args.tune_lrs]
+        draws = [f"random:{100 + draw}" for draw in range(args.random_draws)]
+        selected = [f"{selection}:0" for selection in ("eavss", "all", "lowest")]
+        arms = [arm for pair in zip(selected, draws, strict=False) for arm in pair]
+        arms += selected[len(draws) :] + draws[len(selected) :]
+        arms += [
+            f"{selection}:{seed}" for seed in range(1, args.seeds) for selection in ("eavss", "all", "lowest")
+        ]
+        steps += [f"train:{arm}:{f}" for arm in arms for f in folds]
         return steps
 
 
