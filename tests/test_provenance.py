@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 import avss
+from avss import provenance
 from avss.errors import HealConfigError
 from avss.evaluation.runner import RESULT_FORMAT
 from avss.healing.heal import HEALING_FILE, HEALING_FORMAT, read_pruning_record
@@ -112,3 +113,13 @@ def test_heal_reads_untagged_pruning_records_and_refuses_newer_ones(tmp_path: Pa
     (tmp_path / PROVENANCE_FILE).write_text(json.dumps({**record, "format": "avss-pruning/9"}))
     with pytest.raises(HealConfigError, match=r"avss-pruning/9.*reads avss-pruning/2"):
         read_pruning_record(tmp_path)
+
+
+def test_processor_reads_the_model_name_from_cpuinfo(tmp_path: Path, monkeypatch) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14\n")
+    monkeypatch.setattr(provenance, "CPUINFO", cpuinfo)
+    assert provenance.processor() == "AMD EPYC 9R14"
+    monkeypatch.setattr(provenance, "CPUINFO", tmp_path / "missing")
+    monkeypatch.setattr(provenance.platform, "processor", lambda: "arm")
+    assert provenance.processor() == "arm"

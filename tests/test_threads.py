@@ -10,6 +10,7 @@ import torch
 
 from avss import threads
 from avss.errors import OptionError
+from avss.provenance import processor
 
 # Two samples of /proc/stat, 100 ticks apart on each CPU: cpu0 idle 75 of 100 ticks (idle 70 + iowait 5),
 # cpu1 busy throughout, cpu2 idle throughout.
@@ -116,6 +117,7 @@ def test_load_model_applies_the_count_and_records_it(saved_tiny_model, monkeypat
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     loaded = load_model(str(saved_tiny_model()), device="cpu", threads="1")
     assert torch.get_num_threads() == 1 and loaded.source["threads"] == 1
+    assert loaded.source["processor"] == processor() != ""
 
 
 def test_auto_without_adapting_is_the_default_and_measures_nothing(monkeypatch):

@@ -18,6 +18,7 @@ import torch
 
 from avss.errors import AvssError, DeviceError, ModelAssemblyError, ModelNotFoundError, WeightsError
 from avss.launch import rank_max_memory
+from avss.provenance import processor
 from avss.threads import AUTO as AUTO_THREADS
 from avss.threads import parse_threads, set_threads
 
@@ -489,5 +490,7 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     source.update({"dtype": str(torch_dtype).removeprefix("torch."), "device": str(torch_device)})
     source["threads"] = torch.get_num_threads()
+    if torch_device.type == "cpu":
+        source["processor"] = processor()
     source["model_type"] = config.model_type
     return LoadedModel(model, tokenizer, source)

@@ -41,6 +41,20 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def processor() -> str:
+    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) Platinum 8488C"): bfloat16 results and every
+    timing depend on it, so results computed on CPU name it. Linux's /proc/cpuinfo, else ``platform``'s."""
+    if CPUINFO.is_file():
+        for line in CPUINFO.read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def command_line() -> str:
     """The running command as a shell line (``avss score ...`` from the CLI), so a result can be re-run."""
     return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])

@@ -49,7 +49,7 @@ from avss.healing.methods import get_heal_method
 from avss.healing.patch import check_patchable, linear_patch
 from avss.io import atomic_write_json, atomic_write_text, ensure_parent_writable, to_json
 from avss.models import DTYPES, LoadedModel, load_model
-from avss.provenance import Provenance
+from avss.provenance import Provenance, processor
 from avss.pruning.rules import check_budget, protected_layers
 from avss.pruning.select import Selection, select_iteratively
 from avss.pruning.sublayers import equal_parameter_budget, remove_sublayers
@@ -263,6 +263,7 @@ class Cell:
     seconds: float
     reused_from: str | None = None
     threads: int | None = None  # torch's CPU threads while it was evaluated (read its seconds with it)
+    processor: str | None = None  # the CPU it was evaluated on (bfloat16 results and seconds depend on it)
 
     @property
     def key(self) -> str:
@@ -546,7 +547,8 @@ class Study:
             model = self.loaded.model
             if self.adapts_threads:
                 set_threads(self.threads)
-            cell.threads = torch.get_num_threads() if self.loaded.source.get("device") == "cpu" else None
+            if self.loaded.source.get("device") == "cpu":
+                cell.threads, cell.processor = torch.get_num_threads(), processor()
             self.log(
                 f"evaluating {cell.key}: removing {removed}"
                 + (f" ({cell.threads} threads)" if cell.threads else "")
