@@ -407,6 +407,7 @@ def table(study: Study) -> None:
             cells += [interval(mc2["difference"], True), versus[1]]
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *detectable(results), "", *null_band(results), "", *tuning_curves(steps, results)]
+    lines += ["", *ranking_summary(steps, results)]
     results["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     results["command"] = " ".join(["benchmarks/eavss_cv.py", *sys.argv[1:]])
     atomic_write_json(study.out / "results.json", results)
@@ -449,6 +450,40 @@ def null_band(results: dict[str, Any]) -> list[str]:
             band = {q: float(np.quantile(values, q)) for q in (0.05, 0.5, 0.95)}
             results["random_band"][f"{subset}.{metric}"] = band
             lines.append(f"- {metric} ({subset}): {band[0.5]:+.3f} [{band[0.05]:+.3f}, {band[0.95]:+.3f}]")
+    return lines
+
+
+def ranking_summary(steps: dict[str, dict[str, Any]], results: dict[str, Any]) -> list[str]:
+    """Per fold, whether the EAVSS ranking of the training questions differs from shuffled labels (the
+    top-k gap's permutation p) and how stable its top-k set is over bootstrap resamples of the questions;
+    stored in ``results["ranking"]``."""
+    if "ranking" not in steps:
+        return []
+    rows = []
+    lines = [
+        "EAVSS ranking per fold (training questions only): top-k, label-permutation p of the top-k gap, "
+        "bootstrap Jaccard of the top-k set (mean), share of resamples keeping each top layer:",
+        "",
+    ]
+    for fold in steps["ranking"]["folds"]:
+        null, stability = fold["null"], fold["stability"]
+        inclusion = {layer: stability["inclusion"][layer] for layer in fold["top"]}
+        rows.append(
+            {
+                "fold": fold["fold"],
+                "top": fold["top"],
+                "p_value": null["p_value"],
+                "permutations": null["permutations"],
+                "jaccard_mean": stability["jaccard"]["mean"],
+                "inclusion": inclusion,
+            }
+        )
+        kept = ", ".join(f"{layer}: {share:.2f}" for layer, share in inclusion.items())
+        lines.append(
+            f"- fold {fold['fold']}: top {fold['top']}, p = {null['p_value']:.3f} "
+            f"({null['permutations']} shuffles), Jaccard {stability['jaccard']['mean']:.2f}, kept {kept}"
+        )
+    results["ranking"] = rows
     return lines
 
 
