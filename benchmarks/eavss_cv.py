@@ -572,7 +572,9 @@ def main() -> None:
     if args.steps == ["table"]:
         table(study)
         return
-    steps = study.grid() if args.steps == ["grid"] else args.steps
+    # "grid" stands for every grid step not named before it: `base:0 tune:1e-4 grid` runs those two first.
+    expanded = [name for step in args.steps for name in (study.grid() if step == "grid" else [step])]
+    steps = list(dict.fromkeys(expanded))
     (args.out / "steps").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     for step in steps:
