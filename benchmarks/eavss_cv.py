@@ -334,10 +334,11 @@ def compare(base: dict[str, float], new: dict[str, float], binary: bool, subset:
     return row
 
 
-def random_mean(complete: dict[str, list[dict[str, Any]]], metric: str) -> dict[str, float]:
-    """Per question, the mean of ``metric`` over the finished random-k draws: what choosing k layers at
-    random gives, against which the EAVSS choice is compared question by question."""
-    draws = [pooled(records, metric) for arm, records in complete.items() if arm.startswith("train:random:")]
+def random_mean(arms: dict[str, list[dict[str, Any]]], metric: str) -> dict[str, float]:
+    """Per question, the mean of ``metric`` over the random-k draws (on the questions every draw has
+    scored): what choosing k layers at random gives, against which the EAVSS choice is compared question by
+    question."""
+    draws = [pooled(records, metric) for arm, records in arms.items() if arm.startswith("train:random:")]
     if not draws:
         return {}
     ids = set.intersection(*(set(draw) for draw in draws))
@@ -350,18 +351,23 @@ def table(study: Study) -> None:
     for record in steps.values():
         if "eval" in record:
             arms.setdefault(arm_of(record["step"]), []).append(record)
-    complete = {arm: records for arm, records in arms.items() if len(records) == study.args.folds}
-    if "base" not in complete:
+    if len(arms.get("base", [])) != study.args.folds:
         raise SystemExit("the table needs base:F for every fold")
+    # An arm still running is compared on the test folds it has finished (its n says how many questions).
+    folds = {
+        arm: sorted(int(record["step"].rsplit(":", 1)[1]) for record in records)
+        for arm, records in arms.items()
+    }
     subsets = {"all": None, "leakage-free": leakage_free_ids(study)}
     results: dict[str, Any] = {
         "folds": study.args.folds,
         "arms": {},
-        "incomplete": sorted(set(arms) - set(complete)),
+        "arm_folds": folds,
+        "incomplete": sorted(arm for arm in arms if len(folds[arm]) < study.args.folds),
     }
     metrics = ("mc1", "mc2")
-    base = {metric: pooled(complete["base"], metric) for metric in metrics}
-    random = {metric: random_mean(complete, metric) for metric in metrics}
+    base = {metric: pooled(arms["base"], metric) for metric in metrics}
+    random = {metric: random_mean(arms, metric) for metric in metrics}
     header = (
         "arm",
         "questions",
@@ -376,7 +382,7 @@ def table(study: Study) -> None:
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for name, subset in subsets.items():
         rows = {}
-        for arm, records in sorted(complete.items()):
+        for arm, records in sorted(arms.items()):
             rows[arm] = {
                 metric: compare(base[metric], pooled(records, metric), metric == "mc1", subset)
                 for metric in metrics
@@ -397,8 +403,9 @@ def table(study: Study) -> None:
                 for m in metrics
             ]
             holm_p = f" ({mc1['mcnemar_p_holm']:.2g})" if "mcnemar_p_holm" in mc1 else ""
+            partial = f" [folds {','.join(map(str, folds[arm]))}]" if arm in results["incomplete"] else ""
             cells = [
-                f"{arm} ({name})",
+                f"{arm}{partial} ({name})",
                 str(mc1["n"]),
                 interval(mc1["value"]),
                 interval(mc1["difference"], True),
