@@ -55,7 +55,13 @@ import numpy as np
 
 from avss.adapters import get_adapter
 from avss.data import resolve_data_dir
-from avss.evaluation.uncertainty import bootstrap_mean, holm, mcnemar, paired_difference
+from avss.evaluation.uncertainty import (
+    bootstrap_mean,
+    holm,
+    mcnemar,
+    paired_difference,
+    paired_ratio_difference,
+)
 from avss.hallucination.answer_stats import AnswerStats, collect_answer_stats
 from avss.hallucination.batches import contrastive_batches
 from avss.hallucination.dola import DolaConfig, DolaModel
@@ -315,6 +321,18 @@ def leakage_free_ids(study: Study) -> set[str]:
 DETECTABLE_IN_SE = 1.96 + 0.84
 
 
+def chance_levels(study: Study) -> dict[str, float]:
+    """What a model that scores every choice alike gets on all questions: MC1 the mean of 1 / options, MC2
+    the mean share of true choices."""
+    from avss.evaluation import get_task
+
+    docs, _ = get_task(MC)().load(study.data_dir)
+    return {
+        "mc1": float(np.mean([1 / len(doc["mc1_labels"]) for doc in docs])),
+        "mc2": float(np.mean([sum(doc["mc2_labels"]) / len(doc["mc2_labels"]) for doc in docs])),
+    }
+
+
 def compare(base: dict[str, float], new: dict[str, float], binary: bool, subset: set[str] | None) -> dict:
     """``new`` against ``base`` on their shared questions (within ``subset``): the value, the paired
     difference, the smallest true difference the comparison detects with 80% power, and McNemar's p where
@@ -413,8 +431,14 @@ def table(study: Study) -> None:
             cells += [f"{mc1['mcnemar_p']:.2g}{holm_p}", versus[0], interval(mc2["value"])]
             cells += [interval(mc2["difference"], True), versus[1]]
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *detectable(results), "", *null_band(results), "", *tuning_curves(steps, results)]
-    lines += ["", *ranking_summary(steps, results)]
+    results["chance"] = chance_levels(study)
+    lines += [
+        "",
+        f"- guessing: MC1 {results['chance']['mc1']:.3f} (mean of 1 / options), MC2 "
+        f"{results['chance']['mc2']:.3f} (a uniform scorer: the share of true choices)",
+    ]
+    lines += [*detectable(results), "", *null_band(results), "", *tuning_curves(steps, results)]
+    lines += ["", *transfer(arms, results), "", *ranking_summary(steps, results)]
     results["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     results["command"] = " ".join(["benchmarks/eavss_cv.py", *sys.argv[1:]])
     atomic_write_json(study.out / "results.json", results)
@@ -457,6 +481,56 @@ def null_band(results: dict[str, Any]) -> list[str]:
             band = {q: float(np.quantile(values, q)) for q in (0.05, 0.5, 0.95)}
             results["random_band"][f"{subset}.{metric}"] = band
             lines.append(f"- {metric} ({subset}): {band[0.5]:+.3f} [{band[0.05]:+.3f}, {band[0.95]:+.3f}]")
+    return lines
+
+
+def transfer(arms: dict[str, list[dict[str, Any]]], results: dict[str, Any]) -> list[str]:
+    """What mitigation costs elsewhere, on the transfer folds: every other task's paired difference against
+    the base model on the same examples (accuracy; WikiText-2 as the change in NLL, nats per token), stored
+    in ``results["transfer"]``."""
+
+    def by_fold(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        return {int(record["step"].rsplit(":", 1)[1]): record for record in records}
+
+    base = by_fold(arms["base"])
+    rows: dict[str, dict[str, Any]] = {}
+    for arm, records in sorted(arms.items()):
+        for fold, record in by_fold(records).items():
+            for task, items in record["eval"]["records"].items():
+                if task == MC or arm == "base":
+                    continue
+                reference = {item["id"]: item for item in base[fold]["eval"]["records"][task]}
+                ids = [item["id"] for item in items if item["id"] in reference]
+                new = {item["id"]: item for item in items}
+                if "nll" in items[0]:
+                    columns = [
+                        [source[i][key] for i in ids]
+                        for source in (reference, new)
+                        for key in ("nll", "num_tokens")
+                    ]
+                    difference, metric = paired_ratio_difference(*columns), "NLL per token"
+                else:
+                    before = [reference[i]["metrics"]["accuracy"] for i in ids]
+                    after = [new[i]["metrics"]["accuracy"] for i in ids]
+                    difference, metric = paired_difference(before, after), "accuracy"
+                rows.setdefault(arm, {})[f"{task}:{fold}"] = {
+                    "metric": metric,
+                    "n": len(ids),
+                    "difference": difference.to_dict(),
+                }
+    if not rows:
+        return []
+    results["transfer"] = rows
+    lines = [
+        "Other tasks on the transfer folds, paired against base (accuracy; WikiText-2 NLL, nats/token):",
+        "",
+    ]
+    for arm, tasks in rows.items():
+        parts = [
+            f"{task} {row['metric']} {interval(row['difference'], True)} (n = {row['n']})"
+            for task, row in tasks.items()
+        ]
+        lines.append(f"- {arm}: " + "; ".join(parts))
     return lines
 
 
