@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import platform
 import subprocess
@@ -67,7 +68,13 @@ from avss.hallucination.batches import contrastive_batches
 from avss.hallucination.dola import DolaConfig, DolaModel
 from avss.hallucination.folds import Folds, is_refusal, leakage_free
 from avss.hallucination.heldout import evaluate_heldout
-from avss.hallucination.mitigate import MitigationOptions, choose_layers, mitigate, pair_accuracy
+from avss.hallucination.mitigate import (
+    MitigationOptions,
+    MitigationResult,
+    choose_layers,
+    mitigate,
+    pair_accuracy,
+)
 from avss.hallucination.pairs import load_pairs
 from avss.hallucination.significance import bootstrap_topk, permutation_null
 from avss.hallucination.steering import collect_mean_activations, steering
@@ -108,6 +115,14 @@ class Study:
         if self._stats is None:
             self._stats = AnswerStats.load(self.out / "answer_stats.pt")
         return self._stats
+
+    @functools.cached_property
+    def mc_docs(self) -> list[dict[str, Any]]:
+        """TruthfulQA MC's documents (the leakage filter and the guessing levels read them)."""
+        from avss.evaluation import get_task
+
+        docs, _ = get_task(MC)().load(self.data_dir)
+        return docs
 
     def fold_scores(self, fold: int) -> Any:
         """EAVSS of fold ``fold``'s training questions only (the test fold never chooses layers)."""
@@ -193,15 +208,8 @@ class Study:
         elif kind == "train":
             selection, seed = parts[0], int(parts[1])
             layers = choose_layers(selection, self.args.k, num_layers, self.fold_scores(fold), seed)
-            model, result = mitigate(
-                model,
-                self.loaded.tokenizer,
-                self.pairs(fold, "train"),
-                self.pairs(fold, "validation"),
-                layers,
-                self.options(seed, self.learning_rate(), self.args.epochs),
-                splitter=self.folds.splitter(fold),
-            )
+            options = self.options(seed, self.learning_rate(), self.args.epochs)
+            model, result = self.mitigated(model, fold, layers, options)
             record.update(layers=layers, mitigation=result.record, eval=self.evaluate(model, fold))
         else:
             raise SystemExit(f"unknown step {step!r}")
@@ -218,19 +226,28 @@ class Study:
             "stability": bootstrap_topk(train, args.k, resamples=args.permutations, seed=fold).to_dict(),
         }
 
-    def tune(self, lr: float) -> dict[str, Any]:
-        """The all-layers arm on the tuning fold at rate ``lr``, every epoch run and kept in the curve."""
-        fold = self.args.tune_fold
-        model = copy.deepcopy(self.loaded.model)
-        _, result = mitigate(
+    def mitigated(
+        self, model: Any, fold: int, layers: list[int], options: MitigationOptions
+    ) -> tuple[Any, MitigationResult]:
+        """``layers`` of ``model`` trained on fold ``fold``'s training questions, validated on its
+        validation share."""
+        return mitigate(
             model,
             self.loaded.tokenizer,
             self.pairs(fold, "train"),
             self.pairs(fold, "validation"),
-            list(range(get_adapter(model).num_layers)),
-            self.options(0, lr, self.args.tune_epochs, patience=None),
+            layers,
+            options,
             splitter=self.folds.splitter(fold),
         )
+
+    def tune(self, lr: float) -> dict[str, Any]:
+        """The all-layers arm on the tuning fold at rate ``lr``, every epoch run and kept in the curve."""
+        fold = self.args.tune_fold
+        model = copy.deepcopy(self.loaded.model)
+        layers = list(range(get_adapter(model).num_layers))
+        options = self.options(0, lr, self.args.tune_epochs, patience=None)
+        _, result = self.mitigated(model, fold, layers, options)
         return {"fold": fold, "lr": lr, "mitigation": result.record}
 
     def steered(self, model: Any, layers: list[int], fold: int) -> dict[str, Any]:
@@ -287,6 +304,11 @@ def arm_of(step: str) -> str:
     return step.rsplit(":", 1)[0]
 
 
+def fold_of(step: str) -> int:
+    """A step's test fold: ``train:random:103:2`` -> 2."""
+    return int(step.rsplit(":", 1)[1])
+
+
 def pooled(records: list[dict[str, Any]], metric: str) -> dict[str, float]:
     """Per-question values of ``metric`` over the test folds' records of one arm."""
     return {
@@ -300,9 +322,7 @@ def pooled(records: list[dict[str, Any]], metric: str) -> dict[str, float]:
 def leakage_free_ids(study: Study) -> set[str]:
     """Test questions none of whose true answers (MC2's true choices) appears verbatim among the true answers
     of their fold's training questions: a gain there cannot be answer style learned in training."""
-    from avss.evaluation import get_task
-
-    docs, _ = get_task(MC)().load(study.data_dir)
+    docs = study.mc_docs
     truths = {
         doc["question"]: [c for c, label in zip(doc["mc2_choices"], doc["mc2_labels"], strict=True) if label]
         for doc in docs
@@ -317,16 +337,16 @@ def leakage_free_ids(study: Study) -> set[str]:
     return kept
 
 
-# 80% power at two-sided alpha 0.05: a true difference of (1.96 + 0.84) standard errors is detected.
-DETECTABLE_IN_SE = 1.96 + 0.84
+# A 95% interval spans 2 x 1.96 standard errors; at two-sided alpha 0.05 a true difference of
+# (1.96 + 0.84) standard errors is detected with 80% power.
+Z_95 = 1.96
+DETECTABLE_IN_SE = Z_95 + 0.84
 
 
 def chance_levels(study: Study) -> dict[str, float]:
     """What a model that scores every choice alike gets on all questions: MC1 the mean of 1 / options, MC2
     the mean share of true choices."""
-    from avss.evaluation import get_task
-
-    docs, _ = get_task(MC)().load(study.data_dir)
+    docs = study.mc_docs
     return {
         "mc1": float(np.mean([1 / len(doc["mc1_labels"]) for doc in docs])),
         "mc2": float(np.mean([sum(doc["mc2_labels"]) / len(doc["mc2_labels"]) for doc in docs])),
@@ -345,7 +365,7 @@ def compare(base: dict[str, float], new: dict[str, float], binary: bool, subset:
         "n": len(ids),
         "value": bootstrap_mean(n).to_dict(),
         "difference": difference,
-        "detectable": DETECTABLE_IN_SE * (difference["high"] - difference["low"]) / (2 * 1.96),
+        "detectable": DETECTABLE_IN_SE * (difference["high"] - difference["low"]) / (2 * Z_95),
     }
     if binary:
         row["mcnemar_p"] = mcnemar(b, n).p_value
@@ -372,10 +392,7 @@ def table(study: Study) -> None:
     if len(arms.get("base", [])) != study.args.folds:
         raise SystemExit("the table needs base:F for every fold")
     # An arm still running is compared on the test folds it has finished (its n says how many questions).
-    folds = {
-        arm: sorted(int(record["step"].rsplit(":", 1)[1]) for record in records)
-        for arm, records in arms.items()
-    }
+    folds = {arm: sorted(fold_of(record["step"]) for record in records) for arm, records in arms.items()}
     subsets = {"all": None, "leakage-free": leakage_free_ids(study)}
     results: dict[str, Any] = {
         "folds": study.args.folds,
@@ -490,7 +507,7 @@ def transfer(arms: dict[str, list[dict[str, Any]]], results: dict[str, Any]) -> 
     in ``results["transfer"]``."""
 
     def by_fold(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-        return {int(record["step"].rsplit(":", 1)[1]): record for record in records}
+        return {fold_of(record["step"]): record for record in records}
 
     base = by_fold(arms["base"])
     rows: dict[str, dict[str, Any]] = {}

@@ -49,7 +49,7 @@ from avss.healing.methods import get_heal_method
 from avss.healing.patch import check_patchable, linear_patch
 from avss.io import atomic_write_json, atomic_write_text, ensure_parent_writable, to_json
 from avss.models import DTYPES, LoadedModel, load_model
-from avss.provenance import Provenance, processor
+from avss.provenance import Provenance
 from avss.pruning.rules import check_budget, protected_layers
 from avss.pruning.select import Selection, select_iteratively
 from avss.pruning.sublayers import equal_parameter_budget, remove_sublayers
@@ -548,7 +548,7 @@ class Study:
             if self.adapts_threads:
                 set_threads(self.threads)
             if self.loaded.source.get("device") == "cpu":
-                cell.threads, cell.processor = torch.get_num_threads(), processor()
+                cell.threads, cell.processor = torch.get_num_threads(), self.loaded.source.get("processor")
             self.log(
                 f"evaluating {cell.key}: removing {removed}"
                 + (f" ({cell.threads} threads)" if cell.threads else "")
