@@ -13,8 +13,10 @@ from avss.cli._app import app
 from avss.data import CalibrationOptions
 from avss.errors import OutputError, PruneConfigError
 from avss.evaluation import prefix as prefix_module
+from avss.evaluation.prefix import PrefixMismatch
 from avss.evaluation.uncertainty import Bootstrap
 from avss.io import read_json
+from avss.provenance import processor
 from avss.study import STUDY_FORMAT, Study, StudyConfig, parse_limits, rank_correlations, slug
 from test_provenance import assert_stamped
 
@@ -504,6 +506,40 @@ def test_a_resumed_study_records_the_prefix_again_and_checks_it_against_the_base
     assert any("recording the inputs of blocks" in line for line in logged) and replays
     Study(small, full, progress=False, share_prefix=False).run()
     assert_same_cells(resumed, full)
+
+
+@pytest.mark.parametrize("elsewhere", [True, False])
+def test_a_base_that_differs_on_resume_is_kept_beside_the_stored_one_only_from_another_processor(
+    saved_model, data_dir, tmp_path, monkeypatch, elsewhere
+):
+    """Reduced precision differs between CPUs, so a study resumed on another processor keeps its stored base
+    and files this machine's base beside it; on the same processor a different base stops the study."""
+    monkeypatch.setattr("avss.study.RECORD_AGAIN_AT", 0.0)
+    out = tmp_path / "study"
+    Study(config(saved_model, data_dir, methods=["last"], iterative=False, fractions=[0]), out).run()
+    stored = read_json(out / "cells" / "base.json")
+    stored["metrics"]["sst2"]["accuracy"] += 0.25  # as if computed by other kernels
+    stored["processor"] = "Other CPU 9000" if elsewhere else processor()
+    (out / "cells" / "base.json").write_text(json.dumps(stored))
+    logged: list[str] = []
+    resumed = Study(
+        config(saved_model, data_dir, methods=["last"], iterative=False),
+        out,
+        progress=False,
+        log=logged.append,
+        resume=True,
+    )
+    if not elsewhere:
+        with pytest.raises(PrefixMismatch, match="does not give the stored base cell"):
+            resumed.run()
+        assert read_json(out / "cells" / "base.json") == stored
+        assert not list((out / "cells").glob("base@*"))
+        return
+    result = resumed.run()
+    here = read_json(out / "cells" / f"base@{slug(processor())}.eval.json.gz")
+    assert here["tasks"]["sst2"]["metrics"]["accuracy"] == stored["metrics"]["sst2"]["accuracy"] - 0.25
+    assert result.base.metrics == stored["metrics"] and result.complete
+    assert any("other numbers on" in line for line in logged)
 
 
 def test_choosing_the_blocks_to_record():

@@ -632,8 +632,27 @@ class Study:
             return
         again = self.evaluate_model(model, lambda task: store.record(model, task))
         if again.metrics != self.cells["base"].metrics:
-            raise PrefixMismatch("the unpruned model evaluated again does not give the stored base cell")
+            self.base_elsewhere(again)
         self.prefix = store
+
+    def base_elsewhere(self, again: EvalResult) -> None:
+        """Accept a re-evaluated base that differs from the stored one only when it ran on another processor.
+
+        Reduced-precision kernels differ between CPUs (bfloat16 on AMX against AVX-512), so a study resumed
+        on another machine cannot give the stored base to the bit; its cells are still compared with the
+        stored base, and this machine's base is kept beside it (``base@<processor>``) so the machine's own
+        effect can be measured. On the same processor a difference is a bug and stops the study.
+        """
+        stored, here = self.cells["base"].processor, self.loaded.source.get("processor")
+        if here is None or stored == here:
+            raise PrefixMismatch("the unpruned model evaluated again does not give the stored base cell")
+        key = f"base@{slug(here)}"
+        again.save(evaluation_path(self.out, key))
+        self.log(
+            f"the unpruned model gives other numbers on {here} than the stored base cell "
+            f"(evaluated on {stored or 'an unrecorded processor'}); cells run here are compared with the "
+            f"stored base, and this machine's base is in cells/{key}.eval.json.gz"
+        )
 
     def shares(self, mode: str) -> bool:
         """Whether a cell of ``mode`` runs blocks of the unpruned model unchanged before its first removed
