@@ -201,6 +201,7 @@ FIXES: dict[str, dict[str, str]] = {
         "invalid --device": "Use `auto`, `cpu`, `cuda` or `cuda:N`.",
         "invalid --dtype": "Use `auto`, `float32`, `bfloat16` or `float16`.",
         "invalid --threads": "Use `auto` (the cores other processes leave idle) or a positive number.",
+        "heal --threads invalid": "Use `auto` (the cores other processes leave idle) or a positive number.",
         "CUDA requested with no GPU": "Use `--device cpu`, or a CUDA build of torch on a GPU machine.",
         "CUDA index requested with no GPU": "Use `--device cpu`, or a CUDA build of torch on a GPU machine.",
     },

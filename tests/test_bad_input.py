@@ -614,6 +614,19 @@ CLI_CASES = [
         setup=pruned_model,
     ),
     Case(
+        "heal --threads invalid",
+        lambda ws: [
+            "heal",
+            str(ws.root / "pruned-model"),
+            "--out",
+            str(ws.out / "healed"),
+            "--threads",
+            "-1",
+        ],
+        ("--threads must be 'auto'",),
+        setup=pruned_model,
+    ),
+    Case(
         "heal --data binary file",
         lambda ws: [
             "heal",

@@ -11,9 +11,8 @@ from avss.cli._app import app, console
 from avss.cli.core import print_warnings
 from avss.cli.options import (
     CALIBRATION_TEXT,
+    LOADING,
     BatchSize,
-    Device,
-    Dtype,
     Out,
     Overwrite,
     comma_list,
@@ -21,6 +20,7 @@ from avss.cli.options import (
 from avss.data import TextSource
 from avss.healing.heal import HealConfig, HealResult, heal
 from avss.healing.methods import HEAL_METHODS
+from avss.models import LoadOptions
 
 Method = Annotated[str, typer.Option(help=f"Healing method: {', '.join(HEAL_METHODS)}")]
 Steps = Annotated[int, typer.Option(min=1, help="Optimizer steps in all (split over --epochs)")]
@@ -43,6 +43,7 @@ def heal_summary(result: HealResult) -> str:
 
 @app.command("heal")
 @CALIBRATION_TEXT.into()
+@LOADING.into()
 def heal_command(
     pruned_dir: Annotated[Path, typer.Argument(help="A directory written by `avss prune`")],
     *,
@@ -77,8 +78,7 @@ def heal_command(
     batch_size: BatchSize = 4,
     seed: TrainSeed = 0,
     overwrite: Overwrite = False,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
+    loading: LoadOptions,
 ) -> None:
     """Heal the pruned model in PRUNED_DIR on training text and save it to OUT with provenance."""
     config = HealConfig(
@@ -104,8 +104,7 @@ def heal_command(
         config,
         source,
         teacher=teacher,
-        device=device,
-        dtype=dtype,
+        loading=loading,
         overwrite=overwrite,
     )
     print_warnings(result.record.training["warnings"])

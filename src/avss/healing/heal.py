@@ -35,7 +35,7 @@ from avss.data import TextSource, tokenize_texts
 from avss.errors import DataError, HealConfigError
 from avss.healing.methods import HealContext, get_heal_method
 from avss.io import atomic_directory, check_output_dir, to_json
-from avss.models import LoadedModel, load_model
+from avss.models import LoadedModel, LoadOptions, load_model
 from avss.provenance import Provenance
 from avss.pruning.prune import PROVENANCE_FILE, READABLE_PRUNING_FORMATS, PruneResult, save_pruned
 from avss.stats.checkpoint import checkpoint_dir
@@ -294,6 +294,7 @@ def heal_loaded(
     source: TextSource | None = None,
     *,
     teacher: str | None = None,
+    loading: LoadOptions | None = None,
     base_dir: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -302,7 +303,8 @@ def heal_loaded(
 
     Checkpoints go to ``config.checkpoint_dir`` (default ``OUT.checkpoint``, removed once the model is
     saved), so an interrupted run continues with ``resume=True``. ``teacher`` overrides the original model
-    named in the pruning record (``replace`` only).
+    named in the pruning record (``replace`` only); it loads with ``loading`` on the pruned model's device
+    and precision.
     """
     config = config or HealConfig()
     method = get_heal_method(config.method)
@@ -313,12 +315,12 @@ def heal_loaded(
     config = replace(config, checkpoint_dir=str(checkpoints))
     teacher_loaded = None
     if method.needs_teacher:
-        device = str(next(loaded.model.parameters()).device)
-        teacher_loaded = load_model(
-            teacher or teacher_spec(pruning["source_model"]),
-            device=device,
+        same_place = replace(
+            loading or LoadOptions(),
+            device=str(next(loaded.model.parameters()).device),
             dtype=loaded.source.get("dtype", "auto"),
         )
+        teacher_loaded = load_model(teacher or teacher_spec(pruning["source_model"]), **asdict(same_place))
     result = heal_in_memory(
         loaded.model,
         loaded.tokenizer,
@@ -344,15 +346,15 @@ def heal(
     source: TextSource | None = None,
     *,
     teacher: str | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
+    loading: LoadOptions | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> HealResult:
-    """Heal the pruned model saved in ``pruned_dir`` (by ``avss prune``) and save it to ``out``."""
+    """Heal the pruned model saved in ``pruned_dir`` (by ``avss prune``) and save it to ``out``; ``loading``
+    says how it loads and runs (the teacher of ``replace`` follows its device and precision)."""
     pruning = read_pruning_record(pruned_dir)
     check_output_dir(out, overwrite)
-    loaded = load_model(str(pruned_dir), device=device, dtype=dtype)
+    loaded = load_model(str(pruned_dir), **asdict(loading or LoadOptions()))
     return heal_loaded(
         loaded,
         pruning,
@@ -360,6 +362,7 @@ def heal(
         config,
         source,
         teacher=teacher,
+        loading=loading,
         base_dir=pruned_dir,
         overwrite=overwrite,
         progress=progress,
