@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -267,6 +268,21 @@ def test_study_with_heal_adds_healed_rows_at_the_same_budget(saved_model, data_d
         assert cell.metrics != plain[method].metrics
     rows = list(csv.DictReader((tmp_path / "study" / "results.csv").open()))
     assert any(row["mode"] == "oneshot+healed" for row in rows)
+
+
+def test_a_study_without_healed_cells_may_start_healing_and_then_keeps_its_steps(
+    saved_model, data_dir, tmp_path
+):
+    out = tmp_path / "study"
+    plain = config(saved_model, data_dir, methods=["last"], fractions=[0, 0.25], iterative=False)
+    Study(plain, out).prepare()
+    healing = replace(plain, heal="lora", heal_steps=2)
+    Study(healing, out, resume=True).prepare()
+    assert json.loads((out / "config.json").read_text())["heal"] == "lora"
+    with pytest.raises(OutputError, match=r"differs in heal_steps\)"):
+        Study(replace(healing, heal_steps=3), out, resume=True).prepare()
+    with pytest.raises(OutputError, match=r"differs in heal\)"):
+        Study(replace(healing, heal=None), out, resume=True).prepare()
 
 
 def test_random_null_band_and_protected_variants(saved_model, data_dir, tmp_path):

@@ -89,6 +89,8 @@ GROWABLE = frozenset(
         "resamples",
     }
 )
+# How healed cells are made: a study without them (``heal`` None) may start healing; after that, fixed.
+HEALING = frozenset({"heal", "heal_steps"})
 
 
 @dataclass
@@ -351,7 +353,8 @@ class Study:
             stored = json.loads(path.read_text(encoding="utf-8"))
             found = with_defaults(stored, StudyConfig.option_defaults())
             changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
-            fixed = [key for key in changed if key not in GROWABLE]
+            grows = GROWABLE | HEALING if found.get("heal") is None else GROWABLE
+            fixed = [key for key in changed if key not in grows]
             if fixed:
                 raise OutputError(
                     f"{self.out} holds a different study (differs in {', '.join(fixed)}); "

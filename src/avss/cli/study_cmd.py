@@ -101,7 +101,8 @@ def study_command(
         typer.Option(
             "--resume",
             help="Continue the study in --out: finished cells are kept, a grown study (more methods, "
-            "fractions, random draws, protected, iterative or repaired variants) adds its new cells",
+            "fractions, random draws, protected, iterative or repaired variants, healing where none was) "
+            "adds its new cells",
         ),
     ] = False,
     report_only: Annotated[
