@@ -1,15 +1,16 @@
 """DoLa settings side by side on TruthfulQA MC (MC1, MC2): the authors' ``paper`` setting, avss's previous
 ``avss_v1`` and the plain model, on the same questions, with 95% intervals and the paired difference.
 
-MC1 gets a Wilson interval; MC2 and every paired difference a percentile bootstrap over questions. Writes a
-JSON with the per-question metrics, options, data hash, model, git hash and machine. See dola_settings.md.
+The statistics are the library's (``avss.evaluation.uncertainty``): MC1 gets a Wilson interval, MC2 a
+percentile bootstrap over questions, every pairwise difference a paired bootstrap (10,000 resamples) and,
+for MC1, an exact McNemar p. Writes a JSON with the per-question metrics, options, data hash, model, git
+hash and machine. See dola_settings.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import subprocess
 import sys
@@ -22,24 +23,19 @@ import numpy as np
 
 from avss.data import resolve_data_dir
 from avss.evaluation import LanguageModel, get_task
+from avss.evaluation.uncertainty import (
+    RESAMPLES,
+    Bootstrap,
+    bootstrap_mean,
+    mcnemar,
+    paired_difference,
+    wilson_interval,
+)
 from avss.hallucination.dola import DOLA_SETTINGS, DolaConfig, DolaModel
 from avss.io import atomic_write_json
 from avss.models import load_model
 
 HERE = Path(__file__).parent
-
-
-def wilson(successes: float, n: int, z: float = 1.959964) -> list[float]:
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [centre - half, centre + half]
-
-
-def bootstrap(values: np.ndarray, resamples: int, seed: int) -> list[float]:
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
-    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
 
 
 def score(model, tokenizer, task, docs, batch_size: int) -> list[dict[str, float]]:
@@ -60,10 +56,11 @@ def main() -> None:
     parser.add_argument("--settings", default="paper,avss_v1,base", help=f"{', '.join(DOLA_SETTINGS)}, base")
     parser.add_argument("--limit", type=int, default=None, help="first N questions of the file")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("--resamples", type=int, default=RESAMPLES)
     parser.add_argument("--out", type=Path, default=HERE / "dola_settings.json")
     args = parser.parse_args()
     names = args.settings.split(",")
+    bootstrap = Bootstrap(resamples=args.resamples)
     configs = {name: None if name == "base" else DolaConfig.named(name) for name in names}  # fail early
 
     loaded = load_model(args.model, device="cpu", dtype="float32")
@@ -99,30 +96,25 @@ def main() -> None:
             "candidates": None if config is None else model.candidates,
             "picked_counts": None if config is None else {str(k): v for k, v in model.picked_counts.items()},
             "n": n,
-            "mc1": float(values["mc1"].mean()),
-            "mc1_wilson95": wilson(float(values["mc1"].sum()), n),
-            "mc2": float(values["mc2"].mean()),
-            "mc2_bootstrap95": bootstrap(values["mc2"], args.resamples, 0),
+            "mc1": wilson_interval(int(values["mc1"].sum()), n).to_dict(),
+            "mc2": bootstrap_mean(values["mc2"], bootstrap).to_dict(),
             "seconds": round(seconds, 1),
             "per_question": {m: v.tolist() for m, v in values.items()},
         }
         print(
             name,
-            {
-                k: record["settings"][name][k]
-                for k in ("mc1", "mc1_wilson95", "mc2", "mc2_bootstrap95", "seconds")
-            },
+            {k: record["settings"][name][k] for k in ("mc1", "mc2", "seconds")},
             flush=True,
         )
     record["differences"] = {}
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             for metric in ("mc1", "mc2"):
-                diff = per_question[a][metric] - per_question[b][metric]
-                record["differences"][f"{a} - {b} {metric}"] = {
-                    "mean": float(diff.mean()),
-                    "bootstrap95": bootstrap(diff, args.resamples, 1),
-                }
+                first, second = per_question[a][metric], per_question[b][metric]
+                difference = paired_difference(second, first, bootstrap).to_dict()
+                if metric == "mc1":
+                    difference["mcnemar_p"] = mcnemar(second, first).p_value
+                record["differences"][f"{a} - {b} {metric}"] = difference
     atomic_write_json(args.out, record)
     print(json.dumps(record["differences"], indent=1))
 
