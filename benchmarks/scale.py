@@ -3,8 +3,9 @@
 Reads each study folder's ``results.json`` (``avss-study/3``) and puts the models side by side: per removed
 fraction, the macro chance-normalized retention of every method with its 95% interval against the unpruned
 model's parameter count, the random order's band (median and 5-95% over its draws), the WikiText-2 NLL
-change beside it, and the blocks each method removed. Parameter counts come from each model's config,
-instantiated on the meta device (no weights are read). Usage::
+change beside it, the blocks each method removed, and each model's rank correlations of the methods'
+scores (Spearman, with layer index and with each other; the study's ``correlations``). Parameter counts
+come from each model's config, instantiated on the meta device (no weights are read). Usage::
 
     python benchmarks/scale.py benchmarks/study_protocol_smollm2_bf16 [more studies] --out benchmarks/scale
 
@@ -88,6 +89,7 @@ def read_study(folder: Path) -> dict[str, Any]:
         "complete": results["complete"],
         "num_parameters": num_parameters(model),
         "entries": entries,
+        "correlations": results["correlations"],
     }
 
 
@@ -131,7 +133,38 @@ def markdown(studies: list[dict[str, Any]], command: str) -> str:
                     f"| {size} | {fraction:g} | random, {band['draws']} draws: median [5%, 95%] | | "
                     f"{band['median']:.3f} [{band['low']:.3f}, {band['high']:.3f}] | |"
                 )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + correlation_tables(studies)) + "\n"
+
+
+def correlation_tables(studies: list[dict[str, Any]]) -> list[str]:
+    """Spearman correlation of each method's scores with layer index (one table, a column per model), then
+    each model's method-by-method matrix: a method that tracks depth is a depth order, whatever it
+    measures."""
+    methods = sorted({m for s in studies for m in s["correlations"]["methods"]})
+    lines = [
+        "",
+        "## Rank correlation of the scores with layer index (Spearman)",
+        "",
+        "| method | " + " | ".join(s["model"] for s in studies) + " |",
+        "|---" * (len(studies) + 1) + "|",
+    ]
+    for method in methods:
+        values = [s["correlations"]["with_layer_index"].get(method) for s in studies]
+        lines.append(f"| {method} | " + " | ".join("" if v is None else f"{v:+.2f}" for v in values) + " |")
+    for study in studies:
+        names, matrix = study["correlations"]["methods"], study["correlations"]["spearman"]
+        lines += [
+            "",
+            f"### {study['model']}: Spearman correlation between methods",
+            "",
+            "| | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 1) + "|",
+        ]
+        lines += [
+            f"| {name} | " + " | ".join(f"{v:+.2f}" for v in row) + " |"
+            for name, row in zip(names, matrix, strict=True)
+        ]
+    return lines
 
 
 def interval(entry: dict[str, Any], key: str) -> str:
