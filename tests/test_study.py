@@ -446,6 +446,25 @@ def test_a_random_band_resting_on_fewer_draws_at_one_budget_says_so():
     assert "draws in each cell" in row and "(4 draws)" in row and "(2 draws)" in row
 
 
+def test_a_single_random_draw_shows_its_own_interval_not_a_band():
+    """One draw has no 5-95% spread: the headline gives that draw's bootstrap interval, as for any method."""
+    from avss import study_analysis
+
+    macro = [
+        {
+            "method": "random",
+            "mode": "attn",
+            "fraction": 0.125,
+            "tasks": ["sciq:accuracy"],
+            "retention": 0.275,
+            "retention_low": 0.21,
+            "retention_high": 0.33,
+        }
+    ]
+    text = "\n".join(study_analysis.headline_markdown(macro, [0.125]))
+    assert "| random (one draw) | attn | 0.275 [0.210, 0.330] |" in text
+
+
 def test_a_cell_is_reproduced_by_prune_layers_then_eval(saved_model, data_dir, tmp_path):
     """A recorded cell's blocks, removed with `avss prune --layers` and scored with `avss eval` on the study's
     examples, give the cell's metrics and per-example records: the study's numbers can be checked by hand."""

@@ -327,7 +327,7 @@ def summary_markdown(
     lines += [
         "Cells: chance-normalized retention [95% CI] for accuracies, change of the metric (perplexity:",
         "NLL in nats per token) [95% CI] otherwise, pruned minus base on the same examples; `*` marks a",
-        f"Holm-corrected McNemar p < {ALPHA} within the table. Random: median [5%, 95%] over its draws.",
+        f"Holm-corrected McNemar p < {ALPHA} within the table. Random: median [5%, 95%] over its draws (one draw: its own interval).",
         "",
     ]
     for task, metric in dict.fromkeys((row["task"], row["metric"]) for row in rows):
@@ -352,13 +352,22 @@ def summary_markdown(
                 for band in bands
                 if (band["task"], band["metric"], band["mode"]) == (task, metric, mode)
             }
-            if found:
-                counts = {band["draws"] for band in found.values()}
+            if not found:
+                continue
+            counts = {band["draws"] for band in found.values()}
+            if counts == {1}:  # one draw is no band: its own interval, as any method's
+                draws = {
+                    row["fraction"]: row
+                    for row in selected
+                    if is_random(row["method"]) and row["mode"] == mode
+                }
+                texts = [cell_text(draws.get(f)) for f in budgets]
+            else:
                 texts = [
                     band_text(band) + (f" ({band['draws']} draws)" if band and len(counts) > 1 else "")
                     for band in (found.get(f) for f in budgets)
                 ]
-                lines.append(f"| random ({draws_label(counts)}) | {mode} | " + " | ".join(texts) + " |")
+            lines.append(f"| random ({draws_label(counts)}) | {mode} | " + " | ".join(texts) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -373,37 +382,47 @@ def headline_markdown(macro: Sequence[dict[str, Any]], budgets: Sequence[float])
         "| method | mode | " + " | ".join(f"{f:g}" for f in budgets) + " |",
         "|---|---|" + "---|" * len(budgets),
     ]
-    randoms: dict[tuple[str, float], list[float]] = defaultdict(list)
+    randoms: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
     for method, mode in dict.fromkeys((entry["method"], entry["mode"]) for entry in macro):
         entries = {e["fraction"]: e for e in macro if (e["method"], e["mode"]) == (method, mode)}
         if is_random(method):
             for fraction, entry in entries.items():
-                randoms[(mode, fraction)].append(entry["retention"])
+                randoms[(mode, fraction)].append(entry)
             continue
-        texts = [
-            interval_text(e["retention"], e["retention_low"], e["retention_high"]) if e else ""
-            for e in (entries.get(f) for f in budgets)
-        ]
-        lines.append(f"| {method} | {mode} | " + " | ".join(texts) + " |")
+        lines.append(
+            f"| {method} | {mode} | " + " | ".join(macro_text(entries.get(f)) for f in budgets) + " |"
+        )
     for mode in dict.fromkeys(mode for mode, _ in randoms):
         counts = {len(v) for (m, _), v in randoms.items() if m == mode}
         texts = []
         for fraction in budgets:
-            values = randoms.get((mode, fraction))
-            if values:
-                low, median, high = np.percentile(values, BAND).tolist()
-                # A band of a grown study may rest on fewer draws at some budgets: say so in the cell.
-                suffix = f" ({len(values)} draws)" if len(counts) > 1 else ""
-                texts.append(interval_text(median, low, high) + suffix)
-            else:
+            draws = randoms.get((mode, fraction))
+            if not draws:
                 texts.append("")
+            elif counts == {1}:  # one draw is no band: its own interval, as any method's
+                texts.append(macro_text(draws[0]))
+            else:
+                low, median, high = np.percentile([e["retention"] for e in draws], BAND).tolist()
+                # A band of a grown study may rest on fewer draws at some budgets: say so in the cell.
+                suffix = f" ({len(draws)} draws)" if len(counts) > 1 else ""
+                texts.append(interval_text(median, low, high) + suffix)
         lines.append(f"| random ({draws_label(counts)}) | {mode} | " + " | ".join(texts) + " |")
     lines.append("")
     return lines
 
 
+def macro_text(entry: dict[str, Any] | None) -> str:
+    return (
+        ""
+        if entry is None
+        else interval_text(entry["retention"], entry["retention_low"], entry["retention_high"])
+    )
+
+
 def draws_label(counts: set[int]) -> str:
     """The random row's label: its number of draws, or a pointer to the cells where budgets differ."""
+    if counts == {1}:
+        return "one draw"
     return f"{max(counts)} draws" if len(counts) == 1 else "draws in each cell"
 
 
