@@ -24,6 +24,7 @@ import numpy as np
 
 from avss.evaluation import comparison
 from avss.evaluation.uncertainty import BOOTSTRAP, bootstrap_ratio, paired_ratio_difference
+from avss.study import REPAIRS
 from avss.study_analysis import load_evaluations
 
 
@@ -67,7 +68,7 @@ def main() -> None:
             "low": interval.low,
             "high": interval.high,
         }
-        plain = key.replace("+patch", "")
+        plain = next((key.replace(repair, "") for repair in REPAIRS if repair in key), key)
         if plain != key and plain in values:
             # Repaired over base minus plain over base, all three on the same resampled examples.
             gain = paired_ratio_difference(values[plain], base_values, values[key], base_values, BOOTSTRAP)
@@ -85,7 +86,7 @@ def main() -> None:
     }
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(
-        f"| cell | mean accuracy (base {base_values.mean():.3f}) | retained [95% CI] | patch gain [95% CI] |"
+        f"| cell | mean accuracy (base {base_values.mean():.3f}) | retained [95% CI] | repair gain [95% CI] |"
     )
     print("|---|---:|---|---|")
     for row in rows:
