@@ -56,6 +56,8 @@ import numpy as np
 
 from avss.adapters import get_adapter
 from avss.data import resolve_data_dir
+from avss.evaluation import get_task
+from avss.evaluation.tasks.perplexity import PerplexityTask
 from avss.evaluation.uncertainty import (
     bootstrap_mean,
     holm,
@@ -119,8 +121,6 @@ class Study:
     @functools.cached_property
     def mc_docs(self) -> list[dict[str, Any]]:
         """TruthfulQA MC's documents (the leakage filter and the guessing levels read them)."""
-        from avss.evaluation import get_task
-
         docs, _ = get_task(MC)().load(self.data_dir)
         return docs
 
@@ -129,9 +129,13 @@ class Study:
         return self.stats().select({pair.question for pair in self.pairs(fold, "train")}).scores()
 
     def evaluate(self, model: Any, fold: int) -> dict[str, Any]:
-        """Every evaluation task on test fold ``fold`` (per-question records) and test pair accuracy."""
+        """Every evaluation task on test fold ``fold`` (per-question records) and test pair accuracy. A model
+        whose logits are contrast scores (DoLa) has no perplexity, so its perplexity tasks are left out."""
         args = self.args
-        tasks = [MC, *args.transfer_tasks] if fold in args.transfer_folds else [MC]
+        transfer = args.transfer_tasks
+        if getattr(model, "logits_are_scores", False):
+            transfer = [task for task in transfer if not issubclass(get_task(task), PerplexityTask)]
+        tasks = [MC, *transfer] if fold in args.transfer_folds else [MC]
         limits = {task: args.transfer_limit for task in args.transfer_tasks}
         result = evaluate_heldout(
             model,
@@ -520,6 +524,8 @@ def transfer(arms: dict[str, list[dict[str, Any]]], results: dict[str, Any]) -> 
                 ids = [item["id"] for item in items if item["id"] in reference]
                 new = {item["id"]: item for item in items}
                 if "nll" in items[0]:
+                    if "dola" in record:
+                        continue  # a step recorded before perplexity was refused for DoLa's scores
                     columns = [
                         [source[i][key] for i in ids]
                         for source in (reference, new)

@@ -214,3 +214,11 @@ def test_paper_setting_mc_score_equals_a_direct_reimplementation(buckets) -> Non
     if not isinstance(buckets, str):
         assert len(picked_any) > 1  # the selection really varies by position here
     assert set(dola.picked_counts) == set(layers) and sum(dola.picked_counts.values()) > 0
+
+
+def test_perplexity_of_dola_scores_is_refused() -> None:
+    """DoLa's contrast scores are no distribution over the vocabulary, so an NLL summed from them is not a
+    perplexity: the engine refuses it instead of returning a number."""
+    lm = LanguageModel(DolaModel(tiny_model("llama", num_layers=4)), tiny_tokenizer())
+    with pytest.raises(AvssError, match="accuracy tasks only"):
+        lm.rolling_nll(["Paris is the capital of France."], max_length=16)

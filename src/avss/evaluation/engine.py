@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from avss.errors import OptionError
 from avss.evaluation.metrics import perplexity_from_nll
 
 # Upper bound on the float32 logits (and their log-softmax) held at once. Vocabularies reach 262k entries
@@ -590,6 +591,11 @@ class LanguageModel:
         (the Hugging Face perplexity recipe). The default ``stride = max_length`` gives disjoint windows, the
         convention of the pruning literature. Each window starts with the tokenizer's BOS token, if any.
         """
+        if not self._normalize:
+            raise OptionError(
+                "perplexity needs next-token probabilities, and this model's logits are contrast scores "
+                "(DoLa) that do not sum to one; score it on accuracy tasks only"
+            )
         tokens, text_of_token = self._encode_texts(texts)
         body = max_length - len(self.prefix_ids)
         stride = stride or body
