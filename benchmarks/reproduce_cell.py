@@ -2,7 +2,9 @@
 
 A reader who doubts a number in a study table can rerun it with the two public commands. This script does
 exactly that for a recorded cell and compares the result with the cell's stored evaluation, metric by metric
-and example by example (per-option scores, per-document NLL), and writes what it found as JSON.
+and example by example (per-option scores, per-document NLL, examples whose outcome changed), and writes what
+it found as JSON. The cell ``base`` evaluates the unpruned model with ``avss eval`` alone: on another
+processor it measures how far that machine's kernels move the numbers a study's cells are compared with.
 
     .venv/bin/python benchmarks/reproduce_cell.py benchmarks/study_protocol_smollm2_bf16 \
         block_influence__oneshot__0.125 --out benchmarks/reproduce_cell_smollm2.json
@@ -22,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from avss.evaluation import get_task
+from avss.provenance import processor
 from avss.study_analysis import load_evaluations
 
 AVSS = str(Path(sys.executable).with_name("avss"))
@@ -48,6 +51,13 @@ def largest_difference(recorded: list[dict], again: list[dict]) -> float:
     return worst
 
 
+def examples_changed(recorded: list[dict], again: list[dict], metric: str) -> int | None:
+    """How many examples changed their ``metric`` value (an accuracy: changed side); None for perplexity."""
+    if metric not in recorded[0].get("metrics", {}):
+        return None
+    return sum(a["metrics"][metric] != b["metrics"][metric] for a, b in zip(recorded, again, strict=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", type=Path)
@@ -61,14 +71,16 @@ def main() -> None:
     key = cell.get("reused_from") or args.cell
     recorded = load_evaluations(args.study, [key])[key].to_dict()
     work = args.work or Path(tempfile.mkdtemp(prefix="avss-reproduce-"))
-    pruned = work / "pruned"
     dtype = ["--dtype", config["dtype"]] if config.get("dtype") else []
-    layers = ",".join(map(str, cell["removed"]))
-    seconds = {
-        "prune": run(
-            ["prune", config["model"], "--layers", layers, "--out", str(pruned), "--overwrite", *dtype]
-        )
-    }
+    seconds = {}
+    if cell["removed"]:
+        pruned = work / "pruned"
+        layers = ",".join(map(str, cell["removed"]))
+        prune = ["prune", config["model"], "--layers", layers, "--out", str(pruned), "--overwrite", *dtype]
+        seconds["prune"] = run(prune)
+        model = str(pruned)
+    else:
+        model = config["model"]
     common = ["--batch-size", str(config["eval_batch_size"]), "--seed", str(config["seed"]), *dtype]
     common += ["--data-dir", config["data_dir"]] if config.get("data_dir") else []
     # One eval per (limit, task options) group: as in the study, each task takes the options it accepts.
@@ -82,7 +94,7 @@ def main() -> None:
         path = work / f"eval-{len(again)}.json"
         extra = ["--limit", str(limit)] if limit else []
         extra += [part for key, value in options for part in (f"--{key.replace('_', '-')}", str(value))]
-        arguments = ["eval", str(pruned), "--tasks", ",".join(tasks), *extra, *common, "--out", str(path)]
+        arguments = ["eval", model, "--tasks", ",".join(tasks), *extra, *common, "--out", str(path)]
         seconds[f"eval {','.join(tasks)}"] = run([*arguments, "--overwrite"])
         again.update(json.loads(path.read_text())["tasks"])
 
@@ -99,6 +111,7 @@ def main() -> None:
                     "max_abs_example_difference": largest_difference(
                         stored["records"], again[task]["records"]
                     ),
+                    "examples_changed": examples_changed(stored["records"], again[task]["records"], metric),
                 }
             )
     result = {
@@ -106,7 +119,7 @@ def main() -> None:
         "cell": args.cell,
         "removed": cell["removed"],
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {platform.platform()}",
+        "machine": f"{processor()}, {platform.platform()}",
         "command": " ".join(sys.argv),
         "seconds": seconds,
         "rows": rows,
@@ -115,7 +128,9 @@ def main() -> None:
     for row in rows:
         print(
             f"{row['task']:>16} {row['metric']:<14} cell {row['cell']:.6f} reproduced {row['reproduced']:.6f}"
-            f" (largest per-example difference {row['max_abs_example_difference']:.2e})"
+            f" (largest per-example difference {row['max_abs_example_difference']:.2e}"
+            + ("" if row["examples_changed"] is None else f", {row['examples_changed']} examples changed")
+            + ")"
         )
 
 
