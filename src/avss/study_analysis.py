@@ -327,7 +327,8 @@ def summary_markdown(
     lines += [
         "Cells: chance-normalized retention [95% CI] for accuracies, change of the metric (perplexity:",
         "NLL in nats per token) [95% CI] otherwise, pruned minus base on the same examples; `*` marks a",
-        f"Holm-corrected McNemar p < {ALPHA} within the table. Random: median [5%, 95%] over its draws (one draw: its own interval).",
+        f"Holm-corrected McNemar p < {ALPHA} within the table. Random: median [5%, 95%] over its draws",
+        "(one draw: that draw's own interval).",
         "",
     ]
     for task, metric in dict.fromkeys((row["task"], row["metric"]) for row in rows):
