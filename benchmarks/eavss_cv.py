@@ -494,6 +494,8 @@ def null_band(results: dict[str, Any]) -> list[str]:
     draws = [rows for arm, rows in results["arms"].items() if arm.startswith("train:random:")]
     if not draws:
         return ["No random-k arm is finished yet: no null band."]
+    if len(draws) == 1:  # one draw has no spread: its own paired interval is in the table above
+        return ["One random-k draw is finished: no null band yet (its paired difference is in the table)."]
     lines = [f"Random-k null band over {len(draws)} draws (difference against base: median [5%, 95%]):", ""]
     results["random_band"] = {}
     for subset in ("all", "leakage-free"):
