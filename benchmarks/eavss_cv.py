@@ -136,7 +136,7 @@ class Study:
         if getattr(model, "logits_are_scores", False):
             transfer = [task for task in transfer if not issubclass(get_task(task), PerplexityTask)]
         tasks = [MC, *transfer] if fold in args.transfer_folds else [MC]
-        limits = {task: args.transfer_limit for task in args.transfer_tasks}
+        limits = {task: args.transfer_limit for task in transfer}
         result = evaluate_heldout(
             model,
             self.loaded.tokenizer,
