@@ -10,13 +10,15 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from avss import study as study_module
 from avss.cli._app import app
 from avss.data import CalibrationOptions
 from avss.errors import OutputError, PruneConfigError
+from avss.evaluation import evaluate
 from avss.evaluation import prefix as prefix_module
 from avss.evaluation.prefix import PrefixMismatch
 from avss.evaluation.uncertainty import Bootstrap
-from avss.io import read_json
+from avss.io import atomic_write_json, read_json
 from avss.provenance import processor
 from avss.study import STUDY_FORMAT, Study, StudyConfig, parse_limits, rank_correlations, slug
 from test_provenance import assert_stamped
@@ -92,7 +94,7 @@ def test_study_runs_end_to_end_and_resume_skips_finished_cells(saved_model, data
     assert len({tuple(c.removed) for c in evaluated}) == len(evaluated)
 
     calls = []
-    monkeypatch.setattr(Study, "evaluate_model", lambda self, model, around=None: calls.append(1) or {})
+    monkeypatch.setattr(Study, "evaluate_model", lambda self, model, *args: calls.append(1) or {})
     again = Study(config(saved_model, data_dir), out, progress=False, resume=True).run()
     assert calls == []
     assert again.rows() == result.rows()
@@ -106,11 +108,11 @@ def test_interrupted_study_resumes_from_the_cells_on_disk(saved_model, data_dir,
     original = Study.evaluate_model
     calls = []
 
-    def interrupt_third(self, model, around=None):
+    def interrupt_third(self, model, *args):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return original(self, model, around)
+        return original(self, model, *args)
 
     monkeypatch.setattr(Study, "evaluate_model", interrupt_third)
     with pytest.raises(KeyboardInterrupt):
@@ -127,7 +129,7 @@ def test_interrupted_study_resumes_from_the_cells_on_disk(saved_model, data_dir,
     monkeypatch.setattr(
         Study,
         "evaluate_model",
-        lambda self, model, around=None: resumed_calls.append(1) or original(self, model, around),
+        lambda self, model, *args: resumed_calls.append(1) or original(self, model, *args),
     )
     resumed = Study(small, out, progress=False, share_prefix=False, resume=True).run()  # counts evaluations
     monkeypatch.setattr(Study, "evaluate_model", original)
@@ -157,7 +159,7 @@ def test_a_study_grows_by_methods_and_budgets_without_recomputing(
     evaluated = []
     original = Study.evaluate_model
     monkeypatch.setattr(
-        Study, "evaluate_model", lambda self, m, around=None: evaluated.append(1) or original(self, m, around)
+        Study, "evaluate_model", lambda self, m, *args: evaluated.append(1) or original(self, m, *args)
     )
     result = Study(grown, out, progress=False, share_prefix=False, resume=True).run()  # counts evaluations
     assert len(evaluated) == 3  # first at 0.25, first and last at 0.5: nothing finished runs again
@@ -602,3 +604,83 @@ def test_a_study_folder_continues_only_with_resume(saved_model, data_dir, tmp_pa
     assert {path: path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()} == before
     assert Study(small, out, progress=False).report().complete
     assert Study(small, out, progress=False, resume=True).run().complete
+
+
+def interrupting(monkeypatch, when) -> list[str]:
+    """Make ``avss.study.evaluate`` raise KeyboardInterrupt at the call where ``when(call, task)``; returns
+    the task of every call."""
+    original = study_module.evaluate
+    calls: list[str] = []
+
+    def counted(model, tokenizer, tasks, **kwargs):
+        calls.append(tasks[0])
+        if when(len(calls), tasks[0]):
+            raise KeyboardInterrupt
+        return original(model, tokenizer, tasks, **kwargs)
+
+    monkeypatch.setattr(study_module, "evaluate", counted)
+    return calls
+
+
+def test_an_interrupted_cell_resumes_by_task(saved_model, data_dir, tmp_path, monkeypatch):
+    """A cell that stops in its second task keeps its first (hours of a large model's cell on a CPU): the
+    resumed run evaluates only the rest, and every number equals an uninterrupted run's."""
+    small = config(saved_model, data_dir, methods=["last"], iterative=False, fractions=[0, 0.25])
+    out = tmp_path / "study"
+    # Calls 1-2: the base cell's two tasks; call 4: the pruned cell's second task.
+    interrupting(monkeypatch, lambda call, task: call == 4)
+    with pytest.raises(KeyboardInterrupt):
+        Study(small, out, progress=False).run()
+    key = "last__oneshot__0.25"
+    assert sorted(p.name for p in (out / "cells" / f"{key}.tasks").iterdir()) == ["wikitext2.eval.json.gz"]
+    assert not (out / "cells" / f"{key}.json").exists()
+    calls = interrupting(monkeypatch, lambda call, task: False)
+    logged: list[str] = []
+    resumed = Study(small, out, progress=False, log=logged.append, resume=True).run()
+    assert calls == ["sst2"]
+    assert any(f"wikitext2: read from {key}.tasks" in line for line in logged)
+    assert not (out / "cells" / f"{key}.tasks").exists()
+    assert read_json(out / "cells" / f"{key}.json")["seconds"] > 0
+    whole = tmp_path / "whole"
+    monkeypatch.setattr(study_module, "evaluate", evaluate)
+    uninterrupted = Study(small, whole, progress=False).run()
+    assert resumed.rows() == uninterrupted.rows()
+    assert_same_cells(out, whole)
+
+
+def test_a_finished_task_from_another_processor_is_evaluated_again(
+    saved_model, data_dir, tmp_path, monkeypatch
+):
+    small = config(saved_model, data_dir, methods=["last"], iterative=False, fractions=[0, 0.25])
+    out = tmp_path / "study"
+    interrupting(monkeypatch, lambda call, task: call == 4)
+    with pytest.raises(KeyboardInterrupt):
+        Study(small, out, progress=False).run()
+    path = out / "cells" / "last__oneshot__0.25.tasks" / "wikitext2.eval.json.gz"
+    stored = read_json(path)
+    stored["model"]["processor"] = "Other CPU 9000"
+    atomic_write_json(path, stored)
+    calls = interrupting(monkeypatch, lambda call, task: False)
+    logged: list[str] = []
+    Study(small, out, progress=False, log=logged.append, resume=True).run()
+    assert calls == ["wikitext2", "sst2"]
+    assert any("processor 'Other CPU 9000'; evaluating it again" in line for line in logged)
+
+
+def test_a_base_cell_resumed_by_task_leaves_the_unrecorded_task_to_full_forwards(
+    saved_model, data_dir, tmp_path, monkeypatch, replays
+):
+    """The prefix is recorded while the base cell runs; a base task read back from an interrupted run was
+    not recorded, so the pruned cells run that task whole and replay the others, to the same numbers."""
+    small = config(saved_model, data_dir, methods=["last", "random"], iterative=False)
+    out = tmp_path / "study"
+    interrupting(monkeypatch, lambda call, task: call == 2)  # the base cell's second task
+    with pytest.raises(KeyboardInterrupt):
+        Study(small, out, progress=False).run()
+    assert (out / "cells" / "base.tasks" / "wikitext2.eval.json.gz").exists()
+    monkeypatch.setattr(study_module, "evaluate", evaluate)
+    Study(small, out, progress=False, resume=True).run()
+    assert replays and not (out / ".prefix").exists()
+    full = tmp_path / "full"
+    Study(small, full, progress=False, share_prefix=False).run()
+    assert_same_cells(out, full)

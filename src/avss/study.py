@@ -6,8 +6,10 @@ the copy is evaluated with :func:`avss.evaluation.evaluate`. Selections come fro
 iteratively once to the largest budget, whose removal order yields every smaller budget.
 
 Every finished cell is written atomically to ``cells/`` with its evaluation result (per-example records) and
-skipped on a rerun, so an interrupted study loses at most the cell in progress. Two cells that remove the same
-layers are the same model, so the second reuses the first one's result (recorded as ``reused_from``).
+skipped on a rerun; within a cell, every finished task is kept in ``cells/<key>.tasks/`` until the cell ends,
+so an interrupted study loses at most the task in progress (a cell of a 1.5B model takes hours on a CPU).
+Two cells that remove the same layers are the same model, so the second reuses the first one's result
+(recorded as ``reused_from``).
 
 Controls: ``random_seeds`` draws of the random order give a null band instead of one draw; ``protect``
 evaluates every one-shot selection again with those blocks kept (``oneshot+protect``). The statistics of the
@@ -27,7 +29,7 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -283,6 +285,16 @@ def evaluation_path(out: Path, key: str) -> Path:
     return out / "cells" / f"{key}.eval.json.gz"
 
 
+def tasks_folder(out: Path, key: str) -> Path:
+    """Where the tasks a cell has finished wait, one result file each, until the whole cell is written."""
+    return out / "cells" / f"{key}.tasks"
+
+
+# What a finished task must share with this run to stand in a cell evaluated now (the study's config fixes the
+# model): the same precision, device, processor and thread count, on which reduced-precision kernels depend.
+RUN_IDENTITY = ("dtype", "device", "processor", "threads")
+
+
 class Study:
     """Runs a :class:`StudyConfig` into an output folder, resuming whatever an earlier run finished."""
 
@@ -500,26 +512,40 @@ class Study:
         return cells
 
     def evaluate_model(
-        self, model: Any, around: Callable[[str], contextlib.AbstractContextManager[None]] | None = None
+        self,
+        model: Any,
+        around: Callable[[str], contextlib.AbstractContextManager[None]] | None = None,
+        done: Mapping[str, EvalResult] | None = None,
+        save_to: Path | None = None,
     ) -> EvalResult:
         """Every task of the study on ``model``, as one result with per-example records; each task's
-        evaluation runs inside ``around(task)`` when given (recording or replaying the shared prefix)."""
+        evaluation runs inside ``around(task)`` when given (recording or replaying the shared prefix).
+
+        Tasks in ``done`` (:meth:`finished_tasks`) are taken as they are; with ``save_to``, each task
+        evaluated now is saved there as soon as it ends.
+        """
         config = self.config
+        identity = self.run_identity()
         merged: EvalResult | None = None
         for task in config.tasks:
-            accepted = {f.name for f in fields(get_task(task))}
-            options = {k: v for k, v in config.task_options.items() if k in accepted}
-            with around(task) if around else contextlib.nullcontext():
-                result = evaluate(
-                    model,
-                    self.loaded.tokenizer,
-                    [task],
-                    limit=config.limits.get(task),
-                    batch_size=config.eval_batch_size,
-                    data_dir=config.data_dir,
-                    seed=config.seed,
-                    **options,
-                )
+            result = (done or {}).get(task)
+            if result is None:
+                accepted = {f.name for f in fields(get_task(task))}
+                options = {k: v for k, v in config.task_options.items() if k in accepted}
+                with around(task) if around else contextlib.nullcontext():
+                    result = evaluate(
+                        model,
+                        self.loaded.tokenizer,
+                        [task],
+                        limit=config.limits.get(task),
+                        batch_size=config.eval_batch_size,
+                        data_dir=config.data_dir,
+                        seed=config.seed,
+                        model_info=identity,
+                        **options,
+                    )
+                if save_to is not None:
+                    result.save(save_to / f"{task}.eval.json.gz")
             if merged is None:
                 merged = result
             else:
@@ -527,6 +553,32 @@ class Study:
                 merged.wall_time_s += result.wall_time_s
         assert merged is not None  # StudyConfig has at least one task
         return merged
+
+    def run_identity(self) -> dict[str, Any]:
+        """What an evaluation run now depends on besides the model's blocks (:data:`RUN_IDENTITY`); the
+        thread count only where it can change a number (not under :attr:`adapts_threads`)."""
+        source = self.loaded.source
+        counts = source.get("device") == "cpu" and not self.adapts_threads
+        threads = torch.get_num_threads() if counts else None
+        return {key: source.get(key) for key in RUN_IDENTITY if key != "threads"} | {"threads": threads}
+
+    def finished_tasks(self, folder: Path) -> dict[str, EvalResult]:
+        """The tasks an interrupted run of a cell saved in ``folder`` that ran as they would run now (the
+        same :data:`RUN_IDENTITY`); any other is evaluated again, and the log says why."""
+        identity, done = self.run_identity(), {}
+        for task in self.config.tasks:
+            path = folder / f"{task}.eval.json.gz"
+            if not path.exists():
+                continue
+            stored = EvalResult.load(path)
+            ran = {key: stored.model.get(key) for key in RUN_IDENTITY}
+            if ran == identity:
+                self.log(f"{task}: read from {folder.name}, finished by an earlier run")
+                done[task] = stored
+            else:
+                differs = ", ".join(f"{key} {ran[key]!r}" for key in ran if ran[key] != identity[key])
+                self.log(f"{task}: the result in {folder.name} ran with {differs}; evaluating it again")
+        return done
 
     @functools.cached_property
     def calibration_batches(self) -> list[dict[str, Any]]:
@@ -543,6 +595,7 @@ class Study:
         cell = Cell(method, mode, fraction, removed, {}, 0.0)
         if cell.key in self.cells:
             return self.cells[cell.key]
+        finished = tasks_folder(self.out, cell.key)
         twin = by_layers.get((tuple(removed), repair, mode == ATTENTION))
         if twin is not None:
             cell.metrics, cell.reused_from = twin.metrics, twin.key
@@ -557,6 +610,7 @@ class Study:
                 + (f" ({cell.threads} threads)" if cell.threads else "")
             )
             started = time.perf_counter()
+            done = self.finished_tasks(finished)
             if removed:
                 model = copy.deepcopy(model)
                 if repair == PATCHED:
@@ -567,12 +621,14 @@ class Study:
                     remove_layers(model, removed)
             if repair == HEALED:
                 model = self.heal(model, removed)
-            result = self.evaluate_model(model, self.prefix_replay(model, mode, removed))
+            result = self.evaluate_model(model, self.prefix_replay(model, mode, removed), done, finished)
             result.save(evaluation_path(self.out, cell.key))
             cell.metrics = result.metrics
-            cell.seconds = round(time.perf_counter() - started, 3)
+            # As if uninterrupted: this run's time and that of the tasks an earlier run finished.
+            cell.seconds = round(time.perf_counter() - started + sum(r.wall_time_s for r in done.values()), 3)
             del model
         atomic_write_json(self.out / "cells" / f"{cell.key}.json", asdict(cell))
+        shutil.rmtree(finished, ignore_errors=True)
         self.cells[cell.key] = cell
         return cell
 
@@ -626,6 +682,8 @@ class Study:
         if not starts or (base_done and skipped(starts, pending) < RECORD_AGAIN_AT * self.num_layers):
             self.run_cell("base", ONESHOT, 0.0, [])
             return
+        # A run killed before its clean-up leaves its recordings behind; none may stand for this run's.
+        shutil.rmtree(self.out / PREFIX_FOLDER, ignore_errors=True)
         store = PrefixStore(self.out / PREFIX_FOLDER, starts)
         self.log(f"recording the inputs of blocks {starts} for {len(pending)} cells")
         model = self.loaded.model
@@ -676,7 +734,10 @@ class Study:
         start = start_for(min(removed), store.starts, depth) if self.shares(mode) else 0
         if start == 0:
             return None
-        return lambda task: store.replay(model, task, start)
+        # A task the base cell read back from an interrupted run was not recorded: it runs whole.
+        return lambda task: (
+            store.replay(model, task, start) if store.has(task, start) else contextlib.nullcontext()
+        )
 
     def report(self, started: float | None = None) -> StudyResult:
         """Write the results of every finished cell; without a model when called alone (a study cut short).

@@ -100,7 +100,8 @@ def study_command(
         bool,
         typer.Option(
             "--resume",
-            help="Continue the study in --out: finished cells are kept, a grown study (more methods, "
+            help="Continue the study in --out: finished cells (and the finished tasks of an interrupted "
+            "cell) are kept, a grown study (more methods, "
             "fractions, random draws, protected, iterative or repaired variants, healing where none was) "
             "adds its new cells",
         ),

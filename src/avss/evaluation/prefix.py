@@ -65,6 +65,10 @@ class PrefixStore:
     def path(self, task: str, start: int) -> Path:
         return self.root / f"{task}.block{start}.pt"
 
+    def has(self, task: str, start: int) -> bool:
+        """Whether the inputs of block ``start`` were recorded for ``task``."""
+        return self.path(task, start).exists()
+
     @contextlib.contextmanager
     def record(self, model: nn.Module, task: str) -> Iterator[None]:
         """Record the input of every start block during the forward passes inside the block."""
