@@ -46,3 +46,29 @@ def test_a_replay_that_does_not_fit_raises(tmp_path):
         base(**another_shape, use_cache=False)
     with pytest.raises(PrefixMismatch, match="fewer forward passes"), store.replay(base, "task", 2):
         pass
+
+
+def test_a_cell_records_the_starts_it_passes_and_the_next_one_replays_them(tmp_path):
+    """Without the unpruned model's pass, the first pruned model (blocks 4 and 5 removed) records blocks 1
+    and 3 on its way; the next (block 5 removed) runs from block 3 on that recording, to its full forward's
+    bits, and records nothing; a start at or after a model's first removed block is never recorded by it."""
+    base = tiny_model("llama", NUM_LAYERS)
+    batches = [random_batch(3, 10, seed=1), random_batch(2, 7, seed=2)]
+    store = PrefixStore(tmp_path, [1, 3, 5])
+    first, second = copy.deepcopy(base), copy.deepcopy(base)
+    remove_layers(first, [4, 5])
+    remove_layers(second, [5])
+    with torch.no_grad():
+        with store.run(first, "task", first_removed=4):
+            for batch in batches:
+                first(**batch, use_cache=False)
+        assert [store.has("task", s) for s in (1, 3, 5)] == [True, True, False]
+        full = [second(**batch, use_cache=False).logits for batch in batches]
+        recorded = {s: store.path("task", s).stat().st_mtime_ns for s in (1, 3)}
+        with store.run(second, "task", first_removed=5):
+            replayed = [second(**batch, use_cache=False).logits for batch in batches]
+    for a, b in zip(full, replayed, strict=True):
+        assert torch.equal(a, b)
+    assert {s: store.path("task", s).stat().st_mtime_ns for s in (1, 3)} == recorded
+    assert not store.has("task", 5)  # the second model's block 5 is the unpruned one's head input: no start
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -16,7 +16,6 @@ from avss.data import CalibrationOptions
 from avss.errors import OutputError, PruneConfigError
 from avss.evaluation import evaluate
 from avss.evaluation import prefix as prefix_module
-from avss.evaluation.prefix import PrefixMismatch
 from avss.evaluation.uncertainty import Bootstrap
 from avss.io import atomic_write_json, read_json
 from avss.provenance import processor
@@ -531,52 +530,54 @@ def test_cells_run_from_the_shared_prefix_give_the_same_numbers_to_the_bit(
     assert_same_cells(shared, full)
 
 
-def test_a_resumed_study_records_the_prefix_again_and_checks_it_against_the_base_cell(
+def test_a_resumed_study_records_the_prefix_in_its_first_cells_without_evaluating_the_base_again(
     saved_model, data_dir, tmp_path, monkeypatch, replays
 ):
-    monkeypatch.setattr("avss.study.RECORD_AGAIN_AT", 0.0)
+    """The base cell is on disk, so the resumed study evaluates only its new cells: the first cell passing a
+    chosen block records its input, later cells replay it, and every number equals full forwards."""
     small = config(saved_model, data_dir, methods=["last", "random"], iterative=False)
     resumed, full = tmp_path / "resumed", tmp_path / "full"
     Study(config(saved_model, data_dir, methods=["last"], iterative=False, fractions=[0]), resumed).run()
+    calls = interrupting(monkeypatch, lambda call, task: False)
     logged: list[str] = []
     Study(small, resumed, progress=False, log=logged.append, resume=True).run()
-    assert any("recording the inputs of blocks" in line for line in logged) and replays
-    Study(small, full, progress=False, share_prefix=False).run()
+    assert any("sharing the inputs of blocks" in line for line in logged) and replays
+    monkeypatch.setattr(study_module, "evaluate", evaluate)
+    whole = Study(small, full, progress=False, share_prefix=False).run()
+    assert len(calls) == 2 * sum(not cell.reused_from for cell in whole.cells)  # two tasks a cell, no base
     assert_same_cells(resumed, full)
 
 
 @pytest.mark.parametrize("elsewhere", [True, False])
-def test_a_base_that_differs_on_resume_is_kept_beside_the_stored_one_only_from_another_processor(
+def test_a_resumed_study_files_a_base_of_its_own_once_per_processor(
     saved_model, data_dir, tmp_path, monkeypatch, elsewhere
 ):
-    """Reduced precision differs between CPUs, so a study resumed on another processor keeps its stored base
-    and files this machine's base beside it; on the same processor a different base stops the study."""
-    monkeypatch.setattr("avss.study.RECORD_AGAIN_AT", 0.0)
+    """Reduced precision differs between CPUs, so a study resumed on another processor evaluates the unpruned
+    model there once and files it beside the stored base, which its cells are still compared with; on the
+    processor of the stored base, the base is not evaluated again."""
     out = tmp_path / "study"
     Study(config(saved_model, data_dir, methods=["last"], iterative=False, fractions=[0]), out).run()
     stored = read_json(out / "cells" / "base.json")
     stored["metrics"]["sst2"]["accuracy"] += 0.25  # as if computed by other kernels
     stored["processor"] = "Other CPU 9000" if elsewhere else processor()
     (out / "cells" / "base.json").write_text(json.dumps(stored))
+    grown = config(saved_model, data_dir, methods=["last"], iterative=False)
+    calls = interrupting(monkeypatch, lambda call, task: False)
     logged: list[str] = []
-    resumed = Study(
-        config(saved_model, data_dir, methods=["last"], iterative=False),
-        out,
-        progress=False,
-        log=logged.append,
-        resume=True,
-    )
-    if not elsewhere:
-        with pytest.raises(PrefixMismatch, match="does not give the stored base cell"):
-            resumed.run()
-        assert read_json(out / "cells" / "base.json") == stored
-        assert not list((out / "cells").glob("base@*"))
-        return
-    result = resumed.run()
-    here = read_json(out / "cells" / f"base@{slug(processor())}.eval.json.gz")
-    assert here["tasks"]["sst2"]["metrics"]["accuracy"] == stored["metrics"]["sst2"]["accuracy"] - 0.25
+    result = Study(grown, out, progress=False, log=logged.append, resume=True).run()
     assert result.base.metrics == stored["metrics"] and result.complete
+    pruned_calls = 2 * sum(not cell.reused_from for cell in result.cells)
+    filed = out / "cells" / f"base@{slug(processor())}.eval.json.gz"
+    if not elsewhere:
+        assert len(calls) == pruned_calls and not filed.exists()
+        return
+    assert len(calls) == pruned_calls + 2
+    here = read_json(filed)
+    assert here["tasks"]["sst2"]["metrics"]["accuracy"] == stored["metrics"]["sst2"]["accuracy"] - 0.25
     assert any("other numbers on" in line for line in logged)
+    calls.clear()
+    Study(grown, out, progress=False, resume=True).run()
+    assert calls == []  # this processor's base is filed: not evaluated again
 
 
 def test_choosing_the_blocks_to_record():

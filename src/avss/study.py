@@ -43,7 +43,7 @@ from avss.adapters import get_adapter, remove_layers
 from avss.data import CalibrationOptions, TextSource
 from avss.errors import OutputError, PruneConfigError
 from avss.evaluation import evaluate, get_task
-from avss.evaluation.prefix import PrefixMismatch, PrefixStore, choose_starts, skipped, start_for
+from avss.evaluation.prefix import PrefixStore, choose_starts
 from avss.evaluation.runner import EvalResult
 from avss.evaluation.uncertainty import RESAMPLES, Bootstrap
 from avss.healing.heal import HealConfig, heal_in_memory
@@ -71,9 +71,6 @@ REPAIRS = (HEALED, PATCHED)
 # ``environment`` (versions, avss_version, model); cells and config.json are unchanged.
 STUDY_FORMAT = "avss-study/3"
 PREFIX_FOLDER = ".prefix"  # recorded block inputs of the unpruned model while a study runs (then removed)
-# A resumed study evaluates its finished base cell again to record the prefix only if the pending cells then
-# skip at least this many full passes over the blocks.
-RECORD_AGAIN_AT = 1.5
 RANDOM = "random"
 # Options that only say which cells exist (or how the tables resample them): a rerun may change them, and
 # every finished cell stays valid. Every other option defines what a cell measures and must match.
@@ -666,9 +663,12 @@ class Study:
     # --- the shared prefix (avss.evaluation.prefix) -------------------------------------------------------
 
     def record_prefix(self) -> None:
-        """Evaluate the unpruned model (the base cell), recording the block inputs that the cells still to
-        run can start from. With the base cell already on disk it is evaluated again only when that saves
-        more than it costs, and must then give the stored numbers exactly."""
+        """Choose the blocks whose inputs the cells still to run start from, and run the base cell.
+
+        The base cell records every chosen block's input; in a resumed study whose base is on disk, the first
+        cell that passes a block records it (:meth:`PrefixStore.run`), so the unpruned model is evaluated
+        again only on a processor that has no base of its own yet (:meth:`base_elsewhere`).
+        """
         # One entry per block set still to evaluate: a cell repeating a finished (or pending) set is a twin.
         finished = {tuple(cell.removed) for cell in self.cells.values() if self.shares(cell.mode)}
         pending_sets = {
@@ -678,41 +678,41 @@ class Study:
         }
         pending = [min(removed) for removed in pending_sets]
         starts = choose_starts(pending) if self.share_prefix else []
-        base_done = "base" in self.cells
-        if not starts or (base_done and skipped(starts, pending) < RECORD_AGAIN_AT * self.num_layers):
-            self.run_cell("base", ONESHOT, 0.0, [])
-            return
         # A run killed before its clean-up leaves its recordings behind; none may stand for this run's.
         shutil.rmtree(self.out / PREFIX_FOLDER, ignore_errors=True)
-        store = PrefixStore(self.out / PREFIX_FOLDER, starts)
-        self.log(f"recording the inputs of blocks {starts} for {len(pending)} cells")
-        model = self.loaded.model
-        if not base_done:
-            self.prefix = store
-            self.run_cell("base", ONESHOT, 0.0, [])  # evaluate_model records through prefix_replay
-            return
-        again = self.evaluate_model(model, lambda task: store.record(model, task))
-        if again.metrics != self.cells["base"].metrics:
-            self.base_elsewhere(again)
-        self.prefix = store
+        self.prefix = PrefixStore(self.out / PREFIX_FOLDER, starts) if starts else None
+        if starts:
+            self.log(f"sharing the inputs of blocks {starts} among {len(pending)} cells")
+        if "base" not in self.cells:
+            self.run_cell("base", ONESHOT, 0.0, [])
+        elif self.processor_without_base() is not None:
+            model = self.loaded.model
+            self.base_elsewhere(self.evaluate_model(model, self.prefix_replay(model, ONESHOT, [])))
+
+    def processor_without_base(self) -> str | None:
+        """This machine's processor when the stored base cell ran on another (or an unrecorded) one and no
+        base of this processor is filed yet; None otherwise (and on a GPU)."""
+        here = self.loaded.source.get("processor")
+        if here is None or here == self.cells["base"].processor:
+            return None
+        return None if evaluation_path(self.out, f"base@{slug(here)}").exists() else here
 
     def base_elsewhere(self, again: EvalResult) -> None:
-        """Accept a re-evaluated base that differs from the stored one only when it ran on another processor.
+        """File the unpruned model as evaluated on this processor beside the stored base cell.
 
         Reduced-precision kernels differ between CPUs (bfloat16 on AMX against AVX-512), so a study resumed
-        on another machine cannot give the stored base to the bit; its cells are still compared with the
-        stored base, and this machine's base is kept beside it (``base@<processor>``) so the machine's own
-        effect can be measured. On the same processor a difference is a bug and stops the study.
+        on another machine need not give the stored base to the bit; its cells are still compared with the
+        stored base, and this machine's base is kept beside it (``base@<processor>``, once per processor) so
+        the machine's own effect can be measured.
         """
         stored, here = self.cells["base"].processor, self.loaded.source.get("processor")
-        if here is None or stored == here:
-            raise PrefixMismatch("the unpruned model evaluated again does not give the stored base cell")
         key = f"base@{slug(here)}"
         again.save(evaluation_path(self.out, key))
+        same = "the same" if again.metrics == self.cells["base"].metrics else "other"
         self.log(
-            f"the unpruned model gives other numbers on {here} than the stored base cell "
-            f"(evaluated on {stored or 'an unrecorded processor'}); cells run here are compared with the "
-            f"stored base, and this machine's base is in cells/{key}.eval.json.gz"
+            f"the unpruned model gives {same} numbers on {here} as the stored base cell (evaluated on "
+            f"{stored or 'an unrecorded processor'}); cells run here are compared with the stored base, "
+            f"and this machine's base is in cells/{key}.eval.json.gz"
         )
 
     def shares(self, mode: str) -> bool:
@@ -723,21 +723,13 @@ class Study:
     def prefix_replay(
         self, model: Any, mode: str, removed: list[int]
     ) -> Callable[[str], contextlib.AbstractContextManager[None]] | None:
-        """How to evaluate a model with the shared prefix: record it (the base cell), replay it from the
-        latest recorded block before the first removed one, or nothing."""
+        """How to evaluate a model with the shared prefix (:meth:`PrefixStore.run`: from the latest recorded
+        block before its first removed one, recording the chosen blocks it passes), or None."""
         store = self.prefix
-        if store is None:
+        if store is None or not self.shares(mode):
             return None
-        if not removed:
-            return lambda task: store.record(model, task)
-        depth = get_adapter(model).num_layers
-        start = start_for(min(removed), store.starts, depth) if self.shares(mode) else 0
-        if start == 0:
-            return None
-        # A task the base cell read back from an interrupted run was not recorded: it runs whole.
-        return lambda task: (
-            store.replay(model, task, start) if store.has(task, start) else contextlib.nullcontext()
-        )
+        first = min(removed) if removed else None
+        return lambda task: store.run(model, task, first)
 
     def report(self, started: float | None = None) -> StudyResult:
         """Write the results of every finished cell; without a model when called alone (a study cut short).

@@ -9,6 +9,11 @@ tokens and builds its masks and position embeddings itself, but runs only its bl
 input is replaced by the recorded state (:func:`~avss.adapters.suffix_view`, the mechanism the cached
 leave-one-out scorer uses). The numbers are the same to the bit, not merely close.
 
+The input of block ``s <= k`` is also the same in the pruned model (its block ``s`` is fed the output of the
+unpruned blocks ``0..s-1``), so any cell records the starts it passes on its way that are not recorded yet
+(:meth:`PrefixStore.run`): the unpruned model's evaluation records them all, and a resumed study, whose
+unpruned model is already evaluated, records them during its first cells instead of evaluating it again.
+
 States are kept on disk, one file per task and start, and read back memory-mapped; a replay checks that every
 recorded state has the shape of the input it replaces and that the forward passes match one to one, and
 raises :class:`PrefixMismatch` otherwise, so a replay that does not fit cannot produce a number.
@@ -70,10 +75,28 @@ class PrefixStore:
         return self.path(task, start).exists()
 
     @contextlib.contextmanager
-    def record(self, model: nn.Module, task: str) -> Iterator[None]:
-        """Record the input of every start block during the forward passes inside the block."""
+    def run(self, model: nn.Module, task: str, first_removed: int | None = None) -> Iterator[None]:
+        """Evaluate ``model``, whose first removed block is ``first_removed`` (None: none removed), from the
+        latest start at or before that block recorded for ``task``, recording the later starts up to that
+        block that are not recorded yet."""
+        depth = get_adapter(model).num_layers
+        last = depth - 1 if first_removed is None else first_removed
+        start = start_for(last, [s for s in self.starts if self.has(task, s)], depth)
+        missing = [s for s in self.starts if start < s <= last and s < depth and not self.has(task, s)]
+        with contextlib.ExitStack() as stack:
+            if missing:  # hooks on the full block list, before a replay slices it
+                stack.enter_context(self.record(model, task, missing))
+            if start:
+                stack.enter_context(self.replay(model, task, start))
+            yield
+
+    @contextlib.contextmanager
+    def record(self, model: nn.Module, task: str, starts: Sequence[int] | None = None) -> Iterator[None]:
+        """Record the input of the ``starts`` blocks (every start) during the forward passes inside the
+        block; each file is written whole or not at all."""
         blocks = get_adapter(model).blocks
-        captured: dict[int, list[torch.Tensor]] = {start: [] for start in self.starts}
+        starts = self.starts if starts is None else starts
+        captured: dict[int, list[torch.Tensor]] = {start: [] for start in starts}
 
         def capture(start: int) -> Any:
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -81,11 +104,14 @@ class PrefixStore:
 
             return blocks[start].register_forward_pre_hook(hook, with_kwargs=True)
 
-        with hooks(*(capture(start) for start in self.starts)):
+        with hooks(*(capture(start) for start in captured)):
             yield
         self.root.mkdir(parents=True, exist_ok=True)
         for start, states in captured.items():
-            torch.save(states, self.path(task, start))
+            path = self.path(task, start)
+            partial = path.with_name(f".{path.name}.tmp")
+            torch.save(states, partial)
+            partial.replace(path)
 
     @contextlib.contextmanager
     def replay(self, model: nn.Module, task: str, start: int) -> Iterator[None]:
