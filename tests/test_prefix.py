@@ -72,3 +72,23 @@ def test_a_cell_records_the_starts_it_passes_and_the_next_one_replays_them(tmp_p
     assert {s: store.path("task", s).stat().st_mtime_ns for s in (1, 3)} == recorded
     assert not store.has("task", 5)  # the second model's block 5 is the unpruned one's head input: no start
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_replayed_cell_records_a_later_start_as_the_unpruned_model_would(tmp_path):
+    """Run from block 1's recording, a model first removing block 4 records block 3's input to the bit of
+    the unpruned model's own recording."""
+    base = tiny_model("llama", NUM_LAYERS)
+    batches = [random_batch(3, 10, seed=1), random_batch(2, 7, seed=2)]
+    reference, store = PrefixStore(tmp_path / "base", [1, 3]), PrefixStore(tmp_path / "cells", [1, 3])
+    early, late = copy.deepcopy(base), copy.deepcopy(base)
+    remove_layers(early, [2])
+    remove_layers(late, [4, 5])
+    with torch.no_grad():
+        for model, store_, first in ((base, reference, None), (early, store, 2), (late, store, 4)):
+            with store_.run(model, "task", first_removed=first):
+                for batch in batches:
+                    model(**batch, use_cache=False)
+    assert store.has("task", 3)
+    for start in (1, 3):
+        ours, theirs = (torch.load(s.path("task", start), weights_only=True) for s in (store, reference))
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True)), start
