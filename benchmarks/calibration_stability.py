@@ -13,21 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import avss
 from avss.data import CalibrationOptions, TextSource, resolve_data_dir
-from avss.provenance import package_versions
+from avss.provenance import package_versions, processor
 from avss.scorers.stability import CalibrationSet, calibration_stability
-
-
-def machine() -> str:
-    lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name")), "?")
-    return f"{name}, {platform.machine()}"
 
 
 def main() -> None:
@@ -38,10 +31,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--budgets", default="4,8")
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (a study's --dtype)")
+    parser.add_argument("--data-dir", default=None, help="default: $AVSS_DATA_DIR, then ../shared/data")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/calibration_stability_smollm2"))
     args = parser.parse_args()
 
-    data_dir = resolve_data_dir(None)
+    data_dir = resolve_data_dir(args.data_dir)
     if data_dir is None:
         raise SystemExit("needs the shared data directory (../shared/data or $AVSS_DATA_DIR)")
     c4 = TextSource(data=str(data_dir / "c4" / "c4_validation_2k.jsonl"))
@@ -52,7 +47,7 @@ def main() -> None:
     sets.append(
         CalibrationSet("wikitext2-valid", TextSource(data_dir=str(data_dir)), CalibrationOptions(**options))
     )
-    loaded = avss.load_model(args.model, device="cpu")
+    loaded = avss.load_model(args.model, device="cpu", dtype=args.dtype)
     started = time.perf_counter()
     budgets = [int(n) for n in args.budgets.split(",")]
     result = calibration_stability(loaded, args.methods.split(","), sets, budgets)
@@ -62,7 +57,8 @@ def main() -> None:
         **result.to_dict(),
         "seconds": round(seconds, 1),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": f"{processor()}, {platform.machine()}",
+        "dtype": args.dtype,
         "versions": package_versions(),
     }
     (args.out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -71,7 +67,7 @@ def main() -> None:
         f"# Calibration stability: {args.model}\n\n"
         f"{record['date']}, {record['machine']}, {seconds:.0f} s. Command: "
         "`.venv/bin/python benchmarks/calibration_stability.py "
-        f"--model {args.model} --methods {args.methods} "
+        f"--model {args.model} --dtype {args.dtype} --methods {args.methods} "
         f"--c4-parts {args.c4_parts} --samples {args.samples} --max-length {args.max_length} "
         f"--budgets {args.budgets} --out {args.out}`\n\n"
         f"Sets (tokens): {tokens}. The C4 parts are disjoint windows of one seeded shuffle.\n\n"

@@ -6,7 +6,9 @@ here report chance-normalized retention instead, which a reader cannot set besid
 script computes the papers' figure from a study's per-example records: ``sum(pruned correct) / sum(base
 correct)`` over the pooled examples of the named tasks (equal n per task makes it the ratio of task
 averages), with a paired bootstrap over examples (each resample draws whole examples, both models'
-outcomes together) from the library's own :class:`~avss.evaluation.uncertainty.Bootstrap`.
+outcomes together) from the library's own :class:`~avss.evaluation.uncertainty.Bootstrap`. Each cell is
+divided by the unpruned model it is compared with in the study's ``results.json`` (``base_key``: the one
+evaluated on the cell's own processor when the study holds it).
 
     .venv/bin/python benchmarks/raw_retention.py benchmarks/study_protocol_smollm2_bf16 \\
         --tasks sciq,arc_easy,piqa,lambada_openai --out benchmarks/raw_retention_smollm2.json
@@ -24,7 +26,7 @@ import numpy as np
 
 from avss.evaluation import comparison
 from avss.evaluation.uncertainty import BOOTSTRAP, bootstrap_ratio, paired_ratio_difference
-from avss.study import REPAIRS
+from avss.study import REPAIRS, slug
 from avss.study_analysis import load_evaluations
 
 
@@ -50,19 +52,27 @@ def main() -> None:
         for path in sorted((args.study / "cells").glob("*.eval.json.gz"))
     ]
     evaluations = load_evaluations(args.study, keys)
-    base_values, ids = pooled(evaluations.pop("base"), tasks)
+    study_rows = json.loads((args.study / "results.json").read_text(encoding="utf-8"))["rows"]
+    # The cell's key (avss.study.Cell.key) -> the unpruned model it is compared with; older studies: "base".
+    base_of = {
+        f"{slug(r['method'])}__{r['mode']}__{r['fraction']:g}": r.get("base_key", "base") for r in study_rows
+    }
+    base_values, ids = pooled(evaluations["base"], tasks)
+    bases = {key: pooled(evaluations[key], tasks, ids)[0] for key in set(base_of.values())}
     values = {
         key: pooled(evaluation, tasks, ids)[0]
         for key, evaluation in evaluations.items()
-        if not key.startswith("random")
+        if key in base_of and not key.startswith("random")
     }
     rows = []
     for key in sorted(values):
-        interval = bootstrap_ratio(values[key], base_values, BOOTSTRAP)
+        base = bases[base_of[key]]
+        interval = bootstrap_ratio(values[key], base, BOOTSTRAP)
         row = {
             "cell": key,
+            "base_key": base_of[key],
             "n": interval.n,
-            "base_accuracy": base_values.mean(),
+            "base_accuracy": base.mean(),
             "accuracy": values[key].mean(),
             "retention": interval.estimate,
             "low": interval.low,
@@ -71,7 +81,8 @@ def main() -> None:
         plain = next((key.replace(repair, "") for repair in REPAIRS if repair in key), key)
         if plain != key and plain in values:
             # Repaired over base minus plain over base, all three on the same resampled examples.
-            gain = paired_ratio_difference(values[plain], base_values, values[key], base_values, BOOTSTRAP)
+            plain_base = bases[base_of[plain]]
+            gain = paired_ratio_difference(values[plain], plain_base, values[key], base, BOOTSTRAP)
             row["gain_over"] = plain
             row.update(gain=gain.estimate, gain_low=gain.low, gain_high=gain.high)
         rows.append(row)

@@ -16,6 +16,7 @@ from avss.data import CalibrationOptions
 from avss.errors import OutputError, PruneConfigError
 from avss.evaluation import evaluate
 from avss.evaluation import prefix as prefix_module
+from avss.evaluation.runner import EvalResult
 from avss.evaluation.uncertainty import Bootstrap
 from avss.io import atomic_write_json, read_json
 from avss.provenance import processor
@@ -553,28 +554,38 @@ def test_a_resumed_study_files_a_base_of_its_own_once_per_processor(
     saved_model, data_dir, tmp_path, monkeypatch, elsewhere
 ):
     """Reduced precision differs between CPUs, so a study resumed on another processor evaluates the unpruned
-    model there once and files it beside the stored base, which its cells are still compared with; on the
-    processor of the stored base, the base is not evaluated again."""
+    model there once, files it beside the stored base and compares its cells with it; on the processor of
+    the stored base, the base is not evaluated again."""
     out = tmp_path / "study"
     Study(config(saved_model, data_dir, methods=["last"], iterative=False, fractions=[0]), out).run()
     stored = read_json(out / "cells" / "base.json")
     stored["metrics"]["sst2"]["accuracy"] += 0.25  # as if computed by other kernels
     stored["processor"] = "Other CPU 9000" if elsewhere else processor()
     (out / "cells" / "base.json").write_text(json.dumps(stored))
+    evaluation = EvalResult.load(out / "cells" / "base.eval.json.gz")
+    record = evaluation.tasks["sst2"].records[0]
+    record.metrics["accuracy"] = 1.0 - record.metrics["accuracy"]  # the other kernels' records too
+    evaluation.save(out / "cells" / "base.eval.json.gz")
+    tampered = sum(r.metrics["accuracy"] for r in evaluation.tasks["sst2"].records) / 4
     grown = config(saved_model, data_dir, methods=["last"], iterative=False)
     calls = interrupting(monkeypatch, lambda call, task: False)
     logged: list[str] = []
     result = Study(grown, out, progress=False, log=logged.append, resume=True).run()
     assert result.base.metrics == stored["metrics"] and result.complete
     pruned_calls = 2 * sum(not cell.reused_from for cell in result.cells)
-    filed = out / "cells" / f"base@{slug(processor())}.eval.json.gz"
+    key = f"base@{slug(processor())}"
+    filed = out / "cells" / f"{key}.eval.json.gz"
+    accuracy = [row for row in result.rows() if (row["task"], row["metric"]) == ("sst2", "accuracy")]
     if not elsewhere:
         assert len(calls) == pruned_calls and not filed.exists()
+        assert {(row["base_key"], row["base_value"]) for row in accuracy} == {("base", tampered)}
         return
     assert len(calls) == pruned_calls + 2
-    here = read_json(filed)
-    assert here["tasks"]["sst2"]["metrics"]["accuracy"] == stored["metrics"]["sst2"]["accuracy"] - 0.25
+    here = read_json(filed)["tasks"]["sst2"]["metrics"]["accuracy"]
+    assert here == stored["metrics"]["sst2"]["accuracy"] - 0.25 and here != tampered
     assert any("other numbers on" in line for line in logged)
+    assert {(row["base_key"], row["base_value"]) for row in accuracy} == {(key, here)}
+    assert f"`{key}`: {len(result.cells)} cells" in (out / "summary.md").read_text()
     calls.clear()
     Study(grown, out, progress=False, resume=True).run()
     assert calls == []  # this processor's base is filed: not evaluated again

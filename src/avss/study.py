@@ -282,6 +282,11 @@ def evaluation_path(out: Path, key: str) -> Path:
     return out / "cells" / f"{key}.eval.json.gz"
 
 
+def base_on(processor: str) -> str:
+    """The key of the unpruned model evaluated on ``processor`` beside the stored base."""
+    return f"base@{slug(processor)}"
+
+
 def tasks_folder(out: Path, key: str) -> Path:
     """Where the tasks a cell has finished wait, one result file each, until the whole cell is written."""
     return out / "cells" / f"{key}.tasks"
@@ -695,24 +700,24 @@ class Study:
         here = self.loaded.source.get("processor")
         if here is None or here == self.cells["base"].processor:
             return None
-        return None if evaluation_path(self.out, f"base@{slug(here)}").exists() else here
+        return None if evaluation_path(self.out, base_on(here)).exists() else here
 
     def base_elsewhere(self, again: EvalResult) -> None:
         """File the unpruned model as evaluated on this processor beside the stored base cell.
 
         Reduced-precision kernels differ between CPUs (bfloat16 on AMX against AVX-512), so a study resumed
-        on another machine need not give the stored base to the bit; its cells are still compared with the
-        stored base, and this machine's base is kept beside it (``base@<processor>``, once per processor) so
-        the machine's own effect can be measured.
+        on another machine need not give the stored base to the bit; this machine's base is kept beside it
+        (``base@<processor>``, once per processor), the cells run here are compared with it
+        (:meth:`StudyResult.base_key`), and the machines' own difference can be measured.
         """
         stored, here = self.cells["base"].processor, self.loaded.source.get("processor")
-        key = f"base@{slug(here)}"
+        key = base_on(here)
         again.save(evaluation_path(self.out, key))
         same = "the same" if again.metrics == self.cells["base"].metrics else "other"
         self.log(
             f"the unpruned model gives {same} numbers on {here} as the stored base cell (evaluated on "
-            f"{stored or 'an unrecorded processor'}); cells run here are compared with the stored base, "
-            f"and this machine's base is in cells/{key}.eval.json.gz"
+            f"{stored or 'an unrecorded processor'}); cells run here are compared with this machine's base, "
+            f"cells/{key}.eval.json.gz"
         )
 
     def shares(self, mode: str) -> bool:
@@ -742,7 +747,8 @@ class Study:
         self.load_selections()
         planned = [Cell(*spec, {}, 0.0).key for spec in self.plan()]
         cells = [self.cells[key] for key in planned if key in self.cells]
-        keys = ["base", *(cell.evaluated_key for cell in cells)]
+        processors = {cell.processor for cell in cells if cell.processor}
+        keys = ["base", *(base_on(p) for p in processors), *(cell.evaluated_key for cell in cells)]
         result = StudyResult(
             config=self.config,
             base=self.cells["base"],
@@ -865,10 +871,22 @@ class StudyResult:
     def cell_infos(self) -> list[analysis.CellInfo]:
         """The pruned cells whose evaluation is stored (a study from before per-example records has none)."""
         return [
-            analysis.CellInfo(c.method, c.mode, c.fraction, c.removed, c.evaluated_key, c.reused_from)
+            analysis.CellInfo(
+                c.method, c.mode, c.fraction, c.removed, c.evaluated_key, c.reused_from, self.base_key(c)
+            )
             for c in self.cells
             if c.evaluated_key in self.evaluations
         ]
+
+    def base_key(self, cell: Cell) -> str:
+        """The unpruned model a cell is compared with: the one evaluated on the processor that evaluated the
+        cell (``base@<processor>``, filed by a study resumed there) when the study holds it, since
+        reduced-precision kernels differ between CPUs; else the stored base."""
+        evaluated = next((c for c in self.cells if c.key == cell.evaluated_key), cell)
+        if evaluated.processor is None or evaluated.processor == self.base.processor:
+            return "base"
+        key = base_on(evaluated.processor)
+        return key if key in self.evaluations else "base"
 
     @functools.cached_property
     def tables(self) -> dict[str, Any]:

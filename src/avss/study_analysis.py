@@ -1,6 +1,7 @@
 """The study's tables, computed from the per-example records its cells saved.
 
-Every pruned cell is compared with the unpruned model on the same examples
+Every pruned cell is compared with the unpruned model on the same examples, as evaluated on the cell's own
+processor when the study holds it (``CellInfo.base_key``; reduced-precision kernels differ between CPUs)
 (:meth:`avss.evaluation.runner.EvalResult.compare`): both scores with 95% intervals, the paired difference,
 McNemar's exact test for accuracies, chance-normalized retention ``(pruned - chance) / (base - chance)`` for
 accuracies and the change of NLL per token (nats) for perplexity, never a ratio averaged with accuracies.
@@ -52,6 +53,7 @@ CSV_COLUMNS = (
     "base_value",
     "base_low",
     "base_high",
+    "base_key",
     "difference",
     "difference_low",
     "difference_high",
@@ -74,7 +76,9 @@ def is_random(method: str) -> bool:
 
 @dataclass
 class CellInfo:
-    """What the tables need of a cell: its identity and the key of the evaluation it uses."""
+    """What the tables need of a cell: its identity, the key of the evaluation it uses and the key of the
+    unpruned model's evaluation it is compared with (``base``, or ``base@<processor>`` for a cell evaluated on
+    another processor than the stored base)."""
 
     method: str
     mode: str
@@ -82,6 +86,7 @@ class CellInfo:
     removed: list[int]
     evaluated_key: str
     reused_from: str | None
+    base_key: str = "base"
 
 
 def _interval_fields(prefix: str, value: u.Interval | float | None) -> dict[str, Any]:
@@ -107,6 +112,7 @@ def row_fields(cell: CellInfo, comparison: ComparisonRow) -> dict[str, Any]:
         "base_value": base["base"],
         "base_low": base["base_low"],
         "base_high": base["base_high"],
+        "base_key": cell.base_key,
         **_interval_fields("difference", comparison.difference),
         "difference_unit": comparison.difference_unit,
         "mcnemar_p": comparison.mcnemar.p_value if comparison.mcnemar else None,
@@ -121,18 +127,18 @@ def row_fields(cell: CellInfo, comparison: ComparisonRow) -> dict[str, Any]:
 def comparison_rows(
     cells: Sequence[CellInfo], evaluations: dict[str, EvalResult], bootstrap: u.Bootstrap
 ) -> list[dict[str, Any]]:
-    """Every cell against the base (``evaluations["base"]``), Holm-corrected within each task metric.
+    """Every cell against its base (``evaluations[cell.base_key]``), Holm-corrected within each task metric.
 
     Cells that reuse another cell's evaluation share its comparison (computed once per evaluated model).
     """
-    base = evaluations["base"]
-    computed: dict[str, list[ComparisonRow]] = {}
+    computed: dict[tuple[str, str], list[ComparisonRow]] = {}
     rows = []
     for cell in cells:
-        if cell.evaluated_key not in computed:
-            table = evaluations[cell.evaluated_key].compare(base, bootstrap)
-            computed[cell.evaluated_key] = table.rows
-        rows += [row_fields(cell, comparison) for comparison in computed[cell.evaluated_key]]
+        pair = (cell.evaluated_key, cell.base_key)
+        if pair not in computed:
+            pruned, base = (evaluations[key] for key in pair)
+            computed[pair] = pruned.compare(base, bootstrap).rows
+        rows += [row_fields(cell, comparison) for comparison in computed[pair]]
     holm_within_tables(rows)
     return rows
 
@@ -214,10 +220,9 @@ def headline(
     """
     if not included:
         return []
-    base = evaluations["base"]
     out = []
     for cell in cells:
-        evaluation = evaluations[cell.evaluated_key]
+        base, evaluation = evaluations[cell.base_key], evaluations[cell.evaluated_key]
         draws, estimates = [], []
         for offset, (task, metric) in enumerate(included):
             b_values = metric_values(base.tasks[task].records, metric)
@@ -250,7 +255,8 @@ def versus_best(
 ) -> list[dict[str, Any]]:
     """Method against method on the same examples: at each mode and budget, every other non-random cell
     minus the cell with the highest macro retention, per task metric (paired difference, McNemar, Holm over
-    all of these comparisons)."""
+    all of these comparisons). Two cells evaluated on different processors differ also by the processors'
+    kernels: such a row names both bases (``base_key``, ``reference_base_key``)."""
     rows: list[dict[str, Any]] = []
     by_key = {(c.method, c.mode, c.fraction): c for c in cells}
     for mode, fraction in dict.fromkeys((entry["mode"], entry["fraction"]) for entry in macro):
@@ -267,7 +273,7 @@ def versus_best(
             table = evaluations[other.evaluated_key].compare(evaluations[best.evaluated_key], bootstrap)
             for comparison in table.rows:
                 row = row_fields(other, comparison)
-                rows.append({**row, "reference": best.method})
+                rows.append({**row, "reference": best.method, "reference_base_key": best.base_key})
     holm_within_tables(rows)
     return rows
 
@@ -320,6 +326,7 @@ def summary_markdown(
             f"{fmt(entry.get('chance'))} | {f'{best[0]} {best[1]:.3f}' if best else 'n/a'} | {verdict} |"
         )
     lines.append("")
+    lines += bases_markdown(rows)
     if macro:
         lines += headline_markdown(macro, budgets)
     if versus:
@@ -371,6 +378,23 @@ def summary_markdown(
             lines.append(f"| random ({draws_label(counts)}) | {mode} | " + " | ".join(texts) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def bases_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Which cells are compared with an unpruned model evaluated on another processor (none: no lines)."""
+    counts: dict[str, set[tuple[str, str, float]]] = defaultdict(set)
+    for row in rows:
+        counts[row["base_key"]].add((row["method"], row["mode"], row["fraction"]))
+    others = {key: len(cells) for key, cells in sorted(counts.items()) if key != "base"}
+    if not others:
+        return []
+    named = "; ".join(f"`{key}`: {n} cells" for key, n in others.items())
+    return [
+        "Cells evaluated on another processor than the base model above are compared with the unpruned model",
+        f"evaluated on their own processor ({named}; `cells/<key>.eval.json.gz`), so that the kernels'",
+        "difference is no part of any comparison with the unpruned model.",
+        "",
+    ]
 
 
 def headline_markdown(macro: Sequence[dict[str, Any]], budgets: Sequence[float]) -> list[str]:
@@ -436,13 +460,19 @@ def versus_markdown(versus: Sequence[dict[str, Any]]) -> list[str]:
         "| method | mode | budget | best method | task | metric | difference [95% CI] | Holm p |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    mixed = False
     for row in versus:
         holm = "n/a" if row["holm_p"] is None else f"{row['holm_p']:.2g}"
         difference = interval_text(row["difference"], row["difference_low"], row["difference_high"])
+        if row["base_key"] != row["reference_base_key"]:
+            difference += " †"
+            mixed = True
         lines.append(
             f"| {row['method']} | {row['mode']} | {row['fraction']:g} | {row['reference']} | {row['task']} | "
             f"{row['metric']} | {difference} | {holm} |"
         )
+    if mixed:
+        lines += ["", "† The two cells ran on different processors: the difference includes their kernels'."]
     return [*lines, ""]
 
 
