@@ -253,6 +253,19 @@ def test_report_only_writes_the_finished_cells_without_a_model(saved_model, data
     assert {(c.method, c.fraction) for c in result.cells} == {("avss", 0.25), ("avss", 0.5), ("random", 0.25)}
 
 
+def test_report_of_a_study_grown_by_a_method_not_yet_selected(saved_model, data_dir, tmp_path, monkeypatch):
+    """A study grown by a method (``--resume``) and stopped before its selection was made reports the
+    cells it has, as incomplete, instead of failing on the missing selection."""
+    out = tmp_path / "study"
+    small = config(saved_model, data_dir, methods=["avss"], iterative=False, fractions=[0, 0.25])
+    Study(small, out, progress=False).run()
+    grown = config(saved_model, data_dir, methods=["avss", "first"], iterative=False, fractions=[0, 0.25])
+    monkeypatch.setattr("avss.study.load_model", lambda *args, **kwargs: pytest.fail("report loads no model"))
+    result = Study(grown, out, resume=True).report()
+    assert not result.complete
+    assert [(c.method, c.fraction) for c in result.cells] == [("avss", 0.25)]
+
+
 def test_study_with_heal_adds_healed_rows_at_the_same_budget(saved_model, data_dir, tmp_path):
     """``avss study --heal lora``: every pruned cell is also evaluated after healing, with its own rows."""
     study_config = config(

@@ -488,11 +488,20 @@ class Study:
 
     # --- cells ----------------------------------------------------------------------------------------
 
-    def plan(self) -> list[tuple[str, str, float, list[int]]]:
+    def selection_names(self) -> list[str]:
+        """The name of every selection the study's cells are drawn from (a file in ``selections/``)."""
+        config = self.config
+        return [
+            *(f"{slug(s.spec)}__{mode}" for s in config.scorers() for mode in config.modes_of(s)),
+            *(f"{slug(s.spec)}__{ATTENTION}" for s in config.attention_scorers()),
+        ]
+
+    def plan(self, reading: bool = False) -> list[tuple[str, str, float, list[int]]]:
         """(method, mode, fraction, removed layers) of every pruned cell, in run order.
 
         Budget-major order: every method at the smallest budget first, so a study cut short still compares
-        all methods at the budgets it reached.
+        all methods at the budgets it reached. ``reading`` (a report) leaves out the cells of selections
+        not made yet: a study grown by a method and stopped before selecting reports what it has.
         """
         num_layers = self.num_layers
         cells = []
@@ -502,13 +511,19 @@ class Study:
                 continue
             for scorer in self.config.scorers():
                 for mode in self.config.modes_of(scorer):
-                    removed = self.selections[f"{slug(scorer.spec)}__{mode}"].removed_for(n)
+                    name = f"{slug(scorer.spec)}__{mode}"
+                    if reading and name not in self.selections:
+                        continue
+                    removed = self.selections[name].removed_for(n)
                     for repair in self.config.repairs_of(scorer):
                         if repair == PATCHED and 0 in removed:
                             continue  # a run from block 0 has no preceding MLP to carry the map
                         cells.append((scorer.spec, mode + repair, fraction, removed))
             for scorer in self.config.attention_scorers():
-                selection = self.selections[f"{slug(scorer.spec)}__{ATTENTION}"]
+                name = f"{slug(scorer.spec)}__{ATTENTION}"
+                if reading and name not in self.selections:
+                    continue
+                selection = self.selections[name]
                 if n in selection.by_budget:  # absent: attention alone holds fewer parameters
                     cells.append((scorer.spec, ATTENTION, fraction, selection.removed_for(n)))
         return cells
@@ -745,7 +760,8 @@ class Study:
         if not self.cells:
             self.prepare(reading=True)
         self.load_selections()
-        planned = [Cell(*spec, {}, 0.0).key for spec in self.plan()]
+        planned = [Cell(*spec, {}, 0.0).key for spec in self.plan(reading=True)]
+        unselected = [name for name in self.selection_names() if name not in self.selections]
         cells = [self.cells[key] for key in planned if key in self.cells]
         processors = {cell.processor for cell in cells if cell.processor}
         keys = ["base", *(base_on(p) for p in processors), *(cell.evaluated_key for cell in cells)]
@@ -759,7 +775,7 @@ class Study:
             provenance=Provenance.now(
                 STUDY_FORMAT, model=self._loaded.source if self._loaded else {"name": self.config.model}
             ),
-            complete=all(key in self.cells for key in planned),
+            complete=not unselected and all(key in self.cells for key in planned),
             evaluations=analysis.load_evaluations(self.out, keys),
         )
         result.write(self.out)
