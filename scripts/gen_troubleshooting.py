@@ -138,6 +138,8 @@ FIXES: dict[str, dict[str, str]] = {
         "study --out is a file": "`--out` of a study is a folder; choose another path.",
         "study folder rerun without --resume": "Add `--resume` to continue the study (finished cells are "
         "kept; more methods, fractions or draws grow it), or choose another `--out`.",
+        "study --report-only of a folder with no study": "`--report-only` writes the tables of a study "
+        "already run; point `--out` at its folder, or run the study without `--report-only`.",
         "study --dtype unknown": "Use `--dtype auto`, `float32`, `bfloat16` or `float16`.",
         "study --threads invalid": "Use `--threads auto` (the idle cores) or a positive number.",
         "demo fraction out of range": "`--fraction` is a share of blocks in (0, 1), e.g. 0.25.",

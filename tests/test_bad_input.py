@@ -721,6 +721,12 @@ CLI_CASES = [
         setup=previous_study,
     ),
     Case(
+        "study --report-only of a folder with no study",
+        lambda ws: ["study", ws.model, "--methods", "last", "--report-only", "--out", str(ws.out / "s")],
+        ("holds no study to report",),
+        patch=loading_refused_in("avss.study"),
+    ),
+    Case(
         "study --dtype unknown",
         lambda ws: ["study", ws.model, "--methods", "last", "--dtype", "float8", "--out", str(ws.out / "s")],
         ("invalid dtype 'float8'",),

@@ -253,6 +253,15 @@ def test_report_only_writes_the_finished_cells_without_a_model(saved_model, data
     assert {(c.method, c.fraction) for c in result.cells} == {("avss", 0.25), ("avss", 0.5), ("random", 0.25)}
 
 
+def test_report_before_the_base_cell_is_finished_is_refused(saved_model, data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "study"
+    small = config(saved_model, data_dir, methods=["avss"], iterative=False, fractions=[0, 0.25])
+    Study(small, out).prepare()  # what a study killed before its first cell leaves: the folder and config
+    monkeypatch.setattr("avss.study.load_model", lambda *args, **kwargs: pytest.fail("report loads no model"))
+    with pytest.raises(OutputError, match="not finished yet; nothing to report"):
+        Study(small, out).report()
+
+
 def test_report_of_a_study_grown_by_a_method_not_yet_selected(saved_model, data_dir, tmp_path, monkeypatch):
     """A study grown by a method (``--resume``) and stopped before its selection was made reports the
     cells it has, as incomplete, instead of failing on the missing selection."""

@@ -758,7 +758,11 @@ class Study:
         """
         started = time.perf_counter() if started is None else started
         if not self.cells:
+            if not (self.out / "config.json").is_file():
+                raise OutputError(f"{self.out} holds no study to report; run the study first")
             self.prepare(reading=True)
+        if "base" not in self.cells:
+            raise OutputError(f"{self.out}: the unpruned model's cell is not finished yet; nothing to report")
         self.load_selections()
         planned = [Cell(*spec, {}, 0.0).key for spec in self.plan(reading=True)]
         unselected = [name for name in self.selection_names() if name not in self.selections]
