@@ -39,6 +39,28 @@ HEADER = (
     "WikiText-2 NLL change [95% CI]",
 )
 MODE = "oneshot"
+PROTECTED = "oneshot+protect"
+# The README's verdict table: its rows (label, method, mode) and its models' short names, in that order.
+VERDICT_ROWS = (
+    ("AVSS as specified", "avss", MODE),
+    ("AVSS, first and last block protected", "avss", PROTECTED),
+    ("block influence (ShortGPT)", "block_influence", MODE),
+    ("angular distance (Gromov et al.)", "angular", MODE),
+    ("leave-one-out NLL, one shot (SLEB's criterion)", "loo_nll", MODE),
+    ("first n", "first", MODE),
+    ("last n (before the final block)", "last", MODE),
+)
+SHORT_NAMES = {
+    "smollm2-135m": "SmolLM2",
+    "gemma3-270m": "Gemma 3",
+    "qwen2.5-coder-0.5b": "Qwen 0.5B",
+    "qwen2.5-coder-1.5b": "Qwen 1.5B",
+}
+BAND_MIN_DRAWS = 10  # fewer draws are listed one by one: their 5th and 95th percentiles mean nothing
+VERDICT_START = (
+    "<!-- verdict table: written by benchmarks/scale.py --readme from the studies' results.json -->"
+)
+VERDICT_END = "<!-- end of verdict table -->"
 
 
 def num_parameters(model: str) -> int:
@@ -55,12 +77,28 @@ def num_parameters(model: str) -> int:
     return sum(parameter.numel() for parameter in network.parameters())
 
 
-def read_study(folder: Path) -> dict[str, Any]:
+def read_study(folder: Path, parameters: bool = True) -> dict[str, Any]:
+    """One study's entries: the one-shot cells (``entries``) and the protected ones (``protected``), each
+    with its macro retention, removed blocks and WikiText-2 NLL change. ``parameters=False`` leaves out the
+    parameter count (it needs the model's config installed)."""
     results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
     if results.get("format") != STUDY_FORMAT:
         raise SystemExit(f"{folder}: not an {STUDY_FORMAT} results file (rerun its study with --report-only)")
     model = results["model"]["name"]
-    rows = [row for row in results["rows"] if row["mode"] == MODE]
+    return {
+        "folder": folder.as_posix(),
+        "model": model,
+        "num_layers": results["num_layers"],
+        "complete": results["complete"],
+        "num_parameters": num_parameters(model) if parameters else None,
+        "entries": mode_entries(results, MODE),
+        "protected": mode_entries(results, PROTECTED),
+        "correlations": results["correlations"],
+    }
+
+
+def mode_entries(results: dict[str, Any], mode: str) -> list[dict[str, Any]]:
+    rows = [row for row in results["rows"] if row["mode"] == mode]
     wikitext = {
         (row["method"], row["fraction"]): row
         for row in rows
@@ -69,7 +107,7 @@ def read_study(folder: Path) -> dict[str, Any]:
     removed = {(row["method"], row["fraction"]): row["removed_layers"] for row in rows}
     entries = []
     for item in results["headline"]:
-        if item["mode"] != MODE:
+        if item["mode"] != mode:
             continue
         key = (item["method"], item["fraction"])
         nll = wikitext.get(key)
@@ -82,15 +120,7 @@ def read_study(folder: Path) -> dict[str, Any]:
                 else [nll["difference"], nll["difference_low"], nll["difference_high"]],
             }
         )
-    return {
-        "folder": str(folder),
-        "model": model,
-        "num_layers": results["num_layers"],
-        "complete": results["complete"],
-        "num_parameters": num_parameters(model),
-        "entries": entries,
-        "correlations": results["correlations"],
-    }
+    return entries
 
 
 def random_band(entries: list[dict[str, Any]], fraction: float) -> dict[str, float] | None:
@@ -99,6 +129,67 @@ def random_band(entries: list[dict[str, Any]], fraction: float) -> dict[str, flo
         return None
     low, median, high = np.quantile(values, [0.05, 0.5, 0.95])
     return {"draws": len(values), "low": float(low), "median": float(median), "high": float(high)}
+
+
+def verdict_table(studies: list[dict[str, Any]]) -> str:
+    """The README's first-screen table: every method's macro retention [95% CI] per model and removed
+    fraction, the best method of each column in bold, ``= AVSS`` where a control removes AVSS's blocks,
+    and the random order's band (median [5%, 95%] of its draws) or, below ten draws, the draws."""
+    columns = [(s, f) for s in studies for f in sorted({e["fraction"] for e in s["entries"]})]
+    header = [f"{SHORT_NAMES.get(s['model'], s['model'])} {f * 100:g}%" for s, f in columns]
+    cells = [verdict_column(study, fraction) for study, fraction in columns]
+    labels = [label for label, _, _ in VERDICT_ROWS] + ["random blocks: median [5%, 95%] of the draws"]
+    lines = ["| method | " + " | ".join(header) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [
+        f"| {label} | " + " | ".join(column[row] for column in cells) + " |"
+        for row, label in enumerate(labels)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def verdict_column(study: dict[str, Any], fraction: float) -> list[str]:
+    """One column of :func:`verdict_table`: a cell per row of :data:`VERDICT_ROWS`, then the random band."""
+    by_mode = {MODE: study["entries"], PROTECTED: study["protected"]}
+    found = {
+        (method, mode): next(
+            (e for e in by_mode[mode] if e["method"] == method and e["fraction"] == fraction), None
+        )
+        for _, method, mode in VERDICT_ROWS
+    }
+    best = max((e["retention"] for e in found.values() if e is not None), default=None)
+    avss = found[("avss", MODE)]
+    column = []
+    for _, method, mode in VERDICT_ROWS:
+        entry = found[(method, mode)]
+        if entry is None:
+            column.append("not run")
+        elif method == "first" and avss is not None and entry["removed_layers"] == avss["removed_layers"]:
+            column.append("= AVSS")
+        else:
+            text = interval(entry, "retention")
+            column.append(f"**{text}**" if entry["retention"] == best else text)
+    column.append(band_text(study["entries"], fraction) or "not run")
+    return column
+
+
+def band_text(entries: list[dict[str, Any]], fraction: float) -> str | None:
+    """The random order's draws at ``fraction``: median [5%, 95%] (N draws), or below ten draws each draw's
+    retention; None without draws."""
+    draws = [e["retention"] for e in entries if e["method"].startswith(RANDOM) and e["fraction"] == fraction]
+    band = random_band(entries, fraction)
+    if band is None:
+        return None
+    if band["draws"] < BAND_MIN_DRAWS:
+        return f"{len(draws)} draws so far: " + ", ".join(f"{value:.3f}" for value in draws)
+    return f"{band['median']:.3f} [{band['low']:.3f}, {band['high']:.3f}] ({band['draws']} draws)"
+
+
+def with_verdict(readme: str, table: str) -> str:
+    """``readme`` with the text between the verdict markers replaced by ``table``."""
+    start, end = readme.find(VERDICT_START), readme.find(VERDICT_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"the README has no verdict markers ({VERDICT_START} ... {VERDICT_END})")
+    return readme[: start + len(VERDICT_START)] + "\n" + table + readme[end:]
 
 
 def markdown(studies: list[dict[str, Any]], command: str) -> str:
@@ -127,11 +218,10 @@ def markdown(studies: list[dict[str, Any]], command: str) -> str:
                     f"{interval(entry, 'retention')} | "
                     f"{'n/a' if nll is None else f'{nll[0]:+.3f} [{nll[1]:+.3f}, {nll[2]:+.3f}]'} |"
                 )
-            band = random_band(study["entries"], fraction)
+            band = band_text(study["entries"], fraction)
             if band:
                 lines.append(
-                    f"| {size} | {fraction:g} | random, {band['draws']} draws: median [5%, 95%] | | "
-                    f"{band['median']:.3f} [{band['low']:.3f}, {band['high']:.3f}] | |"
+                    f"| {size} | {fraction:g} | random blocks: median [5%, 95%] of the draws | | {band} | |"
                 )
     return "\n".join(lines + correlation_tables(studies)) + "\n"
 
@@ -208,7 +298,7 @@ def figure(studies: list[dict[str, Any]], path: Path) -> None:
             ).T
             ax.errorbar(x, y, yerr=error, marker="o", capsize=3, label=method)
         bands = [(s["num_parameters"], random_band(s["entries"], fraction)) for s in ordered]
-        bands = [(x, b) for x, b in bands if b]
+        bands = [(x, b) for x, b in bands if b and b["draws"] >= BAND_MIN_DRAWS]
         if bands:
             x, medians = [x for x, _ in bands], np.array([b["median"] for _, b in bands])
             spread = np.array([[b["median"] - b["low"], b["high"] - b["median"]] for _, b in bands]).T
@@ -231,12 +321,16 @@ def main() -> None:
     )
     parser.add_argument("studies", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, required=True, help="path stem: writes OUT.md, OUT.json, OUT.png")
+    parser.add_argument("--readme", type=Path, help="also write the verdict table into this README's markers")
     args = parser.parse_args()
     studies = [read_study(folder) for folder in args.studies]
     command = " ".join(["python benchmarks/scale.py", *sys.argv[1:]])
     atomic_write_json(args.out.with_suffix(".json"), {"command": command, "studies": studies})
     atomic_write_text(args.out.with_suffix(".md"), markdown(studies, command))
     figure(studies, args.out.with_suffix(".png"))
+    if args.readme:
+        table = verdict_table(studies)
+        atomic_write_text(args.readme, with_verdict(args.readme.read_text(encoding="utf-8"), table))
     print(args.out.with_suffix(".md").read_text(encoding="utf-8"))
 
 

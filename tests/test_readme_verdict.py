@@ -1,0 +1,75 @@
+"""The README's verdict table is the recorded studies' numbers, not a copy that can drift from them.
+
+Chain checked: each study's ``results.json`` -> ``benchmarks/scale.json`` (read again here and compared)
+-> the table between the README's verdict markers (written again here and compared). A study that grows
+fails this test until ``benchmarks/scale.py ... --readme README.md`` is run again.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def scale():
+    spec = importlib.util.spec_from_file_location("scale", ROOT / "benchmarks" / "scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def recorded() -> list[dict]:
+    return json.loads((ROOT / "benchmarks" / "scale.json").read_text(encoding="utf-8"))["studies"]
+
+
+def test_scale_json_holds_each_study_results_as_recorded(scale, recorded):
+    for study in recorded:
+        again = scale.read_study(ROOT / study["folder"], parameters=False)
+        for key in ("model", "num_layers", "complete", "entries", "protected"):
+            assert again[key] == study[key], f"{study['folder']}: {key} differs; run benchmarks/scale.py"
+
+
+def test_readme_verdict_table_is_the_one_written_from_the_studies(scale, recorded):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert scale.with_verdict(readme, scale.verdict_table(recorded)) == readme
+
+
+def test_verdict_table_marks_the_best_method_and_lists_a_few_draws_one_by_one(scale):
+    def entry(method, retention, removed="0 1"):
+        return {
+            "method": method,
+            "fraction": 0.25,
+            "retention": retention,
+            "retention_low": retention - 0.1,
+            "retention_high": retention + 0.1,
+            "removed_layers": removed,
+        }
+
+    study = {
+        "folder": "s",
+        "model": "smollm2-135m",
+        "entries": [
+            entry("avss", 0.1),
+            entry("first", 0.1),
+            entry("angular", 0.8, "5 6"),
+            entry("random", 0.5),
+            entry("random[seed=1]", 0.25),
+        ],
+        "protected": [entry("avss", 0.3, "1 2")],
+    }
+    table = scale.verdict_table([study]).splitlines()
+    assert table[0] == "| method | SmolLM2 25% |"
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1].rstrip(" |") for line in table[2:]}
+    assert rows["AVSS as specified"] == "0.100 [0.000, 0.200]"
+    assert rows["angular distance (Gromov et al.)"] == "**0.800 [0.700, 0.900]**"
+    assert rows["AVSS, first and last block protected"] == "0.300 [0.200, 0.400]"
+    assert rows["first n"] == "= AVSS"
+    assert rows["block influence (ShortGPT)"] == "not run"
+    assert rows["random blocks: median [5%, 95%] of the draws"] == "2 draws so far: 0.500, 0.250"
