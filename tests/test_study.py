@@ -253,6 +253,17 @@ def test_report_only_writes_the_finished_cells_without_a_model(saved_model, data
     assert {(c.method, c.fraction) for c in result.cells} == {("avss", 0.25), ("avss", 0.5), ("random", 0.25)}
 
 
+def test_run_logs_each_evaluated_cell_with_its_time_and_place(saved_model, data_dir, tmp_path):
+    """A study of hours says after every cell how long it took and how many of the cells to run are done."""
+    small = config(saved_model, data_dir, methods=["avss", "first"], iterative=False, fractions=[0, 0.25])
+    logged: list[str] = []
+    result = Study(small, tmp_path / "study", progress=False, log=logged.append).run()
+    done = [line for line in logged if " done in " in line]
+    evaluated = [cell for cell in result.cells if cell.reused_from is None]
+    assert len(done) == len(evaluated) >= 1  # a twin (the same blocks as a cell run before) is not logged
+    assert done[0] == f"{evaluated[0].key} done in {evaluated[0].seconds:.0f} s (1 of 2 cells)"
+
+
 def test_report_before_the_base_cell_is_finished_is_refused(saved_model, data_dir, tmp_path, monkeypatch):
     out = tmp_path / "study"
     small = config(saved_model, data_dir, methods=["avss"], iterative=False, fractions=[0, 0.25])

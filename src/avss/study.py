@@ -673,8 +673,11 @@ class Study:
         self.select()
         try:
             self.record_prefix()
-            for method, mode, fraction, removed in self.plan():
-                self.run_cell(method, mode, fraction, removed)
+            pending = [spec for spec in self.plan() if Cell(*spec, {}, 0.0).key not in self.cells]
+            for position, (method, mode, fraction, removed) in enumerate(pending, 1):
+                cell = self.run_cell(method, mode, fraction, removed)
+                if cell.reused_from is None:
+                    self.log(f"{cell.key} done in {cell.seconds:.0f} s ({position} of {len(pending)} cells)")
         finally:
             shutil.rmtree(self.out / PREFIX_FOLDER, ignore_errors=True)
             self.prefix = None
