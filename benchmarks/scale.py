@@ -123,12 +123,19 @@ def mode_entries(results: dict[str, Any], mode: str) -> list[dict[str, Any]]:
     return entries
 
 
-def random_band(entries: list[dict[str, Any]], fraction: float) -> dict[str, float] | None:
+def random_band(entries: list[dict[str, Any]], fraction: float) -> dict[str, Any] | None:
+    """The random draws at ``fraction``: retentions (``values``), count, median, 5th and 95th percentiles."""
     values = [e["retention"] for e in entries if e["method"].startswith(RANDOM) and e["fraction"] == fraction]
     if not values:
         return None
     low, median, high = np.quantile(values, [0.05, 0.5, 0.95])
-    return {"draws": len(values), "low": float(low), "median": float(median), "high": float(high)}
+    return {
+        "draws": len(values),
+        "low": float(low),
+        "median": float(median),
+        "high": float(high),
+        "values": values,
+    }
 
 
 def verdict_table(studies: list[dict[str, Any]]) -> str:
@@ -175,12 +182,11 @@ def verdict_column(study: dict[str, Any], fraction: float) -> list[str]:
 def band_text(entries: list[dict[str, Any]], fraction: float) -> str | None:
     """The random order's draws at ``fraction``: median [5%, 95%] (N draws), or below ten draws each draw's
     retention; None without draws."""
-    draws = [e["retention"] for e in entries if e["method"].startswith(RANDOM) and e["fraction"] == fraction]
     band = random_band(entries, fraction)
     if band is None:
         return None
     if band["draws"] < BAND_MIN_DRAWS:
-        return f"{len(draws)} draws so far: " + ", ".join(f"{value:.3f}" for value in draws)
+        return f"{band['draws']} draws so far: " + ", ".join(f"{value:.3f}" for value in band["values"])
     return f"{band['median']:.3f} [{band['low']:.3f}, {band['high']:.3f}] ({band['draws']} draws)"
 
 

@@ -248,6 +248,11 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
 
 
+def selection_name(scorer: Scorer, mode: str) -> str:
+    """The key of a method's selection in one mode: its file name in ``selections/``, less ``.json``."""
+    return f"{slug(scorer.spec)}__{mode}"
+
+
 def budget(fraction: float, num_layers: int) -> int:
     return round(fraction * num_layers)
 
@@ -406,7 +411,7 @@ class Study:
         everything = [*scorers, *config.attention_scorers()]
         for scorer in scorers:
             for mode in config.modes_of(scorer):
-                name = f"{slug(scorer.spec)}__{mode}"
+                name = selection_name(scorer, mode)
                 path = self.out / "selections" / f"{name}.json"
                 oneshot = mode in (ONESHOT, PROTECTED) or not scorer.uses_activations
                 protect = protected_layers(num_layers, config.protect) if mode == PROTECTED else set()
@@ -436,7 +441,7 @@ class Study:
                 atomic_write_json(path, record)
                 self.selections[name] = selection
         for scorer in config.attention_scorers():
-            name = f"{slug(scorer.spec)}__{ATTENTION}"
+            name = selection_name(scorer, ATTENTION)
             path = self.out / "selections" / f"{name}.json"
             if path.exists():
                 stored = selection_from_dict(json.loads(path.read_text(encoding="utf-8")))
@@ -481,7 +486,7 @@ class Study:
         scorers whose rule needs only the scores (not angular distance's span search, which needs details)."""
         if scorer.spec in self._importances:
             return self._importances[scorer.spec]
-        stored = self.selections.get(f"{slug(scorer.spec)}__{ONESHOT}")
+        stored = self.selections.get(selection_name(scorer, ONESHOT))
         if stored is not None and stored.steps and scorer.selects_from_scores:
             return stored.steps[0]
         return None
@@ -492,8 +497,8 @@ class Study:
         """The name of every selection the study's cells are drawn from (a file in ``selections/``)."""
         config = self.config
         return [
-            *(f"{slug(s.spec)}__{mode}" for s in config.scorers() for mode in config.modes_of(s)),
-            *(f"{slug(s.spec)}__{ATTENTION}" for s in config.attention_scorers()),
+            *(selection_name(s, mode) for s in config.scorers() for mode in config.modes_of(s)),
+            *(selection_name(s, ATTENTION) for s in config.attention_scorers()),
         ]
 
     def plan(self, reading: bool = False) -> list[tuple[str, str, float, list[int]]]:
@@ -511,7 +516,7 @@ class Study:
                 continue
             for scorer in self.config.scorers():
                 for mode in self.config.modes_of(scorer):
-                    name = f"{slug(scorer.spec)}__{mode}"
+                    name = selection_name(scorer, mode)
                     if reading and name not in self.selections:
                         continue
                     removed = self.selections[name].removed_for(n)
@@ -520,7 +525,7 @@ class Study:
                             continue  # a run from block 0 has no preceding MLP to carry the map
                         cells.append((scorer.spec, mode + repair, fraction, removed))
             for scorer in self.config.attention_scorers():
-                name = f"{slug(scorer.spec)}__{ATTENTION}"
+                name = selection_name(scorer, ATTENTION)
                 if reading and name not in self.selections:
                     continue
                 selection = self.selections[name]
