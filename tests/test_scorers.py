@@ -148,6 +148,36 @@ def test_loo_nll_equals_nll_with_the_block_removed_minus_base(model_type, cached
         assert importance.scores[layer].item() == pytest.approx(direct_nll(pruned, data) - base, abs=1e-4)
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_loo_nll_batches_reads_only_the_first_calibration_batches(cached):
+    """``loo_nll[batches=1]`` on two batches scores as ``loo_nll`` on the first batch alone, also after a
+    removal (the cached context keeps every batch's states), and unlike ``loo_nll`` on both."""
+    kind = CachedContext if cached else ScoringContext
+    limited = get_scorer("loo_nll[batches=1]")
+    context = kind(tiny_model("llama", 5), batches())
+    alone = kind(tiny_model("llama", 5), batches()[:1])
+    every = get_scorer("loo_nll").score(context)
+    for layer in (None, 2):
+        if layer is not None:
+            for each in (context, alone):
+                remove_layers(each.model, [layer])
+                each.removed(layer)
+        importance = limited.score(context)
+        assert importance.details["sequences"] == 3
+        expected_base = direct_nll(alone.model, batches()[:1])
+        assert importance.details["base_nll"] == pytest.approx(expected_base, abs=1e-5)
+        torch.testing.assert_close(importance.scores, get_scorer("loo_nll").score(alone).scores)
+    assert not torch.allclose(limited.score(kind(tiny_model("llama", 5), batches())).scores, every.scores)
+
+
+def test_optional_number_options_parse_and_refuse_bad_values():
+    assert get_scorer("loo_nll[batches=4]").batches == 4
+    assert get_scorer("loo_nll").batches is None
+    for spec in ("loo_nll[batches=0]", "loo_nll[batches=two]"):
+        with pytest.raises(PruneConfigError, match="batches"):
+            get_scorer(spec)
+
+
 @pytest.mark.parametrize(
     "method", ["avss", "avss[site=delta,variance=pooled]", "avss[site=mlp,threshold=abs:1e-5]"]
 )

@@ -131,6 +131,12 @@ def split_methods(text: str) -> list[str]:
     return [item for item in items if item]
 
 
+def optional_of(kind: Any) -> Any:
+    """``int`` for an option typed ``int | None`` (None is its default, never written in a spec)."""
+    members = [member for member in typing.get_args(kind) if member is not type(None)]
+    return members[0] if len(members) == 1 and type(None) in typing.get_args(kind) else kind
+
+
 def get_scorer(spec: str) -> Scorer:
     """Build a scorer from ``name`` or ``name[key=value,...]`` (e.g. ``avss[site=delta,variance=pooled]``)."""
     spec = spec.strip()
@@ -149,8 +155,9 @@ def get_scorer(spec: str) -> Scorer:
         if not sep or key not in accepted:
             known = ", ".join(sorted(accepted)) or "none"
             raise PruneConfigError(f"method {name}: unknown option {item!r} (options: {known})")
+        kind = optional_of(types[key])
         try:
-            options[key] = types[key](value.strip()) if types[key] in (int, float) else value.strip()
+            options[key] = kind(value.strip()) if kind in (int, float) else value.strip()
         except ValueError:
             raise PruneConfigError(f"method {name}: option {key} needs a number, got {value!r}") from None
     try:

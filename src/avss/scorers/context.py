@@ -110,7 +110,7 @@ class ScoringContext:
         self.sublayers = sublayers
         self.device = next(model.parameters()).device
         self._stats: ActivationStats | None = None
-        self._base_nll: float | None = None
+        self._base_nll: dict[int | None, float] = {}  # by ``batches`` (None: every batch)
 
     @property
     def adapter(self) -> LayerAdapter:
@@ -133,15 +133,17 @@ class ScoringContext:
             )
         return self._stats
 
-    def base_nll(self) -> float:
-        """Mean next-token NLL of the calibration tokens under the current model."""
-        if self._base_nll is None:
-            self._base_nll = self.nll_without(None)
-        return self._base_nll
+    def base_nll(self, batches: int | None = None) -> float:
+        """Mean next-token NLL of the calibration tokens (of the first ``batches`` batches) under the current
+        model."""
+        if batches not in self._base_nll:
+            self._base_nll[batches] = self.nll_without(None, batches)
+        return self._base_nll[batches]
 
     @torch.no_grad()
-    def nll_without(self, layer: int | None) -> float:
-        """Mean calibration NLL with block ``layer`` skipped (its output replaced by its input)."""
+    def nll_without(self, layer: int | None, batches: int | None = None) -> float:
+        """Mean calibration NLL with block ``layer`` skipped (its output replaced by its input), over the
+        first ``batches`` calibration batches (None: all of them)."""
         handles = []
         if layer is not None:
 
@@ -151,7 +153,7 @@ class ScoringContext:
             handles.append(self.adapter.blocks[layer].register_forward_hook(skip, with_kwargs=True))
         total, count = 0.0, 0
         with hooks(*handles):
-            for batch in self.batches:
+            for batch in self.batches[:batches]:
                 out = self.model.base_model(**body_inputs(batch, self.device), use_cache=False)
                 batch_total, batch_count = nll_sum(self.model, first_tensor(out), batch)
                 total, count = total + batch_total, count + batch_count
@@ -160,7 +162,7 @@ class ScoringContext:
     def removed(self, layer: int) -> None:
         """The model's block ``layer`` was removed: forget everything measured on the old model."""
         self._stats = None
-        self._base_nll = None
+        self._base_nll = {}
 
 
 class CachedContext(ScoringContext):
@@ -255,8 +257,9 @@ class CachedContext(ScoringContext):
         )
 
     @torch.no_grad()
-    def nll_without(self, layer: int | None) -> float:
-        """Mean calibration NLL with block ``layer`` skipped, running only the blocks after it.
+    def nll_without(self, layer: int | None, batches: int | None = None) -> float:
+        """Mean calibration NLL with block ``layer`` skipped, running only the blocks after it, over the first
+        ``batches`` calibration batches (None: all of them).
 
         The skipped block's output is replaced by its cached input (``layer=None``: the last block's output by
         the cached final state), so the model's own final norm and head produce the logits.
@@ -266,7 +269,7 @@ class CachedContext(ScoringContext):
         start = num_layers - 1 if layer is None else layer
         block = self.adapter.blocks[start]
         total, count = 0.0, 0
-        for batch, states in zip(self.batches, self.states, strict=True):
+        for batch, states in zip(self.batches[:batches], self.states[:batches], strict=True):
             replacement = states[num_layers if layer is None else layer].to(self.device)
 
             def swap(module: nn.Module, args: tuple, output: Any, hidden: torch.Tensor = replacement) -> Any:
