@@ -38,6 +38,36 @@ def test_cached_and_uncached_iterative_runs_pick_the_same_layers(model_type, met
         torch.testing.assert_close(a.scores, b.scores, rtol=1e-6, atol=1e-7)
 
 
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["loo_nll", "avss"])
+def test_an_interrupted_iterative_search_goes_on_to_the_uninterrupted_result(method):
+    """``done`` replays the steps an interrupted run reported through ``on_step`` (protected layers, original
+    indices) and the search continues to the same order and the same scores as one uninterrupted run."""
+    scorer, protect = get_scorer(method), {2}
+    whole = select_iteratively(scorer, CachedContext(tiny_model("llama", 6), batches()), 3, protect)
+    reported = []
+
+    def stop_after_two(selection):
+        reported.append(selection)
+        if len(selection.order) == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        select_iteratively(
+            scorer, CachedContext(tiny_model("llama", 6), batches()), 3, protect, on_step=stop_after_two
+        )
+    assert [s.order for s in reported] == [whole.order[:1], whole.order[:2]]
+    model = tiny_model("llama", 6)
+    resumed = select_iteratively(scorer, CachedContext(model, batches()), 3, protect, done=reported[-1])
+    assert resumed.order == whole.order and 2 not in resumed.order
+    assert get_adapter(model).num_layers == 3
+    for a, b in zip(resumed.steps, whole.steps, strict=True):
+        torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=0)
+
+
 def test_cache_runs_fewer_blocks_than_recomputing():
     model = tiny_model("llama", 6)
     context = CachedContext(model, batches())

@@ -20,6 +20,7 @@ from avss.evaluation.runner import EvalResult
 from avss.evaluation.uncertainty import Bootstrap
 from avss.io import atomic_write_json, read_json
 from avss.provenance import processor
+from avss.scorers.loss import LeaveOneOutScorer
 from avss.study import STUDY_FORMAT, Study, StudyConfig, parse_limits, rank_correlations, slug
 from test_provenance import assert_stamped
 
@@ -207,6 +208,55 @@ def test_iterative_methods_iterate_only_the_named_methods(saved_model, data_dir,
     assert len(study.selections["avss__iterative"].order) == 2
     with pytest.raises(PruneConfigError, match="'block_influence' is not one of the study's methods"):
         config(saved_model, data_dir, methods=methods, iterative_methods=["block_influence"])
+
+
+def test_an_interrupted_iterative_selection_resumes_from_its_last_step(
+    saved_model, data_dir, tmp_path, monkeypatch
+):
+    """Each step of an iterative selection is kept in ``NAME.json.partial`` (never read as a selection); a
+    rerun goes on from there to the order of an uninterrupted run, and the finished selection replaces it."""
+    options = dict(methods=["loo_nll"], fractions=[0, 0.5], iterative=True)
+    whole = Study(config(saved_model, data_dir, **options), tmp_path / "whole", progress=False)
+    whole.prepare()
+    whole.select()
+    expected = whole.selections["loo-nll__iterative"]
+
+    original = study_module.select_iteratively
+
+    def interrupted(*args, on_step, **kwargs):
+        def step(selection):
+            on_step(selection)
+            raise KeyboardInterrupt
+
+        return original(*args, on_step=step, **kwargs)
+
+    out = tmp_path / "study"
+    monkeypatch.setattr(study_module, "select_iteratively", interrupted)
+    study = Study(config(saved_model, data_dir, **options), out, progress=False)
+    study.prepare()
+    with pytest.raises(KeyboardInterrupt):
+        study.select()
+    partial = out / "selections" / "loo-nll__iterative.json.partial"
+    assert read_json(partial)["order"] == expected.order[:1]
+    assert not (out / "selections" / "loo-nll__iterative.json").exists()
+    monkeypatch.setattr(study_module, "select_iteratively", original)
+    scored = []
+    score = LeaveOneOutScorer.score
+    monkeypatch.setattr(
+        LeaveOneOutScorer, "score", lambda self, context: scored.append(1) or score(self, context)
+    )
+    logs = []
+    resumed = Study(
+        config(saved_model, data_dir, **options), out, progress=False, log=logs.append, resume=True
+    )
+    resumed.prepare()
+    resumed.select()
+    assert any("going on after 1 steps" in line for line in logs)
+    assert len(scored) == len(expected.order) - 1  # the first step is replayed, not scored again
+    assert resumed.selections["loo-nll__iterative"].order == expected.order
+    assert not partial.exists()
+    resumed.load_selections()
+    assert not any("partial" in name for name in resumed.selections)
 
 
 def test_cli_study_writes_the_summary(saved_model, data_dir, tmp_path):

@@ -433,12 +433,10 @@ class Study:
                     selection = oneshot_order(scorer, importance, config.fractions, protect)
                     selection.iterative = mode == ITERATIVE
                 else:
-                    self.log(f"iterative selection: {scorer.spec} (removing {largest} of {num_layers})")
-                    context = context_for(copy.deepcopy(model), batches, [scorer], progress=self.progress)
-                    selection = select_iteratively(scorer, context, largest)
-                    del context
+                    selection = self._iterative_selection(scorer, path, largest)
                 record = {**selection.to_dict(), "seconds": round(time.perf_counter() - started, 3)}
                 atomic_write_json(path, record)
+                partial_path(path).unlink(missing_ok=True)
                 self.selections[name] = selection
         for scorer in config.attention_scorers():
             name = selection_name(scorer, ATTENTION)
@@ -456,6 +454,28 @@ class Study:
             record = {**selection.to_dict(), "seconds": round(time.perf_counter() - started, 3)}
             atomic_write_json(path, record)
             self.selections[name] = selection
+
+    def _iterative_selection(self, scorer: Scorer, path: Path, largest: int) -> Selection:
+        """An iterative selection to ``largest`` blocks, its progress kept in :func:`partial_path` after every
+        step; a run that finds that file goes on from its last step (the calibration is the study's, which a
+        resume cannot change)."""
+        partial = partial_path(path)
+        done = None
+        if partial.exists():
+            done = selection_from_dict(json.loads(partial.read_text(encoding="utf-8")))
+        num_layers = get_adapter(self.loaded.model).num_layers
+        steps = f"going on after {len(done.order)} steps, " if done else ""
+        self.log(f"iterative selection: {scorer.spec} ({steps}removing {largest} of {num_layers})")
+        context = context_for(
+            copy.deepcopy(self.loaded.model), self.calibration_batches, [scorer], progress=self.progress
+        )
+        started = time.perf_counter()
+
+        def save(selection: Selection) -> None:
+            seconds = round(time.perf_counter() - started, 3)
+            atomic_write_json(partial, {**selection.to_dict(), "seconds_this_run": seconds})
+
+        return select_iteratively(scorer, context, largest, done=done, on_step=save)
 
     def _stored_selection(
         self, path: Path, scorer: Scorer, oneshot: bool, protect: set[int], num_layers: int
@@ -858,6 +878,11 @@ def attention_budgets(selection: Selection, fractions: Sequence[float], model: A
         if (sublayers := equal_parameter_budget(model, n, "attn")).feasible:
             selection.by_budget[n] = sorted(selection.order[: sublayers.sublayers])
     return selection
+
+
+def partial_path(path: Path) -> Path:
+    """Where an unfinished iterative selection keeps its steps (``NAME.json.partial``: no selection file)."""
+    return path.with_name(path.name + ".partial")
 
 
 def selection_from_dict(raw: dict[str, Any]) -> Selection:

@@ -7,6 +7,7 @@ re-scores the pruned model, and repeats until the budget is spent (the EAVSS pap
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,25 +62,45 @@ def select_oneshot(
 
 
 def select_iteratively(
-    scorer: Scorer, context: ScoringContext, n_remove: int, protect: set[int] | None = None
+    scorer: Scorer,
+    context: ScoringContext,
+    n_remove: int,
+    protect: set[int] | None = None,
+    *,
+    done: Selection | None = None,
+    on_step: Callable[[Selection], None] | None = None,
 ) -> Selection:
     """Remove one block at a time from ``context.model`` (in place), re-scoring after each removal.
 
     ``protect`` holds original layer indices; they are followed through the renumbering after each removal.
+    ``done`` is an earlier, unfinished run of the same selection (its first steps): its blocks are removed
+    without scoring and the search goes on from there, so a search of hours (leave-one-out on a large
+    model) survives an interruption. ``on_step`` receives the selection so far after every step.
     """
     protect = protect or set()
     check_budget(n_remove, context.num_layers, protect)
     original = list(range(context.num_layers))  # original index of each current block
     order, steps = [], []
-    for _ in range(n_remove):
+    for layer in done.order if done else []:
+        remove(context, original.index(layer), original, order)
+    if done:
+        steps = list(done.steps)
+    while len(order) < n_remove:
         importance = scorer.score(context)
         current_protect = {index for index, layer in enumerate(original) if layer in protect}
         (layer,) = scorer.select(importance, 1, current_protect)
-        remove_layers(context.model, [layer])
-        context.removed(layer)
-        order.append(original.pop(layer))
+        remove(context, layer, original, order)
         steps.append(importance)
+        if on_step is not None:
+            on_step(Selection(scorer.spec, True, list(order), list(steps)))
     return Selection(scorer.spec, True, order, steps)
+
+
+def remove(context: ScoringContext, layer: int, original: list[int], order: list[int]) -> None:
+    """Remove current block ``layer`` from the context's model and record its original index in ``order``."""
+    remove_layers(context.model, [layer])
+    context.removed(layer)
+    order.append(original.pop(layer))
 
 
 def select_layers(
