@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 
 from avss.evaluation.runner import EvalResult
-from avss.study_analysis import load_evaluations
+from avss.study.analysis import load_evaluations
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ import numpy as np
 from avss.evaluation import comparison
 from avss.evaluation.uncertainty import BOOTSTRAP, bootstrap_ratio, paired_ratio_difference
 from avss.study import REPAIRS, slug
-from avss.study_analysis import load_evaluations
+from avss.study.analysis import load_evaluations
 
 
 def pooled(evaluation, tasks: list[str], ids: dict[str, list[str]] | None = None) -> tuple[np.ndarray, dict]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from avss.evaluation import get_task
 from avss.provenance import processor
-from avss.study_analysis import load_evaluations
+from avss.study.analysis import load_evaluations
 
 AVSS = str(Path(sys.executable).with_name("avss"))
 

@@ -724,19 +724,19 @@ CLI_CASES = [
         "study --report-only of a folder with no study",
         lambda ws: ["study", ws.model, "--methods", "last", "--report-only", "--out", str(ws.out / "s")],
         ("holds no study to report",),
-        patch=loading_refused_in("avss.study"),
+        patch=loading_refused_in("avss.study.runner"),
     ),
     Case(
         "study --dtype unknown",
         lambda ws: ["study", ws.model, "--methods", "last", "--dtype", "float8", "--out", str(ws.out / "s")],
         ("invalid dtype 'float8'",),
-        patch=loading_refused_in("avss.study"),
+        patch=loading_refused_in("avss.study.runner"),
     ),
     Case(
         "study --threads invalid",
         lambda ws: ["study", ws.model, "--methods", "last", "--threads", "many", "--out", str(ws.out / "s")],
         ("--threads must be 'auto'",),
-        patch=loading_refused_in("avss.study"),
+        patch=loading_refused_in("avss.study.runner"),
     ),
     Case(
         "demo fraction out of range",

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from avss import study as study_module
 from avss.cli._app import app
 from avss.data import CalibrationOptions
 from avss.errors import OutputError, PruneConfigError
@@ -22,7 +21,13 @@ from avss.io import atomic_write_json, read_json
 from avss.provenance import processor
 from avss.scorers.loss import LeaveOneOutScorer
 from avss.study import STUDY_FORMAT, Study, StudyConfig, parse_limits, rank_correlations, slug
+from avss.study import runner as study_module
 from test_provenance import assert_stamped
+
+
+def refuse_to_load(*args, **kwargs):
+    pytest.fail("a report loads no model")
+
 
 METHODS = ["avss", "avss[site=delta]", "angular", "random", "last", "loo_nll"]
 
@@ -297,7 +302,7 @@ def test_report_only_writes_the_finished_cells_without_a_model(saved_model, data
     )
     Study(small, out, progress=False).run()
     (out / "cells" / "random__oneshot__0.5.json").unlink()
-    monkeypatch.setattr("avss.study.load_model", lambda *args, **kwargs: pytest.fail("report loads no model"))
+    monkeypatch.setattr(study_module, "load_model", refuse_to_load)
     result = Study(small, out).report()
     assert not result.complete and not json.loads((out / "results.json").read_text())["complete"]
     assert {(c.method, c.fraction) for c in result.cells} == {("avss", 0.25), ("avss", 0.5), ("random", 0.25)}
@@ -318,7 +323,7 @@ def test_report_before_the_base_cell_is_finished_is_refused(saved_model, data_di
     out = tmp_path / "study"
     small = config(saved_model, data_dir, methods=["avss"], iterative=False, fractions=[0, 0.25])
     Study(small, out).prepare()  # what a study killed before its first cell leaves: the folder and config
-    monkeypatch.setattr("avss.study.load_model", lambda *args, **kwargs: pytest.fail("report loads no model"))
+    monkeypatch.setattr(study_module, "load_model", refuse_to_load)
     with pytest.raises(OutputError, match="not finished yet; nothing to report"):
         Study(small, out).report()
 
@@ -330,7 +335,7 @@ def test_report_of_a_study_grown_by_a_method_not_yet_selected(saved_model, data_
     small = config(saved_model, data_dir, methods=["avss"], iterative=False, fractions=[0, 0.25])
     Study(small, out, progress=False).run()
     grown = config(saved_model, data_dir, methods=["avss", "first"], iterative=False, fractions=[0, 0.25])
-    monkeypatch.setattr("avss.study.load_model", lambda *args, **kwargs: pytest.fail("report loads no model"))
+    monkeypatch.setattr(study_module, "load_model", refuse_to_load)
     result = Study(grown, out, resume=True).report()
     assert not result.complete
     assert [(c.method, c.fraction) for c in result.cells] == [("avss", 0.25)]
@@ -397,7 +402,7 @@ def test_random_null_band_and_protected_variants(saved_model, data_dir, tmp_path
     summary = (tmp_path / "study" / "summary.md").read_text()
     assert "| random (3 draws) | oneshot |" in summary and "## Base model" in summary
     # Method against method on the same examples, against the one with the highest macro retention.
-    from avss import study_analysis
+    from avss.study import analysis as study_analysis
 
     macro = [
         {"method": method, "mode": "oneshot", "fraction": 0.25, "retention": value}
@@ -516,7 +521,7 @@ def test_protected_selections_reuse_the_one_shot_scores(saved_model, data_dir, t
 
 def test_a_random_band_resting_on_fewer_draws_at_one_budget_says_so():
     """A grown study may have 20 draws at one budget and 6 at another: each cell then names its count."""
-    from avss import study_analysis
+    from avss.study import analysis as study_analysis
 
     def entry(method, fraction, retention):
         bounds = {"retention_low": retention - 0.1, "retention_high": retention + 0.1}
@@ -533,7 +538,7 @@ def test_a_random_band_resting_on_fewer_draws_at_one_budget_says_so():
 
 def test_a_single_random_draw_shows_its_own_interval_not_a_band():
     """One draw has no 5-95% spread: the headline gives that draw's bootstrap interval, as for any method."""
-    from avss import study_analysis
+    from avss.study import analysis as study_analysis
 
     macro = [
         {

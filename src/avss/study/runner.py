@@ -1,305 +1,57 @@
-"""The comparison study: every method x every budget, pruned and evaluated on the same data.
-
-For each method and each fraction the base model is copied in memory, the method's layers are removed and
-the copy is evaluated with :func:`avss.evaluation.evaluate`. Selections come from one shared scoring context
-(one statistics pass for every hook-based method); with ``iterative`` each activation-based method is also run
-iteratively once to the largest budget, whose removal order yields every smaller budget.
-
-Every finished cell is written atomically to ``cells/`` with its evaluation result (per-example records) and
-skipped on a rerun; within a cell, every finished task is kept in ``cells/<key>.tasks/`` until the cell ends,
-so an interrupted study loses at most the task in progress (a cell of a 1.5B model takes hours on a CPU).
-Two cells that remove the same layers are the same model, so the second reuses the first one's result
-(recorded as ``reused_from``).
-
-Controls: ``random_seeds`` draws of the random order give a null band instead of one draw; ``protect``
-evaluates every one-shot selection again with those blocks kept (``oneshot+protect``). The statistics of the
-tables (intervals, paired tests, retention, the inclusion rule) are computed from the records by
-:mod:`avss.study_analysis`.
-"""
+"""Running a study: selections, then every cell, resumable by cell, task and selection step."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import functools
-import io
 import json
-import math
-import re
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from scipy import stats as scipy_stats
 
-from avss import study_analysis as analysis
 from avss.adapters import get_adapter, remove_layers
-from avss.data import CalibrationOptions, TextSource
-from avss.errors import OutputError, PruneConfigError
+from avss.errors import OutputError
 from avss.evaluation import evaluate, get_task
 from avss.evaluation.prefix import PrefixStore, choose_starts
 from avss.evaluation.runner import EvalResult
-from avss.evaluation.uncertainty import RESAMPLES, Bootstrap
 from avss.healing.heal import HealConfig, heal_in_memory
-from avss.healing.methods import get_heal_method
 from avss.healing.patch import check_patchable, linear_patch
-from avss.io import atomic_write_json, atomic_write_text, ensure_parent_writable, to_json
-from avss.models import DTYPES, LoadedModel, load_model
+from avss.io import atomic_write_json, ensure_parent_writable
+from avss.models import LoadedModel, load_model
 from avss.provenance import Provenance
-from avss.pruning.rules import check_budget, protected_layers
+from avss.pruning.rules import protected_layers
 from avss.pruning.select import Selection, select_iteratively
-from avss.pruning.sublayers import equal_parameter_budget, remove_sublayers
-from avss.scorers import LayerImportance, Scorer, context_for, get_scorer
+from avss.pruning.sublayers import remove_sublayers
+from avss.scorers import LayerImportance, Scorer, context_for
+from avss.study import analysis
+from avss.study.cells import RUN_IDENTITY, Cell, base_on, evaluation_path, tasks_folder
+from avss.study.config import (
+    ATTENTION,
+    GROWABLE,
+    HEALED,
+    HEALING,
+    ITERATIVE,
+    ONESHOT,
+    PATCHED,
+    PROTECTED,
+    StudyConfig,
+    budget,
+    repair_of,
+    selection_name,
+    with_defaults,
+)
+from avss.study.result import STUDY_FORMAT, StudyResult
+from avss.study.selections import attention_budgets, oneshot_order, partial_path, selection_from_dict
 from avss.threads import AUTO as AUTO_THREADS
 from avss.threads import parse_threads, set_threads
 
-DEFAULT_FRACTIONS = (0.0, 0.125, 0.25, 0.375, 0.5)
-DEFAULT_TASKS = ("wikitext2", "truthfulqa_mc", "sst2")
-ONESHOT, ITERATIVE = "oneshot", "iterative"
-PROTECTED = "oneshot+protect"  # a one-shot selection that keeps the blocks named by ``StudyConfig.protect``
-ATTENTION = "attn"  # attention sublayers removed (every block kept), at the parameters of a block budget
-HEALED = "+healed"  # mode suffix of a cell whose pruned model was healed before evaluation
-PATCHED = "+patch"  # mode suffix of a cell whose removed runs were replaced by a fitted linear map
-REPAIRS = (HEALED, PATCHED)
-# results.json. Version 3 carries the provenance at the top level, where versions 1 and 2 had an
-# ``environment`` (versions, avss_version, model); cells and config.json are unchanged.
-STUDY_FORMAT = "avss-study/3"
 PREFIX_FOLDER = ".prefix"  # recorded block inputs of the unpruned model while a study runs (then removed)
-RANDOM = "random"
-# Options that only say which cells exist (or how the tables resample them): a rerun may change them, and
-# every finished cell stays valid. Every other option defines what a cell measures and must match.
-GROWABLE = frozenset(
-    {
-        "methods",
-        "attention_methods",
-        "fractions",
-        "random_seeds",
-        "protect",
-        "iterative",
-        "iterative_methods",
-        "patch",
-        "repair_methods",
-        "resamples",
-    }
-)
-# How healed cells are made: a study without them (``heal`` None) may start healing; after that, fixed.
-HEALING = frozenset({"heal", "heal_steps"})
-
-
-@dataclass
-class StudyConfig:
-    """Everything that defines a study; a rerun into the same folder must use the same config."""
-
-    model: str
-    methods: list[str]
-    fractions: list[float] = field(default_factory=lambda: list(DEFAULT_FRACTIONS))
-    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
-    limits: dict[str, int | None] = field(default_factory=dict)
-    iterative: bool = False
-    # Methods also selected iteratively when ``iterative`` is off: e.g. the cheap statistics-based ones, where
-    # iterative leave-one-out would cost a full pass per remaining block and step.
-    iterative_methods: list[str] = field(default_factory=list)
-    calibration: CalibrationOptions = field(default_factory=lambda: CalibrationOptions(samples=32))
-    calibration_data: TextSource = field(default_factory=TextSource)
-    task_options: dict[str, Any] = field(default_factory=dict)
-    eval_batch_size: int = 16
-    data_dir: str | None = None
-    seed: int = 0
-    heal: str | None = None
-    heal_steps: int = 32
-    # Also evaluate every pruned model with its removed runs replaced by a fitted linear map (healing.patch).
-    patch: bool = False
-    # Methods whose cells get the healed and patched twins; empty: every method (the random draws too).
-    repair_methods: list[str] = field(default_factory=list)
-    resamples: int = RESAMPLES  # bootstrap resamples of every interval in the tables
-    # Draws of the random order (seeds 0..N-1), reported as a null band; 1 keeps a single draw.
-    random_seeds: int = 1
-    # Blocks every one-shot selection is also evaluated without (e.g. ["first", "last"]); empty: none.
-    protect: list[str] = field(default_factory=list)
-    # Precision of every cell (load_model's --dtype); "auto" is float32 on CPU, bfloat16 on recent GPUs.
-    dtype: str = "auto"
-    # Methods that rank attention sublayers (attn_influence, avss[site=attn], random): each block budget is
-    # also spent on attention sublayers holding as many parameters (cells of mode "attn"), where it fits.
-    attention_methods: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not self.methods:
-            raise PruneConfigError("give at least one method")
-        if self.random_seeds < 1:
-            raise PruneConfigError(f"random_seeds must be >= 1, got {self.random_seeds}")
-        if self.protect:
-            protected_layers(2, [item for item in self.protect if item in ("first", "last")])
-            bad = [item for item in self.protect if item not in ("first", "last") and not item.isdigit()]
-            if bad:
-                raise PruneConfigError(f"cannot protect {bad[0]!r}: use first, last or a layer index")
-        specs = {scorer.spec for scorer in self.scorers()}  # names and options checked before any model loads
-        self.attention_scorers()
-        named_options = {"iterative-methods": self.iterative_methods, "repair-methods": self.repair_methods}
-        for option, named in named_options.items():
-            missing = [spec for spec in map(canonical, named) if spec not in specs and spec != RANDOM]
-            if missing:
-                raise PruneConfigError(f"--{option} {missing[0]!r} is not one of the study's methods")
-        if self.heal is not None:
-            get_heal_method(self.heal)
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise PruneConfigError(f"invalid dtype {self.dtype!r}; use auto, {', '.join(DTYPES)}")
-        for task in self.tasks:
-            get_task(task)
-        bad = [f for f in self.fractions if not 0 <= f < 1]
-        if bad:
-            raise PruneConfigError(f"fractions must be in [0, 1), got {bad}")
-        self.fractions = sorted(set(self.fractions))
-
-    def scorers(self) -> list[Scorer]:
-        """The methods' scorers; a plain ``random`` stands for ``random_seeds`` seeded draws."""
-        scorers = []
-        for method in self.methods:
-            scorer = get_scorer(method)
-            if scorer.spec == RANDOM and self.random_seeds > 1:
-                scorers += [get_scorer(f"{RANDOM}[seed={seed}]") for seed in range(self.random_seeds)]
-            else:
-                scorers.append(scorer)
-        return scorers
-
-    def attention_scorers(self) -> list[Scorer]:
-        return [get_scorer(method) for method in self.attention_methods]
-
-    def modes(self) -> list[str]:
-        """Pruning modes of the selections: one-shot, iterative, one-shot with protected blocks."""
-        modes = [ONESHOT, ITERATIVE] if self.iterative or self.iterative_methods else [ONESHOT]
-        return [*modes, PROTECTED] if self.protect else modes
-
-    def modes_of(self, scorer: Scorer) -> list[str]:
-        """The modes a method runs in. Iterating only means something for a method that re-scores the
-        pruned model (position rules and random draws give the same order again), and the random null
-        band is drawn once, unprotected: protecting its draws would double the study for a control."""
-        iterated = self.iterative or names(scorer) & {canonical(m) for m in self.iterative_methods}
-        return [
-            mode
-            for mode in self.modes()
-            if not (mode == ITERATIVE and not (scorer.uses_activations and iterated))
-            and not (mode == PROTECTED and scorer.spec.startswith(RANDOM))
-        ]
-
-    def repairs(self) -> list[str]:
-        """Mode suffixes of the repaired twins of every pruned cell ("" is the unrepaired cell itself)."""
-        return ["", *([HEALED] if self.heal else []), *([PATCHED] if self.patch else [])]
-
-    def repairs_of(self, scorer: Scorer) -> list[str]:
-        """The repair suffixes of a method's cells: every repair, unless ``repair_methods`` leaves it out."""
-        if self.repair_methods and not names(scorer) & {canonical(m) for m in self.repair_methods}:
-            return [""]
-        return self.repairs()
-
-    def cell_modes(self) -> list[str]:
-        """Modes of evaluated cells: every pruning mode and its repaired twins."""
-        return [mode + repair for repair in self.repairs() for mode in self.modes()]
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(to_json(asdict(self)))
-
-    @classmethod
-    def option_defaults(cls) -> dict[str, Any]:
-        """The JSON form of every option that has a default."""
-        values = {}
-        for item in fields(cls):
-            if item.default is not MISSING:
-                values[item.name] = item.default
-            elif item.default_factory is not MISSING:
-                values[item.name] = item.default_factory()
-        return json.loads(to_json(values))
-
-
-def with_defaults(stored: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """``stored`` with every key it lacks taken from ``defaults``, nested option groups included."""
-    merged = dict(defaults)
-    for key, value in stored.items():
-        default = defaults.get(key)
-        both_groups = isinstance(value, dict) and isinstance(default, dict)
-        merged[key] = with_defaults(value, default) if both_groups else value
-    return merged
-
-
-def parse_limits(text: str | None, tasks: Sequence[str]) -> dict[str, int | None]:
-    """``"100"`` (every task) or ``"wikitext2=40,sst2=200"`` (per task; unnamed tasks are not limited)."""
-    if not text:
-        return {task: None for task in tasks}
-    if "=" not in text:
-        return {task: int(text) for task in tasks}
-    limits: dict[str, int | None] = {task: None for task in tasks}
-    for item in text.split(","):
-        task, _, value = item.partition("=")
-        if task.strip() not in limits:
-            raise PruneConfigError(
-                f"--limit names {task.strip()!r}, which is not among the tasks {list(tasks)}"
-            )
-        limits[task.strip()] = int(value)
-    return limits
-
-
-def slug(text: str) -> str:
-    """A file-name-safe form of a method spec (``avss[site=delta]`` -> ``avss-site-delta``)."""
-    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
-
-
-def selection_name(scorer: Scorer, mode: str) -> str:
-    """The key of a method's selection in one mode: its file name in ``selections/``, less ``.json``."""
-    return f"{slug(scorer.spec)}__{mode}"
-
-
-def budget(fraction: float, num_layers: int) -> int:
-    return round(fraction * num_layers)
-
-
-@dataclass
-class Cell:
-    """One evaluated model: a method's selection at one budget (``base`` for the unpruned model)."""
-
-    method: str
-    mode: str
-    fraction: float
-    removed: list[int]
-    metrics: dict[str, dict[str, float]]
-    seconds: float
-    reused_from: str | None = None
-    threads: int | None = None  # torch's CPU threads while it was evaluated (read its seconds with it)
-    processor: str | None = None  # the CPU it was evaluated on (bfloat16 results and seconds depend on it)
-
-    @property
-    def key(self) -> str:
-        return "base" if self.method == "base" else f"{slug(self.method)}__{self.mode}__{self.fraction:g}"
-
-    @property
-    def evaluated_key(self) -> str:
-        """The cell whose evaluation this one's metrics are (itself, or the twin it reuses)."""
-        return self.reused_from or self.key
-
-
-def evaluation_path(out: Path, key: str) -> Path:
-    """Where a cell's :class:`EvalResult` (with per-example records) is stored: gzip-compressed JSON, a tenth
-    of its plain size (``load_evaluations`` also reads the plain files of older folders)."""
-    return out / "cells" / f"{key}.eval.json.gz"
-
-
-def base_on(processor: str) -> str:
-    """The key of the unpruned model evaluated on ``processor`` beside the stored base."""
-    return f"base@{slug(processor)}"
-
-
-def tasks_folder(out: Path, key: str) -> Path:
-    """Where the tasks a cell has finished wait, one result file each, until the whole cell is written."""
-    return out / "cells" / f"{key}.tasks"
-
-
-# What a finished task must share with this run to stand in a cell evaluated now (the study's config fixes the
-# model): the same precision, device, processor and thread count, on which reduced-precision kernels depend.
-RUN_IDENTITY = ("dtype", "device", "processor", "threads")
 
 
 class Study:
@@ -826,240 +578,3 @@ class Study:
             if selection.steps:
                 return selection.steps[0].num_layers
         return get_adapter(self.loaded.model).num_layers
-
-
-def canonical(method: str) -> str:
-    """A method's canonical spec (``block_influence`` as typed, ``avss[site=block]`` as ``avss``)."""
-    return get_scorer(method).spec
-
-
-def names(scorer: Scorer) -> set[str]:
-    """The names a method option may give a scorer by: its spec, and ``random`` for every seeded draw."""
-    return {scorer.spec, RANDOM} if scorer.spec.startswith(RANDOM) else {scorer.spec}
-
-
-def repair_of(mode: str) -> str:
-    """The repair suffix of a cell's mode (``oneshot+patch`` -> ``+patch``; "" when unrepaired)."""
-    return next((repair for repair in REPAIRS if mode.endswith(repair)), "")
-
-
-def oneshot_order(
-    scorer: Scorer,
-    importance: LayerImportance,
-    fractions: Sequence[float],
-    protect: set[int] | None = None,
-) -> Selection:
-    """A one-shot selection for every budget from one set of scores; ``order`` lists layers by ascending
-    score.
-
-    Each budget's layers come from the scorer's own rule (angular picks a contiguous span per budget), never
-    touching ``protect``, and are stored in ``by_budget``.
-    """
-    protect = protect or set()
-    num_layers = importance.num_layers
-    check_budget(max(budget(f, num_layers) for f in fractions), num_layers, protect)
-    order = [layer for layer in importance.ranking() if layer not in protect]
-    selection = Selection(scorer.spec, False, order, [importance])
-    for fraction in fractions:
-        n = budget(fraction, num_layers)
-        if n:
-            selection.by_budget[n] = scorer.select(importance, n, protect)
-    return selection
-
-
-def attention_budgets(selection: Selection, fractions: Sequence[float], model: Any) -> Selection:
-    """Fill ``selection.by_budget`` (attention sublayers by ascending score in ``order``): each block budget
-    maps to the lowest-scoring sublayers holding as many parameters
-    (:func:`avss.pruning.sublayers.equal_parameter_budget`), for the budgets attention can meet."""
-    for fraction in fractions:
-        n = budget(fraction, len(selection.order))
-        if not n or n in selection.by_budget:
-            continue
-        if (sublayers := equal_parameter_budget(model, n, "attn")).feasible:
-            selection.by_budget[n] = sorted(selection.order[: sublayers.sublayers])
-    return selection
-
-
-def partial_path(path: Path) -> Path:
-    """Where an unfinished iterative selection keeps its steps (``NAME.json.partial``: no selection file)."""
-    return path.with_name(path.name + ".partial")
-
-
-def selection_from_dict(raw: dict[str, Any]) -> Selection:
-    from avss.scorers import LayerImportance
-
-    steps = [
-        LayerImportance(
-            step["method"], torch_tensor(step["scores"]), step["options"], warnings=step["warnings"]
-        )
-        for step in raw["steps"]
-    ]
-    by_budget = {int(k): v for k, v in raw.get("by_budget", {}).items()}
-    return Selection(raw["method"], raw["iterative"], raw["order"], steps, by_budget)
-
-
-def torch_tensor(values: list[float]) -> Any:
-    import torch
-
-    return torch.tensor(values, dtype=torch.float64)
-
-
-# --- results ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class StudyResult:
-    """A study's cells and selections; its tables are computed once from the cells' stored evaluations."""
-
-    config: StudyConfig
-    base: Cell
-    cells: list[Cell]
-    selections: dict[str, Selection]
-    num_layers: int
-    wall_time_s: float
-    provenance: Provenance
-    complete: bool = True
-    evaluations: dict[str, EvalResult] = field(default_factory=dict, repr=False)
-
-    def cell_infos(self) -> list[analysis.CellInfo]:
-        """The pruned cells whose evaluation is stored (a study from before per-example records has none)."""
-        return [
-            analysis.CellInfo(
-                c.method, c.mode, c.fraction, c.removed, c.evaluated_key, c.reused_from, self.base_key(c)
-            )
-            for c in self.cells
-            if c.evaluated_key in self.evaluations
-        ]
-
-    def base_key(self, cell: Cell) -> str:
-        """The unpruned model a cell is compared with: the one evaluated on the processor that evaluated the
-        cell (``base@<processor>``, filed by a study resumed there) when the study holds it, since
-        reduced-precision kernels differ between CPUs; else the stored base."""
-        evaluated = next((c for c in self.cells if c.key == cell.evaluated_key), cell)
-        if evaluated.processor is None or evaluated.processor == self.base.processor:
-            return "base"
-        key = base_on(evaluated.processor)
-        return key if key in self.evaluations else "base"
-
-    @functools.cached_property
-    def tables(self) -> dict[str, Any]:
-        """Rows, base table, null bands and headline; bootstrap: ``config.resamples``, ``config.seed``."""
-        bootstrap = Bootstrap(self.config.resamples, self.config.seed)
-        if "base" not in self.evaluations:
-            return {"rows": [], "base": [], "null_bands": [], "headline": [], "versus_best": []}
-        cells = self.cell_infos()
-        rows = analysis.comparison_rows(cells, self.evaluations, bootstrap)
-        base = analysis.base_table(self.evaluations["base"], bootstrap)
-        included = [
-            (e["task"], e["metric"])
-            for e in base
-            if e.get("included") and e["metric"] == analysis.HEADLINE_METRIC
-        ]
-        macro = analysis.headline(cells, self.evaluations, included, bootstrap)
-        return {
-            "rows": rows,
-            "base": base,
-            "null_bands": analysis.null_bands(rows),
-            "headline": macro,
-            "versus_best": analysis.versus_best(cells, self.evaluations, macro, bootstrap),
-        }
-
-    def rows(self) -> list[dict[str, Any]]:
-        """One row per pruned cell and task metric, compared with the unpruned model (see study_analysis)."""
-        return self.tables["rows"]
-
-    def correlations(self) -> dict[str, Any]:
-        """Spearman and Kendall rank correlations between the methods' one-shot layer scores, and of each
-        method with the layer index (is a method a depth order in disguise?)."""
-        scores = {
-            selection.method: selection.steps[0].scores.numpy()
-            for name, selection in self.selections.items()
-            if name.endswith(f"__{ONESHOT}") and selection.steps and not analysis.is_random(selection.method)
-        }
-        correlations = rank_correlations(scores)
-        depth = np.arange(self.num_layers, dtype=np.float64)
-        correlations["with_layer_index"] = {
-            method: float(scipy_stats.spearmanr(values, depth).statistic) for method, values in scores.items()
-        }
-        return correlations
-
-    def to_dict(self) -> dict[str, Any]:
-        tables = self.tables
-        return {
-            **self.provenance.to_dict(),
-            "complete": self.complete,
-            "config": self.config.to_dict(),
-            "num_layers": self.num_layers,
-            "wall_time_s": self.wall_time_s,
-            "cell_seconds": {cell.key: cell.seconds for cell in [self.base, *self.cells]},
-            "base": tables["base"],
-            "headline": tables["headline"],
-            "null_bands": tables["null_bands"],
-            "versus_best": tables["versus_best"],
-            "rows": tables["rows"],
-            "selections": {name: s.to_dict() for name, s in self.selections.items()},
-            "correlations": self.correlations(),
-        }
-
-    def write(self, out: Path) -> None:
-        from avss import plots
-
-        tables = self.tables
-        atomic_write_json(out / "results.json", self.to_dict())
-        atomic_write_text(out / "results.csv", rows_to_csv(tables["rows"]))
-        summary = analysis.summary_markdown(
-            tables["rows"],
-            self.config.fractions,
-            tables["base"],
-            tables["null_bands"],
-            tables["headline"],
-            tables["versus_best"],
-        )
-        atomic_write_text(out / "summary.md", summary)
-        if tables["rows"]:
-            plots.retention_vs_fraction(tables["rows"], tables["null_bands"], out / "retention.png")
-        plots.removed_layers(self.removal_matrix(), self.num_layers, out / "removed_layers.png")
-        correlations = self.correlations()
-        if len(correlations["methods"]) > 1:
-            plots.correlation_heatmap(correlations, out / "correlations.png")
-
-    def removal_matrix(self) -> dict[str, list[float]]:
-        """Per method and mode: for each layer, the smallest fraction at which it is removed (NaN: never)."""
-        matrix = {}
-        for scorer in self.config.scorers():
-            spec = scorer.spec
-            if analysis.is_random(spec) and spec != "random[seed=0]" and spec != "random":
-                continue  # one draw stands for the band
-            for mode in self.config.modes_of(scorer):
-                first = [math.nan] * self.num_layers
-                cells = sorted(
-                    (c for c in self.cells if c.method == spec and c.mode == mode), key=lambda c: c.fraction
-                )
-                for cell in cells:
-                    for layer in cell.removed:
-                        if math.isnan(first[layer]):
-                            first[layer] = cell.fraction
-                matrix[spec if len(self.config.modes()) == 1 else f"{spec} ({mode})"] = first
-        return matrix
-
-
-def rank_correlations(scores: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Pairwise Spearman rho and Kendall tau between per-layer score vectors (NaN for a constant vector)."""
-    methods = list(scores)
-    spearman = np.eye(len(methods))
-    kendall = np.eye(len(methods))
-    for i, a in enumerate(methods):
-        for j, b in enumerate(methods[:i]):
-            rho = scipy_stats.spearmanr(scores[a], scores[b]).statistic
-            tau = scipy_stats.kendalltau(scores[a], scores[b]).statistic
-            spearman[i, j] = spearman[j, i] = rho
-            kendall[i, j] = kendall[j, i] = tau
-    return {"methods": methods, "spearman": spearman.tolist(), "kendall": kendall.tolist()}
-
-
-def rows_to_csv(rows: list[dict[str, Any]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=analysis.CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
