@@ -376,11 +376,11 @@ def compare(base: dict[str, float], new: dict[str, float], binary: bool, subset:
     return row
 
 
-def random_mean(arms: dict[str, list[dict[str, Any]]], metric: str) -> dict[str, float]:
-    """Per question, the mean of ``metric`` over the random-k draws (on the questions every draw has
-    scored): what choosing k layers at random gives, against which the EAVSS choice is compared question by
-    question."""
-    draws = [pooled(records, metric) for arm, records in arms.items() if arm.startswith("train:random:")]
+def random_mean(arms: dict[str, list[dict[str, Any]]], metric: str, kind: str = "train") -> dict[str, float]:
+    """Per question, the mean of ``metric`` over the random-k arms of one kind (``train:random:*`` or
+    ``steer:random``; on the questions every draw has scored): what choosing k layers at random gives,
+    against which the EAVSS choice is compared question by question."""
+    draws = [pooled(records, metric) for arm, records in arms.items() if arm.startswith(f"{kind}:random")]
     if not draws:
         return {}
     ids = set.intersection(*(set(draw) for draw in draws))
@@ -406,7 +406,9 @@ def table(study: Study) -> None:
     }
     metrics = ("mc1", "mc2")
     base = {metric: pooled(arms["base"], metric) for metric in metrics}
-    random = {metric: random_mean(arms, metric) for metric in metrics}
+    # Each arm against the random layers of its own kind (steering at EAVSS layers against steering at
+    # random ones); arms of a kind without random arms (DoLa) against the trained random-k draws.
+    randoms = {kind: {m: random_mean(arms, m, kind) for m in metrics} for kind in ("train", "steer")}
     header = (
         "arm",
         "questions",
@@ -426,7 +428,9 @@ def table(study: Study) -> None:
                 metric: compare(base[metric], pooled(records, metric), metric == "mc1", subset)
                 for metric in metrics
             }
-            if random["mc1"] and arm != "base" and not arm.startswith("train:random:"):
+            kind = arm.split(":")[0]
+            random = randoms[kind] if randoms.get(kind, {}).get("mc1") else randoms["train"]
+            if random["mc1"] and arm != "base" and not arm.startswith(f"{kind}:random"):
                 for metric in metrics:
                     versus = compare(random[metric], pooled(records, metric), False, subset)
                     rows[arm][metric]["versus_random"] = versus
@@ -457,6 +461,9 @@ def table(study: Study) -> None:
         "",
         f"- guessing: MC1 {results['chance']['mc1']:.3f} (mean of 1 / options), MC2 "
         f"{results['chance']['mc2']:.3f} (a uniform scorer: the share of true choices)",
+        "- MC1 - random, MC2 - random: paired, against the random layers of the same kind of arm (steering"
+        " at random layers for steering; the trained random-k draws, per question mean, for trained arms and"
+        " DoLa)",
     ]
     lines += [*detectable(results), "", *null_band(results), "", *tuning_curves(steps, results)]
     lines += ["", *transfer(arms, results), "", *ranking_summary(steps, results)]
