@@ -18,7 +18,8 @@ on the same questions. One process loads the model once; each step starts from a
 ``base:F``, ``dola:F``
     the base model, and DoLa as its authors score multiple choice, on test fold ``F``.
 ``steer:SELECTION:F``
-    ITI-style mean-difference steering at the chosen layers, strength tuned on validation pair accuracy.
+    ITI-style mean-difference steering at the chosen layers, strength tuned on validation pair accuracy
+    among the strengths that raise held-out prose perplexity by at most 10%.
 ``train:SELECTION:SEED:F``
     contrastive mitigation of the chosen layers (``eavss``, ``lowest``, ``random``, ``all``) with seed
     ``SEED`` (the training seed, and for ``random`` also the draw), evaluated on test fold ``F``.
@@ -44,6 +45,7 @@ import argparse
 import copy
 import functools
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -55,7 +57,7 @@ from typing import Any
 import numpy as np
 
 from avss.adapters import get_adapter
-from avss.data import resolve_data_dir
+from avss.data import CalibrationOptions, TextSource, resolve_data_dir
 from avss.evaluation import get_task
 from avss.evaluation.tasks.perplexity import PerplexityTask
 from avss.evaluation.uncertainty import (
@@ -82,11 +84,17 @@ from avss.hallucination.significance import bootstrap_topk, permutation_null
 from avss.hallucination.steering import collect_mean_activations, steering
 from avss.io import atomic_write_json, atomic_write_text
 from avss.models import load_model
+from avss.scorers import ScoringContext
 from avss.training import TrainConfig
 
 MC = "truthfulqa_mc"
 SELECTIONS = ("eavss", "lowest", "random", "all")
-STEER_ALPHAS = (0.0, 1.0, 2.0, 4.0, 8.0)
+STEER_ALPHAS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
+# A steering strength may raise the loss of held-out prose (the bundled calibration text, which this study
+# uses for nothing else) by at most this much: perplexity up by at most 10%. Without it validation pair
+# accuracy alone picks a strength that wrecks the model (at 8 on fold 0: SciQ 0.81 -> 0.30, WikiText-2
+# perplexity 64,189), which ITI avoids by tuning on truthfulness times informativeness.
+STEER_MAX_NLL_RISE = math.log(1.1)
 
 
 class Study:
@@ -255,21 +263,35 @@ class Study:
         return {"fold": fold, "lr": lr, "mitigation": result.record}
 
     def steered(self, model: Any, layers: list[int], fold: int) -> dict[str, Any]:
-        """Steering strength chosen on validation pair accuracy (never on test), then the test evaluation."""
+        """The steering strength with the best validation pair accuracy (never test) among those
+        that keep held-out prose within :data:`STEER_MAX_NLL_RISE` of the base model's loss; then the test
+        evaluation."""
         tokenizer = self.loaded.tokenizer
         directions = collect_mean_activations(model, tokenizer, self.pairs(fold, "train"), progress=False)
         directions = directions.directions(layers)
         validation = contrastive_batches(
             tokenizer, self.pairs(fold, "validation"), negatives=self.args.negatives
         )
+        prose = CalibrationOptions(samples=None, max_length=256).batches(tokenizer, TextSource())
         curve = {}
         for alpha in STEER_ALPHAS:
             with steering(model, directions, alpha):
-                curve[alpha] = pair_accuracy(model, validation)
-        best = max(curve, key=lambda alpha: (curve[alpha], -alpha))  # ties: the weaker intervention
+                curve[alpha] = {
+                    "pair_accuracy": pair_accuracy(model, validation),
+                    "prose_nll": ScoringContext(model, prose).base_nll(),
+                }
+        unsteered = curve[0.0]["prose_nll"]
+        allowed = [a for a, point in curve.items() if point["prose_nll"] - unsteered <= STEER_MAX_NLL_RISE]
+        best = max(allowed, key=lambda a: (curve[a]["pair_accuracy"], -a))  # ties: the weaker intervention
         with steering(model, directions, best):
             evaluation = self.evaluate(model, fold)
-        return {"alpha": best, "validation_curve": curve, "eval": evaluation}
+        return {
+            "alpha": best,
+            "max_prose_nll_rise": STEER_MAX_NLL_RISE,
+            "prose_tokens": prose.num_tokens,
+            "validation_curve": curve,
+            "eval": evaluation,
+        }
 
     def grid(self) -> list[str]:
         """Every step of the study in run order, so that a study cut short still compares arms: the
