@@ -40,6 +40,7 @@ HEADER = (
 )
 MODE = "oneshot"
 PROTECTED = "oneshot+protect"
+ITERATIVE = "iterative"
 # The README's verdict table: its rows (label, method, mode) and its models' short names, in that order.
 VERDICT_ROWS = (
     ("AVSS as specified", "avss", MODE),
@@ -47,6 +48,7 @@ VERDICT_ROWS = (
     ("block influence (ShortGPT)", "block_influence", MODE),
     ("angular distance (Gromov et al.)", "angular", MODE),
     ("leave-one-out NLL, one shot (SLEB's criterion)", "loo_nll", MODE),
+    ("leave-one-out NLL, iterative (SLEB), on 64 x 512 calibration tokens", "loo_nll[batches=8]", ITERATIVE),
     ("first n", "first", MODE),
     ("last n (before the final block)", "last", MODE),
 )
@@ -78,9 +80,9 @@ def num_parameters(model: str) -> int:
 
 
 def read_study(folder: Path, parameters: bool = True) -> dict[str, Any]:
-    """One study's entries: the one-shot cells (``entries``) and the protected ones (``protected``), each
-    with its macro retention, removed blocks and WikiText-2 NLL change. ``parameters=False`` leaves out the
-    parameter count (it needs the model's config installed)."""
+    """One study's entries: the one-shot cells (``entries``), the protected ones (``protected``) and the
+    iterative ones (``iterative``), each with its macro retention, removed blocks and WikiText-2 NLL change.
+    ``parameters=False`` leaves out the parameter count (it needs the model's config installed)."""
     results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
     if results.get("format") != STUDY_FORMAT:
         raise SystemExit(f"{folder}: not an {STUDY_FORMAT} results file (rerun its study with --report-only)")
@@ -93,6 +95,7 @@ def read_study(folder: Path, parameters: bool = True) -> dict[str, Any]:
         "num_parameters": num_parameters(model) if parameters else None,
         "entries": mode_entries(results, MODE),
         "protected": mode_entries(results, PROTECTED),
+        "iterative": mode_entries(results, ITERATIVE),
         "correlations": results["correlations"],
     }
 
@@ -156,7 +159,7 @@ def verdict_table(studies: list[dict[str, Any]]) -> str:
 
 def verdict_column(study: dict[str, Any], fraction: float) -> list[str]:
     """One column of :func:`verdict_table`: a cell per row of :data:`VERDICT_ROWS`, then the random band."""
-    by_mode = {MODE: study["entries"], PROTECTED: study["protected"]}
+    by_mode = {MODE: study["entries"], PROTECTED: study["protected"], ITERATIVE: study["iterative"]}
     found = {
         (method, mode): next(
             (e for e in by_mode[mode] if e["method"] == method and e["fraction"] == fraction), None

@@ -32,7 +32,7 @@ def recorded() -> list[dict]:
 def test_scale_json_holds_each_study_results_as_recorded(scale, recorded):
     for study in recorded:
         again = scale.read_study(ROOT / study["folder"], parameters=False)
-        for key in ("model", "num_layers", "complete", "entries", "protected"):
+        for key in ("model", "num_layers", "complete", "entries", "protected", "iterative"):
             assert again[key] == study[key], f"{study['folder']}: {key} differs; run benchmarks/scale.py"
 
 
@@ -63,6 +63,7 @@ def test_verdict_table_marks_the_best_method_and_lists_a_few_draws_one_by_one(sc
             entry("random[seed=1]", 0.25),
         ],
         "protected": [entry("avss", 0.3, "1 2")],
+        "iterative": [entry("loo_nll[batches=8]", 0.6, "5 7")],
     }
     table = scale.verdict_table([study]).splitlines()
     assert table[0] == "| method | SmolLM2 25% |"
@@ -71,5 +72,7 @@ def test_verdict_table_marks_the_best_method_and_lists_a_few_draws_one_by_one(sc
     assert rows["angular distance (Gromov et al.)"] == "**0.800 [0.700, 0.900]**"
     assert rows["AVSS, first and last block protected"] == "0.300 [0.200, 0.400]"
     assert rows["first n"] == "= AVSS"
+    sleb = "leave-one-out NLL, iterative (SLEB), on 64 x 512 calibration tokens"
+    assert rows[sleb] == "0.600 [0.500, 0.700]"
     assert rows["block influence (ShortGPT)"] == "not run"
     assert rows["random blocks: median [5%, 95%] of the draws"] == "2 draws so far: 0.500, 0.250"
