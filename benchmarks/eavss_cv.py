@@ -89,7 +89,7 @@ from avss.training import TrainConfig
 
 MC = "truthfulqa_mc"
 SELECTIONS = ("eavss", "lowest", "random", "all")
-STEER_ALPHAS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
+STEER_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0, 8.0)
 # A steering strength may raise the loss of held-out prose (the bundled calibration text, which this study
 # uses for nothing else) by at most this much: perplexity up by at most 10%. Without it validation pair
 # accuracy alone picks a strength that wrecks the model (at 8 on fold 0: SciQ 0.81 -> 0.30, WikiText-2
