@@ -50,6 +50,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,7 @@ from avss.hallucination.mitigate import (
 )
 from avss.hallucination.pairs import load_pairs
 from avss.hallucination.significance import bootstrap_topk, permutation_null
-from avss.hallucination.steering import collect_mean_activations, steering
+from avss.hallucination.steering import StrengthPoint, choose_strength, collect_mean_activations, steering
 from avss.io import atomic_write_json, atomic_write_text
 from avss.models import load_model
 from avss.scorers import ScoringContext
@@ -276,20 +277,17 @@ class Study:
         curve = {}
         for alpha in STEER_ALPHAS:
             with steering(model, directions, alpha):
-                curve[alpha] = {
-                    "pair_accuracy": pair_accuracy(model, validation),
-                    "prose_nll": ScoringContext(model, prose).base_nll(),
-                }
-        unsteered = curve[0.0]["prose_nll"]
-        allowed = [a for a, point in curve.items() if point["prose_nll"] - unsteered <= STEER_MAX_NLL_RISE]
-        best = max(allowed, key=lambda a: (curve[a]["pair_accuracy"], -a))  # ties: the weaker intervention
+                curve[alpha] = StrengthPoint(
+                    pair_accuracy(model, validation), ScoringContext(model, prose).base_nll()
+                )
+        best = choose_strength(curve, STEER_MAX_NLL_RISE)
         with steering(model, directions, best):
             evaluation = self.evaluate(model, fold)
         return {
             "alpha": best,
             "max_prose_nll_rise": STEER_MAX_NLL_RISE,
             "prose_tokens": prose.num_tokens,
-            "validation_curve": curve,
+            "validation_curve": {alpha: asdict(point) for alpha, point in curve.items()},
             "eval": evaluation,
         }
 

@@ -12,7 +12,14 @@ from _tiny import random_batch, tiny_model
 from avss.adapters import block_input, get_adapter
 from avss.hallucination import load_pairs
 from avss.hallucination.batches import answer_batches
-from avss.hallucination.steering import MeanActivations, collect_mean_activations, merge_all, steering
+from avss.hallucination.steering import (
+    MeanActivations,
+    StrengthPoint,
+    choose_strength,
+    collect_mean_activations,
+    merge_all,
+    steering,
+)
 from test_hallucination import data_dir  # noqa: F401  (fixture)
 
 MODEL_TYPES = ["llama", "gpt2", "gemma3_text"]
@@ -146,3 +153,19 @@ def test_steering_works_inside_the_evaluation(tokenizer, data_dir: Path) -> None
     with steering(model, directions, alpha=50.0):
         steered = run()
     assert steered.keys() == base.keys()
+
+
+def test_choose_strength_takes_the_best_pair_accuracy_within_the_prose_bound() -> None:
+    """Hand-made curve: 4 has the best pair accuracy but raises prose NLL by 0.5 > 0.1; of the allowed
+    strengths 1 and 2 tie at 0.6, and the weaker one wins."""
+    curve = {
+        0.0: StrengthPoint(pair_accuracy=0.40, prose_nll=3.00),
+        1.0: StrengthPoint(pair_accuracy=0.60, prose_nll=3.05),
+        2.0: StrengthPoint(pair_accuracy=0.60, prose_nll=3.10),
+        4.0: StrengthPoint(pair_accuracy=0.90, prose_nll=3.50),
+    }
+    assert choose_strength(curve, max_nll_rise=0.1) == 1.0
+    assert choose_strength(curve, max_nll_rise=1.0) == 4.0
+    assert choose_strength(curve, max_nll_rise=0.0) == 0.0
+    with pytest.raises(ValueError, match="include 0"):
+        choose_strength({1.0: curve[1.0]}, max_nll_rise=0.1)

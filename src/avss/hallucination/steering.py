@@ -8,7 +8,8 @@ form, the mass-mean shift, is used here at whole blocks: at each chosen layer ``
 on every position, where the means run over the answer tokens of truthful (T) and hallucinated (H) training
 answers. The means come from streamed float64 sums (:class:`MeanActivations`, mergeable, so per-fold sums
 collected once give any fold's training direction by merging the others); no activation is kept. The
-strength ``alpha`` is the one knob, to be tuned on validation questions; ``alpha = 0`` is the base model.
+strength ``alpha`` is the one knob, to be tuned on validation questions (:func:`choose_strength`, within a
+bound on the loss of held-out prose); ``alpha = 0`` is the base model.
 
 The shift is a forward hook on the block output, found through the architecture table
 (:func:`avss.adapters.get_adapter`), applied inside :func:`steering`, so any evaluation
@@ -185,3 +186,28 @@ def steering(model: nn.Module, directions: Mapping[int, torch.Tensor], alpha: fl
     finally:
         for handle in handles:
             handle.remove()
+
+
+@dataclass
+class StrengthPoint:
+    """One steering strength measured on validation data: the truthful-vs-hallucinated pair accuracy it
+    gives, and the mean NLL (nats per token) of held-out prose under it."""
+
+    pair_accuracy: float
+    prose_nll: float
+
+
+def choose_strength(curve: Mapping[float, StrengthPoint], max_nll_rise: float) -> float:
+    """The strength with the highest validation pair accuracy among those that raise the held-out prose NLL
+    by at most ``max_nll_rise`` over strength 0 (ties: the weaker strength).
+
+    Pair accuracy alone rewards wrecking the model: a shift large enough to make every answer improbable can
+    still order truthful above hallucinated answers. ITI tunes its strength on truthfulness times
+    informativeness for the same reason; a bound on general language-modelling loss is its multiple-choice
+    counterpart. ``curve`` must hold strength 0, which is always allowed.
+    """
+    if 0.0 not in curve:
+        raise ValueError("the strength curve must include 0 (the unsteered model)")
+    unsteered = curve[0.0].prose_nll
+    allowed = [alpha for alpha, point in curve.items() if point.prose_nll - unsteered <= max_nll_rise]
+    return max(allowed, key=lambda alpha: (curve[alpha].pair_accuracy, -alpha))
