@@ -80,10 +80,11 @@ def select_iteratively(
     protect = protect or set()
     check_budget(n_remove, context.num_layers, protect)
     original = list(range(context.num_layers))  # original index of each current block
-    order, steps = [], []
-    for layer in done.order if done else []:
-        remove(context, original.index(layer), original, order)
-    if done:
+    order: list[int] = []
+    steps: list[LayerImportance] = []
+    if done is not None:
+        for layer in done.order:
+            remove(context, original.index(layer), original, order)
         steps = list(done.steps)
     while len(order) < n_remove:
         importance = scorer.score(context)
