@@ -27,9 +27,6 @@ from avss.study.config import ONESHOT, StudyConfig
 STUDY_FORMAT = "avss-study/3"
 
 
-# --- results ------------------------------------------------------------------------------------------
-
-
 @dataclass
 class StudyResult:
     """A study's cells and selections; its tables are computed once from the cells' stored evaluations."""

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from avss.pruning.rules import check_budget
 from avss.pruning.select import Selection
 from avss.pruning.sublayers import equal_parameter_budget
@@ -56,19 +58,15 @@ def partial_path(path: Path) -> Path:
 
 
 def selection_from_dict(raw: dict[str, Any]) -> Selection:
-    from avss.scorers import LayerImportance
-
+    """A :class:`Selection` read back from its file in ``selections/`` (scores as float64 tensors)."""
     steps = [
         LayerImportance(
-            step["method"], torch_tensor(step["scores"]), step["options"], warnings=step["warnings"]
+            step["method"],
+            torch.tensor(step["scores"], dtype=torch.float64),
+            step["options"],
+            warnings=step["warnings"],
         )
         for step in raw["steps"]
     ]
     by_budget = {int(k): v for k, v in raw.get("by_budget", {}).items()}
     return Selection(raw["method"], raw["iterative"], raw["order"], steps, by_budget)
-
-
-def torch_tensor(values: list[float]) -> Any:
-    import torch
-
-    return torch.tensor(values, dtype=torch.float64)
