@@ -243,6 +243,7 @@ def test_an_interrupted_iterative_selection_resumes_from_its_last_step(
         study.select()
     partial = out / "selections" / "loo-nll__iterative.json.partial"
     assert read_json(partial)["order"] == expected.order[:1]
+    atomic_write_json(partial, {**read_json(partial), "seconds": 1e6})  # as if the first step took that long
     assert not (out / "selections" / "loo-nll__iterative.json").exists()
     monkeypatch.setattr(study_module, "select_iteratively", original)
     scored = []
@@ -260,6 +261,7 @@ def test_an_interrupted_iterative_selection_resumes_from_its_last_step(
     assert len(scored) == len(expected.order) - 1  # the first step is replayed, not scored again
     assert resumed.selections["loo-nll__iterative"].order == expected.order
     assert not partial.exists()
+    assert read_json(out / "selections" / "loo-nll__iterative.json")["seconds"] > 1e6  # earlier runs count
     resumed.load_selections()
     assert not any("partial" in name for name in resumed.selections)
 

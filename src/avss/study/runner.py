@@ -184,9 +184,10 @@ class Study:
                         importance = self._importances[scorer.spec] = scorer.score(shared)
                     selection = oneshot_order(scorer, importance, config.fractions, protect)
                     selection.iterative = mode == ITERATIVE
+                    seconds = time.perf_counter() - started
                 else:
-                    selection = self._iterative_selection(scorer, path, largest)
-                record = {**selection.to_dict(), "seconds": round(time.perf_counter() - started, 3)}
+                    selection, seconds = self._iterative_selection(scorer, path, largest, num_layers)
+                record = {**selection.to_dict(), "seconds": round(seconds, 3)}
                 atomic_write_json(path, record)
                 partial_path(path).unlink(missing_ok=True)
                 self.selections[name] = selection
@@ -207,27 +208,32 @@ class Study:
             atomic_write_json(path, record)
             self.selections[name] = selection
 
-    def _iterative_selection(self, scorer: Scorer, path: Path, largest: int) -> Selection:
-        """An iterative selection to ``largest`` blocks, its progress kept in :func:`partial_path` after every
-        step; a run that finds that file goes on from its last step (the calibration is the study's, which a
-        resume cannot change)."""
+    def _iterative_selection(
+        self, scorer: Scorer, path: Path, largest: int, num_layers: int
+    ) -> tuple[Selection, float]:
+        """An iterative selection to ``largest`` blocks and its seconds, those of earlier runs included (as a
+        cell counts its finished tasks). Progress is kept in :func:`partial_path` after every step; a run
+        that finds that file goes on from its last step (the calibration is the study's, which a resume
+        cannot change)."""
         partial = partial_path(path)
-        done = None
+        done, earlier = None, 0.0
         if partial.exists():
-            done = selection_from_dict(json.loads(partial.read_text(encoding="utf-8")))
-        num_layers = get_adapter(self.loaded.model).num_layers
+            stored = json.loads(partial.read_text(encoding="utf-8"))
+            done, earlier = selection_from_dict(stored), stored["seconds"]
         steps = f"going on after {len(done.order)} steps, " if done else ""
         self.log(f"iterative selection: {scorer.spec} ({steps}removing {largest} of {num_layers})")
+        started = time.perf_counter()
         context = context_for(
             copy.deepcopy(self.loaded.model), self.calibration_batches, [scorer], progress=self.progress
         )
-        started = time.perf_counter()
+
+        def seconds() -> float:
+            return earlier + time.perf_counter() - started
 
         def save(selection: Selection) -> None:
-            seconds = round(time.perf_counter() - started, 3)
-            atomic_write_json(partial, {**selection.to_dict(), "seconds_this_run": seconds})
+            atomic_write_json(partial, {**selection.to_dict(), "seconds": round(seconds(), 3)})
 
-        return select_iteratively(scorer, context, largest, done=done, on_step=save)
+        return select_iteratively(scorer, context, largest, done=done, on_step=save), seconds()
 
     def _stored_selection(
         self, path: Path, scorer: Scorer, oneshot: bool, protect: set[int], num_layers: int
