@@ -170,6 +170,13 @@ def test_loo_nll_batches_reads_only_the_first_calibration_batches(cached):
     assert not torch.allclose(limited.score(kind(tiny_model("llama", 5), batches())).scores, every.scores)
 
 
+def test_context_for_keeps_only_the_batches_its_scorers_read():
+    model, limited = tiny_model("llama", 4), get_scorer("loo_nll[batches=1]")
+    assert len(context_for(model, batches(), [limited]).batches) == 1
+    assert len(context_for(model, batches(), [limited, get_scorer("avss")]).batches) == 2
+    assert len(context_for(model, batches(), [get_scorer("loo_nll")]).batches) == 2
+
+
 def test_optional_number_options_parse_and_refuse_bad_values():
     assert get_scorer("loo_nll[batches=4]").batches == 4
     assert get_scorer("loo_nll").batches is None

@@ -91,6 +91,10 @@ class Scorer(ABC):
         """Near-zero thresholds the shared statistics pass must count for this scorer."""
         return ()
 
+    def batches_read(self) -> int | None:
+        """How many leading calibration batches the scores read (None: all of them)."""
+        return None
+
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

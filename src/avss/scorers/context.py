@@ -344,8 +344,13 @@ def context_for(
     progress: bool = False,
 ) -> ScoringContext:
     """A context measuring every site, threshold and sublayer similarity ``scorers`` need, so they all share
-    one pass."""
+    one pass, over the calibration batches they read (all, unless every scorer reads only the first few:
+    then the cached states and re-scoring passes of the others are not paid for)."""
     scorers = list(scorers)
+    batches = list(batches)
+    read = [scorer.batches_read() for scorer in scorers]
+    if read and None not in read:
+        batches = batches[: max(read)]
     sites = [site for scorer in scorers for site in scorer.sites()] or ["block"]
     thresholds = [*DEFAULT_THRESHOLDS, *(t for scorer in scorers for t in scorer.thresholds())]
     sublayers = any(scorer.needs_sublayers for scorer in scorers)

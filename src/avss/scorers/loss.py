@@ -30,6 +30,9 @@ class LeaveOneOutScorer(Scorer):
         if self.batches is not None and self.batches < 1:
             raise ValueError(f"batches must be a positive number of calibration batches, not {self.batches}")
 
+    def batches_read(self) -> int | None:
+        return self.batches
+
     def score(self, context: ScoringContext) -> LayerImportance:
         base = context.base_nll(self.batches)
         layers = track(range(context.num_layers), "leave-one-out NLL", enabled=context.progress)
