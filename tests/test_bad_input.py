@@ -680,6 +680,25 @@ CLI_CASES = [
         patch=loading_refused_in("avss.cli.hallucination_cmd"),
     ),
     Case(
+        "mitigate --autocast unknown",
+        lambda ws: ["mitigate", ws.model, "--autocast", "fp8", "--out", str(ws.out / "mitigated")],
+        ("autocast must be one of auto, bf16, off", "'fp8'"),
+        patch=loading_refused_in("avss.cli.hallucination_cmd"),
+    ),
+    Case(
+        "heal --autocast unknown",
+        lambda ws: [
+            "heal",
+            str(ws.root / "pruned-model"),
+            "--out",
+            str(ws.out / "healed"),
+            "--autocast",
+            "fp8",
+        ],
+        ("autocast must be one of auto, bf16, off",),
+        setup=pruned_model,
+    ),
+    Case(
         "mitigate --eval-tasks with an unknown task",
         lambda ws: [
             "mitigate",
@@ -1031,6 +1050,7 @@ API_CASES = [
     ApiCase("training epochs 0", _training(epochs=0), errors.OptionError, ("epochs and grad_accum",)),
     ApiCase("training lr 0", _training(lr=0.0), errors.OptionError, ("lr must be > 0",)),
     ApiCase("training patience 0", _training(patience=0), errors.OptionError, ("patience must be",)),
+    ApiCase("training autocast fp16", _training(autocast="fp16"), errors.OptionError, ("autocast must be",)),
     ApiCase(
         "read_jsonl malformed line", _read_malformed, errors.DataError, ("rows.jsonl:3", "malformed JSON")
     ),

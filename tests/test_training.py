@@ -9,7 +9,15 @@ import torch
 
 from _tiny import random_batch, tiny_model
 from avss.errors import CheckpointError
-from avss.training import TrainConfig, half_precision_warning, prefix_selector, set_trainable, train
+from avss.training import (
+    TrainConfig,
+    autocast_enabled,
+    evaluate_loss,
+    half_precision_warning,
+    prefix_selector,
+    set_trainable,
+    train,
+)
 
 
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -54,6 +62,47 @@ def test_sixteen_bit_trainable_weights_are_warned_about() -> None:
     config = TrainConfig(progress=False)
     result = train(model, lm_loss, batches(1), trainable=prefix_selector(["model.layers.0"]), config=config)
     assert result.warnings == [half_precision_warning(dict(model.model.layers[0].named_parameters()))]
+
+
+def test_autocast_modes() -> None:
+    cpu = torch.device("cpu")
+    assert not autocast_enabled("auto", cpu)  # CPUs opt in: without native bfloat16 it is slower
+    assert autocast_enabled("bf16", cpu)
+    assert not autocast_enabled("off", cpu)
+    assert not autocast_enabled("off", torch.device("cuda"))
+
+
+@pytest.mark.parametrize("mode", ["bf16", "off"])
+def test_autocast_runs_forward_passes_in_bfloat16_over_float32_weights(mode: str) -> None:
+    model = tiny_model("llama", num_layers=2)
+    seen: list[torch.dtype] = []
+    model.lm_head.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    before = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    config = TrainConfig(epochs=1, lr=1e-2, patience=None, autocast=mode, progress=False)
+    result = train(
+        model,
+        lm_loss,
+        batches(2),
+        trainable=prefix_selector(["model.layers.0"]),
+        val_batches=batches(1),
+        config=config,
+    )
+    expected = torch.bfloat16 if mode == "bf16" else torch.float32
+    assert seen == [expected] * 4  # validation before, two training batches, validation after
+    assert result.autocast_dtype == ("bfloat16" if mode == "bf16" else None)
+    weight = model.model.layers[0].mlp.down_proj.weight
+    assert weight.dtype == torch.float32 and not torch.equal(weight, before)
+    assert result.warnings == []
+
+
+def test_autocast_loss_agrees_with_float32_to_bfloat16_precision() -> None:
+    # bfloat16 rounds each activation and logit to 8 significant bits (relative error at most 2**-8); the
+    # loss, a mean of log-softmax values, inherits at most about that relative error, and is not exact.
+    model = tiny_model("llama", num_layers=2)
+    full = evaluate_loss(model, lm_loss, batches(2), autocast="off")
+    half = evaluate_loss(model, lm_loss, batches(2), autocast="bf16")
+    assert half != full
+    assert abs(half - full) <= 2**-8 * abs(full)
 
 
 def test_empty_selection_is_an_error() -> None:

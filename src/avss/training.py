@@ -1,7 +1,7 @@
 """A small, reusable training loop: any loss, any subset of parameters, resumable and measurable.
 
 ``train(model, loss_fn, batches, trainable=...)`` freezes every parameter the ``trainable`` predicate rejects,
-optimizes the rest with AdamW (with gradient accumulation, gradient clipping and bf16 autocast on GPU), writes
+optimizes the rest with AdamW (with gradient accumulation, gradient clipping and bf16 autocast), writes
 an atomic checkpoint after every epoch, resumes from it, stops early when the validation loss stops improving
 and restores the best epoch's weights. It knows nothing about what the loss means, so mitigation (EAVSS) and
 healing after pruning share it.
@@ -34,11 +34,17 @@ ParamPredicate = Callable[[str, nn.Parameter], bool]
 CHECKPOINT_FILE = "checkpoint.pt"
 # Modules LoRA can adapt: GPT-2's projections are transformers' Conv1D, not nn.Linear.
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+AUTOCAST_MODES = ("auto", "bf16", "off")
 
 
 @dataclass
 class TrainConfig:
-    """Settings; ``patience`` = epochs without validation improvement before stopping (None: never)."""
+    """Settings; ``patience`` = epochs without validation improvement before stopping (None: never).
+
+    ``autocast`` runs forward passes in bfloat16 while the weights and optimizer stay float32: ``auto`` on a
+    GPU that supports bfloat16 only, ``bf16`` on any device (on a CPU with native bfloat16 arithmetic,
+    AVX512-BF16 or AMX, about twice as fast as float32; elsewhere emulated and slower), ``off`` never.
+    """
 
     epochs: int = 1
     lr: float = 1e-4
@@ -46,7 +52,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0
     patience: int | None = 1
-    bf16: bool = True
+    autocast: str = "auto"
     seed: int = 0
     checkpoint_dir: str | None = None
     resume: bool = False
@@ -64,6 +70,8 @@ class TrainConfig:
             raise OptionError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
         if self.patience is not None and self.patience < 1:
             raise OptionError(f"patience must be at least 1 or None, got {self.patience}")
+        if self.autocast not in AUTOCAST_MODES:
+            raise OptionError(f"autocast must be one of {', '.join(AUTOCAST_MODES)}, got {self.autocast!r}")
 
 
 @dataclass
@@ -83,6 +91,8 @@ class TrainResult:
     peak_memory_bytes: int = 0
     peak_memory_kind: str = ""
     wall_time_s: float = 0.0
+    # The dtype forward passes ran in under autocast ("bfloat16"), None without it: ``config`` holds the mode.
+    autocast_dtype: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -125,12 +135,19 @@ def half_precision_warning(params: dict[str, nn.Parameter]) -> str | None:
         return None
     return (
         f"training {'/'.join(half)} weights directly: updates smaller than their resolution are lost; "
-        "load the model with --dtype float32 (on GPU, bf16 autocast keeps the speed)"
+        "load the model with --dtype float32 (--autocast bf16 keeps the speed)"
     )
 
 
-def _autocast(device: torch.device, bf16: bool) -> Any:
-    enabled = bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
+def autocast_enabled(mode: str, device: torch.device) -> bool:
+    """Whether ``mode`` (see :class:`TrainConfig`) runs bfloat16 autocast on ``device``."""
+    if mode == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return mode == "bf16"
+
+
+def _autocast(device: torch.device, mode: str) -> Any:
+    enabled = autocast_enabled(mode, device)
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
@@ -171,13 +188,15 @@ def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch], bf16: bool = True) -> float:
+def evaluate_loss(
+    model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch], autocast: str = "auto"
+) -> float:
     """Mean of ``loss_fn`` over ``batches`` in eval mode (no dropout, no gradients)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
-        with _autocast(device, bf16):
+        with _autocast(device, autocast):
             losses = [float(loss_fn(model, batch)) for batch in batches]
     finally:
         model.train(was_training)
@@ -250,6 +269,7 @@ def train(
         trainable_parameters=sum(p.numel() for p in params.values()),
         total_parameters=sum(p.numel() for p in model.parameters()),
         config=asdict(config),
+        autocast_dtype="bfloat16" if autocast_enabled(config.autocast, device) else None,
     )
     if (warning := half_precision_warning(params)) is not None:
         result.warnings.append(warning)
@@ -270,7 +290,7 @@ def train(
         best_state = saved["best"]
         result.resumed_from_epoch = result.epochs_run = start_epoch
     elif val_batches:
-        best_val = evaluate_loss(model, loss_fn, val_batches, config.bf16)
+        best_val = evaluate_loss(model, loss_fn, val_batches, config.autocast)
         result.val_loss.append(best_val)
         result.best_epoch = 0
         best_state = {n: p.detach().clone() for n, p in params.items()}
@@ -289,7 +309,7 @@ def train(
         for index, batch in enumerate(
             track(batches, f"training epoch {epoch}/{config.epochs}", enabled=config.progress)
         ):
-            with _autocast(device, config.bf16):
+            with _autocast(device, config.autocast):
                 loss = loss_fn(model, batch)
             (loss / config.grad_accum).backward()
             total += float(loss.detach())
@@ -303,7 +323,7 @@ def train(
         result.train_loss.append(total / max(len(batches), 1))
         result.epochs_run = epoch
         if val_batches:
-            val = evaluate_loss(model, loss_fn, val_batches, config.bf16)
+            val = evaluate_loss(model, loss_fn, val_batches, config.autocast)
             result.val_loss.append(val)
             if val < best_val:
                 best_val, result.best_epoch = val, epoch

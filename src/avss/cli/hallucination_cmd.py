@@ -13,6 +13,7 @@ from avss.cli._app import app, console
 from avss.cli.core import print_warnings
 from avss.cli.options import (
     LOADING,
+    Autocast,
     BenchmarkDir,
     FlagGroup,
     ModelArg,
@@ -164,6 +165,7 @@ def mitigate_command(
     threshold: Threshold = "rel:0.01",
     max_length: MaxLength = 128,
     seed: Annotated[int, typer.Option(help="Seed for training and for --layers random")] = 0,
+    autocast: Autocast = "auto",
     overwrite: Overwrite = False,
     loading: LoadOptions,
 ) -> None:
@@ -176,6 +178,7 @@ def mitigate_command(
         patience=patience,
         seed=seed,
         resume=resume,
+        autocast=autocast,
     )
     options = MitigationOptions(
         contrast=contrast,

@@ -12,6 +12,7 @@ from avss.cli.core import print_warnings
 from avss.cli.options import (
     CALIBRATION_TEXT,
     LOADING,
+    Autocast,
     BatchSize,
     Out,
     Overwrite,
@@ -73,6 +74,7 @@ def heal_command(
         typer.Option(help="Original model for --method replace (default: the pruning record's)"),
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.checkpoint")] = False,
+    autocast: Autocast = "auto",
     source: TextSource,
     max_length: WindowLength = 128,
     batch_size: BatchSize = 4,
@@ -97,6 +99,7 @@ def heal_command(
         batch_size=batch_size,
         seed=seed,
         resume=resume,
+        autocast=autocast,
     )
     result = heal(
         pruned_dir,

@@ -56,6 +56,13 @@ Samples = Annotated[int, typer.Option(min=1, help="Number of calibration sequenc
 MaxLength = Annotated[int, typer.Option(min=2, help="Tokens per calibration sequence")]
 BatchSize = Annotated[int, typer.Option(min=1, help="Sequences per forward pass")]
 Seed = Annotated[int, typer.Option(help="Seed for sampling calibration windows (study: and its examples)")]
+Autocast = Annotated[
+    str,
+    typer.Option(
+        help="bfloat16 forward passes over float32 weights while training: auto (GPUs with bfloat16), "
+        "bf16 (any device; about 2x faster on CPUs with AVX512-BF16 or AMX) or off"
+    ),
+]
 Out = Annotated[Path, typer.Option(help="Output path")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory")]
 OverwriteFile = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file")]

@@ -39,10 +39,7 @@ from avss.models import LoadedModel, LoadOptions, load_model
 from avss.provenance import Provenance
 from avss.pruning.prune import PROVENANCE_FILE, READABLE_PRUNING_FORMATS, PruneResult, save_pruned
 from avss.stats.checkpoint import checkpoint_dir
-from avss.training import (
-    TrainConfig,
-    train,
-)
+from avss.training import AUTOCAST_MODES, TrainConfig, train
 
 HEALING_FILE = "avss_healing.json"
 # Version 2 carries the provenance at the top level; untagged files (version 1) kept ``versions`` under
@@ -66,7 +63,8 @@ class HealConfig:
     (:func:`avss.training.train`). ``learning_rate=None`` uses the method's default. ``neighbours`` is how
     many kept blocks on each side of a removed span ``lora`` and ``full`` train. ``target_modules=None``
     takes peft's table for the architecture, or every linear layer of the block where peft has no entry;
-    ``("all-linear",)`` asks for every linear layer explicitly.
+    ``("all-linear",)`` asks for every linear layer explicitly. ``autocast`` is
+    :class:`~avss.training.TrainConfig`'s.
     """
 
     method: str = "lora"
@@ -88,9 +86,14 @@ class HealConfig:
     merge: bool = True
     checkpoint_dir: str | None = None
     resume: bool = False
+    autocast: str = "auto"
 
     def __post_init__(self) -> None:
         get_heal_method(self.method)
+        if self.autocast not in AUTOCAST_MODES:
+            raise HealConfigError(
+                f"autocast must be one of {', '.join(AUTOCAST_MODES)}, got {self.autocast!r}"
+            )
 
     def train_samples(self) -> int:
         """Training windows per epoch: enough for ``steps / epochs`` optimizer steps."""
@@ -157,6 +160,7 @@ def train_config(config: HealConfig, learning_rate: float, progress: bool) -> Tr
         seed=config.seed,
         checkpoint_dir=config.checkpoint_dir,
         resume=config.resume,
+        autocast=config.autocast,
         progress=progress,
     )
 
