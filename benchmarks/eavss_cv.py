@@ -49,6 +49,7 @@ import functools
 import json
 import math
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -98,6 +99,13 @@ STEER_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0, 8.0)
 # accuracy alone picks a strength that wrecks the model (at 8 on fold 0: SciQ 0.81 -> 0.30, WikiText-2
 # perplexity 64,189), which ITI avoids by tuning on truthfulness times informativeness.
 STEER_MAX_NLL_RISE = math.log(1.1)
+
+STEPS_HELP = "stats | ranking | tune:LR | base:F | dola:F | steer:SEL:F | train:SEL:SEED:F | grid | table"
+_SELECTION = f"(?:{'|'.join(SELECTIONS)})"
+STEP = re.compile(
+    rf"stats|ranking|grid|table|tune:[0-9.e+-]+|(?:base|dola):\d+|steer:{_SELECTION}:\d+"
+    rf"|train:{_SELECTION}:\d+:\d+"
+)
 
 
 class Study:
@@ -665,14 +673,14 @@ def interval(value: dict[str, Any], sign: bool = False) -> str:
 # --- command line ---------------------------------------------------------------------------------------
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "steps",
         nargs="+",
-        help="stats | ranking | base:F | dola:F | steer:SEL:F | train:SEL:SEED:F | grid | table",
+        help=STEPS_HELP,
     )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--out", type=Path, required=True)
@@ -710,14 +718,19 @@ def main() -> None:
     parser.add_argument("--ppl-max-length", type=int, default=512)
     parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="start no step after this")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    unknown = [step for step in args.steps if not STEP.fullmatch(step)]
+    if unknown:
+        raise SystemExit(f"unknown step {unknown[0]!r}; steps: {STEPS_HELP}")
     study = Study(args)
-    if args.steps == ["table"]:
-        table(study)
-        return
-    # "grid" stands for every grid step not named before it: `base:0 tune:1e-4 grid` runs those two first.
+    # "grid" stands for every grid step not named before it: `base:0 tune:1e-4 grid` runs those two first;
+    # "table" is written after every step named.
     expanded = [name for step in args.steps for name in (study.grid() if step == "grid" else [step])]
-    steps = list(dict.fromkeys(expanded))
+    steps = [step for step in dict.fromkeys(expanded) if step != "table"]
     (args.out / "steps").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     for step in steps:
@@ -741,6 +754,8 @@ def main() -> None:
         )
         atomic_write_json(path, record)
         print(f"{step}: {record['wall_time_s']:.0f} s", flush=True)
+    if "table" in args.steps:
+        table(study)
 
 
 if __name__ == "__main__":
