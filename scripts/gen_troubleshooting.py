@@ -123,6 +123,8 @@ FIXES: dict[str, dict[str, str]] = {
         "unknown --combine (mitigate)": "Use `--combine ratio` or `--combine diff`; checked before loading.",
         "mitigate --layers that is neither a strategy nor indices": "Use auto, lowest, random, all or block "
         "indices such as `3,7,12`; checked before loading.",
+        "mitigate --autocast unknown": "Use `auto` (bfloat16 on GPUs that support it), `bf16` (any device) "
+        "or `off`; checked before loading.",
         "mitigate --eval-tasks with an unknown task": "Choose tasks from `avss eval --help`; checked before "
         "loading.",
         "hallucination --out is a file": "`--out` is the folder for `eavss.json` and its plot; choose a "
@@ -203,6 +205,7 @@ FIXES: dict[str, dict[str, str]] = {
         "invalid --device": "Use `auto`, `cpu`, `cuda` or `cuda:N`.",
         "invalid --dtype": "Use `auto`, `float32`, `bfloat16` or `float16`.",
         "invalid --threads": "Use `auto` (the cores other processes leave idle) or a positive number.",
+        "heal --autocast unknown": "Use `auto`, `bf16` or `off`; checked before the model loads.",
         "heal --threads invalid": "Use `auto` (the cores other processes leave idle) or a positive number.",
         "CUDA requested with no GPU": "Use `--device cpu`, or a CUDA build of torch on a GPU machine.",
         "CUDA index requested with no GPU": "Use `--device cpu`, or a CUDA build of torch on a GPU machine.",
