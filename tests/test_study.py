@@ -786,3 +786,69 @@ def test_a_base_cell_resumed_by_task_leaves_the_unrecorded_task_to_full_forwards
     full = tmp_path / "full"
     Study(small, full, progress=False, share_prefix=False).run()
     assert_same_cells(out, full)
+
+
+def test_each_variant_is_compared_with_its_plain_twin_on_the_same_resamples():
+    """variant_effects: macro retention of the variant minus its twin's, by hand on 4-option records
+    (chance 0.25): base 3 of 4 right (0.75), plain twin 1 of 4 (retention 0), patched 3 of 4 (retention 1)."""
+    from avss.study import analysis as study_analysis
+    from avss.study.analysis import CellInfo
+    from test_evaluation_records import mc_records, result
+
+    evaluations = {
+        "base": result(sciq=mc_records([1, 1, 1, 0])),
+        "plain": result(sciq=mc_records([1, 0, 0, 0])),
+        "patched": result(sciq=mc_records([1, 1, 1, 0])),
+        "same-as-plain": result(sciq=mc_records([1, 0, 0, 0])),
+    }
+    cells = [
+        CellInfo("bi", "oneshot", 0.25, [2, 3], "plain", None),
+        CellInfo("bi", "oneshot+protect", 0.25, [2, 3], "plain", "bi__oneshot__0.25"),  # reused: left out
+        CellInfo("bi", "oneshot+patch", 0.25, [2, 3], "patched", None),
+        CellInfo("bi", "iterative", 0.25, [1, 3], "same-as-plain", None),
+        CellInfo("bi", "attn", 0.25, [0], "patched", None),  # no plain twin
+    ]
+    bootstrap = Bootstrap(2000, 0)
+    retention = study_analysis.MacroRetention(evaluations, [("sciq", "accuracy")], bootstrap)
+    rows = study_analysis.variant_effects(cells, retention)
+    by_mode = {row["mode"]: row for row in rows}
+    assert set(by_mode) == {"oneshot+patch", "iterative"}
+    patched = by_mode["oneshot+patch"]
+    assert patched["plain_mode"] == "oneshot" and patched["difference"] == pytest.approx(1.0)
+    # Where a resample's base is above chance the patched cell keeps everything (1) and the twin at most that,
+    # so no draw is below 0; a resample of examples 1-3 can put the twin below chance, the difference above 1.
+    assert 0 <= patched["difference_low"] < 1 < patched["difference_high"]
+    # The same outcomes under another key differ by exactly 0 in every resample: the draws are paired.
+    iterative = by_mode["iterative"]
+    assert (iterative["difference"], iterative["difference_low"], iterative["difference_high"]) == (0, 0, 0)
+    assert iterative["removed_layers"] == [1, 3] and iterative["plain_removed_layers"] == [2, 3]
+
+    text = "\n".join(study_analysis.variants_markdown(rows))
+    assert "| bi | oneshot+patch | oneshot | 0.25 | 2, 3 | 1.000 [" in text
+    assert "| bi | iterative | oneshot | 0.25 | 1, 3 (2, 3) | 0.000 [0.000, 0.000] |" in text
+
+
+def test_plain_modes_and_twins_compared_with_bases_in_another_order():
+    from avss.errors import PairingError
+    from avss.study import analysis as study_analysis
+    from avss.study.analysis import CellInfo
+    from test_evaluation_records import mc_records, result
+
+    assert study_analysis.plain_mode("oneshot+protect+patch") == "oneshot+protect"
+    assert study_analysis.plain_mode("oneshot+healed") == "oneshot"
+    assert study_analysis.plain_mode("iterative") == "oneshot"
+    assert study_analysis.plain_mode("oneshot") is None and study_analysis.plain_mode("attn") is None
+    records = mc_records([1, 1, 1, 0])
+    evaluations = {
+        "base": result(sciq=records),
+        "base@other": result(sciq=records[::-1]),
+        "plain": result(sciq=mc_records([1, 0, 0, 0])),
+        "healed": result(sciq=mc_records([1, 1, 0, 0])),
+    }
+    cells = [
+        CellInfo("bi", "oneshot", 0.25, [2], "plain", None),
+        CellInfo("bi", "oneshot+healed", 0.25, [2], "healed", None, base_key="base@other"),
+    ]
+    with pytest.raises(PairingError, match="base@other and base order sciq's examples differently"):
+        retention = study_analysis.MacroRetention(evaluations, [("sciq", "accuracy")], Bootstrap(100, 0))
+        study_analysis.variant_effects(cells, retention)

@@ -15,6 +15,9 @@ Two summaries answer the study's question:
   score clears the inclusion rule (lower 95% bound above chance and above the best trivial predictor), with
   a bootstrap interval that resamples every task's examples independently. Excluded tasks are listed with the
   reason.
+
+Beside them, each variant (protected, iterative, patched, healed) is set against its plain twin at the same
+budget as a paired difference of macro retention: what the variant itself buys.
 """
 
 from __future__ import annotations
@@ -22,15 +25,17 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from avss.errors import PairingError
 from avss.evaluation import uncertainty as u
 from avss.evaluation.comparison import ComparisonRow, chance_per_example, metric_values
 from avss.evaluation.runner import EvalResult
+from avss.study.config import ITERATIVE, ONESHOT
 
 RANDOM_PREFIX = "random"
 BAND = (5.0, 50.0, 95.0)  # percentiles of the null band: low, median, high
@@ -207,44 +212,116 @@ def base_table(base: EvalResult, bootstrap: u.Bootstrap) -> list[dict[str, Any]]
     return table
 
 
-def headline(
-    cells: Sequence[CellInfo],
-    evaluations: dict[str, EvalResult],
-    included: Sequence[tuple[str, str]],
-    bootstrap: u.Bootstrap,
-) -> list[dict[str, Any]]:
-    """Macro chance-normalized retention over the ``included`` (task, metric) pairs for every cell.
+@dataclass
+class MacroRetention:
+    """Macro chance-normalized retention over the ``included`` (task, metric) pairs, with its bootstrap
+    draws, for any cell; computed once per (evaluation, base) pair, since the headline and the variant table
+    ask for the same cells.
 
-    Tasks hold different examples, so each task is resampled on its own (seed offset by its position) and
-    the macro interval is the percentile interval of the mean of the tasks' draws.
+    Tasks hold different examples, so task ``i`` is resampled on its own with ``bootstrap.offset(i)``, over
+    the base's examples in one fixed order: the macro interval is the percentile interval of the mean of the
+    tasks' draws, and two cells' draws come from the same resamples, so their difference is a paired
+    bootstrap of the difference (:func:`variant_effects`).
     """
-    if not included:
-        return []
-    out = []
-    for cell in cells:
-        base, evaluation = evaluations[cell.base_key], evaluations[cell.evaluated_key]
+
+    evaluations: dict[str, EvalResult]
+    included: Sequence[tuple[str, str]]
+    bootstrap: u.Bootstrap
+    _cache: dict[tuple[str, str], tuple[float, np.ndarray]] = field(default_factory=dict, repr=False)
+
+    def of(self, cell: CellInfo) -> tuple[float, np.ndarray]:
+        """The cell's macro retention and its bootstrap draws."""
+        key = (cell.evaluated_key, cell.base_key)
+        if key not in self._cache:
+            self._cache[key] = self._compute(cell)
+        return self._cache[key]
+
+    def _compute(self, cell: CellInfo) -> tuple[float, np.ndarray]:
+        base, evaluation = self.evaluations[cell.base_key], self.evaluations[cell.evaluated_key]
         draws, estimates = [], []
-        for offset, (task, metric) in enumerate(included):
+        for offset, (task, metric) in enumerate(self.included):
             b_values = metric_values(base.tasks[task].records, metric)
-            b, n = u.paired(b_values, metric_values(evaluation.tasks[task].records, metric), f"task {task}")
+            new_values = metric_values(evaluation.tasks[task].records, metric)
+            b, n = u.paired(b_values, new_values, f"task {task}")
             by_id = {record.id: record for record in base.tasks[task].records}
             chance = chance_per_example([by_id[i] for i in b_values])
             estimates.append(u.retention(float(b.mean()), float(n.mean()), float(chance.mean())))
-            draws.append(u.retention_draws(b, n, chance, bootstrap.offset(offset)))
-        macro = np.mean(np.vstack(draws), axis=0)
-        low, high = bootstrap.bounds(macro)
+            draws.append(u.retention_draws(b, n, chance, self.bootstrap.offset(offset)))
+        return float(np.mean(estimates)), np.mean(np.vstack(draws), axis=0)
+
+
+def headline(cells: Sequence[CellInfo], retention: MacroRetention) -> list[dict[str, Any]]:
+    """Macro chance-normalized retention with its 95% interval for every cell."""
+    if not retention.included:
+        return []
+    out = []
+    for cell in cells:
+        estimate, draws = retention.of(cell)
+        low, high = retention.bootstrap.bounds(draws)
         out.append(
             {
                 "method": cell.method,
                 "mode": cell.mode,
                 "fraction": cell.fraction,
-                "tasks": [f"{task}:{metric}" for task, metric in included],
-                "retention": float(np.mean(estimates)),
+                "tasks": [f"{task}:{metric}" for task, metric in retention.included],
+                "retention": estimate,
                 "retention_low": low,
                 "retention_high": high,
             }
         )
     return out
+
+
+def _ids(evaluation: EvalResult, task: str) -> list[str]:
+    return [record.id for record in evaluation.tasks[task].records]
+
+
+def plain_mode(mode: str) -> str | None:
+    """The mode a variant changes one thing of: ``oneshot+protect+patch`` -> ``oneshot+protect``,
+    ``oneshot+patch`` -> ``oneshot``, ``iterative`` -> ``oneshot``; None for a mode with no such twin."""
+    if "+" in mode:
+        return mode.rsplit("+", 1)[0]
+    return ONESHOT if mode == ITERATIVE else None
+
+
+def variant_effects(cells: Sequence[CellInfo], retention: MacroRetention) -> list[dict[str, Any]]:
+    """What protecting, iterating, patching or healing changes: each cell minus its method's cell of the
+    :func:`plain_mode` at the same budget, as macro retention (same examples, same resamples: a paired
+    bootstrap). Twins that evaluate the same model are left out (their difference is 0 by construction).
+    Two cells compared with different bases (processors) differ also by the processors' kernels: such a row
+    names both (``base_key``, ``plain_base_key``)."""
+    if not retention.included:
+        return []
+    evaluations = retention.evaluations
+    by_key = {(c.method, c.mode, c.fraction): c for c in cells}
+    rows = []
+    for cell in cells:
+        plain = by_key.get((cell.method, plain_mode(cell.mode), cell.fraction))
+        if plain is None or plain.evaluated_key == cell.evaluated_key:
+            continue
+        for task, _ in retention.included:  # the draws pair examples by position in the base's order
+            if _ids(evaluations[cell.base_key], task) != _ids(evaluations[plain.base_key], task):
+                names = f"{cell.base_key} and {plain.base_key}"
+                raise PairingError(f"{names} order {task}'s examples differently")
+        estimate, draws = retention.of(cell)
+        plain_estimate, plain_draws = retention.of(plain)
+        low, high = retention.bootstrap.bounds(draws - plain_draws)
+        rows.append(
+            {
+                "method": cell.method,
+                "mode": cell.mode,
+                "plain_mode": plain.mode,
+                "fraction": cell.fraction,
+                "removed_layers": cell.removed,
+                "plain_removed_layers": plain.removed,
+                "difference": estimate - plain_estimate,
+                "difference_low": low,
+                "difference_high": high,
+                "base_key": cell.base_key,
+                "plain_base_key": plain.base_key,
+            }
+        )
+    return rows
 
 
 def versus_best(
@@ -309,6 +386,7 @@ def summary_markdown(
     bands: Sequence[dict[str, Any]],
     macro: Sequence[dict[str, Any]],
     versus: Sequence[dict[str, Any]] = (),
+    variants: Sequence[dict[str, Any]] = (),
 ) -> str:
     """The study's tables: base scores and inclusion, the headline, then one table per task metric."""
     budgets = [f for f in fractions if f > 0]
@@ -329,6 +407,8 @@ def summary_markdown(
     lines += bases_markdown(rows)
     if macro:
         lines += headline_markdown(macro, budgets)
+    if variants:
+        lines += variants_markdown(variants)
     if versus:
         lines += versus_markdown(versus)
     lines += [
@@ -449,6 +529,28 @@ def draws_label(counts: set[int]) -> str:
     if counts == {1}:
         return "one draw"
     return f"{max(counts)} draws" if len(counts) == 1 else "draws in each cell"
+
+
+def variants_markdown(variants: Sequence[dict[str, Any]]) -> list[str]:
+    lines = [
+        "## What each variant changes: macro retention minus its plain twin's, same examples",
+        "",
+        "Paired bootstrap over the same resamples of every task; `†`: the two cells were compared with",
+        "unpruned models evaluated on different processors, so the difference includes the kernels'.",
+        "",
+        "| method | mode | against | budget | removed (twin's) | difference [95% CI] |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in variants:
+        mark = " †" if row["base_key"] != row["plain_base_key"] else ""
+        removed = ", ".join(map(str, row["removed_layers"]))
+        if row["removed_layers"] != row["plain_removed_layers"]:
+            removed += " (" + ", ".join(map(str, row["plain_removed_layers"])) + ")"
+        lines.append(
+            f"| {row['method']} | {row['mode']} | {row['plain_mode']} | {row['fraction']:g} | {removed} | "
+            f"{interval_text(row['difference'], row['difference_low'], row['difference_high'])}{mark} |"
+        )
+    return [*lines, ""]
 
 
 def versus_markdown(versus: Sequence[dict[str, Any]]) -> list[str]:

@@ -63,10 +63,18 @@ class StudyResult:
 
     @functools.cached_property
     def tables(self) -> dict[str, Any]:
-        """Rows, base table, null bands and headline; bootstrap: ``config.resamples``, ``config.seed``."""
+        """Rows, base table, null bands, headline, method against the best and variant against its plain
+        twin; bootstrap: ``config.resamples``, ``config.seed``."""
         bootstrap = Bootstrap(self.config.resamples, self.config.seed)
         if "base" not in self.evaluations:
-            return {"rows": [], "base": [], "null_bands": [], "headline": [], "versus_best": []}
+            return {
+                "rows": [],
+                "base": [],
+                "null_bands": [],
+                "headline": [],
+                "versus_best": [],
+                "variants": [],
+            }
         cells = self.cell_infos()
         rows = analysis.comparison_rows(cells, self.evaluations, bootstrap)
         base = analysis.base_table(self.evaluations["base"], bootstrap)
@@ -75,13 +83,15 @@ class StudyResult:
             for e in base
             if e.get("included") and e["metric"] == analysis.HEADLINE_METRIC
         ]
-        macro = analysis.headline(cells, self.evaluations, included, bootstrap)
+        retention = analysis.MacroRetention(self.evaluations, included, bootstrap)
+        macro = analysis.headline(cells, retention)
         return {
             "rows": rows,
             "base": base,
             "null_bands": analysis.null_bands(rows),
             "headline": macro,
             "versus_best": analysis.versus_best(cells, self.evaluations, macro, bootstrap),
+            "variants": analysis.variant_effects(cells, retention),
         }
 
     def rows(self) -> list[dict[str, Any]]:
@@ -117,6 +127,7 @@ class StudyResult:
             "headline": tables["headline"],
             "null_bands": tables["null_bands"],
             "versus_best": tables["versus_best"],
+            "variants": tables["variants"],
             "rows": tables["rows"],
             "selections": {name: s.to_dict() for name, s in self.selections.items()},
             "correlations": self.correlations(),
@@ -135,6 +146,7 @@ class StudyResult:
             tables["null_bands"],
             tables["headline"],
             tables["versus_best"],
+            tables["variants"],
         )
         atomic_write_text(out / "summary.md", summary)
         if tables["rows"]:
