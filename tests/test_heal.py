@@ -256,10 +256,12 @@ def test_cli_heal(tmp_path):
     pruned_dir = save_tiny_pruned(tmp_path)
     out = tmp_path / "healed"
     args = ["heal", str(pruned_dir), "--out", str(out), "--method", "full", "--steps", "2", "--epochs", "1"]
-    result = CliRunner().invoke(app, [*args, "--max-length", "32", "--validation-samples", "4"])
+    options = ["--max-length", "32", "--validation-samples", "4", "--autocast", "bf16"]
+    result = CliRunner().invoke(app, [*args, *options])
     assert result.exit_code == 0, result.output
     assert "validation loss" in result.output
-    assert (out / HEALING_FILE).is_file()
+    training = json.loads((out / HEALING_FILE).read_text())["training"]
+    assert training["autocast_dtype"] == "bfloat16" and training["config"]["autocast"] == "bf16"
 
 
 def test_cli_prune_with_heal(tmp_path):

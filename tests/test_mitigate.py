@@ -227,10 +227,12 @@ def test_cli_hallucination_and_mitigate(tokenizer, data_dir: Path, tmp_path: Pat
     assert_stamped(scores, EAVSS_FORMAT)
     args = ["mitigate", str(model_dir), "--out", str(tmp_path / "m"), "--k", "2", "--rounds", "2", *common]
     evaluation = ["--eval", "--eval-tasks", "truthfulqa_mc", "--eval-limit", "3"]
-    mitigated = runner.invoke(app, [*args, "--val-limit", "4", "--max-length", "48", *evaluation])
+    training = ["--val-limit", "4", "--max-length", "48", "--autocast", "off"]
+    mitigated = runner.invoke(app, [*args, *training, *evaluation])
     assert mitigated.exit_code == 0, mitigated.output
     record = json.loads((tmp_path / "m" / "avss_mitigation.json").read_text())
     assert 1 <= len(record["rounds"]) <= 2 and len(record["rounds"][0]["layers"]) == 2
+    assert record["rounds"][0]["mitigation"]["training"]["config"]["autocast"] == "off"
     assert record["after"]["num_examples"]["truthfulqa_mc"] == 3 and "Before / after" in mitigated.output
     assert_stamped(record, MITIGATION_FORMAT)
     assert record["model"]["kind"] == scores["model"]["kind"]
