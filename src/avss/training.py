@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -34,7 +34,8 @@ ParamPredicate = Callable[[str, nn.Parameter], bool]
 CHECKPOINT_FILE = "checkpoint.pt"
 # Modules LoRA can adapt: GPT-2's projections are transformers' Conv1D, not nn.Linear.
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
-AUTOCAST_MODES = ("auto", "bf16", "off")
+AutocastMode = Literal["auto", "bf16", "off"]
+AUTOCAST_MODES: tuple[str, ...] = get_args(AutocastMode)
 
 
 @dataclass
@@ -52,7 +53,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0
     patience: int | None = 1
-    autocast: str = "auto"
+    autocast: AutocastMode = "auto"
     seed: int = 0
     checkpoint_dir: str | None = None
     resume: bool = False
@@ -139,14 +140,14 @@ def half_precision_warning(params: dict[str, nn.Parameter]) -> str | None:
     )
 
 
-def autocast_enabled(mode: str, device: torch.device) -> bool:
+def autocast_enabled(mode: AutocastMode, device: torch.device) -> bool:
     """Whether ``mode`` (see :class:`TrainConfig`) runs bfloat16 autocast on ``device``."""
     if mode == "auto":
         return device.type == "cuda" and torch.cuda.is_bf16_supported()
     return mode == "bf16"
 
 
-def _autocast(device: torch.device, mode: str) -> Any:
+def _autocast(device: torch.device, mode: AutocastMode) -> Any:
     enabled = autocast_enabled(mode, device)
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
@@ -189,7 +190,7 @@ def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 @torch.no_grad()
 def evaluate_loss(
-    model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch], autocast: str = "auto"
+    model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch], autocast: AutocastMode = "auto"
 ) -> float:
     """Mean of ``loss_fn`` over ``batches`` in eval mode (no dropout, no gradients)."""
     was_training = model.training

@@ -39,7 +39,7 @@ from avss.models import LoadedModel, LoadOptions, load_model
 from avss.provenance import Provenance
 from avss.pruning.prune import PROVENANCE_FILE, READABLE_PRUNING_FORMATS, PruneResult, save_pruned
 from avss.stats.checkpoint import checkpoint_dir
-from avss.training import AUTOCAST_MODES, TrainConfig, train
+from avss.training import AUTOCAST_MODES, AutocastMode, TrainConfig, train
 
 HEALING_FILE = "avss_healing.json"
 # Version 2 carries the provenance at the top level; untagged files (version 1) kept ``versions`` under
@@ -86,7 +86,7 @@ class HealConfig:
     merge: bool = True
     checkpoint_dir: str | None = None
     resume: bool = False
-    autocast: str = "auto"
+    autocast: AutocastMode = "auto"
 
     def __post_init__(self) -> None:
         get_heal_method(self.method)
