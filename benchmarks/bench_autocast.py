@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
-import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +26,7 @@ from avss.hallucination.mitigate import ContrastiveObjective
 from avss.hallucination.pairs import load_pairs
 from avss.io import atomic_write_json, atomic_write_text
 from avss.models import load_model
+from avss.provenance import command_line, processor
 from avss.training import TrainConfig, prefix_selector, train
 
 LAYERS = [2, 3, 4, 5]
@@ -69,18 +68,10 @@ def main() -> None:
         for mode, rows in runs.items()
     }
     ratios = [f["s_per_step"] / b["s_per_step"] for f, b in zip(runs["off"], runs["bf16"], strict=True)]
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-            if line.startswith("Model name")
-        ),
-        platform.processor(),
-    )
+    cpu = processor()
     record = {
         "format": "avss-bench-autocast/1",
-        "command": "python benchmarks/bench_autocast.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+        "command": f"python benchmarks/{command_line()}",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads()},
         "steps": args.steps,

@@ -89,7 +89,7 @@ from avss.hallucination.steering import StrengthPoint, choose_strength, collect_
 from avss.io import atomic_write_json, atomic_write_text
 from avss.models import load_model
 from avss.scorers import ScoringContext
-from avss.training import TrainConfig
+from avss.training import AUTOCAST_MODES, TrainConfig
 
 MC = "truthfulqa_mc"
 SELECTIONS = ("eavss", "lowest", "random", "all")
@@ -686,7 +686,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--autocast", default="auto", choices=("auto", "bf16", "off"))
+    parser.add_argument("--autocast", default="auto", choices=AUTOCAST_MODES)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--fold-seed", type=int, default=0)

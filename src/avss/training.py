@@ -38,6 +38,12 @@ AutocastMode = Literal["auto", "bf16", "off"]
 AUTOCAST_MODES: tuple[str, ...] = get_args(AutocastMode)
 
 
+def check_autocast(mode: str) -> None:
+    """Refuse an autocast mode that is none of :data:`AUTOCAST_MODES`, before any model is loaded."""
+    if mode not in AUTOCAST_MODES:
+        raise OptionError(f"autocast must be one of {', '.join(AUTOCAST_MODES)}, got {mode!r}")
+
+
 @dataclass
 class TrainConfig:
     """Settings; ``patience`` = epochs without validation improvement before stopping (None: never).
@@ -72,8 +78,7 @@ class TrainConfig:
             raise OptionError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
         if self.patience is not None and self.patience < 1:
             raise OptionError(f"patience must be at least 1 or None, got {self.patience}")
-        if self.autocast not in AUTOCAST_MODES:
-            raise OptionError(f"autocast must be one of {', '.join(AUTOCAST_MODES)}, got {self.autocast!r}")
+        check_autocast(self.autocast)
 
 
 @dataclass

@@ -39,7 +39,7 @@ from avss.models import LoadedModel, LoadOptions, load_model
 from avss.provenance import Provenance
 from avss.pruning.prune import PROVENANCE_FILE, READABLE_PRUNING_FORMATS, PruneResult, save_pruned
 from avss.stats.checkpoint import checkpoint_dir
-from avss.training import AUTOCAST_MODES, AutocastMode, TrainConfig, train
+from avss.training import AutocastMode, TrainConfig, check_autocast, train
 
 HEALING_FILE = "avss_healing.json"
 # Version 2 carries the provenance at the top level; untagged files (version 1) kept ``versions`` under
@@ -90,10 +90,7 @@ class HealConfig:
 
     def __post_init__(self) -> None:
         get_heal_method(self.method)
-        if self.autocast not in AUTOCAST_MODES:
-            raise HealConfigError(
-                f"autocast must be one of {', '.join(AUTOCAST_MODES)}, got {self.autocast!r}"
-            )
+        check_autocast(self.autocast)
 
     def train_samples(self) -> int:
         """Training windows per epoch: enough for ``steps / epochs`` optimizer steps."""
