@@ -213,6 +213,11 @@ def eval_cli(ws: Workspace, *extra: str, model: str | None = None, out: str | No
     return ["eval", model or ws.model, "--tasks", "sciq", "--device", "cpu", "--out", out, *extra]
 
 
+def heal(ws: Workspace, *extra: str, out: str | None = None) -> list[str]:
+    """``avss heal`` of the pruned model :func:`pruned_model` saves."""
+    return ["heal", str(ws.root / "pruned-model"), "--out", out or str(ws.out / "healed"), *extra]
+
+
 def gguf_file(
     name: str, claimed_arch: str | None = None, truncated: bool = False
 ) -> Callable[[Workspace], None]:
@@ -603,26 +608,19 @@ CLI_CASES = [
     ),
     Case(
         "heal --out is a file",
-        lambda ws: ["heal", str(ws.root / "pruned-model"), "--out", ws.file("healed.txt", "keep me")],
+        lambda ws: heal(ws, out=ws.file("healed.txt", "keep me")),
         ("exists and is a file",),
         setup=pruned_model,
     ),
     Case(
         "heal --out on a special filesystem",
-        lambda ws: ["heal", str(ws.root / "pruned-model"), "--out", "/proc/avss-healed"],
+        lambda ws: heal(ws, out="/proc/avss-healed"),
         ("cannot write in /proc",),
         setup=pruned_model,
     ),
     Case(
         "heal --threads invalid",
-        lambda ws: [
-            "heal",
-            str(ws.root / "pruned-model"),
-            "--out",
-            str(ws.out / "healed"),
-            "--threads",
-            "-1",
-        ],
+        lambda ws: heal(ws, "--threads", "-1"),
         ("--threads must be 'auto'",),
         setup=pruned_model,
     ),
@@ -687,14 +685,7 @@ CLI_CASES = [
     ),
     Case(
         "heal --autocast unknown",
-        lambda ws: [
-            "heal",
-            str(ws.root / "pruned-model"),
-            "--out",
-            str(ws.out / "healed"),
-            "--autocast",
-            "fp8",
-        ],
+        lambda ws: heal(ws, "--autocast", "fp8"),
         ("autocast must be one of auto, bf16, off",),
         setup=pruned_model,
     ),
