@@ -276,6 +276,14 @@ def _ids(evaluation: EvalResult, task: str) -> list[str]:
     return [record.id for record in evaluation.tasks[task].records]
 
 
+def _check_same_order(
+    evaluations: dict[str, EvalResult], a: str, b: str, included: Sequence[tuple[str, str]]
+) -> None:
+    for task, _ in included:
+        if _ids(evaluations[a], task) != _ids(evaluations[b], task):
+            raise PairingError(f"{a} and {b} order {task}'s examples differently")
+
+
 def plain_mode(mode: str) -> str | None:
     """The mode a variant changes one thing of: ``oneshot+protect+patch`` -> ``oneshot+protect``,
     ``oneshot+patch`` -> ``oneshot``, ``iterative`` -> ``oneshot``; None for a mode with no such twin."""
@@ -292,17 +300,14 @@ def variant_effects(cells: Sequence[CellInfo], retention: MacroRetention) -> lis
     names both (``base_key``, ``plain_base_key``)."""
     if not retention.included:
         return []
-    evaluations = retention.evaluations
     by_key = {(c.method, c.mode, c.fraction): c for c in cells}
     rows = []
     for cell in cells:
         plain = by_key.get((cell.method, plain_mode(cell.mode), cell.fraction))
         if plain is None or plain.evaluated_key == cell.evaluated_key:
             continue
-        for task, _ in retention.included:  # the draws pair examples by position in the base's order
-            if _ids(evaluations[cell.base_key], task) != _ids(evaluations[plain.base_key], task):
-                names = f"{cell.base_key} and {plain.base_key}"
-                raise PairingError(f"{names} order {task}'s examples differently")
+        if cell.base_key != plain.base_key:  # the draws pair examples by position in each base's order
+            _check_same_order(retention.evaluations, cell.base_key, plain.base_key, retention.included)
         estimate, draws = retention.of(cell)
         plain_estimate, plain_draws = retention.of(plain)
         low, high = retention.bootstrap.bounds(draws - plain_draws)
