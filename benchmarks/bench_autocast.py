@@ -15,7 +15,6 @@ import argparse
 import copy
 import statistics
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from avss.hallucination.mitigate import ContrastiveObjective
 from avss.hallucination.pairs import load_pairs
 from avss.io import atomic_write_json, atomic_write_text
 from avss.models import load_model
-from avss.provenance import command_line, processor
+from avss.provenance import command_line, describe_machine, machine, utc_now
 from avss.training import TrainConfig, prefix_selector, train
 
 LAYERS = [2, 3, 4, 5]
@@ -68,12 +67,11 @@ def main() -> None:
         for mode, rows in runs.items()
     }
     ratios = [f["s_per_step"] / b["s_per_step"] for f, b in zip(runs["off"], runs["bf16"], strict=True)]
-    cpu = processor()
     record = {
         "format": "avss-bench-autocast/1",
         "command": f"python benchmarks/{command_line()}",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "date": utc_now(),
+        "machine": machine(),
         "steps": args.steps,
         "rows_per_step": 12,
         "runs": runs,
@@ -85,7 +83,7 @@ def main() -> None:
     lines = [
         "# bfloat16 autocast vs float32 training on CPU",
         "",
-        f"{record['date']}, {cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads. "
+        f"{record['date']}, {describe_machine(record['machine'])}, torch {torch.__version__}. "
         f"Command: `{record['command']}`",
         "",
         f"{args.steps} optimizer steps of the EAVSS mitigation loop (blocks {LAYERS}, 12 rows per step) per "

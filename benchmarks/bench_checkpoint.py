@@ -12,15 +12,14 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from avss.io import atomic_write_json, atomic_write_text
+from avss.provenance import describe_machine, machine, utc_now
 from avss.stats.accumulators import ActivationStats, Threshold
 from avss.stats.checkpoint import StatisticsCheckpoint
 from avss.stats.collect import DEFAULT_THRESHOLDS
@@ -66,12 +65,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     rows = [measure(layers, args.repeats) for layers in (18, 30)]
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
     result = {
         "benchmark": "checkpoint_overhead",
         "command": f".venv/bin/python benchmarks/bench_checkpoint.py --repeats {args.repeats}",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"lscpu": [line for line in lscpu if line.split(":")[0] in ("CPU(s)", "Model name")]},
+        "date": utc_now(),
+        "machine": machine(),
         "load_average_1min": round(os.getloadavg()[0], 2),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -84,7 +82,7 @@ def main() -> None:
         "# Statistics checkpoint cost",
         "",
         f"Measured {result['date']} with `{result['command']}` on "
-        + " x ".join(line.split(":", 1)[1].strip() for line in result["machine"]["lscpu"])
+        + describe_machine(result["machine"])
         + f" (torch {torch.__version__}; shared machine, 1-min load {result['load_average_1min']})."
         + f" Median of {args.repeats} saves and restores of statistics with "
         "all four sites; the cost does not depend on hidden size or text length.",

@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import math
-import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +37,7 @@ from avss.healing.heal import HealConfig, heal_in_memory
 from avss.healing.methods import HEAL_METHODS
 from avss.io import atomic_write_json, atomic_write_text
 from avss.models import load_model
-from avss.provenance import package_versions
+from avss.provenance import machine, package_versions, utc_now
 from avss.pruning.rules import PruneSpec
 from avss.scorers.run import ScoreOptions, score
 
@@ -91,11 +88,6 @@ def nll_recovered(original: float, pruned: float, healed: float) -> float:
     return (math.log(pruned) - math.log(healed)) / lost if lost > 0 else math.nan
 
 
-def machine() -> dict[str, Any]:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-    return {"platform": platform.platform(), "lscpu": lscpu[:15], "torch_threads": torch.get_num_threads()}
-
-
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     path = out / "results.json"
@@ -111,7 +103,7 @@ def run(args: argparse.Namespace) -> None:
     results.update(
         {
             "model": loaded.source,
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "date": utc_now(),
             "machine": machine(),
             "versions": package_versions(),
             "training_data": source.describe(),

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
-import subprocess
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -22,7 +19,7 @@ import torch
 from avss.data import TextSource, tokenize_texts
 from avss.io import atomic_write_json, atomic_write_text
 from avss.models import load_model
-from avss.provenance import package_versions
+from avss.provenance import describe_machine, machine, package_versions, utc_now
 from avss.pruning.select import select_iteratively, select_oneshot
 from avss.scorers import context_for, get_scorer
 
@@ -87,13 +84,9 @@ def main() -> None:
             "tokens": sum(int(b["attention_mask"].sum()) for b in batches),
         },
         "runs": runs,
-        "machine": {
-            "lscpu": subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()[:12],
-            "python": platform.python_version(),
-            "torch_threads": torch.get_num_threads(),
-        },
+        "machine": machine(),
         "versions": package_versions(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "command": "flock /tmp/avss-heavy.lock .venv/bin/python benchmarks/bench_iterative.py "
         f"--model {args.model} --samples {args.samples} --max-length {args.max_length} "
         f"--remove {args.remove} --methods {args.methods}",
@@ -103,8 +96,8 @@ def main() -> None:
         "# Iterative pruning: hidden-state cache vs recomputing from the embeddings",
         "",
         f"Model `{args.model}`, calibration {report['calibration']['tokens']} tokens ({args.samples} x "
-        f"{args.max_length}, bundled corpus), {report['date']}, 2-core CPU shared with other jobs "
-        "(`lscpu` in the JSON).",
+        f"{args.max_length}, bundled corpus), {report['date']}, {describe_machine(report['machine'])}, "
+        "shared with other jobs.",
         "",
         "| method | run | recompute (s) | cached (s) | speed-up | same layers |",
         "|---|---|---|---|---|---|",

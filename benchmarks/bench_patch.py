@@ -13,14 +13,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
 from pathlib import Path
 
 import avss
 from avss.adapters import remove_layers
 from avss.data import CalibrationOptions, TextSource, resolve_data_dir
-from avss.provenance import package_versions
+from avss.io import atomic_write_json
+from avss.provenance import machine, package_versions, utc_now
 from avss.pruning.prune import prune
 from avss.pruning.rules import PruneSpec
 from avss.scorers import get_scorer
@@ -79,11 +79,11 @@ def main() -> None:
         },
         "wikitext_limit": args.wikitext_limit,
         "parameters": {"pruned": unpatched.num_parameters(), "pruned_patched": loaded.model.num_parameters()},
-        "machine": platform.processor() or platform.machine(),
+        "machine": machine(),
         "versions": package_versions(),
-        "date": time.strftime("%Y-%m-%d"),
+        "date": utc_now(),
     }
-    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    atomic_write_json(args.out, report)
     print(json.dumps(report["perplexity"], indent=2))
 
 

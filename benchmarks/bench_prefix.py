@@ -17,20 +17,20 @@ import argparse
 import contextlib
 import copy
 import json
-import platform
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import fields
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from avss.adapters import get_adapter, remove_layers
 from avss.evaluation import evaluate, get_task
 from avss.evaluation.prefix import PrefixStore, choose_starts, start_for
+from avss.io import atomic_write_json, atomic_write_text
 from avss.models import load_model
+from avss.provenance import describe_machine, machine, utc_now
 
 
 def evaluate_study_tasks(
@@ -98,19 +98,19 @@ def main() -> None:
         print(rows[-1], flush=True)
     result = {
         "study": str(args.study),
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.processor() or platform.machine()}, {platform.platform()}",
+        "date": utc_now(),
+        "machine": machine(),
         "command": " ".join(sys.argv),
         "starts": starts,
         "base_s": base_s,
         "base_recording_s": recording_s,
         "cells": rows,
     }
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.out.with_suffix(".json"), result)
     lines = [
         f"# Study cells with and without the shared prefix ({args.study.name})",
         "",
-        f"{result['date']}, {result['machine']}. Command: `{result['command']}`.",
+        f"{result['date']}, {describe_machine(result['machine'])}. Command: `{result['command']}`.",
         f"Recorded blocks {starts}; the unpruned model's evaluation: {base_s} s ({recording_s} s recording).",
         "",
         "| cell | removed | runs from block | full s | shared s | ratio | records identical |",
@@ -122,7 +122,7 @@ def main() -> None:
         ),
         "",
     ]
-    args.out.with_suffix(".md").write_text("\n".join(lines))
+    atomic_write_text(args.out.with_suffix(".md"), "\n".join(lines))
 
 
 if __name__ == "__main__":

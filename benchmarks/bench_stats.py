@@ -361,11 +361,13 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines()
+    """This benchmark's machine record (the layout its earlier records and :func:`markdown` share)."""
     import transformers
 
+    from avss.provenance import processor
+
     return {
-        "cpu": next((line.split(":", 1)[1].strip() for line in lscpu if line.startswith("Model name")), "?"),
+        "cpu": processor(),
         "cores": psutil.cpu_count(logical=True),
         "torch_threads": torch.get_num_threads(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),

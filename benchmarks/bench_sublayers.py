@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import time
 from pathlib import Path
 
 import avss
 from avss.adapters import remove_layers
 from avss.data import CalibrationOptions, TextSource, resolve_data_dir
-from avss.provenance import package_versions
+from avss.io import atomic_write_json
+from avss.provenance import machine, package_versions, utc_now
 from avss.pruning.rules import select_count
 from avss.pruning.sublayers import equal_parameter_budget, remove_sublayers
 from avss.scorers import context_for, get_scorer
@@ -91,10 +90,11 @@ def main() -> None:
         "attention_size": budget.sublayer_size,
         "scoring_s": round(scoring_s, 1),
         "rows": rows,
-        "machine": platform.processor() or platform.machine(),
+        "date": utc_now(),
+        "machine": machine(),
         "versions": package_versions(),
     }
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from avss.evaluation import get_task
 from avss.evaluation.engine import LanguageModel
 from avss.evaluation.tasks.perplexity import PerplexityTask
+from avss.io import atomic_write_json, atomic_write_text
 from avss.models import load_model
+from avss.provenance import describe_machine, machine, utc_now
 
 
 def preparation_seconds(task_name: str, config: dict[str, Any], lm: LanguageModel) -> dict[str, Any]:
@@ -70,12 +70,9 @@ def main() -> None:
     cell_median = statistics.median(evaluated)
     result = {
         "command": " ".join(["python", *sys.argv]),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "python": sys.version,
-        },
+        "date": utc_now(),
+        "machine": machine(),
+        "python": sys.version,
         "study": str(args.study),
         "tasks": rounds[-1],
         "preparation_s_per_cell": {"min": min(per_round), "max": max(per_round), "rounds": args.rounds},
@@ -84,11 +81,11 @@ def main() -> None:
         "share_of_a_cell": min(per_round) / cell_median,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    atomic_write_json(args.out.with_suffix(".json"), result)
     lines = [
         f"# Per-cell preparation of `{args.study.name}`'s tasks",
         "",
-        f"`{result['command']}` on {result['date']} ({result['machine']['platform']}). {args.note}",
+        f"`{result['command']}` on {result['date']} ({describe_machine(result['machine'])}). {args.note}",
         "",
         "| task | examples | requests or tokens | seconds |",
         "|---|---|---|---|",
@@ -99,7 +96,7 @@ def main() -> None:
         f"once per study would save {result['share_of_a_cell']:.1%} of a cell.",
         "",
     ]
-    args.out.with_suffix(".md").write_text("\n".join(lines), encoding="utf-8")
+    atomic_write_text(args.out.with_suffix(".md"), "\n".join(lines))
     print("\n".join(lines))
 
 

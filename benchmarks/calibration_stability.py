@@ -11,15 +11,13 @@ overlap of the selections and the spread of the scores per method (:mod:`avss.sc
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import avss
 from avss.data import CalibrationOptions, TextSource, resolve_data_dir
-from avss.provenance import package_versions, processor
+from avss.io import atomic_write_json, atomic_write_text
+from avss.provenance import command_line, describe_machine, machine, package_versions, utc_now
 from avss.scorers.stability import CalibrationSet, calibration_stability
 
 
@@ -56,27 +54,25 @@ def main() -> None:
     record = {
         **result.to_dict(),
         "seconds": round(seconds, 1),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{processor()}, {platform.machine()}",
+        "date": utc_now(),
+        "machine": machine(),
+        "command": f".venv/bin/python benchmarks/{command_line()}",
         "dtype": args.dtype,
         "versions": package_versions(),
     }
-    (args.out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_json(args.out / "results.json", record)
     tokens = ", ".join(f"{s['name']} {s['tokens']}" for s in result.sets)
     text = (
         f"# Calibration stability: {args.model}\n\n"
-        f"{record['date']}, {record['machine']}, {seconds:.0f} s. Command: "
-        "`.venv/bin/python benchmarks/calibration_stability.py "
-        f"--model {args.model} --dtype {args.dtype} --methods {args.methods} "
-        f"--c4-parts {args.c4_parts} --samples {args.samples} --max-length {args.max_length} "
-        f"--budgets {args.budgets} --out {args.out}`\n\n"
+        f"{record['date']}, {describe_machine(record['machine'])}, {seconds:.0f} s. "
+        f"Command: `{record['command']}`\n\n"
         f"Sets (tokens): {tokens}. The C4 parts are disjoint windows of one seeded shuffle.\n\n"
         f"Jaccard: mean and minimum over the {len(sets) * (len(sets) - 1) // 2} pairs of sets of the "
         "blocks selected at each budget. Score CV: per block, std / |mean| of its score over the sets, "
         "averaged over blocks. Spearman: mean rank correlation of the score vectors between sets.\n\n"
         + result.markdown()
     )
-    (args.out / "README.md").write_text(text)
+    atomic_write_text(args.out / "README.md", text)
     print(text)
 
 

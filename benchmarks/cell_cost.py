@@ -20,16 +20,14 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from avss.evaluation import evaluate
 from avss.evaluation.runner import EvalResult
 from avss.io import atomic_write_json, atomic_write_text
 from avss.models import load_model
+from avss.provenance import describe_machine, machine, utc_now
 
 TASKS = "sciq,arc_easy,piqa,lambada_openai,wikitext2"
 
@@ -44,8 +42,6 @@ def measure(model: str, tasks: list[str], limit: int, dtype: str, data_dir: str 
     info = {
         "model": model,
         "parameters": sum(p.numel() for p in loaded.model.parameters()),
-        "processor": loaded.source.get("processor"),
-        "threads": torch.get_num_threads(),
         "seconds": seconds,
     }
     del loaded
@@ -73,7 +69,7 @@ def markdown(record: dict[str, Any]) -> str:
     lines = [
         "# Projected cost of one study cell per model",
         "",
-        f"{record['created']}, {record['runs'][0]['processor']}, {record['runs'][0]['threads']} threads, "
+        f"{record['created']}, {describe_machine(record['machine'])}, "
         f"{record['dtype']}. Command: `{record['command']}`",
         "",
         f"Measured: seconds for the same {record['limit']} examples of each task (WikiText-2: the first "
@@ -113,7 +109,8 @@ def main() -> None:
     reference = EvalResult.load(args.reference)
     runs = [measure(model, tasks, args.limit, args.dtype, args.data_dir) for model in args.models.split(",")]
     record = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": utc_now(),
+        "machine": machine(),
         "command": " ".join(["python benchmarks/cell_cost.py", *sys.argv[1:]]),
         "limit": args.limit,
         "dtype": args.dtype,

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +32,7 @@ from avss.evaluation.uncertainty import (
 from avss.hallucination.dola import DOLA_SETTINGS, DolaConfig, DolaModel
 from avss.io import atomic_write_json
 from avss.models import load_model
+from avss.provenance import machine, utc_now
 
 HERE = Path(__file__).parent
 
@@ -68,7 +67,7 @@ def main() -> None:
     pool, files = task.load(resolve_data_dir(None))
     docs = pool[: args.limit]
     record: dict = {
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": utc_now(),
         "command": " ".join(["benchmarks/dola_settings.py", *sys.argv[1:]]),
         "model": loaded.source,
         "data": {
@@ -76,10 +75,7 @@ def main() -> None:
             "questions": len(docs),
         },
         "git": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "machine": {
-            "lscpu": subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()[:14],
-            "python": platform.python_version(),
-        },
+        "machine": machine(),
         "settings": {},
     }
     per_question: dict[str, dict[str, np.ndarray]] = {}

@@ -48,13 +48,10 @@ import copy
 import functools
 import json
 import math
-import platform
 import re
-import subprocess
 import sys
 import time
 from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +85,7 @@ from avss.hallucination.significance import bootstrap_topk, permutation_null
 from avss.hallucination.steering import StrengthPoint, choose_strength, collect_mean_activations, steering
 from avss.io import atomic_write_json, atomic_write_text
 from avss.models import load_model
+from avss.provenance import machine, utc_now
 from avss.scorers import ScoringContext
 from avss.training import AUTOCAST_MODES, TrainConfig
 
@@ -332,11 +330,6 @@ class Study:
         return steps
 
 
-def machine() -> dict[str, Any]:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-    return {"lscpu": lscpu[:14], "python": platform.python_version()}
-
-
 # --- the table ------------------------------------------------------------------------------------------
 
 
@@ -504,7 +497,7 @@ def table(study: Study) -> None:
     ]
     lines += [*detectable(results), "", *null_band(results), "", *tuning_curves(steps, results)]
     lines += ["", *transfer(arms, results), "", *ranking_summary(steps, results)]
-    results["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    results["created"] = utc_now()
     results["command"] = " ".join(["benchmarks/eavss_cv.py", *sys.argv[1:]])
     atomic_write_json(study.out / "results.json", results)
     atomic_write_text(study.out / "results.md", "\n".join(lines) + "\n")
@@ -750,7 +743,7 @@ def main(argv: list[str] | None = None) -> None:
             machine=machine(),
             model=study.loaded.source if step != "ranking" else None,
             wall_time_s=round(time.perf_counter() - step_started, 3),
-            finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            finished=utc_now(),
         )
         atomic_write_json(path, record)
         print(f"{step}: {record['wall_time_s']:.0f} s", flush=True)

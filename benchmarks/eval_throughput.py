@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import platform
 import time
 
 import torch
@@ -22,6 +21,7 @@ import torch
 from avss.data import resolve_data_dir
 from avss.evaluation import LanguageModel, get_task
 from avss.models import load_model
+from avss.provenance import describe_machine, machine
 
 
 def main() -> None:
@@ -41,8 +41,7 @@ def main() -> None:
     docs = pool[: args.limit]
     requests = {request for doc in docs for request in task.requests(doc, [])}
     print(f"model {args.model}; {len(docs)} questions, {len(requests)} distinct (context, answer) pairs")
-    cpu = platform.processor() or platform.machine()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}")
+    print(f"torch {torch.__version__}, {describe_machine(machine())}")
 
     warmup = LanguageModel(loaded.model, loaded.tokenizer, batch_size=4)
     task.run(warmup, docs[:2], pool, seed=0)

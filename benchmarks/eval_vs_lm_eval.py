@@ -22,21 +22,20 @@ import json
 import math
 import multiprocessing
 import os
-import platform
 import shlex
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from avss.data import read_jsonl, resolve_data_dir
 from avss.evaluation import get_task
 from avss.evaluation.harness import sciq_hub_order, write_local_task
+from avss.io import atomic_write_json
 from avss.models import resolve_model_path
-from avss.provenance import package_versions
+from avss.provenance import machine, package_versions, utc_now
 
 BIN = Path(sys.executable).parent
 # lm-eval's metric names for ours.
@@ -159,8 +158,8 @@ def main() -> None:
         "limit": args.limit,
         "batch_size": args.batch_size,
         "busy_core": args.busy,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()},
+        "date": utc_now(),
+        "machine": machine(),
         "versions": {**package_versions(), "lm_eval": _version("lm_eval")},
         "command": shlex.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "tasks": figures,
@@ -168,17 +167,7 @@ def main() -> None:
             sum(math.log(f["speedup"]) for f in figures.values()) / len(figures)
         ),
     }
-    args.out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    atomic_write_json(args.out, record)
 
 
 def _version(package: str) -> str:

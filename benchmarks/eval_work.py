@@ -21,8 +21,6 @@ attention's own cost (quadratic in the row) is left out; it is small at these le
 from __future__ import annotations
 
 import argparse
-import json
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -31,7 +29,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from avss.data import resolve_data_dir
 from avss.evaluation.engine import LanguageModel
 from avss.evaluation.runner import build_tasks
+from avss.io import atomic_write_json
 from avss.models import resolve_model_path
+from avss.provenance import utc_now
 
 
 def batches(items: list, batch_size: int) -> list[list]:
@@ -96,7 +96,7 @@ def main() -> None:
         )
     record = {
         "format": "avss-eval-work/1",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": utc_now(),
         "model": args.model,
         "body_macs_per_token": body_macs,
         "head_macs_per_position": head_macs,
@@ -104,7 +104,7 @@ def main() -> None:
         "limit": args.limit,
         "tasks": results,
     }
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_json(args.out, record)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from avss.evaluation import comparison
 from avss.evaluation.uncertainty import BOOTSTRAP, bootstrap_ratio, paired_ratio_difference
+from avss.io import atomic_write_json
+from avss.provenance import machine, utc_now
 from avss.study import REPAIRS, slug
 from avss.study.analysis import load_evaluations
 
@@ -88,14 +88,14 @@ def main() -> None:
         rows.append(row)
     record = {
         "format": "avss-raw-retention/1",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": utc_now(),
         "study": str(args.study),
         "tasks": tasks,
-        "machine": platform.processor() or platform.machine(),
+        "machine": machine(),
         "bootstrap": {"resamples": BOOTSTRAP.resamples, "seed": BOOTSTRAP.seed},
         "rows": rows,
     }
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_json(args.out, record)
     print(
         f"| cell | mean accuracy (base {base_values.mean():.3f}) | retained [95% CI] | repair gain [95% CI] |"
     )

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import fields
-from datetime import datetime, timezone
 from pathlib import Path
 
 from avss.evaluation import get_task
-from avss.provenance import processor
+from avss.io import atomic_write_json
+from avss.provenance import machine, utc_now
 from avss.study.analysis import load_evaluations
 
 AVSS = str(Path(sys.executable).with_name("avss"))
@@ -118,13 +117,13 @@ def main() -> None:
         "study": str(args.study),
         "cell": args.cell,
         "removed": cell["removed"],
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{processor()}, {platform.platform()}",
+        "date": utc_now(),
+        "machine": machine(),
         "command": " ".join(sys.argv),
         "seconds": seconds,
         "rows": rows,
     }
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.out, result)
     for row in rows:
         print(
             f"{row['task']:>16} {row['metric']:<14} cell {row['cell']:.6f} reproduced {row['reproduced']:.6f}"

@@ -11,15 +11,13 @@ bit for bit:
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from avss.io import atomic_write_json
 from avss.models import load_model
-from avss.provenance import package_versions
+from avss.provenance import machine, package_versions, utc_now
 
 
 def main() -> None:
@@ -49,14 +47,14 @@ def main() -> None:
         print(dtype, rows[dtype])
     record = {
         "format": "avss-threads-determinism/1",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": utc_now(),
         "model": args.model,
         "inputs": {"batch": args.batch, "length": args.length, "seed": 0},
-        "machine": platform.processor() or platform.machine(),
+        "machine": machine(),
         "versions": package_versions(),
         "dtypes": rows,
     }
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_json(args.out, record)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import avss
 from avss import provenance
@@ -123,3 +124,20 @@ def test_processor_reads_the_model_name_from_cpuinfo(tmp_path: Path, monkeypatch
     monkeypatch.setattr(provenance, "CPUINFO", tmp_path / "missing")
     monkeypatch.setattr(provenance.platform, "processor", lambda: "arm")
     assert provenance.processor() == "arm"
+
+
+def test_machine_names_the_processor_and_what_a_timing_depends_on(tmp_path: Path, monkeypatch) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: AMD EPYC 9R14\n")
+    monkeypatch.setattr(provenance, "CPUINFO", cpuinfo)
+    record = provenance.machine()
+    assert record["processor"] == "AMD EPYC 9R14"
+    assert record["threads"] == torch.get_num_threads()
+    assert json.loads(json.dumps(record)) == record
+    record.update(cpus=2, threads=2, memory_gib=23.4, gpu=None)
+    assert provenance.describe_machine(record) == "AMD EPYC 9R14, 2 CPUs, 2 torch threads, 23.4 GiB"
+    record.update(gpu="NVIDIA H100 80GB HBM3", memory_gib=None)
+    assert (
+        provenance.describe_machine(record)
+        == "AMD EPYC 9R14, 2 CPUs, 2 torch threads, GPU NVIDIA H100 80GB HBM3"
+    )

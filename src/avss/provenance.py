@@ -13,6 +13,7 @@ the evaluation engine or the pruning pipeline.
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import shlex
@@ -53,6 +54,34 @@ def processor() -> str:
             if key.strip() == "model name" and value.strip():
                 return value.strip()
     return platform.processor() or platform.machine() or "unknown"
+
+
+def machine() -> dict[str, Any]:
+    """Where a number was measured, for the benchmarks' records: every timing depends on all of it, bfloat16
+    results on the processor and the GPU (None without CUDA). Imports torch only when called, so this module
+    stays a leaf."""
+    import torch
+
+    pages = os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return {
+        "processor": processor(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "memory_gib": round(pages * os.sysconf("SC_PAGE_SIZE") / 2**30, 1) if pages > 0 else None,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+    }
+
+
+def describe_machine(record: Mapping[str, Any]) -> str:
+    """A :func:`machine` record as the line a benchmark's Markdown gives:
+    ``AMD EPYC, 2 CPUs, 2 torch threads, 23.4 GiB`` (and ``, GPU NVIDIA H100`` where one was used)."""
+    parts = [record["processor"], f"{record['cpus']} CPUs", f"{record['threads']} torch threads"]
+    if record.get("memory_gib"):
+        parts.append(f"{record['memory_gib']} GiB")
+    if record.get("gpu"):
+        parts.append(f"GPU {record['gpu']}")
+    return ", ".join(parts)
 
 
 def command_line() -> str:
