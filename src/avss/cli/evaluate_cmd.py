@@ -99,7 +99,8 @@ def eval_command(
     seed: EvalSeed = 0,
     overwrite: OverwriteFile = False,
 ) -> None:
-    """Evaluate a model on benchmark tasks (perplexity, TruthfulQA, SciQ, QA, WikiQA, sentiment)."""
+    """Evaluate a model on benchmark tasks: the zero-shot suite (ARC, PIQA, LAMBADA, BoolQ, WinoGrande,
+    OpenBookQA, SciQ), perplexity, TruthfulQA, open-domain QA, WikiQA and sentiment."""
     names = list(comma_list(tasks))
     harness_names = list(comma_list(harness))
     if out is not None:

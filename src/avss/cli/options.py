@@ -12,13 +12,13 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from avss.data import CalibrationOptions, TextSource
-from avss.models import DEFAULT_MODEL, LoadOptions
+from avss.models import EMBEDDED_MODELS, LoadOptions
 from avss.scorers.run import ScoreOptions
 
 ModelArg = Annotated[
     str,
     typer.Argument(
-        help=f"Embedded short name ({DEFAULT_MODEL}, gemma3-270m), model directory, .gguf file or hub id"
+        help=f"Embedded short name ({', '.join(EMBEDDED_MODELS)}), model directory, .gguf file or hub id"
     ),
 ]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")]
