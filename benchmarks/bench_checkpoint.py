@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from avss.io import atomic_write_json, atomic_write_text
-from avss.provenance import describe_machine, machine, utc_now
+from avss.provenance import command_line, describe_machine, machine, utc_now
 from avss.stats.accumulators import ActivationStats, Threshold
 from avss.stats.checkpoint import StatisticsCheckpoint
 from avss.stats.collect import DEFAULT_THRESHOLDS
@@ -67,7 +67,7 @@ def main() -> None:
     rows = [measure(layers, args.repeats) for layers in (18, 30)]
     result = {
         "benchmark": "checkpoint_overhead",
-        "command": f".venv/bin/python benchmarks/bench_checkpoint.py --repeats {args.repeats}",
+        "command": f"python benchmarks/{command_line()}",
         "date": utc_now(),
         "machine": machine(),
         "load_average_1min": round(os.getloadavg()[0], 2),

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import copy
 import json
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from avss.evaluation import evaluate, get_task
 from avss.evaluation.prefix import PrefixStore, choose_starts, start_for
 from avss.io import atomic_write_json, atomic_write_text
 from avss.models import load_model
-from avss.provenance import describe_machine, machine, utc_now
+from avss.provenance import command_line, describe_machine, machine, utc_now
 
 
 def evaluate_study_tasks(
@@ -100,7 +99,7 @@ def main() -> None:
         "study": str(args.study),
         "date": utc_now(),
         "machine": machine(),
-        "command": " ".join(sys.argv),
+        "command": f"python benchmarks/{command_line()}",
         "starts": starts,
         "base_s": base_s,
         "base_recording_s": recording_s,

@@ -25,7 +25,7 @@ from avss.evaluation.engine import LanguageModel
 from avss.evaluation.tasks.perplexity import PerplexityTask
 from avss.io import atomic_write_json, atomic_write_text
 from avss.models import load_model
-from avss.provenance import describe_machine, machine, utc_now
+from avss.provenance import command_line, describe_machine, machine, utc_now
 
 
 def preparation_seconds(task_name: str, config: dict[str, Any], lm: LanguageModel) -> dict[str, Any]:
@@ -69,7 +69,7 @@ def main() -> None:
     evaluated = [cell["seconds"] for cell in cells if not cell.get("reused_from") and cell.get("seconds")]
     cell_median = statistics.median(evaluated)
     result = {
-        "command": " ".join(["python", *sys.argv]),
+        "command": f"python benchmarks/{command_line()}",
         "date": utc_now(),
         "machine": machine(),
         "python": sys.version,

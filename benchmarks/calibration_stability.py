@@ -56,7 +56,7 @@ def main() -> None:
         "seconds": round(seconds, 1),
         "date": utc_now(),
         "machine": machine(),
-        "command": f".venv/bin/python benchmarks/{command_line()}",
+        "command": f"python benchmarks/{command_line()}",
         "dtype": args.dtype,
         "versions": package_versions(),
     }

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from avss.evaluation import evaluate
 from avss.evaluation.runner import EvalResult
 from avss.io import atomic_write_json, atomic_write_text
 from avss.models import load_model
-from avss.provenance import describe_machine, machine, utc_now
+from avss.provenance import command_line, describe_machine, machine, utc_now
 
 TASKS = "sciq,arc_easy,piqa,lambada_openai,wikitext2"
 
@@ -111,7 +110,7 @@ def main() -> None:
     record = {
         "created": utc_now(),
         "machine": machine(),
-        "command": " ".join(["python benchmarks/cell_cost.py", *sys.argv[1:]]),
+        "command": f"python benchmarks/{command_line()}",
         "limit": args.limit,
         "dtype": args.dtype,
         "reference": str(args.reference),

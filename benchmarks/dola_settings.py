@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -32,7 +31,7 @@ from avss.evaluation.uncertainty import (
 from avss.hallucination.dola import DOLA_SETTINGS, DolaConfig, DolaModel
 from avss.io import atomic_write_json
 from avss.models import load_model
-from avss.provenance import machine, utc_now
+from avss.provenance import command_line, machine, utc_now
 
 HERE = Path(__file__).parent
 
@@ -68,7 +67,7 @@ def main() -> None:
     docs = pool[: args.limit]
     record: dict = {
         "date_utc": utc_now(),
-        "command": " ".join(["benchmarks/dola_settings.py", *sys.argv[1:]]),
+        "command": f"python benchmarks/{command_line()}",
         "model": loaded.source,
         "data": {
             "files": [asdict(f) for f in files],

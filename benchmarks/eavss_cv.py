@@ -49,7 +49,6 @@ import functools
 import json
 import math
 import re
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -85,7 +84,7 @@ from avss.hallucination.significance import bootstrap_topk, permutation_null
 from avss.hallucination.steering import StrengthPoint, choose_strength, collect_mean_activations, steering
 from avss.io import atomic_write_json, atomic_write_text
 from avss.models import load_model
-from avss.provenance import machine, utc_now
+from avss.provenance import command_line, machine, utc_now
 from avss.scorers import ScoringContext
 from avss.training import AUTOCAST_MODES, TrainConfig
 
@@ -498,7 +497,7 @@ def table(study: Study) -> None:
     lines += [*detectable(results), "", *null_band(results), "", *tuning_curves(steps, results)]
     lines += ["", *transfer(arms, results), "", *ranking_summary(steps, results)]
     results["created"] = utc_now()
-    results["command"] = " ".join(["benchmarks/eavss_cv.py", *sys.argv[1:]])
+    results["command"] = f"python benchmarks/{command_line()}"
     atomic_write_json(study.out / "results.json", results)
     atomic_write_text(study.out / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from avss.evaluation import get_task
 from avss.io import atomic_write_json
-from avss.provenance import machine, utc_now
+from avss.provenance import command_line, machine, utc_now
 from avss.study.analysis import load_evaluations
 
 AVSS = str(Path(sys.executable).with_name("avss"))
@@ -119,7 +119,7 @@ def main() -> None:
         "removed": cell["removed"],
         "date": utc_now(),
         "machine": machine(),
-        "command": " ".join(sys.argv),
+        "command": f"python benchmarks/{command_line()}",
         "seconds": seconds,
         "rows": rows,
     }

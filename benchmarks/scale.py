@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from avss.io import atomic_write_json, atomic_write_text
+from avss.provenance import command_line
 from avss.study import STUDY_FORMAT
 
 RANDOM = "random"
@@ -333,7 +333,7 @@ def main() -> None:
     parser.add_argument("--readme", type=Path, help="also write the verdict table into this README's markers")
     args = parser.parse_args()
     studies = [read_study(folder) for folder in args.studies]
-    command = " ".join(["python benchmarks/scale.py", *sys.argv[1:]])
+    command = f"python benchmarks/{command_line()}"
     atomic_write_json(args.out.with_suffix(".json"), {"command": command, "studies": studies})
     atomic_write_text(args.out.with_suffix(".md"), markdown(studies, command))
     figure(studies, args.out.with_suffix(".png"))
