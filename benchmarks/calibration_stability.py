@@ -2,7 +2,9 @@
 
 Scores the model on several disjoint calibration sets (parts 0..K-1 of the shared C4 validation slice and,
 when present, WikiText-2 valid), selects the blocks to remove at each budget, and writes the Jaccard
-overlap of the selections and the spread of the scores per method (:mod:`avss.scorers.stability`). Usage::
+overlap of the selections and the spread of the scores per method (:mod:`avss.scorers.stability`). Each
+scored set is kept in ``OUT/sets/NAME.json`` as soon as it is done and reused by a later run with the same
+model, dtype and set, so a run of leave-one-out (over an hour) resumes by set. Usage::
 
     .venv/bin/python benchmarks/calibration_stability.py --model smollm2-135m --c4-parts 4 \\
         --samples 64 --max-length 512 --budgets 4,8 --out benchmarks/calibration_stability_smollm2
@@ -11,14 +13,14 @@ overlap of the selections and the spread of the scores per method (:mod:`avss.sc
 from __future__ import annotations
 
 import argparse
-import time
+import json
 from pathlib import Path
 
 import avss
 from avss.data import CalibrationOptions, TextSource, resolve_data_dir
 from avss.io import atomic_write_json, atomic_write_text
 from avss.provenance import command_line, describe_machine, machine, package_versions, utc_now
-from avss.scorers.stability import CalibrationSet, calibration_stability
+from avss.scorers.stability import CalibrationSet, SetScores, calibration_stability
 
 
 def main() -> None:
@@ -45,12 +47,18 @@ def main() -> None:
     sets.append(
         CalibrationSet("wikitext2-valid", TextSource(data_dir=str(data_dir)), CalibrationOptions(**options))
     )
+    run = {"model": args.model, "dtype": args.dtype}
+    done = scored_sets(args.out / "sets", run)
     loaded = avss.load_model(args.model, device="cpu", dtype=args.dtype)
-    started = time.perf_counter()
     budgets = [int(n) for n in args.budgets.split(",")]
-    result = calibration_stability(loaded, args.methods.split(","), sets, budgets)
-    seconds = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
+
+    def keep(scored: SetScores) -> None:
+        atomic_write_json(args.out / "sets" / f"{scored.set['name']}.json", {**run, **scored.to_dict()})
+        print(f"{scored.set['name']}: {scored.seconds:.0f} s", flush=True)
+
+    result = calibration_stability(loaded, args.methods.split(","), sets, budgets, done=done, on_set=keep)
+    seconds = sum(s["seconds"] for s in result.sets)
+    per_set = ", ".join(f"{s['name']} {s['seconds']:.0f}" for s in result.sets)
     record = {
         **result.to_dict(),
         "seconds": round(seconds, 1),
@@ -64,7 +72,8 @@ def main() -> None:
     tokens = ", ".join(f"{s['name']} {s['tokens']}" for s in result.sets)
     text = (
         f"# Calibration stability: {args.model}\n\n"
-        f"{record['date']}, {describe_machine(record['machine'])}, {seconds:.0f} s. "
+        f"{record['date']}, {describe_machine(record['machine'])}, {seconds:.0f} s of scoring "
+        f"({per_set}). "
         f"Command: `{record['command']}`\n\n"
         f"Sets (tokens): {tokens}. The C4 parts are disjoint windows of one seeded shuffle.\n\n"
         f"Jaccard: mean and minimum over the {len(sets) * (len(sets) - 1) // 2} pairs of sets of the "
@@ -74,6 +83,20 @@ def main() -> None:
     )
     atomic_write_text(args.out / "README.md", text)
     print(text)
+
+
+def scored_sets(folder: Path, run: dict[str, str]) -> dict[str, SetScores]:
+    """The sets an earlier run kept in ``folder``; a set scored with another model or dtype stops the run
+    before the model loads (its file would otherwise be silently replaced)."""
+    done = {}
+    for path in sorted(folder.glob("*.json")):
+        record = json.loads(path.read_text())
+        if {key: record.get(key) for key in run} != run:
+            raise SystemExit(
+                f"{path} was scored with {record.get('model')} in {record.get('dtype')}; use another --out"
+            )
+        done[path.stem] = SetScores.from_dict(record)
+    return done
 
 
 if __name__ == "__main__":

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import random
+from pathlib import Path
 
 import pytest
 
 from _tiny import tiny_model, tiny_tokenizer
 from avss.data import CalibrationOptions, TextSource, tokenize_texts
 from avss.errors import DataError, OptionError
+from avss.io import atomic_write_json
 from avss.models import LoadedModel
-from avss.scorers.stability import CalibrationSet, calibration_stability, jaccard
+from avss.scorers import stability
+from avss.scorers.stability import CalibrationSet, SetScores, calibration_stability, jaccard
 
 _WORDS = random.Random(0).choices(
     ["river", "stone", "field", "light", "cold", "north", "salt", "wind"], k=3000
@@ -57,3 +62,44 @@ def test_identical_sets_agree_and_disjoint_sets_are_measured(tmp_path):
     assert "| avss |" in other.markdown()
     with pytest.raises(OptionError, match="distinct names"):
         calibration_stability(loaded, methods, [part(0), part(1, "part0")], budgets=[2])
+
+
+def test_a_run_resumes_by_set_and_rescores_what_changed(tmp_path, monkeypatch):
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT)
+    loaded = LoadedModel(tiny_model("llama", 6), tiny_tokenizer(), {"name": "tiny"})
+    source = TextSource(data=str(data))
+    cut = [CalibrationOptions(samples=4, max_length=24, part=k) for k in (0, 1, 2)]
+    sets = [CalibrationSet(f"part{k}", source, cut[k]) for k in (0, 1)]
+    kept: dict[str, SetScores] = {}
+
+    def keep(scored: SetScores) -> None:  # through JSON, as the benchmark script keeps them
+        kept[scored.set["name"]] = SetScores.from_dict(json.loads(json.dumps(scored.to_dict())))
+
+    first = calibration_stability(loaded, ["avss", "angular"], sets, [1, 2], on_set=keep)
+    assert sorted(kept) == ["part0", "part1"]
+
+    scored: list[str] = []
+    real = stability.score_set
+    monkeypatch.setattr(stability, "score_set", lambda *a, **k: scored.append(a[2].name) or real(*a, **k))
+    again = calibration_stability(loaded, ["avss", "angular"], sets, [1, 2], done=kept)
+    assert scored == [] and again.to_dict() == first.to_dict()
+    moved = [sets[0], CalibrationSet("part1", source, cut[2])]
+    calibration_stability(loaded, ["avss", "angular"], moved, [1, 2], done=kept)
+    assert scored == ["part1"]  # same name, another cut: scored again
+    calibration_stability(loaded, ["avss", "angular"], sets, [1, 3], done=kept)
+    assert scored == ["part1", "part0", "part1"]  # a budget not kept: both scored again
+    with pytest.raises(OptionError, match="between 1 and 5 of 6 blocks"):
+        calibration_stability(loaded, ["avss"], sets, [6])
+
+
+def test_the_benchmark_script_reuses_only_sets_of_its_own_model_and_dtype(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "calibration_stability.py"
+    spec = importlib.util.spec_from_file_location("calibration_stability", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    kept = SetScores({"name": "c4-part0"}, {"avss": [0.5, 1.0]}, {1: {"avss": [0]}}, 3.0)
+    atomic_write_json(tmp_path / "c4-part0.json", {"model": "m", "dtype": "float32", **kept.to_dict()})
+    assert script.scored_sets(tmp_path, {"model": "m", "dtype": "float32"}) == {"c4-part0": kept}
+    with pytest.raises(SystemExit, match="scored with m in float32; use another --out"):
+        script.scored_sets(tmp_path, {"model": "m", "dtype": "bfloat16"})

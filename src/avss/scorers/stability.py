@@ -16,7 +16,8 @@ All hook-based methods share one statistics pass per set (:func:`avss.scorers.co
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ from avss.data import CalibrationOptions, TextSource
 from avss.errors import OptionError
 from avss.models import LoadedModel
 from avss.scorers import context_for, get_scorer
+from avss.scorers.base import Scorer
 
 
 @dataclass(frozen=True)
@@ -100,43 +102,106 @@ class StabilityResult:
         return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True)
+class SetScores:
+    """One calibration set's scores and selections: what a long run keeps per set, so that it resumes by
+    set (leave-one-out on five sets is over an hour on a CPU)."""
+
+    set: dict[str, Any]  # name, source, calibration options, tokens
+    scores: dict[str, list[float]]  # method -> score per block
+    selections: dict[int, dict[str, list[int]]]  # budget -> method -> removed blocks
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> SetScores:
+        """Inverse of :meth:`to_dict` after a JSON round trip (which turns the budgets into strings)."""
+        selections = {int(n): by_method for n, by_method in record["selections"].items()}
+        return cls(record["set"], record["scores"], selections, record["seconds"])
+
+    def covers(self, described: dict[str, Any], methods: Sequence[str], budgets: Sequence[int]) -> bool:
+        """Whether this record answers for the set ``described`` with every method and budget."""
+        same_set = {k: v for k, v in self.set.items() if k != "tokens"} == described
+        return same_set and set(methods) <= set(self.scores) and set(budgets) <= set(self.selections)
+
+
+def describe_set(calibration_set: CalibrationSet) -> dict[str, Any]:
+    return {
+        "name": calibration_set.name,
+        "source": calibration_set.source.describe(),
+        "calibration": asdict(calibration_set.calibration),
+    }
+
+
+def score_set(
+    loaded: LoadedModel,
+    scorers: Sequence[Scorer],
+    calibration_set: CalibrationSet,
+    budgets: Sequence[int],
+    progress: bool = False,
+) -> SetScores:
+    """Score ``loaded.model`` with every scorer on one set (one shared pass) and select at each budget."""
+    started = time.perf_counter()
+    batches = calibration_set.calibration.batches(loaded.tokenizer, calibration_set.source)
+    context = context_for(loaded.model, batches.batches, scorers, cached=True, progress=progress)
+    scores: dict[str, list[float]] = {}
+    selections: dict[int, dict[str, list[int]]] = {n: {} for n in budgets}
+    for scorer in scorers:
+        importance = scorer.score(context)
+        scores[scorer.spec] = importance.scores.tolist()
+        for n, by_method in selections.items():
+            by_method[scorer.spec] = scorer.select(importance, n, set())
+    described = {**describe_set(calibration_set), "tokens": batches.num_tokens}
+    return SetScores(described, scores, selections, round(time.perf_counter() - started, 1))
+
+
 def calibration_stability(
     loaded: LoadedModel,
     methods: Sequence[str],
     sets: Sequence[CalibrationSet],
     budgets: Sequence[int],
     progress: bool = False,
+    *,
+    done: Mapping[str, SetScores] | None = None,
+    on_set: Callable[[SetScores], None] | None = None,
 ) -> StabilityResult:
     """Score ``loaded.model`` with every activation-based method on every set and compare the selections
-    at each budget (blocks removed). The model is not changed."""
+    at each budget (blocks removed). The model is not changed.
+
+    ``done`` holds sets scored by an earlier run, by name; one is reused only if it describes the same set
+    (source, file hash, cut) and covers every method and budget, otherwise the set is scored again.
+    ``on_set`` receives each newly scored set, so a caller can keep it before the next one starts."""
     if len(sets) < 2 or len({s.name for s in sets}) != len(sets):
         raise OptionError("calibration stability needs at least two calibration sets with distinct names")
     scorers = [scorer for scorer in map(get_scorer, methods) if scorer.uses_activations]
+    specs = [scorer.spec for scorer in scorers]
     num_layers = get_adapter(loaded.model).num_layers
-    found = {scorer.spec: MethodStability(scorer.spec, {}, {n: {} for n in budgets}) for scorer in scorers}
-    described = []
+    if not budgets or not all(0 < n < num_layers for n in budgets):
+        raise OptionError(f"every budget must remove between 1 and {num_layers - 1} of {num_layers} blocks")
+    done = done or {}
+    per_set = []
     for calibration_set in sets:
-        batches = calibration_set.calibration.batches(loaded.tokenizer, calibration_set.source)
-        described.append(
-            {
-                "name": calibration_set.name,
-                "source": calibration_set.source.describe(),
-                "calibration": asdict(calibration_set.calibration),
-                "tokens": batches.num_tokens,
-            }
-        )
-        context = context_for(loaded.model, batches.batches, scorers, cached=True, progress=progress)
-        for scorer in scorers:
-            importance = scorer.score(context)
-            record = found[scorer.spec]
-            record.scores[calibration_set.name] = importance.scores.tolist()
-            for n in budgets:
-                if 0 < n < num_layers:
-                    record.selections[n][calibration_set.name] = scorer.select(importance, n, set())
-        del context
+        earlier = done.get(calibration_set.name)
+        if earlier is not None and earlier.covers(describe_set(calibration_set), specs, budgets):
+            per_set.append(earlier)
+            continue
+        scored = score_set(loaded, scorers, calibration_set, budgets, progress)
+        if on_set is not None:
+            on_set(scored)
+        per_set.append(scored)
+    methods_found = [
+        MethodStability(
+            spec,
+            {s.set["name"]: s.scores[spec] for s in per_set},
+            {n: {s.set["name"]: s.selections[n][spec] for s in per_set} for n in budgets},
+        ).summarize()
+        for spec in specs
+    ]
     return StabilityResult(
         model=loaded.source,
-        sets=described,
+        sets=[{**s.set, "seconds": s.seconds} for s in per_set],
         budgets=list(budgets),
-        methods=[record.summarize() for record in found.values()],
+        methods=methods_found,
     )
