@@ -45,6 +45,7 @@ ITERATIVE = "iterative"
 VERDICT_ROWS = (
     ("AVSS as specified", "avss", MODE),
     ("AVSS, first and last block protected", "avss", PROTECTED),
+    ("AVSS, iterative (re-scored after each removal)", "avss", ITERATIVE),
     ("block influence (ShortGPT)", "block_influence", MODE),
     ("angular distance (Gromov et al.)", "angular", MODE),
     ("leave-one-out NLL, one shot (SLEB's criterion)", "loo_nll", MODE),
@@ -143,7 +144,7 @@ def random_band(entries: list[dict[str, Any]], fraction: float) -> dict[str, Any
 
 def verdict_table(studies: list[dict[str, Any]]) -> str:
     """The README's first-screen table: every method's macro retention [95% CI] per model and removed
-    fraction, the best method of each column in bold, ``= AVSS`` where a control removes AVSS's blocks,
+    fraction, the best method of each column in bold, ``= AVSS`` where another row removes AVSS's blocks,
     and the random order's band (median [5%, 95%] of its draws) or, below ten draws, the draws."""
     columns = [(s, f) for s in studies for f in sorted({e["fraction"] for e in s["entries"]})]
     header = [f"{SHORT_NAMES.get(s['model'], s['model'])} {f * 100:g}%" for s, f in columns]
@@ -173,7 +174,7 @@ def verdict_column(study: dict[str, Any], fraction: float) -> list[str]:
         entry = found[(method, mode)]
         if entry is None:
             column.append("not run")
-        elif method == "first" and avss is not None and entry["removed_layers"] == avss["removed_layers"]:
+        elif entry is not avss and avss is not None and entry["removed_layers"] == avss["removed_layers"]:
             column.append("= AVSS")
         else:
             text = interval(entry, "retention")

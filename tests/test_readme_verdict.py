@@ -76,3 +76,28 @@ def test_verdict_table_marks_the_best_method_and_lists_a_few_draws_one_by_one(sc
     assert rows[sleb] == "0.600 [0.500, 0.700]"
     assert rows["block influence (ShortGPT)"] == "not run"
     assert rows["random blocks: median [5%, 95%] of the draws"] == "2 draws so far: 0.500, 0.250"
+
+
+def test_a_row_that_removes_avss_blocks_says_so_and_the_best_is_bold(scale):
+    def entry(method: str, removed: list[int], retention: float) -> dict:
+        low, high = retention - 0.1, retention + 0.1
+        return {
+            "method": method,
+            "fraction": 0.25,
+            "removed_layers": removed,
+            **{"retention": retention, "retention_low": low, "retention_high": high},
+        }
+
+    avss, first, influence = (
+        entry("avss", [0, 1], 0.0),
+        entry("first", [0, 1], 0.0),
+        entry("block_influence", [5, 6], 0.6),
+    )
+    study = {"entries": [avss, first, influence], "protected": [], "iterative": [entry("avss", [0, 1], 0.0)]}
+    labels = [label for label, _, _ in scale.VERDICT_ROWS]
+    column = dict(zip(labels, scale.verdict_column(study, 0.25)[: len(labels)], strict=True))
+    assert column["AVSS as specified"] == "0.000 [-0.100, 0.100]"
+    assert column["AVSS, iterative (re-scored after each removal)"] == "= AVSS"
+    assert column["first n"] == "= AVSS"
+    assert column["block influence (ShortGPT)"] == "**0.600 [0.500, 0.700]**"
+    assert column["angular distance (Gromov et al.)"] == "not run"
