@@ -3,23 +3,18 @@ its steps run, resume, keep the test fold out of the layer choice, and make the 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from _benchmarks import load_benchmark
 from test_hallucination import write_jsonl
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "eavss_cv.py"
 
 
 @pytest.fixture(scope="module")
 def eavss_cv():
-    spec = importlib.util.spec_from_file_location("eavss_cv", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("eavss_cv")
 
 
 def truthfulqa_dir(root: Path, questions: int = 20) -> Path:

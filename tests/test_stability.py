@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-from pathlib import Path
 
 import pytest
 
+from _benchmarks import load_benchmark
 from _tiny import tiny_model, tiny_tokenizer
 from avss.data import CalibrationOptions, TextSource, tokenize_texts
 from avss.errors import DataError, OptionError
@@ -94,10 +93,7 @@ def test_a_run_resumes_by_set_and_rescores_what_changed(tmp_path, monkeypatch):
 
 
 def test_the_benchmark_script_reuses_only_sets_of_its_own_model_and_dtype(tmp_path):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "calibration_stability.py"
-    spec = importlib.util.spec_from_file_location("calibration_stability", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("calibration_stability")
     kept = SetScores({"name": "c4-part0"}, {"avss": [0.5, 1.0]}, {1: {"avss": [0]}}, 3.0)
     atomic_write_json(tmp_path / "c4-part0.json", {"model": "m", "dtype": "float32", **kept.to_dict()})
     assert script.scored_sets(tmp_path, {"model": "m", "dtype": "float32"}) == {"c4-part0": kept}
