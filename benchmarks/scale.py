@@ -94,6 +94,9 @@ def read_study(folder: Path, parameters: bool = True) -> dict[str, Any]:
         "num_layers": results["num_layers"],
         "complete": results["complete"],
         "num_parameters": num_parameters(model) if parameters else None,
+        "wikitext_documents": sorted(
+            {row["n"] for row in results["rows"] if row["task"] == "wikitext2" and row["n"] is not None}
+        ),
         "entries": mode_entries(results, MODE),
         "protected": mode_entries(results, PROTECTED),
         "iterative": mode_entries(results, ITERATIVE),
@@ -209,7 +212,8 @@ def markdown(studies: list[dict[str, Any]], command: str) -> str:
         f"Created {datetime.now(timezone.utc).isoformat(timespec='seconds')} by `{command}` from the",
         "studies' own `results.json`; one-shot selections; retention macro-averaged over each model's",
         "included accuracy tasks (each study's `summary.md` gives the tasks, n and the per-task tables).",
-        "WikiText-2: change of NLL in nats per token against the unpruned model on the same documents.",
+        "WikiText-2: change of NLL in nats per token against the unpruned model on the same documents",
+        "(" + "; ".join(wikitext_documents(study) for study in studies) + ").",
         "",
         "| " + " | ".join(HEADER) + " |",
         "|---" * len(HEADER) + "|",
@@ -234,6 +238,14 @@ def markdown(studies: list[dict[str, Any]], command: str) -> str:
                     f"| {size} | {fraction:g} | random blocks: median [5%, 95%] of the draws | | {band} | |"
                 )
     return "\n".join(lines + correlation_tables(studies)) + "\n"
+
+
+def wikitext_documents(study: dict[str, Any]) -> str:
+    """How many WikiText-2 test documents a study scored (a study may limit them to save time)."""
+    counts = study["wikitext_documents"]
+    return f"{study['model']}: " + (
+        " or ".join(f"{n:,}" for n in counts) + " documents" if counts else "none"
+    )
 
 
 def correlation_tables(studies: list[dict[str, Any]]) -> list[str]:

@@ -30,7 +30,15 @@ def recorded() -> list[dict]:
 def test_scale_json_holds_each_study_results_as_recorded(scale, recorded):
     for study in recorded:
         again = scale.read_study(ROOT / study["folder"], parameters=False)
-        for key in ("model", "num_layers", "complete", "entries", "protected", "iterative"):
+        for key in (
+            "model",
+            "num_layers",
+            "complete",
+            "wikitext_documents",
+            "entries",
+            "protected",
+            "iterative",
+        ):
             assert again[key] == study[key], f"{study['folder']}: {key} differs; run benchmarks/scale.py"
 
 
