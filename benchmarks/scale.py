@@ -288,6 +288,7 @@ def figure(studies: list[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     from avss.plots import save_figure
 
@@ -330,7 +331,7 @@ def figure(studies: list[dict[str, Any]], path: Path) -> None:
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_xscale("log")
         ax.set_xticks(sizes, [f"{size / 1e6:.0f}M" for size in sizes])
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # the log axis' own ticks overlap ours
+        ax.xaxis.set_minor_locator(NullLocator())  # the log axis' own ticks overlap ours
         ax.set_title(f"{fraction:.1%} of blocks removed")
         ax.set_xlabel("parameters of the unpruned model")
     axes[0][0].set_ylabel("macro chance-normalized retention")
