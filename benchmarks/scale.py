@@ -193,7 +193,8 @@ def band_text(entries: list[dict[str, Any]], fraction: float) -> str | None:
     if band is None:
         return None
     if band["draws"] < BAND_MIN_DRAWS:
-        return f"{band['draws']} draws so far: " + ", ".join(f"{value:.3f}" for value in band["values"])
+        drawn = "1 draw" if band["draws"] == 1 else f"{band['draws']} draws"
+        return f"{drawn} so far: " + ", ".join(f"{value:.3f}" for value in band["values"])
     return f"{band['median']:.3f} [{band['low']:.3f}, {band['high']:.3f}] ({band['draws']} draws)"
 
 

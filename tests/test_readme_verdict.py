@@ -82,6 +82,7 @@ def test_verdict_table_marks_the_best_method_and_lists_a_few_draws_one_by_one(sc
     assert rows[sleb] == "0.600 [0.500, 0.700]"
     assert rows["block influence (ShortGPT)"] == "not run"
     assert rows["random blocks: median [5%, 95%] of the draws"] == "2 draws so far: 0.500, 0.250"
+    assert scale.band_text([entry("random", 0.5)], 0.25) == "1 draw so far: 0.500"
 
 
 def test_a_row_that_removes_avss_blocks_says_so_and_the_best_is_bold(scale):
